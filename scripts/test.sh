@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Run Weir's whole test suite: installs what the tests need, then fmt, clippy, tests.
+#
+#   scripts/test.sh                    # everything
+#   scripts/test.sh --test consume     # extra args go to `cargo test --all-targets`
+#   scripts/test.sh -- --nocapture
+#
+# What it sets up (idempotent; fast when everything is already there):
+#   - Tansu 0.6.0, the Kafka-compatible broker the integration tests start
+#     (cargo install, ~15 minutes the first time); WEIR_TANSU_BIN=<its path>
+#   - a virtualenv in .tmp/venv with confluent-kafka; WEIR_TEST_PYTHON=<its python>
+#   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+TANSU_VERSION=0.6.0
+TANSU_FEATURES=dynostore,libsql
+CONFLUENT_KAFKA_VERSION=2.12.1
+DEFAULT_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test
+
+START=$SECONDS
+step() { printf '\n==> [%4ss] %s\n' "$((SECONDS - START))" "$*"; }
+die() {
+  printf 'scripts/test.sh: error: %s\n' "$*" >&2
+  exit 1
+}
+
+CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
+case ":$PATH:" in
+  *":$CARGO_BIN_DIR:"*) ;;
+  *) PATH="$PATH:$CARGO_BIN_DIR" ;;
+esac
+export PATH
+
+if [[ "${CI:-}" == "true" ]]; then
+  # Fresh clone, one build: incremental artifacts only cost time and disk.
+  export CARGO_INCREMENTAL=0
+fi
+
+# --- Tansu ------------------------------------------------------------------
+tansu_version() { "$1" --version 2>/dev/null | awk '{print $2}' || true; }
+
+find_tansu() {
+  local candidate
+  for candidate in "${WEIR_TANSU_BIN:-}" "$(command -v tansu || true)" "$CARGO_BIN_DIR/tansu"; do
+    if [[ -n "$candidate" && -x "$candidate" && "$(tansu_version "$candidate")" == "$TANSU_VERSION" ]]; then
+      printf '%s\n' "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+step "Tansu $TANSU_VERSION"
+if ! TANSU=$(find_tansu); then
+  echo "Installing Tansu $TANSU_VERSION with cargo install (features $TANSU_FEATURES);"
+  echo "the first install takes ~15 minutes on two cores."
+  cargo install tansu --version "$TANSU_VERSION" --locked --force --features "$TANSU_FEATURES" \
+    || die "cargo install tansu $TANSU_VERSION failed"
+  [[ "$(tansu_version "$CARGO_BIN_DIR/tansu")" == "$TANSU_VERSION" ]] \
+    || die "installed $CARGO_BIN_DIR/tansu does not report version $TANSU_VERSION"
+  TANSU="$CARGO_BIN_DIR/tansu"
+fi
+TANSU=$(cd "$(dirname "$TANSU")" && pwd)/$(basename "$TANSU")
+export WEIR_TANSU_BIN="$TANSU"
+echo "WEIR_TANSU_BIN=$WEIR_TANSU_BIN"
+
+# --- Python for the interop tests ------------------------------------------
+step "Python virtualenv .tmp/venv (confluent-kafka $CONFLUENT_KAFKA_VERSION)"
+VENV="$ROOT/.tmp/venv"
+venv_ok() {
+  [[ -x "$VENV/bin/python" ]] &&
+    "$VENV/bin/python" - "$CONFLUENT_KAFKA_VERSION" <<'PY' 2>/dev/null
+import sys, confluent_kafka
+sys.exit(0 if confluent_kafka.version()[0] == sys.argv[1] else 1)
+PY
+}
+if ! venv_ok; then
+  PYTHON_FOR_VENV=$(command -v python3.11 || command -v python3 || true)
+  [[ -n "$PYTHON_FOR_VENV" ]] || die "python3 not found (needed for the interop tests' virtualenv)"
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON_FOR_VENV" -m venv "$VENV" || die "cannot create $VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    "confluent-kafka==$CONFLUENT_KAFKA_VERSION" || die "pip install confluent-kafka failed"
+  venv_ok || die "confluent-kafka $CONFLUENT_KAFKA_VERSION does not import in $VENV"
+fi
+export WEIR_TEST_PYTHON="$VENV/bin/python"
+echo "WEIR_TEST_PYTHON=$WEIR_TEST_PYTHON"
+
+# --- PostgreSQL -------------------------------------------------------------
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+step "PostgreSQL"
+if [[ -n "${WEIR_TEST_DATABASE_URL:-}" ]]; then
+  echo "using WEIR_TEST_DATABASE_URL from the environment (not checked here)"
+else
+  if ! port_open 127.0.0.1 5432; then
+    if command -v pg_ctlcluster >/dev/null && [[ -d /etc/postgresql ]]; then
+      for version in $(ls /etc/postgresql); do
+        echo "PostgreSQL is down; starting cluster $version/main"
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+      done
+      for _ in $(seq 1 60); do
+        port_open 127.0.0.1 5432 && break
+        sleep 0.5
+      done
+    fi
+    port_open 127.0.0.1 5432 ||
+      die "PostgreSQL is not listening on 127.0.0.1:5432 (and could not be started with pg_ctlcluster). Start it, or set WEIR_TEST_DATABASE_URL."
+  fi
+  if command -v psql >/dev/null; then
+    if ! psql -h 127.0.0.1 -p 5432 -U postgres -d test -Atqc 'select 1' >/dev/null 2>&1; then
+      echo "database 'test' not reachable as user postgres; trying to create it"
+      psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -qc 'create database test' >/dev/null 2>&1 || true
+      psql -h 127.0.0.1 -p 5432 -U postgres -d test -Atqc 'select 1' >/dev/null 2>&1 ||
+        die "cannot connect to $DEFAULT_DATABASE_URL (user postgres, trust auth, database test expected)"
+    fi
+  fi
+  export WEIR_TEST_DATABASE_URL="$DEFAULT_DATABASE_URL"
+fi
+echo "WEIR_TEST_DATABASE_URL=$WEIR_TEST_DATABASE_URL"
+
+# --- Smoke check: the broker starts ----------------------------------------
+step "Smoke check: tansu broker starts"
+SMOKE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/weir-tansu-smoke.XXXXXX")
+SMOKE_PID=
+smoke_cleanup() {
+  if [[ -n "$SMOKE_PID" ]]; then
+    kill "$SMOKE_PID" 2>/dev/null || true
+    wait "$SMOKE_PID" 2>/dev/null || true
+    SMOKE_PID=
+  fi
+  rm -rf "$SMOKE_DIR"
+}
+trap smoke_cleanup EXIT
+SMOKE_PORT=
+for _ in $(seq 1 50); do
+  candidate=$((20000 + RANDOM % 12000))
+  if ! port_open 127.0.0.1 "$candidate"; then
+    SMOKE_PORT=$candidate
+    break
+  fi
+done
+[[ -n "$SMOKE_PORT" ]] || die "no free port for the smoke broker"
+smoke_started=$(date +%s%N)
+(
+  cd "$SMOKE_DIR"
+  exec "$TANSU" broker \
+    --listener-url "tcp://127.0.0.1:$SMOKE_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$SMOKE_PORT" \
+    --storage-engine memory://tansu/
+) >"$SMOKE_DIR/broker.log" 2>&1 </dev/null &
+SMOKE_PID=$!
+ready=
+for _ in $(seq 1 300); do # 30 s
+  if port_open 127.0.0.1 "$SMOKE_PORT"; then
+    ready=1
+    break
+  fi
+  kill -0 "$SMOKE_PID" 2>/dev/null || break
+  sleep 0.1
+done
+if [[ -z "$ready" ]]; then
+  echo "--- tansu broker log ---" >&2
+  cat "$SMOKE_DIR/broker.log" >&2 || true
+  die "tansu broker ($TANSU) did not accept connections on 127.0.0.1:$SMOKE_PORT within 30 s; reinstall with: cargo install tansu --version $TANSU_VERSION --locked --force --features $TANSU_FEATURES"
+fi
+echo "tansu broker accepted connections after $((($(date +%s%N) - smoke_started) / 1000000)) ms"
+smoke_cleanup
+trap - EXIT
+
+# --- Rust -------------------------------------------------------------------
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "cargo test --all-targets $*"
+cargo test --all-targets "$@"
+
+step "done"

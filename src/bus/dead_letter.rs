@@ -1,0 +1,103 @@
+//! Dead-letter records: the original key and value bytes unchanged, the original headers kept,
+//! and `weir.*` headers that say where the record came from and why it failed. Header names are
+//! documented in the README; change them only with a migration note.
+
+use super::{OutboundRecord, Publisher};
+use crate::handlers::{Failure, Inbound};
+use crate::telemetry::events::{DeadLetterFailed, DeadLettered};
+use crate::telemetry::Metrics;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Header names, in one place.
+pub(crate) mod header {
+    //! Header names.
+    /// `weir.original.topic`
+    pub const ORIGINAL_TOPIC: &str = "weir.original.topic";
+    /// `weir.original.partition`
+    pub const ORIGINAL_PARTITION: &str = "weir.original.partition";
+    /// `weir.original.offset`
+    pub const ORIGINAL_OFFSET: &str = "weir.original.offset";
+    /// `weir.original.timestamp`
+    pub const ORIGINAL_TIMESTAMP: &str = "weir.original.timestamp";
+    /// `weir.consumer.group`
+    pub const CONSUMER_GROUP: &str = "weir.consumer.group";
+    /// `weir.error.kind`
+    pub const ERROR_KIND: &str = "weir.error.kind";
+    /// `weir.error.reason`
+    pub const ERROR_REASON: &str = "weir.error.reason";
+    /// `weir.error.message`
+    pub const ERROR_MESSAGE: &str = "weir.error.message";
+    /// `weir.attempts`
+    pub const ATTEMPTS: &str = "weir.attempts";
+    /// `weir.handler`
+    pub const HANDLER: &str = "weir.handler";
+}
+
+pub(crate) fn record(
+    rec: &Inbound,
+    failure: &Failure,
+    group: &str,
+    topic: String,
+) -> OutboundRecord {
+    let mut headers = rec.headers.clone();
+    headers.set(header::ORIGINAL_TOPIC, rec.topic.as_str());
+    headers.set(header::ORIGINAL_PARTITION, rec.partition.to_string());
+    headers.set(header::ORIGINAL_OFFSET, rec.offset.to_string());
+    if let Some(ts) = rec.timestamp_ms {
+        headers.set(header::ORIGINAL_TIMESTAMP, ts.to_string());
+    }
+    headers.set(header::CONSUMER_GROUP, group);
+    headers.set(header::ERROR_KIND, failure.kind.as_str());
+    headers.set(header::ERROR_REASON, failure.detail);
+    headers.set(header::ERROR_MESSAGE, failure.message.as_str());
+    headers.set(header::ATTEMPTS, failure.attempts.to_string());
+    match &failure.handler {
+        Some(name) => headers.set(header::HANDLER, name.as_bytes()),
+        None => headers.set(header::HANDLER, ""),
+    }
+    OutboundRecord {
+        topic,
+        key: rec.key.clone(),
+        value: rec.value.clone(),
+        headers,
+    }
+}
+
+/// Publishes a dead letter until the broker acknowledges it. Returns `false` only if `stop`
+/// fired first: then the source record is not final and must not be committed.
+pub(crate) async fn publish(
+    publisher: &dyn Publisher,
+    metrics: &Metrics,
+    record: OutboundRecord,
+    reason: &'static str,
+    source: &Inbound,
+    stop: &CancellationToken,
+) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match publisher.publish_record(record.clone()).await {
+            Ok(_) => {
+                DeadLettered {
+                    at: source.at(),
+                    dead_letter_topic: &record.topic,
+                    reason,
+                }
+                .emit(metrics);
+                return true;
+            }
+            Err(error) => {
+                DeadLetterFailed {
+                    at: source.at(),
+                    dead_letter_topic: &record.topic,
+                    error: &error,
+                }
+                .emit();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(Duration::from_secs(10)),
+                    _ = stop.cancelled() => return false,
+                }
+            }
+        }
+    }
+}

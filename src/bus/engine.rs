@@ -1,0 +1,354 @@
+//! The consumer engine shared by every bus.
+//!
+//! At-least-once, stated once: **an offset is stored for commit only after its record's outcome
+//! is final** — every handler succeeded, or was skipped, or its dead letter was acknowledged by
+//! the broker. Records finish out of order (keys run concurrently), so each partition's
+//! [`OffsetTracker`] releases only the highest contiguous finished offset.
+//!
+//! Scheduling: each record joins a *lane* — its partition (`Partition` order), its partition and
+//! key (`Key` order), or none (`Unordered`). A lane runs one record at a time; the rest wait in it
+//! in offset order. Limits bound what is fetched and not final: globally (the engine stops taking
+//! records) and per partition (the partition is paused at the source, resumed at half).
+//!
+//! Stop: stop fetching, drop records that have not started, let running handlers finish within
+//! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
+
+use super::config::{ConsumerConfig, ProcessingOrder};
+use super::offsets::OffsetTracker;
+use super::{dead_letter, BusError, Publisher};
+use crate::handlers::{Dispatcher, Inbound, Outcome};
+use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) type Tp = (String, i32);
+
+/// What a source hands the engine.
+pub(crate) enum SourceEvent {
+    Record(Inbound),
+    /// These partitions are being taken away; reply on `done` once their work is drained and
+    /// their offsets stored, so the source can commit before giving them up.
+    Revoked {
+        partitions: Vec<Tp>,
+        done: oneshot::Sender<()>,
+    },
+    Assigned(Vec<Tp>),
+}
+
+/// Where records come from and where positions go. Implemented by each bus.
+pub(crate) trait Source: Send + 'static {
+    /// The next event; `None` when the source is closed. Must be cancel-safe.
+    fn next(&mut self) -> impl Future<Output = Option<SourceEvent>> + Send;
+    fn pause(&mut self, tp: &Tp);
+    fn resume(&mut self, tp: &Tp);
+    /// Remembers `next_offset` as the partition's position to commit.
+    fn store(&mut self, tp: &Tp, next_offset: i64);
+    /// Commits stored positions; `sync` waits for the broker.
+    fn commit(&mut self, sync: bool) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+type Lane = (Tp, Option<Vec<u8>>);
+
+struct PartitionState {
+    tracker: OffsetTracker,
+    generation: u64,
+    /// Admitted and not final: running, or waiting in a lane.
+    in_flight: usize,
+    paused: bool,
+}
+
+struct Completion {
+    tp: Tp,
+    offset: i64,
+    generation: u64,
+    lane: Option<Lane>,
+    is_final: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct StopReport {
+    pub(crate) committed: Vec<(String, i32, i64)>,
+    pub(crate) abandoned: usize,
+}
+
+pub(crate) struct Engine<S: Source> {
+    source: S,
+    dispatcher: Arc<Dispatcher>,
+    dead_letters: Arc<dyn Publisher>,
+    config: ConsumerConfig,
+    stop: CancellationToken,
+    partitions: HashMap<Tp, PartitionState>,
+    lanes: HashMap<Lane, VecDeque<Inbound>>,
+    tasks: JoinSet<Completion>,
+    in_flight: usize,
+    generations: u64,
+    /// Records that ended without a final outcome (abandoned at stop).
+    unfinished: usize,
+}
+
+impl<S: Source> Engine<S> {
+    pub(crate) fn new(
+        source: S,
+        dispatcher: Arc<Dispatcher>,
+        dead_letters: Arc<dyn Publisher>,
+        config: ConsumerConfig,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            source,
+            dispatcher,
+            dead_letters,
+            config,
+            stop,
+            partitions: HashMap::new(),
+            lanes: HashMap::new(),
+            tasks: JoinSet::new(),
+            in_flight: 0,
+            generations: 0,
+            unfinished: 0,
+        }
+    }
+
+    pub(crate) async fn run(mut self) -> Result<StopReport, BusError> {
+        let mut commit_tick = tokio::time::interval(self.config.commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let room = self.in_flight < self.config.max_in_flight;
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                Some(joined) = self.tasks.join_next() => self.joined(joined, true),
+                event = self.source.next(), if room => match event {
+                    None => break,
+                    Some(SourceEvent::Record(rec)) => self.admit(rec),
+                    Some(SourceEvent::Revoked { partitions, done }) => {
+                        self.revoke(&partitions).await;
+                        let _ = done.send(());
+                    }
+                    Some(SourceEvent::Assigned(partitions)) => {
+                        Rebalanced { kind: "assign", partitions: &partitions }.emit(self.dispatcher.metrics());
+                    }
+                },
+                _ = commit_tick.tick() => self.commit(false).await,
+            }
+        }
+        Ok(self.drain().await)
+    }
+
+    fn admit(&mut self, rec: Inbound) {
+        let tp: Tp = (rec.topic.clone(), rec.partition);
+        let limit = self.config.max_in_flight_per_partition;
+        let generations = &mut self.generations;
+        let state = self.partitions.entry(tp.clone()).or_insert_with(|| {
+            *generations += 1;
+            PartitionState {
+                tracker: OffsetTracker::default(),
+                generation: *generations,
+                in_flight: 0,
+                paused: false,
+            }
+        });
+        state.tracker.begin(rec.offset);
+        state.in_flight += 1;
+        self.in_flight += 1;
+        if state.in_flight >= limit && !state.paused {
+            state.paused = true;
+            self.source.pause(&tp);
+        }
+        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        let lane = match self.config.order {
+            ProcessingOrder::Partition => Some((tp, None)),
+            ProcessingOrder::Key => Some((tp, rec.key.clone())),
+            ProcessingOrder::Unordered => None,
+        };
+        match lane {
+            Some(lane) => match self.lanes.get_mut(&lane) {
+                Some(waiting) => waiting.push_back(rec),
+                None => {
+                    self.lanes.insert(lane.clone(), VecDeque::new());
+                    self.spawn(rec, Some(lane));
+                }
+            },
+            None => self.spawn(rec, None),
+        }
+    }
+
+    fn spawn(&mut self, rec: Inbound, lane: Option<Lane>) {
+        let tp: Tp = (rec.topic.clone(), rec.partition);
+        let generation = self.partitions.get(&tp).map_or(0, |s| s.generation);
+        let dispatcher = self.dispatcher.clone();
+        let publisher = self.dead_letters.clone();
+        let stop = self.stop.clone();
+        let group = self.config.group_id.clone();
+        let dead_letter_topic = self.config.dead_letter.topic_for(&rec.topic);
+        self.tasks.spawn(async move {
+            let is_final = match dispatcher.dispatch(&rec, &stop).await {
+                Outcome::Abandoned => false,
+                Outcome::Done(failures) => {
+                    let mut all_published = true;
+                    for failure in &failures {
+                        let record =
+                            dead_letter::record(&rec, failure, &group, dead_letter_topic.clone());
+                        let published = dead_letter::publish(
+                            &*publisher,
+                            dispatcher.metrics(),
+                            record,
+                            failure.kind.as_str(),
+                            &rec,
+                            &stop,
+                        )
+                        .await;
+                        if !published {
+                            all_published = false;
+                            break;
+                        }
+                    }
+                    all_published
+                }
+            };
+            Completion {
+                offset: rec.offset,
+                tp,
+                generation,
+                lane,
+                is_final,
+            }
+        });
+    }
+
+    fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {
+        match joined {
+            Ok(done) => self.complete(done, start_next),
+            // Handlers' panics are caught in dispatch, so this is an abort at shutdown.
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => tracing::error!(error = %e, "Record task failed unexpectedly."),
+        }
+    }
+
+    fn complete(&mut self, done: Completion, start_next: bool) {
+        if let Some(lane) = done.lane {
+            let next = self.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
+            match next {
+                Some(rec) if start_next => self.spawn(rec, Some(lane)),
+                Some(rec) => self.lanes.entry(lane).or_default().push_front(rec),
+                None => {
+                    self.lanes.remove(&lane);
+                }
+            }
+        }
+        let Some(state) = self.partitions.get_mut(&done.tp) else {
+            return; // revoked meanwhile: its in-flight count was settled then
+        };
+        if state.generation != done.generation {
+            return;
+        }
+        state.in_flight -= 1;
+        self.in_flight -= 1;
+        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        if done.is_final {
+            if let Some(position) = state.tracker.complete(done.offset) {
+                self.source.store(&done.tp, position);
+            }
+        } else {
+            self.unfinished += 1;
+        }
+        if state.paused && state.in_flight <= self.config.max_in_flight_per_partition / 2 {
+            state.paused = false;
+            self.source.resume(&done.tp);
+        }
+    }
+
+    /// Drops the waiting records of `tp`; returns how many. Their offsets stay unfinished in the
+    /// tracker, so nothing at or after them is committed.
+    fn drop_waiting(&mut self, matches: impl Fn(&Tp) -> bool) -> usize {
+        let mut dropped = 0;
+        for ((tp, _), waiting) in self.lanes.iter_mut() {
+            if matches(tp) && !waiting.is_empty() {
+                dropped += waiting.len();
+                if let Some(state) = self.partitions.get_mut(tp) {
+                    state.in_flight -= waiting.len();
+                }
+                waiting.clear();
+            }
+        }
+        self.in_flight -= dropped;
+        dropped
+    }
+
+    async fn revoke(&mut self, revoked: &[Tp]) {
+        Rebalanced {
+            kind: "revoke",
+            partitions: revoked,
+        }
+        .emit(self.dispatcher.metrics());
+        self.drop_waiting(|tp| revoked.contains(tp));
+        let deadline = Instant::now() + self.config.revoke_timeout;
+        let busy = |engine: &Self| {
+            revoked
+                .iter()
+                .any(|tp| engine.partitions.get(tp).is_some_and(|s| s.in_flight > 0))
+        };
+        while busy(self) {
+            tokio::select! {
+                Some(joined) = self.tasks.join_next() => self.joined(joined, true),
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; their unfinished records will be redelivered.");
+                    break;
+                }
+            }
+        }
+        for tp in revoked {
+            if let Some(state) = self.partitions.remove(tp) {
+                self.in_flight -= state.in_flight;
+            }
+        }
+        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+    }
+
+    async fn commit(&mut self, sync: bool) {
+        let result = self.source.commit(sync).await;
+        OffsetsCommitted {
+            result: result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| e as &dyn std::fmt::Display),
+        }
+        .emit(self.dispatcher.metrics());
+    }
+
+    async fn drain(mut self) -> StopReport {
+        self.stop.cancel();
+        let mut abandoned = self.drop_waiting(|_| true);
+        let deadline = Instant::now() + self.config.drain_timeout;
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = self.tasks.join_next() => self.joined(joined, false),
+                _ = tokio::time::sleep_until(deadline) => {
+                    abandoned += self.tasks.len();
+                    tracing::warn!(running = self.tasks.len(), "Drain timeout reached; abandoning running handlers (not committed).");
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        abandoned += self.unfinished;
+        self.commit(true).await;
+        let mut committed: Vec<(String, i32, i64)> = self
+            .partitions
+            .iter()
+            .filter_map(|((t, p), s)| s.tracker.committable().map(|o| (t.clone(), *p, o)))
+            .collect();
+        committed.sort();
+        InFlight(0).emit(self.dispatcher.metrics());
+        StopReport {
+            committed,
+            abandoned,
+        }
+    }
+}

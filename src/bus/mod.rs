@@ -1,0 +1,105 @@
+//! Buses: publishing (typed and raw) and running subscriptions. The engine, offset tracking and
+//! dead-lettering are shared; the in-memory and Kafka buses only differ in where records come
+//! from and go to. Only `kafka` imports rdkafka.
+
+mod config;
+mod dead_letter;
+mod engine;
+mod memory;
+mod offsets;
+mod publish;
+
+/// Header names of dead-letter records, re-exported at the crate root.
+pub(crate) mod dead_letter_header_names {
+    pub use super::dead_letter::header::*;
+}
+
+pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
+pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
+pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher};
+
+use crate::handlers::Router;
+use engine::StopReport as EngineReport;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Why a bus could not start or run a subscription.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A setting is invalid; the message names it.
+    #[error("invalid setting `{key}`: {message}")]
+    Config {
+        /// The setting.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The subscription has no handler, so it would consume nothing.
+    #[error("the router has no handlers; nothing to subscribe to")]
+    NoHandlers,
+    /// The transport failed in a way the consumer cannot recover from.
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The consumer task ended abnormally.
+    #[error("the consumer task failed: {0}")]
+    Task(String),
+}
+
+/// What a stopped subscription left behind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopReport {
+    /// The last committed position of each partition it owned: `(topic, partition, next offset)`.
+    pub committed: Vec<(String, i32, i64)>,
+    /// Records fetched but not finished when it stopped: they were not committed and will be
+    /// delivered again.
+    pub abandoned: usize,
+}
+
+impl From<EngineReport> for StopReport {
+    fn from(r: EngineReport) -> Self {
+        Self {
+            committed: r.committed,
+            abandoned: r.abandoned,
+        }
+    }
+}
+
+/// A running subscription: a consumer group member dispatching records to a router.
+#[derive(Debug)]
+pub struct Subscription {
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<StopReport, BusError>>,
+}
+
+impl Subscription {
+    pub(crate) fn new(
+        shutdown: CancellationToken,
+        task: JoinHandle<Result<StopReport, BusError>>,
+    ) -> Self {
+        Self { shutdown, task }
+    }
+
+    /// A token that stops the subscription when cancelled (e.g. from a signal handler).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops fetching, lets in-flight handlers finish within the drain timeout, commits, and
+    /// reports what was committed.
+    pub async fn stop(self) -> Result<StopReport, BusError> {
+        self.shutdown.cancel();
+        self.join().await
+    }
+
+    /// Waits until the subscription ends (its shutdown token was cancelled, or it failed).
+    pub async fn join(self) -> Result<StopReport, BusError> {
+        self.task.await.map_err(|e| BusError::Task(e.to_string()))?
+    }
+}
+
+/// A transport Weir can consume from and publish to.
+pub trait Bus: Publisher + Clone + Send + Sync + 'static {
+    /// Starts consuming the router's topics as a member of `config.group_id`. Must be called
+    /// inside a Tokio runtime; processing runs on spawned tasks until the subscription stops.
+    fn subscribe(&self, router: Router, config: ConsumerConfig) -> Result<Subscription, BusError>;
+}

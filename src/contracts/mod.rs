@@ -1,0 +1,15 @@
+//! Event contracts: what an event is, how it travels (CloudEvents), and how bytes become typed
+//! events. Depends on nothing else in Weir, so producers in any service can share it.
+
+mod envelope;
+mod event;
+mod factory;
+mod headers;
+mod seeds;
+
+pub(crate) use envelope::{decode_envelope, RawEnvelope};
+pub use envelope::{Envelope, EventMeta, CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION};
+pub use event::{Event, EventType};
+pub use factory::{DecodeError, DecodeLimits, EventFactory};
+pub use headers::Headers;
+pub use seeds::*;

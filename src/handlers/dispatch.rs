@@ -1,0 +1,317 @@
+//! The pipeline for one record: decode the envelope, find the routes, decode the payload, run
+//! every handler with its retry policy, and report a final outcome. Transport-agnostic: both
+//! buses feed it records and act on what it returns.
+
+use super::ctx::RecordInfo;
+use super::retry::RetryDecision;
+use super::router::{ErasedEvent, Route};
+use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
+use crate::contracts::{decode_envelope, DecodeError, Headers};
+use crate::telemetry::events::{
+    At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
+    RecordReceived, RecordSkipped, UNKNOWN_TYPE,
+};
+use crate::telemetry::Metrics;
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A record as any transport delivers it.
+#[derive(Debug, Clone)]
+pub(crate) struct Inbound {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Option<Vec<u8>>,
+    pub(crate) headers: Headers,
+    /// Broker or producer timestamp, milliseconds since the epoch.
+    pub(crate) timestamp_ms: Option<i64>,
+}
+
+impl Inbound {
+    pub(crate) fn at(&self) -> At<'_> {
+        At {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
+/// Why a record goes to the dead-letter topic: the `weir.error.kind` header and the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DeadLetterKind {
+    Decode,
+    Acknowledged,
+    RetriesExhausted,
+    Panic,
+}
+
+impl DeadLetterKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Decode => "decode",
+            Self::Acknowledged => "acknowledged",
+            Self::RetriesExhausted => "retries_exhausted",
+            Self::Panic => "panic",
+        }
+    }
+}
+
+/// One final failure, to be dead-lettered.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) kind: DeadLetterKind,
+    /// The decode error kind for decode failures; otherwise the same as `kind`.
+    pub(crate) detail: &'static str,
+    pub(crate) message: String,
+    pub(crate) attempts: u32,
+    /// The handler that failed; `None` for decode failures (no handler ran).
+    pub(crate) handler: Option<Arc<str>>,
+}
+
+/// What became of a record.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// Final. Each failure must be dead-lettered before the offset may be committed; an empty
+    /// list means handled or skipped.
+    Done(Vec<Failure>),
+    /// Stopped mid-way (shutdown during a retry backoff): not final, must not be committed.
+    Abandoned,
+}
+
+enum HandlerResult {
+    Final(Option<Failure>),
+    Abandoned,
+}
+
+/// Runs records through a router.
+pub(crate) struct Dispatcher {
+    router: Router,
+    metrics: Metrics,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(router: Router, metrics: Metrics) -> Self {
+        Self { router, metrics }
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Handles one record to a final outcome, or abandons it when `stop` fires during a backoff.
+    pub(crate) async fn dispatch(&self, rec: &Inbound, stop: &CancellationToken) -> Outcome {
+        let m = &self.metrics;
+        let at = rec.at();
+        RecordReceived { at }.emit(m);
+        let raw = match decode_envelope(rec.value.as_deref(), &rec.headers, &self.router.limits) {
+            Ok(raw) => raw,
+            Err(e) => return self.decode_failure(rec, e),
+        };
+        let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
+            return match self.router.on_unhandled {
+                UnhandledPolicy::Skip => {
+                    RecordSkipped {
+                        at,
+                        event_id: Some(raw.meta.id),
+                        event_type: UNKNOWN_TYPE,
+                        reason: "unhandled_type",
+                    }
+                    .emit(m);
+                    Outcome::Done(Vec::new())
+                }
+                UnhandledPolicy::DeadLetter => self.decode_failure(
+                    rec,
+                    DecodeError::UnknownEventType {
+                        event_type: raw.meta.event_type,
+                    },
+                ),
+            };
+        };
+        let event = match (route.decode)(&raw) {
+            Ok(event) => event,
+            Err(e) => return self.decode_failure(rec, e),
+        };
+        let info = Arc::new(RecordInfo {
+            topic: rec.topic.clone(),
+            partition: rec.partition,
+            offset: rec.offset,
+            key: rec.key.clone(),
+            trace: TraceContext::from_headers(&rec.headers),
+            headers: rec.headers.clone(),
+            event: raw.meta,
+        });
+        let runs = route
+            .handlers
+            .iter()
+            .map(|handler| self.run_handler(handler, &event, &info, stop));
+        let mut failures = Vec::new();
+        for result in futures_util::future::join_all(runs).await {
+            match result {
+                HandlerResult::Final(failure) => failures.extend(failure),
+                HandlerResult::Abandoned => return Outcome::Abandoned,
+            }
+        }
+        Outcome::Done(failures)
+    }
+
+    fn decode_failure(&self, rec: &Inbound, error: DecodeError) -> Outcome {
+        DecodeFailed {
+            at: rec.at(),
+            kind: error.kind(),
+            error: &error,
+        }
+        .emit(&self.metrics);
+        Outcome::Done(vec![Failure {
+            kind: DeadLetterKind::Decode,
+            detail: error.kind(),
+            message: error.to_string(),
+            attempts: 0,
+            handler: None,
+        }])
+    }
+
+    async fn run_handler(
+        &self,
+        handler: &Route,
+        event: &ErasedEvent,
+        info: &Arc<RecordInfo>,
+        stop: &CancellationToken,
+    ) -> HandlerResult {
+        let m = &self.metrics;
+        let at = At {
+            topic: &info.topic,
+            partition: info.partition,
+            offset: info.offset,
+        };
+        let event_type = info.event.event_type.as_str();
+        let event_id = info.event.id;
+        let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
+        let mut attempt = 1;
+        loop {
+            let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
+            let started = Instant::now();
+            let result = self.call_once(handler, event, ctx).await;
+            HandlerCalled {
+                at,
+                event_type,
+                duration: started.elapsed(),
+            }
+            .emit(m);
+            let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
+                HandlerGaveUp {
+                    at,
+                    event_id,
+                    event_type,
+                    handler: &handler.name,
+                    attempts: attempt,
+                    kind: kind.as_str(),
+                    dropped,
+                    error: &message,
+                }
+                .emit(m);
+                HandlerResult::Final((!dropped).then(|| Failure {
+                    kind,
+                    detail: kind.as_str(),
+                    message,
+                    attempts: attempt,
+                    handler: Some(handler.name.clone()),
+                }))
+            };
+            let error = match result {
+                Ok(Ok(())) => {
+                    HandlerSucceeded {
+                        at,
+                        event_id,
+                        event_type,
+                        handler: &handler.name,
+                        attempt,
+                    }
+                    .emit(m);
+                    return HandlerResult::Final(None);
+                }
+                Err(panic) => return give_up(DeadLetterKind::Panic, panic, false),
+                Ok(Err(error)) => error,
+            };
+            match policy.decide(attempt, &error) {
+                RetryDecision::RetryAfter(delay) => {
+                    HandlerRetrying {
+                        at,
+                        event_id,
+                        event_type,
+                        handler: &handler.name,
+                        attempt,
+                        delay,
+                        error: &error,
+                    }
+                    .emit(m);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => attempt += 1,
+                        _ = stop.cancelled() => return HandlerResult::Abandoned,
+                    }
+                }
+                RetryDecision::Permanent => {
+                    let ack = handler
+                        .on_acknowledged
+                        .unwrap_or(self.router.on_acknowledged);
+                    return give_up(
+                        DeadLetterKind::Acknowledged,
+                        error_chain(&error),
+                        ack == AckPolicy::Drop,
+                    );
+                }
+                RetryDecision::Exhausted => {
+                    return give_up(DeadLetterKind::RetriesExhausted, error_chain(&error), false)
+                }
+            }
+        }
+    }
+
+    /// One call, with its timeout; a panic (while building or polling the future) becomes `Err`.
+    async fn call_once(
+        &self,
+        handler: &Route,
+        event: &ErasedEvent,
+        ctx: Ctx,
+    ) -> Result<Result<(), HandlerError>, String> {
+        let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))
+            .map_err(|p| panic_message(&*p))?;
+        let guarded = AssertUnwindSafe(future).catch_unwind();
+        let result = match handler.timeout {
+            None => guarded.await,
+            Some(limit) => match tokio::time::timeout(limit, guarded).await {
+                Ok(result) => result,
+                Err(_) => Ok(Err(HandlerError::retryable(format!(
+                    "handler timed out after {limit:?}"
+                ))
+                .with_kind("timeout"))),
+            },
+        };
+        result.map_err(|p| panic_message(&*p))
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned());
+    format!("handler panicked: {text}")
+}
+
+/// The error and its causes, `a: b: c`, for the dead-letter message header.
+fn error_chain(error: &HandlerError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error).and_then(std::error::Error::source);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,266 @@
+//! The registry: (topic, event type) → the handlers of that type. Type erasure happens here and
+//! only here; everything downstream works on erased routes.
+
+use super::{Ctx, HandlerError, HandlerFn, RetryPolicy};
+use crate::contracts::{DecodeError, DecodeLimits, Event, EventFactory, RawEnvelope};
+use serde::Deserialize;
+use std::any::{Any, TypeId};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub(crate) type ErasedEvent = Arc<dyn Any + Send + Sync>;
+type Decode = Box<dyn Fn(&RawEnvelope) -> Result<ErasedEvent, DecodeError> + Send + Sync>;
+type Call = Box<dyn Fn(&ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
+
+/// What to do with a record whose event type has no handler on its topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnhandledPolicy {
+    /// Count it (`outcome="skipped"`) and move on: the topic carries types this service ignores.
+    #[default]
+    Skip,
+    /// Treat it as a decode error (`unknown_event_type`) and dead-letter it.
+    DeadLetter,
+}
+
+/// What to do when a handler fails with [`HandlerError::Acknowledged`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckPolicy {
+    /// Publish the record to the dead-letter topic (the default: nothing is lost).
+    #[default]
+    DeadLetter,
+    /// Count it as skipped and drop it: for handlers whose failures are expected and harmless.
+    Drop,
+}
+
+/// Options for one registered handler; the router's defaults apply where unset.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerOptions {
+    name: Option<String>,
+    topic: Option<String>,
+    retry: Option<RetryPolicy>,
+    timeout: Option<Duration>,
+    on_acknowledged: Option<AckPolicy>,
+}
+
+impl HandlerOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The name used in logs, metrics and the `weir.handler` dead-letter header.
+    /// Defaults to the function's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Consume this event type from another topic than `T::TOPIC`.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    /// A retry policy for this handler only.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Bounds each call; a call that overruns counts as a `Retryable` failure.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// What an `Acknowledged` failure of this handler leads to.
+    pub fn on_acknowledged(mut self, policy: AckPolicy) -> Self {
+        self.on_acknowledged = Some(policy);
+        self
+    }
+}
+
+/// One registered handler, its type erased.
+pub(crate) struct Route {
+    pub(crate) name: Arc<str>,
+    pub(crate) retry: Option<RetryPolicy>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) on_acknowledged: Option<AckPolicy>,
+    pub(crate) call: Call,
+}
+
+/// Everything registered for one (topic, event type): one decoder, one or more handlers.
+pub(crate) struct TypeRoute {
+    type_id: TypeId,
+    type_name: &'static str,
+    pub(crate) decode: Decode,
+    pub(crate) handlers: Vec<Route>,
+}
+
+/// Maps (topic, event type) to handlers, with the defaults they share.
+///
+/// Several handlers for one type **fan out**: each gets the event, each has its own retries and
+/// its own outcome, and one failing does not re-run the others. The record's offset is committed
+/// once every handler's outcome is final; a handler that ends in the dead-letter topic gets its own
+/// dead-letter record, naming it in the `weir.handler` header so it can be replayed alone.
+///
+/// ```
+/// use weir::{Ctx, HandlerError, Router, TaskCreated};
+/// async fn start_processing(task: TaskCreated, ctx: Ctx) -> Result<(), HandlerError> {
+///     println!("task {} at offset {}", task.0.task_id, ctx.offset());
+///     Ok(())
+/// }
+/// let router = Router::new().on(start_processing);
+/// assert_eq!(router.topics(), vec!["task-events".to_owned()]);
+/// ```
+pub struct Router {
+    routes: BTreeMap<String, BTreeMap<String, TypeRoute>>,
+    pub(crate) default_retry: RetryPolicy,
+    pub(crate) on_unhandled: UnhandledPolicy,
+    pub(crate) on_acknowledged: AckPolicy,
+    pub(crate) limits: DecodeLimits,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut map = f.debug_map();
+        for (topic, ty, route) in self.iter() {
+            let names: Vec<&str> = route.handlers.iter().map(|h| &*h.name).collect();
+            map.entry(&format!("{topic}/{ty} ({})", route.type_name), &names);
+        }
+        map.finish()
+    }
+}
+
+impl Router {
+    /// An empty router with the default retry policy.
+    pub fn new() -> Self {
+        Self {
+            routes: BTreeMap::new(),
+            default_retry: RetryPolicy::default(),
+            on_unhandled: UnhandledPolicy::default(),
+            on_acknowledged: AckPolicy::default(),
+            limits: DecodeLimits::default(),
+        }
+    }
+
+    /// Registers a handler for its event type on that type's topic.
+    pub fn on<T: Event, H: HandlerFn<T>>(self, handler: H) -> Self {
+        self.on_with(handler, HandlerOptions::default())
+    }
+
+    /// Registers a handler with options (name, topic, retry policy, timeout).
+    ///
+    /// # Panics
+    /// If another Rust type is already registered for the same topic and event type: one wire
+    /// type has one contract, and mixing two would make decoding depend on registration order.
+    pub fn on_with<T: Event, H: HandlerFn<T>>(
+        mut self,
+        handler: H,
+        options: HandlerOptions,
+    ) -> Self {
+        let topic = options.topic.unwrap_or_else(|| T::TOPIC.to_owned());
+        let entry = self
+            .routes
+            .entry(topic.clone())
+            .or_default()
+            .entry(T::TYPE.as_str().to_owned())
+            .or_insert_with(|| TypeRoute {
+                type_id: TypeId::of::<T>(),
+                type_name: std::any::type_name::<T>(),
+                decode: Box::new(|raw| {
+                    let event: T = EventFactory::<T>::new().decode_data(raw)?;
+                    Ok(Arc::new(event) as ErasedEvent)
+                }),
+                handlers: Vec::new(),
+            });
+        assert!(
+            entry.type_id == TypeId::of::<T>(),
+            "event type {} on topic {topic} is already registered as {}, not {}",
+            T::TYPE,
+            entry.type_name,
+            std::any::type_name::<T>()
+        );
+        let name: Arc<str> = Arc::from(options.name.unwrap_or_else(handler_name::<H>));
+        entry.handlers.push(Route {
+            name,
+            retry: options.retry,
+            timeout: options.timeout,
+            on_acknowledged: options.on_acknowledged,
+            call: Box::new(move |event, ctx| {
+                let event = event
+                    .downcast_ref::<T>()
+                    .expect("the route decoded this event as T")
+                    .clone();
+                Box::pin(handler.call(event, ctx))
+            }),
+        });
+        self
+    }
+
+    /// The retry policy of handlers registered without their own.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.default_retry = policy;
+        self
+    }
+
+    /// What to do with event types that have no handler (default: skip).
+    pub fn unhandled(mut self, policy: UnhandledPolicy) -> Self {
+        self.on_unhandled = policy;
+        self
+    }
+
+    /// What `Acknowledged` failures lead to, for handlers that do not say (default: dead-letter).
+    pub fn on_acknowledged(mut self, policy: AckPolicy) -> Self {
+        self.on_acknowledged = policy;
+        self
+    }
+
+    /// Limits applied to every record before decoding.
+    pub fn decode_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The topics that have at least one handler: what a consumer subscribes to.
+    pub fn topics(&self) -> Vec<String> {
+        self.routes.keys().cloned().collect()
+    }
+
+    pub(crate) fn route(&self, topic: &str, event_type: &str) -> Option<&TypeRoute> {
+        self.routes.get(topic)?.get(event_type)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, &TypeRoute)> {
+        self.routes.iter().flat_map(|(t, types)| {
+            types
+                .iter()
+                .map(move |(ty, r)| (t.as_str(), ty.as_str(), r))
+        })
+    }
+}
+
+/// A readable default name: the function's own name, or `module::{{closure}}` for closures.
+fn handler_name<H>() -> String {
+    let full = std::any::type_name::<H>();
+    let mut parts = full.rsplit("::");
+    match parts.next() {
+        Some(last) if last.starts_with('{') => {
+            format!("{}::{last}", parts.next().unwrap_or_default())
+        }
+        Some(last) => last.to_owned(),
+        None => full.to_owned(),
+    }
+}

@@ -1,0 +1,55 @@
+//! Weir: typed Kafka consumers for Rust services.
+//!
+//! A record arrives; an [`EventFactory<T>`] decodes it into a typed event; the handler registered
+//! for that topic and event type runs; its result decides what happens next: success (offset
+//! committed), a retryable error (retried with backoff), or an acknowledged error (not retried;
+//! dead-lettered with its original bytes). Delivery is at least once: an offset is committed only
+//! when its record's outcome is final.
+//!
+//! ```no_run
+//! use weir::{Bus, ConsumerConfig, Ctx, HandlerError, MemoryBus, Router, TaskCreated};
+//!
+//! async fn start_processing(task: TaskCreated, ctx: Ctx) -> Result<(), HandlerError> {
+//!     tracing::info!(task = %task.0.task_id, attempt = ctx.attempt(), "processing");
+//!     Ok(())
+//! }
+//!
+//! # async fn run() -> Result<(), weir::BusError> {
+//! let bus = MemoryBus::default();
+//! let subscription = bus.subscribe(Router::new().on(start_processing), ConsumerConfig::new("tasks"))?;
+//! subscription.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - `contracts`: the [`Event`] trait, the CloudEvents [`Envelope`], [`EventFactory`] and its
+//!   [`DecodeError`], and the seed services' events (tasks, customers, resources).
+//! - `handlers`: [`HandlerFn`], [`Ctx`], [`HandlerError`], the [`RetryPolicy`], the [`Router`]
+//!   (where types are erased) and the dispatch pipeline that takes one record to a final outcome.
+//! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
+//!   in-flight limits, offset tracking, dead-lettering, drain), and the [`MemoryBus`].
+//! - `telemetry`: [`Metrics`] and the typed internal events every metric and log line goes through.
+
+#![forbid(unsafe_code)]
+
+mod bus;
+mod contracts;
+mod handlers;
+mod telemetry;
+
+pub use bus::{
+    Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
+    OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport, StoredRecord,
+    Subscription,
+};
+pub use contracts::*;
+pub use handlers::{
+    AckPolicy, BoxError, Ctx, HandlerError, HandlerFn, HandlerOptions, RetryDecision, RetryPolicy,
+    Router, TraceContext, UnhandledPolicy,
+};
+pub use telemetry::Metrics;
+
+/// Names of the headers Weir adds to dead-letter records (documented in the README).
+pub mod dead_letter_headers {
+    pub use crate::bus::dead_letter_header_names::*;
+}

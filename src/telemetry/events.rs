@@ -1,0 +1,266 @@
+//! Typed internal events. Each struct is one thing that happened; `emit` updates the metrics and
+//! writes the log line, so a signal's name and fields are defined exactly once.
+
+use super::Metrics;
+use std::time::Duration;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+/// Where a record is, for log fields.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct At<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
+/// The `event_type` label for records whose type is not a registered one: the wire value is
+/// producer-controlled, so it never becomes a label.
+pub(crate) const UNKNOWN_TYPE: &str = "unknown";
+
+pub(crate) struct RecordReceived<'a> {
+    pub(crate) at: At<'a>,
+}
+
+impl RecordReceived<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.received.with_label_values(&[self.at.topic]).inc();
+    }
+}
+
+pub(crate) struct DecodeFailed<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) kind: &'static str,
+    pub(crate) error: &'a dyn std::fmt::Display,
+}
+
+impl DecodeFailed<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        m.handled
+            .with_label_values(&[topic, UNKNOWN_TYPE, "decode_error"])
+            .inc();
+        warn!(topic, partition, offset, kind = self.kind, error = %self.error, "Record could not be decoded; dead-lettering.");
+    }
+}
+
+pub(crate) struct RecordSkipped<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) event_id: Option<Uuid>,
+    pub(crate) event_type: &'a str,
+    pub(crate) reason: &'static str,
+}
+
+impl RecordSkipped<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        m.handled
+            .with_label_values(&[topic, self.event_type, "skipped"])
+            .inc();
+        debug!(topic, partition, offset, event_id = ?self.event_id, event_type = self.event_type, reason = self.reason, "Record skipped.");
+    }
+}
+
+pub(crate) struct HandlerCalled<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) event_type: &'a str,
+    pub(crate) duration: Duration,
+}
+
+impl HandlerCalled<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.handler_duration
+            .with_label_values(&[self.at.topic, self.event_type])
+            .observe(self.duration.as_secs_f64());
+    }
+}
+
+pub(crate) struct HandlerSucceeded<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) attempt: u32,
+}
+
+impl HandlerSucceeded<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        m.handled
+            .with_label_values(&[topic, self.event_type, "success"])
+            .inc();
+        debug!(topic, partition, offset, event_id = %self.event_id, handler = self.handler, attempt = self.attempt, "Handled.");
+    }
+}
+
+pub(crate) struct HandlerRetrying<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) attempt: u32,
+    pub(crate) delay: Duration,
+    pub(crate) error: &'a dyn std::fmt::Display,
+}
+
+impl HandlerRetrying<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        m.handled
+            .with_label_values(&[topic, self.event_type, "retried"])
+            .inc();
+        warn!(topic, partition, offset, event_id = %self.event_id, handler = self.handler, attempt = self.attempt,
+              delay_ms = self.delay.as_millis() as u64, error = %self.error, "Handler failed; retrying.");
+    }
+}
+
+pub(crate) struct HandlerGaveUp<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) attempts: u32,
+    pub(crate) kind: &'static str,
+    pub(crate) dropped: bool,
+    pub(crate) error: &'a str,
+}
+
+impl HandlerGaveUp<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        let outcome = if self.dropped {
+            "skipped"
+        } else {
+            "dead_lettered"
+        };
+        m.handled
+            .with_label_values(&[topic, self.event_type, outcome])
+            .inc();
+        warn!(topic, partition, offset, event_id = %self.event_id, handler = self.handler, attempts = self.attempts,
+              kind = self.kind, dropped = self.dropped, error = self.error, "Handler failed for good.");
+    }
+}
+
+pub(crate) struct DeadLettered<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) dead_letter_topic: &'a str,
+    pub(crate) reason: &'static str,
+}
+
+impl DeadLettered<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        m.dead_letters
+            .with_label_values(&[topic, self.reason])
+            .inc();
+        info!(
+            topic,
+            partition,
+            offset,
+            dead_letter_topic = self.dead_letter_topic,
+            reason = self.reason,
+            "Record dead-lettered."
+        );
+    }
+}
+
+pub(crate) struct DeadLetterFailed<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) dead_letter_topic: &'a str,
+    pub(crate) error: &'a dyn std::fmt::Display,
+}
+
+impl DeadLetterFailed<'_> {
+    pub(crate) fn emit(&self) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        error!(topic, partition, offset, dead_letter_topic = self.dead_letter_topic, error = %self.error,
+               "Could not publish to the dead-letter topic; will retry and not commit past this record.");
+    }
+}
+
+pub(crate) struct InFlight(pub(crate) usize);
+
+impl InFlight {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.in_flight.set(self.0 as i64);
+    }
+}
+
+pub(crate) struct OffsetsCommitted<'a> {
+    pub(crate) result: Result<(), &'a dyn std::fmt::Display>,
+}
+
+impl OffsetsCommitted<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        match self.result {
+            Ok(()) => m.commits.with_label_values(&["success"]).inc(),
+            Err(error) => {
+                m.commits.with_label_values(&["failure"]).inc();
+                warn!(%error, "Offset commit failed; the next commit will include these offsets.");
+            }
+        }
+    }
+}
+
+pub(crate) struct Rebalanced<'a> {
+    pub(crate) kind: &'static str,
+    pub(crate) partitions: &'a [(String, i32)],
+}
+
+impl Rebalanced<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.rebalances.with_label_values(&[self.kind]).inc();
+        info!(kind = self.kind, partitions = ?self.partitions, "Rebalance.");
+    }
+}
+
+pub(crate) struct Published<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) duration: Duration,
+    pub(crate) result: Result<(), &'a dyn std::fmt::Display>,
+}
+
+impl Published<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let result = if self.result.is_ok() {
+            "success"
+        } else {
+            "failure"
+        };
+        m.published.with_label_values(&[self.topic, result]).inc();
+        m.publish_duration
+            .with_label_values(&[self.topic])
+            .observe(self.duration.as_secs_f64());
+        if let Err(error) = self.result {
+            warn!(topic = self.topic, %error, "Publish failed.");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Weir's Prometheus metrics, in a registry of their own.
+///
+/// One instance per consumer process (or per bus in tests), so two buses in one test process do
+/// not share counters. Label values are always bounded: topics, registered event types,
+/// outcomes and reasons; never keys, offsets or event ids.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) received: IntCounterVec,
+    pub(crate) handled: IntCounterVec,
+    pub(crate) handler_duration: HistogramVec,
+    pub(crate) dead_letters: IntCounterVec,
+    pub(crate) in_flight: IntGauge,
+    pub(crate) consumer_lag: IntGaugeVec,
+    pub(crate) commits: IntCounterVec,
+    pub(crate) rebalances: IntCounterVec,
+    pub(crate) published: IntCounterVec,
+    pub(crate) publish_duration: HistogramVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique and valid");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            reg(
+                &registry,
+                HistogramVec::new(opts, labels).expect("valid metric"),
+            )
+        };
+        Self {
+            received: counter(
+                "weir_messages_received_total",
+                "Records received from the broker.",
+                &["topic"],
+            ),
+            handled: counter(
+                "weir_messages_handled_total",
+                "Outcomes of handling: success, retried, dead_lettered, skipped, decode_error.",
+                &["topic", "event_type", "outcome"],
+            ),
+            handler_duration: histogram(
+                "weir_handler_duration_seconds",
+                "Duration of one handler call.",
+                &["topic", "event_type"],
+            ),
+            dead_letters: counter(
+                "weir_dead_letters_total",
+                "Records published to a dead-letter topic, by reason.",
+                &["topic", "reason"],
+            ),
+            in_flight: reg(
+                &registry,
+                IntGauge::new(
+                    "weir_in_flight_messages",
+                    "Records fetched whose outcome is not final yet.",
+                )
+                .expect("valid metric"),
+            ),
+            consumer_lag: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "weir_consumer_lag",
+                        "Records between the committed offset and the end of the partition.",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid metric"),
+            ),
+            commits: counter(
+                "weir_commits_total",
+                "Offset commits, by result.",
+                &["result"],
+            ),
+            rebalances: counter(
+                "weir_rebalances_total",
+                "Rebalance events, by kind (assign, revoke).",
+                &["kind"],
+            ),
+            published: counter(
+                "weir_published_total",
+                "Records published, by result.",
+                &["topic", "result"],
+            ),
+            publish_duration: histogram(
+                "weir_publish_duration_seconds",
+                "Time from publish to broker acknowledgement.",
+                &["topic"],
+            ),
+            registry,
+        }
+    }
+
+    /// The registry, to add a service's own metrics beside Weir's.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything in the Prometheus text exposition format, for a `/metrics` endpoint.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// Current value of `weir_messages_handled_total` for one label set (for tests and summaries).
+    pub fn handled_count(&self, topic: &str, event_type: &str, outcome: &str) -> u64 {
+        self.handled
+            .get_metric_with_label_values(&[topic, event_type, outcome])
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
+    /// Current value of `weir_dead_letters_total` for one topic and reason.
+    pub fn dead_letter_count(&self, topic: &str, reason: &str) -> u64 {
+        self.dead_letters
+            .get_metric_with_label_values(&[topic, reason])
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,8 @@
+//! Telemetry: the Prometheus metrics and the typed internal events through which every metric and
+//! log line about a message is emitted, so names stay consistent and one grep finds each signal.
+//! Other modules call this one; it calls none of them.
+
+pub(crate) mod events;
+mod metrics;
+
+pub use metrics::Metrics;
