@@ -27,7 +27,7 @@
 //! - `handlers`: [`HandlerFn`], [`Ctx`], [`HandlerError`], the [`RetryPolicy`], the [`Router`]
 //!   (where types are erased) and the dispatch pipeline that takes one record to a final outcome.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
-//!   in-flight limits, offset tracking, dead-lettering, drain), and the [`MemoryBus`].
+//!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and the [`KafkaBus`] (the only rdkafka user).
 //! - `telemetry`: [`Metrics`] and the typed internal events every metric and log line goes through.
 
 #![forbid(unsafe_code)]
@@ -38,9 +38,9 @@ mod handlers;
 mod telemetry;
 
 pub use bus::{
-    Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
-    OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport, StoredRecord,
-    Subscription,
+    Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, KafkaBus, KafkaConfig, MemoryBus,
+    MemoryConfig, OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport,
+    StoredRecord, Subscription,
 };
 pub use contracts::*;
 pub use handlers::{

@@ -42,8 +42,10 @@ pub(crate) enum SourceEvent {
 
 /// Where records come from and where positions go. Implemented by each bus.
 pub(crate) trait Source: Send + 'static {
-    /// The next event; `None` when the source is closed. Must be cancel-safe.
-    fn next(&mut self) -> impl Future<Output = Option<SourceEvent>> + Send;
+    /// The next event; `None` when the source is closed. Must be cancel-safe. When
+    /// `want_records` is false (the in-flight limit is reached) only control events
+    /// (rebalances) may be returned.
+    fn next(&mut self, want_records: bool) -> impl Future<Output = Option<SourceEvent>> + Send;
     fn pause(&mut self, tp: &Tp);
     fn resume(&mut self, tp: &Tp);
     /// Remembers `next_offset` as the partition's position to commit.
@@ -60,6 +62,9 @@ struct PartitionState {
     /// Admitted and not final: running, or waiting in a lane.
     in_flight: usize,
     paused: bool,
+    /// Highest offset admitted: a transport that hands over a record again (after a seek or a
+    /// rebalance race) must not make the tracker see offsets out of order.
+    last_admitted: Option<i64>,
 }
 
 struct Completion {
@@ -114,7 +119,9 @@ impl<S: Source> Engine<S> {
         }
     }
 
-    pub(crate) async fn run(mut self) -> Result<StopReport, BusError> {
+    /// Runs until `stop` fires or the source closes; returns the report and the source, so the
+    /// caller can close the transport after the final commit.
+    pub(crate) async fn run(mut self) -> (StopReport, S) {
         let mut commit_tick = tokio::time::interval(self.config.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -123,7 +130,7 @@ impl<S: Source> Engine<S> {
                 biased;
                 _ = self.stop.cancelled() => break,
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
-                event = self.source.next(), if room => match event {
+                event = self.source.next(room) => match event {
                     None => break,
                     Some(SourceEvent::Record(rec)) => self.admit(rec),
                     Some(SourceEvent::Revoked { partitions, done }) => {
@@ -137,7 +144,7 @@ impl<S: Source> Engine<S> {
                 _ = commit_tick.tick() => self.commit(false).await,
             }
         }
-        Ok(self.drain().await)
+        self.drain().await
     }
 
     fn admit(&mut self, rec: Inbound) {
@@ -151,8 +158,14 @@ impl<S: Source> Engine<S> {
                 generation: *generations,
                 in_flight: 0,
                 paused: false,
+                last_admitted: None,
             }
         });
+        if state.last_admitted.is_some_and(|last| rec.offset <= last) {
+            tracing::debug!(topic = %tp.0, partition = tp.1, offset = rec.offset, "Record already admitted; ignoring the repeat.");
+            return;
+        }
+        state.last_admitted = Some(rec.offset);
         state.tracker.begin(rec.offset);
         state.in_flight += 1;
         self.in_flight += 1;
@@ -321,7 +334,7 @@ impl<S: Source> Engine<S> {
         .emit(self.dispatcher.metrics());
     }
 
-    async fn drain(mut self) -> StopReport {
+    async fn drain(mut self) -> (StopReport, S) {
         self.stop.cancel();
         let mut abandoned = self.drop_waiting(|_| true);
         let deadline = Instant::now() + self.config.drain_timeout;
@@ -346,9 +359,12 @@ impl<S: Source> Engine<S> {
             .collect();
         committed.sort();
         InFlight(0).emit(self.dispatcher.metrics());
-        StopReport {
-            committed,
-            abandoned,
-        }
+        (
+            StopReport {
+                committed,
+                abandoned,
+            },
+            self.source,
+        )
     }
 }

@@ -369,7 +369,7 @@ impl Bus for MemoryBus {
             config,
             stop.clone(),
         );
-        let task = tokio::spawn(async move { engine.run().await.map(Into::into) });
+        let task = tokio::spawn(async move { Ok(engine.run().await.0.into()) });
         Ok(Subscription::new(stop, task))
     }
 }
@@ -430,7 +430,11 @@ impl MemorySource {
 }
 
 impl Source for MemorySource {
-    async fn next(&mut self) -> Option<SourceEvent> {
+    async fn next(&mut self, want_records: bool) -> Option<SourceEvent> {
+        if !want_records {
+            // No control events in memory: wait until the engine has room again.
+            std::future::pending::<()>().await;
+        }
         loop {
             self.changes.borrow_and_update();
             if let Some(rec) = self.try_next() {

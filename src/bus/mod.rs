@@ -5,6 +5,7 @@
 mod config;
 mod dead_letter;
 mod engine;
+mod kafka;
 mod memory;
 mod offsets;
 mod publish;
@@ -15,6 +16,7 @@ pub(crate) mod dead_letter_header_names {
 }
 
 pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
+pub use kafka::{KafkaBus, KafkaConfig};
 pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
 pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher};
 

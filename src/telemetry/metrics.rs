@@ -1,6 +1,5 @@
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Weir's Prometheus metrics, in a registry of their own.
@@ -16,7 +15,6 @@ pub struct Metrics {
     pub(crate) handler_duration: HistogramVec,
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) in_flight: IntGauge,
-    pub(crate) consumer_lag: IntGaugeVec,
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,
     pub(crate) published: IntCounterVec,
@@ -87,17 +85,6 @@ impl Metrics {
                 IntGauge::new(
                     "weir_in_flight_messages",
                     "Records fetched whose outcome is not final yet.",
-                )
-                .expect("valid metric"),
-            ),
-            consumer_lag: reg(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "weir_consumer_lag",
-                        "Records between the committed offset and the end of the partition.",
-                    ),
-                    &["topic", "partition"],
                 )
                 .expect("valid metric"),
             ),

@@ -1,0 +1,299 @@
+//! The Kafka source: a dedicated thread polls a `BaseConsumer` and hands records to the engine.
+//!
+//! At-least-once: `enable.auto.offset.store=false`; the engine stores a partition's offset only
+//! once every record before it is final, and commits stored offsets periodically, synchronously
+//! when partitions are revoked, and at shutdown.
+//!
+//! Why a thread: librdkafka runs rebalance callbacks inside `poll`. On revoke the callback must
+//! block until the engine has drained the revoked partitions' work and stored their offsets, then
+//! commit, before librdkafka gives the partitions away. Polling on a thread of its own lets that
+//! callback block while the engine (on the Tokio runtime) keeps running handlers.
+
+use crate::bus::engine::{Source, SourceEvent, Tp};
+use crate::bus::BusError;
+use crate::contracts::Headers;
+use crate::handlers::Inbound;
+use crate::telemetry::Metrics;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Records waiting between the poll thread and the engine. Small: the engine's in-flight
+/// limits, not this buffer, bound memory; librdkafka keeps its own prefetch queue.
+const HANDOFF_CAPACITY: usize = 512;
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+enum Control {
+    Revoked {
+        partitions: Vec<Tp>,
+        epoch: u64,
+        done: oneshot::Sender<()>,
+    },
+    Assigned(Vec<Tp>),
+}
+
+/// librdkafka callbacks: logs into `tracing`, rebalances into the engine.
+pub(crate) struct WeirContext {
+    control: mpsc::UnboundedSender<Control>,
+    /// Bumped at every revoke; records carry the epoch they were polled in.
+    epoch: AtomicU64,
+    metrics: Metrics,
+}
+
+impl ClientContext for WeirContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        super::log_client_message(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error; retrying.");
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+/// "Nothing to commit" is success: the offsets are where they were.
+fn commit_result(result: KafkaResult<()>) -> KafkaResult<()> {
+    match result {
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+        other => other,
+    }
+}
+
+impl ConsumerContext for WeirContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let (done, drained) = oneshot::channel();
+        let sent = self.control.send(Control::Revoked {
+            partitions: partitions(tpl),
+            epoch,
+            done,
+        });
+        if sent.is_ok() {
+            // The engine bounds this wait by its revoke timeout.
+            let _ = drained.blocking_recv();
+        }
+        let result = commit_result(consumer.commit_consumer_state(CommitMode::Sync));
+        crate::telemetry::events::OffsetsCommitted {
+            result: result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| e as &dyn std::fmt::Display),
+        }
+        .emit(&self.metrics);
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let _ = self.control.send(Control::Assigned(partitions(tpl)));
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "Rebalance error."),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+pub(crate) type WeirConsumer = BaseConsumer<WeirContext>;
+
+/// Creates the consumer and its poll thread, subscribed to `topics`.
+pub(crate) fn start(
+    config: rdkafka::ClientConfig,
+    topics: &[String],
+    metrics: Metrics,
+    on_error: impl Fn(&KafkaError) -> BusError,
+) -> Result<KafkaSource, BusError> {
+    let (control_tx, control) = mpsc::unbounded_channel();
+    let context = WeirContext {
+        control: control_tx,
+        epoch: AtomicU64::new(0),
+        metrics,
+    };
+    let consumer: Arc<WeirConsumer> = Arc::new(
+        config
+            .create_with_context(context)
+            .map_err(|e| on_error(&e))?,
+    );
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| BusError::Transport(format!("subscribe to {names:?}: {e}")))?;
+    let (records_tx, records) = mpsc::channel(HANDOFF_CAPACITY);
+    let closing = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let consumer = consumer.clone();
+        let closing = closing.clone();
+        std::thread::Builder::new()
+            .name("weir-kafka-poll".to_owned())
+            .spawn(move || poll_loop(consumer, records_tx, closing))
+            .map_err(|e| BusError::Transport(format!("cannot start the poll thread: {e}")))?
+    };
+    Ok(KafkaSource {
+        consumer,
+        records,
+        control,
+        revoked_at: HashMap::new(),
+        closing,
+        thread: Some(thread),
+    })
+}
+
+fn poll_loop(
+    consumer: Arc<WeirConsumer>,
+    records: mpsc::Sender<(u64, Inbound)>,
+    closing: Arc<AtomicBool>,
+) {
+    while !closing.load(Ordering::SeqCst) {
+        match consumer.poll(POLL_INTERVAL) {
+            None => {}
+            Some(Ok(message)) => {
+                let epoch = consumer.context().epoch.load(Ordering::SeqCst);
+                let inbound = to_inbound(&message);
+                drop(message);
+                if records.blocking_send((epoch, inbound)).is_err() {
+                    break;
+                }
+            }
+            Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error; still polling."),
+        }
+    }
+    // Dropping the last handle closes the consumer: it leaves the group, so its partitions move
+    // to the other members at once instead of after the session timeout.
+    drop(records);
+    drop(consumer);
+}
+
+fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
+    let headers = message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_else(Headers::new);
+    Inbound {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp_ms: message.timestamp().to_millis(),
+    }
+}
+
+/// The engine's view of the Kafka consumer.
+pub(crate) struct KafkaSource {
+    consumer: Arc<WeirConsumer>,
+    records: mpsc::Receiver<(u64, Inbound)>,
+    control: mpsc::UnboundedReceiver<Control>,
+    /// Epoch at which each partition was last revoked: records of it polled before then were
+    /// never started and will be fetched again from the committed offset, so they are dropped.
+    revoked_at: HashMap<Tp, u64>,
+    closing: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSource {
+    /// Stops the poll thread and waits for the consumer to leave the group.
+    pub(crate) fn close(mut self) -> impl FnOnce() + Send {
+        self.closing.store(true, Ordering::SeqCst);
+        let thread = self.thread.take();
+        drop(self);
+        move || {
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn tpl(tp: &Tp, offset: Offset) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        // Adding a partition to a fresh list cannot fail for a valid offset.
+        let _ = tpl.add_partition_offset(&tp.0, tp.1, offset);
+        tpl
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Source for KafkaSource {
+    async fn next(&mut self, want_records: bool) -> Option<SourceEvent> {
+        loop {
+            tokio::select! {
+                biased;
+                control = self.control.recv() => match control? {
+                    Control::Revoked { partitions, epoch, done } => {
+                        for tp in &partitions {
+                            self.revoked_at.insert(tp.clone(), epoch);
+                        }
+                        return Some(SourceEvent::Revoked { partitions, done });
+                    }
+                    Control::Assigned(partitions) => return Some(SourceEvent::Assigned(partitions)),
+                },
+                record = self.records.recv(), if want_records => {
+                    let (epoch, inbound) = record?;
+                    let tp = (inbound.topic.clone(), inbound.partition);
+                    if self.revoked_at.get(&tp).is_some_and(|revoked| epoch < *revoked) {
+                        continue;
+                    }
+                    return Some(SourceEvent::Record(inbound));
+                }
+            }
+        }
+    }
+
+    fn pause(&mut self, tp: &Tp) {
+        if let Err(error) = self.consumer.pause(&Self::tpl(tp, Offset::Invalid)) {
+            tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Could not pause partition.");
+        }
+    }
+
+    fn resume(&mut self, tp: &Tp) {
+        if let Err(error) = self.consumer.resume(&Self::tpl(tp, Offset::Invalid)) {
+            tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Could not resume partition.");
+        }
+    }
+
+    fn store(&mut self, tp: &Tp, next_offset: i64) {
+        // `rd_kafka_offsets_store` takes the next offset to consume, as the engine gives it.
+        if let Err(error) = self
+            .consumer
+            .store_offsets(&Self::tpl(tp, Offset::Offset(next_offset)))
+        {
+            // The partition was revoked meanwhile; its new owner starts from the last commit.
+            tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Offset not stored.");
+        }
+    }
+
+    async fn commit(&mut self, sync: bool) -> Result<(), BusError> {
+        let result = if sync {
+            let consumer = self.consumer.clone();
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await
+                .map_err(|e| BusError::Task(e.to_string()))?
+        } else {
+            self.consumer.commit_consumer_state(CommitMode::Async)
+        };
+        commit_result(result).map_err(|e| BusError::Transport(format!("commit: {e}")))
+    }
+}

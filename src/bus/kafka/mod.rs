@@ -1,0 +1,137 @@
+//! The Kafka bus, on rdkafka (librdkafka). The only module that imports rdkafka.
+
+mod config;
+mod consumer;
+mod producer;
+
+pub use config::KafkaConfig;
+
+use super::engine::Engine;
+use super::publish::PublishFuture;
+use super::{Bus, BusError, ConsumerConfig, OutboundRecord, Publisher, Subscription};
+use crate::handlers::{Dispatcher, Router};
+use crate::telemetry::Metrics;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientContext;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Routes librdkafka's own log lines into `tracing`.
+#[derive(Clone, Default)]
+pub(crate) struct LogContext;
+
+impl ClientContext for LogContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        log_client_message(level, fac, message);
+    }
+}
+
+pub(crate) fn log_client_message(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    use RDKafkaLogLevel::*;
+    match level {
+        Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+        Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer<LogContext>,
+    metrics: Metrics,
+}
+
+/// A bus on a Kafka cluster (or any Kafka-compatible broker). Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBus")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBus {
+    /// Creates the producer (no connection is made until the first publish).
+    /// Fails on an invalid setting, naming it.
+    pub fn new(config: KafkaConfig) -> Result<Self, BusError> {
+        Self::with_metrics(config, Metrics::new())
+    }
+
+    /// The same, reporting into the given metrics.
+    pub fn with_metrics(config: KafkaConfig, metrics: Metrics) -> Result<Self, BusError> {
+        let producer = config
+            .producer_config()
+            .create_with_context(LogContext)
+            .map_err(|e| config.creation_error(&e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                metrics,
+            }),
+        })
+    }
+
+    /// The metrics of this bus and its subscriptions.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The configuration, for diagnostics (secrets are redacted by its `Debug`).
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+}
+
+impl Publisher for KafkaBus {
+    fn publish_record(&self, record: OutboundRecord) -> PublishFuture<'_> {
+        producer::publish(
+            &self.inner.producer,
+            &self.inner.metrics,
+            self.inner.config.delivery_timeout,
+            record,
+        )
+    }
+}
+
+impl Bus for KafkaBus {
+    fn subscribe(&self, router: Router, config: ConsumerConfig) -> Result<Subscription, BusError> {
+        config.validate()?;
+        let topics = router.topics();
+        if topics.is_empty() {
+            return Err(BusError::NoHandlers);
+        }
+        let kafka = &self.inner.config;
+        let source = consumer::start(
+            kafka.consumer_config(&config.group_id),
+            &topics,
+            self.inner.metrics.clone(),
+            |e| kafka.creation_error(e),
+        )?;
+        let dispatcher = Arc::new(Dispatcher::new(router, self.inner.metrics.clone()));
+        let stop = CancellationToken::new();
+        let engine = Engine::new(
+            source,
+            dispatcher,
+            Arc::new(self.clone()),
+            config,
+            stop.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let (report, source) = engine.run().await;
+            let close = source.close();
+            tokio::task::spawn_blocking(close)
+                .await
+                .map_err(|e| BusError::Task(e.to_string()))?;
+            Ok(report.into())
+        });
+        Ok(Subscription::new(stop, task))
+    }
+}
