@@ -75,7 +75,9 @@ impl<T: Event> Envelope<T> {
     pub fn key(&self) -> String {
         self.data.key()
     }
+}
 
+impl<T: Serialize> Envelope<T> {
     /// The structured-mode record value (what Weir publishes).
     pub fn to_structured(&self) -> Result<Vec<u8>, serde_json::Error> {
         #[derive(Serialize)]

@@ -252,15 +252,63 @@ impl Router {
     }
 }
 
-/// A readable default name: the function's own name, or `module::{{closure}}` for closures.
+/// A readable default name: the function's own name, or `function::{{closure}}` for closures,
+/// without module paths or generic arguments.
 fn handler_name<H>() -> String {
-    let full = std::any::type_name::<H>();
-    let mut parts = full.rsplit("::");
-    match parts.next() {
-        Some(last) if last.starts_with('{') => {
-            format!("{}::{last}", parts.next().unwrap_or_default())
+    let mut plain = String::new();
+    let mut depth = 0usize;
+    for c in std::any::type_name::<H>().chars() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth = depth.saturating_sub(1),
+            _ if depth == 0 => plain.push(c),
+            _ => {}
         }
-        Some(last) => last.to_owned(),
-        None => full.to_owned(),
+    }
+    let mut parts = plain.rsplit("::");
+    match (parts.next(), parts.next()) {
+        (Some(last), Some(parent)) if last.starts_with('{') => format!("{parent}::{last}"),
+        (Some(last), _) => last.to_owned(),
+        _ => plain,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn handle_task(_: crate::TaskCreated, _: Ctx) -> Result<(), HandlerError> {
+        Ok(())
+    }
+
+    fn named<T, H: HandlerFn<T>>(_: &H) -> String {
+        handler_name::<H>()
+    }
+
+    #[test]
+    fn default_handler_names_are_short() {
+        assert_eq!(named(&handle_task), "handle_task");
+        let closure = |_: crate::TaskCreated, _: Ctx| async { Ok(()) };
+        assert_eq!(
+            named(&closure),
+            "default_handler_names_are_short::{{closure}}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "already registered")]
+    fn refuses_two_rust_types_for_one_wire_type() {
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        struct OtherTaskCreated {}
+        impl Event for OtherTaskCreated {
+            const TYPE: crate::EventType = crate::TaskCreated::TYPE;
+            const TOPIC: &'static str = crate::TaskCreated::TOPIC;
+            fn key(&self) -> String {
+                String::new()
+            }
+        }
+        let _ = Router::new()
+            .on(handle_task)
+            .on(|_: OtherTaskCreated, _: Ctx| async { Ok(()) });
     }
 }

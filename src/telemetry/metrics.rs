@@ -134,6 +134,16 @@ impl Metrics {
             .unwrap_or(0)
     }
 
+    /// Sum of `weir_messages_handled_total` over every topic and event type for one outcome.
+    pub fn handled_total(&self, outcome: &str) -> u64 {
+        sum_where(&self.handled, "outcome", outcome)
+    }
+
+    /// Sum of `weir_dead_letters_total` over every topic and reason.
+    pub fn dead_letters_total(&self) -> u64 {
+        sum_where(&self.dead_letters, "", "")
+    }
+
     /// Current value of `weir_dead_letters_total` for one topic and reason.
     pub fn dead_letter_count(&self, topic: &str, reason: &str) -> u64 {
         self.dead_letters
@@ -141,4 +151,22 @@ impl Metrics {
             .map(|c| c.get())
             .unwrap_or(0)
     }
+}
+
+/// Sums a counter family over the series whose label `name` is `value` (all series if `name` is
+/// empty).
+fn sum_where(counters: &IntCounterVec, name: &str, value: &str) -> u64 {
+    use prometheus::core::Collector;
+    counters
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .filter(|m| {
+            name.is_empty()
+                || m.get_label()
+                    .iter()
+                    .any(|l| l.name() == name && l.value() == value)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }

@@ -1,0 +1,130 @@
+//! The reference service: handlers for the seed topics. They depend on contracts and handlers
+//! only, never on a bus, as a user's handlers should.
+//!
+//! Each handler records the event it handled (see `ServiceSettings::record_file`). Customer
+//! events carry a test hook: `details.simulate = "transient"` fails the first attempt
+//! retryably; `"permanent"` fails acknowledged; `"panic"` panics.
+
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use weir::{
+    Ctx, CustomerCreated, CustomerDeleted, CustomerUpdated, HandlerError, HandlerOptions,
+    ResourceCreated, ResourceDeleted, ResourceUpdated, Router, TaskCreated,
+    TaskProcessingRequested,
+};
+
+/// Where handled events are written, one JSON line each, before the handler returns.
+#[derive(Clone, Default)]
+pub(crate) struct Recorder {
+    file: Option<Arc<Mutex<File>>>,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    event_id: String,
+    event_type: &'a str,
+    handler: &'a str,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    attempt: u32,
+}
+
+impl Recorder {
+    pub(crate) fn open(path: Option<&Path>) -> std::io::Result<Self> {
+        let file = path
+            .map(|p| OpenOptions::new().create(true).append(true).open(p))
+            .transpose()?;
+        Ok(Self {
+            file: file.map(|f| Arc::new(Mutex::new(f))),
+        })
+    }
+
+    fn record(&self, ctx: &Ctx) -> Result<(), HandlerError> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let line = Line {
+            event_id: ctx.event_id().to_string(),
+            event_type: &ctx.event().event_type,
+            handler: ctx.handler_name(),
+            topic: ctx.topic(),
+            partition: ctx.partition(),
+            offset: ctx.offset(),
+            attempt: ctx.attempt(),
+        };
+        let mut text = serde_json::to_string(&line).map_err(HandlerError::acknowledged)?;
+        text.push('\n');
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        // One write call per line, so a crash can cut only the last line, never mix two.
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(HandlerError::retryable)
+    }
+}
+
+fn simulate(details: &serde_json::Value, ctx: &Ctx) -> Result<(), HandlerError> {
+    match details.get("simulate").and_then(|v| v.as_str()) {
+        Some("transient") if ctx.attempt() == 1 => {
+            Err(HandlerError::retryable("simulated transient failure"))
+        }
+        Some("permanent") => Err(HandlerError::acknowledged("simulated permanent failure")),
+        Some("panic") => panic!("simulated panic"),
+        _ => Ok(()),
+    }
+}
+
+type Done = std::future::Ready<Result<(), HandlerError>>;
+
+/// A handler that only records the event.
+fn recording<T: 'static>(r: &Recorder) -> impl Fn(T, Ctx) -> Done + Clone + Send + Sync + 'static {
+    let r = r.clone();
+    move |_, ctx| std::future::ready(r.record(&ctx))
+}
+
+/// A customer handler: obeys the `simulate` hook, then records.
+fn customer<T: 'static>(
+    r: &Recorder,
+    details: fn(&T) -> &serde_json::Value,
+) -> impl Fn(T, Ctx) -> Done + Clone + Send + Sync + 'static {
+    let r = r.clone();
+    move |e, ctx| std::future::ready(simulate(details(&e), &ctx).and_then(|()| r.record(&ctx)))
+}
+
+/// The router of the reference service.
+pub(crate) fn router(r: &Recorder) -> Router {
+    let named = |name: &str| HandlerOptions::new().name(name);
+    Router::new()
+        .on_with(recording::<TaskCreated>(r), named("record_task_created"))
+        .on_with(
+            recording::<TaskProcessingRequested>(r),
+            named("record_task_processing_requested"),
+        )
+        .on_with(
+            customer(r, |e: &CustomerCreated| &e.details),
+            named("record_customer_created"),
+        )
+        .on_with(
+            customer(r, |e: &CustomerUpdated| &e.details),
+            named("record_customer_updated"),
+        )
+        .on_with(
+            customer(r, |e: &CustomerDeleted| &e.details),
+            named("record_customer_deleted"),
+        )
+        .on_with(
+            recording::<ResourceCreated>(r),
+            named("record_resource_created"),
+        )
+        .on_with(
+            recording::<ResourceUpdated>(r),
+            named("record_resource_updated"),
+        )
+        .on_with(
+            recording::<ResourceDeleted>(r),
+            named("record_resource_deleted"),
+        )
+}
