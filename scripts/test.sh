@@ -73,8 +73,9 @@ VENV="$ROOT/.tmp/venv"
 venv_ok() {
   [[ -x "$VENV/bin/python" ]] &&
     "$VENV/bin/python" - "$CONFLUENT_KAFKA_VERSION" <<'PY' 2>/dev/null
-import sys, confluent_kafka
-sys.exit(0 if confluent_kafka.version()[0] == sys.argv[1] else 1)
+import importlib.metadata, sys
+import confluent_kafka  # noqa: F401  (must import, not just be listed)
+sys.exit(0 if importlib.metadata.version("confluent-kafka") == sys.argv[1] else 1)
 PY
 }
 if ! venv_ok; then
@@ -179,5 +180,10 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test --all-targets $*"
 cargo test --all-targets "$@"
+
+if [ "$#" -eq 0 ]; then
+  step "cargo test --doc"
+  cargo test --doc
+fi
 
 step "done"

@@ -8,6 +8,10 @@
 //! sqlite storage, the database). The dir is removed on drop, unless the test is
 //! panicking: then the log's tail is printed and the dir is kept for inspection.
 //! Set `WEIR_TANSU_LOG` (e.g. `debug`) to pass a `RUST_LOG` filter to the broker.
+//!
+//! If the test process dies without dropping the `Tansu` (killed by a timeout,
+//! Ctrl-C, or kept in a `static`), a small `sh` watchdog kills the broker: it
+//! waits on a pipe from the test process and fires when the pipe closes.
 
 use std::{
     env, fs,
@@ -63,6 +67,7 @@ pub struct Tansu {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    watchdog: Option<Child>,
 }
 
 impl Tansu {
@@ -90,6 +95,7 @@ impl Tansu {
             dir,
             log,
             child: None,
+            watchdog: None,
         };
         // A port picked as free can still be taken before the broker binds it; then
         // the broker exits at once and we try another port.
@@ -114,6 +120,11 @@ impl Tansu {
         self.port
     }
 
+    /// The broker process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The broker's log file (stdout and stderr of every run, appended).
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -121,10 +132,9 @@ impl Tansu {
 
     /// Kill the broker and wait for it to exit. Idempotent.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Watchdog first, so it can never fire at a recycled pid.
+        kill_wait(self.watchdog.take());
+        kill_wait(self.child.take());
     }
 
     /// Stop the broker and start it again on the same port with the same storage.
@@ -232,6 +242,19 @@ impl Tansu {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // Tansu also reads these from the environment; keep a developer's shell
+        // settings out of the test broker. (It loads a `.env` from its working
+        // directory or above too: running in the temp dir keeps the repo's out.)
+        for var in [
+            "CLUSTER_ID",
+            "LISTENER_URL",
+            "ADVERTISED_LISTENER_URL",
+            "STORAGE_ENGINE",
+            "SCHEMA_REGISTRY",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ] {
+            command.env_remove(var);
+        }
         match env::var("WEIR_TANSU_LOG") {
             Ok(filter) => command.env("RUST_LOG", filter),
             Err(_) => command.env_remove("RUST_LOG"),
@@ -240,9 +263,11 @@ impl Tansu {
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot spawn {}: {e}", self.bin.display()))?;
+        self.watchdog = watchdog(child.id());
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         loop {
             if let Ok(Some(status)) = child.try_wait() {
+                kill_wait(self.watchdog.take());
                 return Err(format!(
                     "tansu exited ({status}) before accepting connections on {addr}\n{}",
                     self.log_tail()
@@ -251,6 +276,7 @@ impl Tansu {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 // The port answers; make sure it is our broker and not a squatter.
                 if let Ok(Some(status)) = child.try_wait() {
+                    kill_wait(self.watchdog.take());
                     return Err(format!(
                         "tansu exited ({status}) while {addr} answered\n{}",
                         self.log_tail()
@@ -260,8 +286,8 @@ impl Tansu {
                 return Ok(());
             }
             if started.elapsed() > READY_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_wait(self.watchdog.take());
+                kill_wait(Some(child));
                 panic!(
                     "tansu did not accept connections on {addr} within {READY_TIMEOUT:?}\n{}",
                     self.log_tail()
@@ -299,6 +325,31 @@ impl Drop for Tansu {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+fn kill_wait(child: Option<Child>) {
+    if let Some(mut child) = child {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// `sh` blocked reading a pipe whose write end only this process holds (std opens
+/// pipes close-on-exec): when this process exits, however it exits, the read
+/// returns and the watchdog kills `pid`. Best effort: `None` if `sh` is missing.
+fn watchdog(pid: u32) -> Option<Child> {
+    Command::new("sh")
+        .args([
+            "-c",
+            "read _ignored; kill -9 \"$1\" 2>/dev/null",
+            "weir-tansu-watchdog",
+        ])
+        .arg(pid.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.
