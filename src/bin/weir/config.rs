@@ -42,7 +42,7 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub(crate) fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+    pub(crate) fn load(file: Option<&Path>, brokers: Option<String>) -> anyhow::Result<Self> {
         let mut figment =
             Figment::new().merge(Serialized::default("service", ServiceSettings::default()));
         if let Some(path) = file {
@@ -60,6 +60,9 @@ impl Settings {
                 other => other.replace("__", ".").into(),
             }
         }));
+        if let Some(brokers) = brokers {
+            figment = figment.merge(Serialized::default("kafka.brokers", brokers));
+        }
         // Figment's message names the key and where it came from (file or variable).
         figment.extract().context("invalid configuration")
     }

@@ -18,6 +18,9 @@ struct Cli {
     /// TOML configuration file (environment variables WEIR_* override it).
     #[arg(long, global = true, env = "WEIR_CONFIG")]
     config: Option<PathBuf>,
+    /// Bootstrap brokers, overriding the configuration (same as WEIR_BROKERS).
+    #[arg(long, global = true)]
+    brokers: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -56,12 +59,12 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Demo) {
         Command::Serve => {
             init_logs(true);
-            let settings = config::Settings::load(cli.config.as_deref())?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             serve::run(settings).await
         }
         Command::Publish(args) => {
             init_logs(false);
-            let settings = config::Settings::load(cli.config.as_deref())?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             publish::run(settings.kafka, args).await
         }
         Command::Demo => {
