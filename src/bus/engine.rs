@@ -7,8 +7,12 @@
 //!
 //! Scheduling: each record joins a *lane* — its partition (`Partition` order), its partition and
 //! key (`Key` order), or none (`Unordered`). A lane runs one record at a time; the rest wait in it
-//! in offset order. Limits bound what is fetched and not final: globally (the engine stops taking
-//! records) and per partition (the partition is paused at the source, resumed at half).
+//! in offset order. Limits bound what is fetched and not final, per partition and globally: a
+//! partition at its limit, or every partition while the global limit is reached, is paused at the
+//! source and resumed once the count is back to half (hysteresis, so it does not flap). Pausing
+//! rather than ceasing to poll keeps a Kafka consumer polling, so rebalances and
+//! `max.poll.interval.ms` stay healthy however slow the handlers are; records the source had
+//! already fetched wait in its hand-off queue until there is room.
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
@@ -61,6 +65,9 @@ struct PartitionState {
     generation: u64,
     /// Admitted and not final: running, or waiting in a lane.
     in_flight: usize,
+    /// At its own limit (until back to half).
+    full: bool,
+    /// Paused at the source right now.
     paused: bool,
     /// Highest offset admitted: a transport that hands over a record again (after a seek or a
     /// rebalance race) must not make the tracker see offsets out of order.
@@ -94,6 +101,8 @@ pub(crate) struct Engine<S: Source> {
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
+    /// The global in-flight limit was reached (until back to half): every partition is paused.
+    saturated: bool,
 }
 
 impl<S: Source> Engine<S> {
@@ -116,6 +125,7 @@ impl<S: Source> Engine<S> {
             in_flight: 0,
             generations: 0,
             unfinished: 0,
+            saturated: false,
         }
     }
 
@@ -157,6 +167,7 @@ impl<S: Source> Engine<S> {
                 tracker: OffsetTracker::default(),
                 generation: *generations,
                 in_flight: 0,
+                full: false,
                 paused: false,
                 last_admitted: None,
             }
@@ -169,10 +180,12 @@ impl<S: Source> Engine<S> {
         state.tracker.begin(rec.offset);
         state.in_flight += 1;
         self.in_flight += 1;
-        if state.in_flight >= limit && !state.paused {
-            state.paused = true;
-            self.source.pause(&tp);
+        if state.in_flight >= limit {
+            state.full = true;
         }
+        let newly_saturated = !self.saturated && self.in_flight >= self.config.max_in_flight;
+        self.saturated |= newly_saturated;
+        self.reconcile_pauses(if newly_saturated { None } else { Some(&tp) });
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
         let lane = match self.config.order {
             ProcessingOrder::Partition => Some((tp, None)),
@@ -270,9 +283,47 @@ impl<S: Source> Engine<S> {
         } else {
             self.unfinished += 1;
         }
-        if state.paused && state.in_flight <= self.config.max_in_flight_per_partition / 2 {
-            state.paused = false;
-            self.source.resume(&done.tp);
+        if state.in_flight <= self.config.max_in_flight_per_partition / 2 {
+            state.full = false;
+        }
+        let was_saturated = self.saturated;
+        if self.in_flight <= self.config.max_in_flight / 2 {
+            self.saturated = false;
+        }
+        let scope = if was_saturated == self.saturated {
+            Some(&done.tp)
+        } else {
+            None
+        };
+        self.reconcile_pauses(scope);
+    }
+
+    /// Pauses or resumes partitions so that exactly those at their own limit, or all of them
+    /// while the global limit is reached, are paused. `Some(tp)` checks one partition, `None` all.
+    fn reconcile_pauses(&mut self, only: Option<&Tp>) {
+        let saturated = self.saturated;
+        let source = &mut self.source;
+        let mut reconcile = |tp: &Tp, state: &mut PartitionState| {
+            let want = state.full || saturated;
+            if want != state.paused {
+                state.paused = want;
+                if want {
+                    source.pause(tp);
+                } else {
+                    source.resume(tp);
+                }
+            }
+        };
+        match only {
+            Some(tp) => {
+                if let Some(state) = self.partitions.get_mut(tp) {
+                    reconcile(tp, state);
+                }
+            }
+            None => self
+                .partitions
+                .iter_mut()
+                .for_each(|(tp, s)| reconcile(tp, s)),
         }
     }
 

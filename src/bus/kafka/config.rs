@@ -194,14 +194,25 @@ mod tests {
     }
 
     #[test]
-    fn an_invalid_secret_value_is_not_echoed() {
-        let config = KafkaConfig::new("b:9092").set("sasl.mechanism", "hunter2-is-no-mechanism");
+    fn an_invalid_value_fails_naming_its_key() {
+        let config = KafkaConfig::new("b:9092").set("session.timeout.ms", "soon");
         let error = config
-            .producer_config()
-            .create::<rdkafka::producer::BaseProducer>()
+            .consumer_config("g")
+            .create::<rdkafka::consumer::BaseConsumer>()
             .map(|_| ())
             .unwrap_err();
         let text = config.creation_error(&error).to_string();
-        assert!(text.contains("kafka.sasl.mechanism"), "{text}");
+        assert!(text.contains("kafka.session.timeout.ms"), "{text}");
+    }
+
+    #[test]
+    fn a_secret_value_echoed_by_the_client_is_redacted() {
+        let config = KafkaConfig::new("b:9092").set("sasl.password", "hunter2");
+        let echoed = rdkafka::error::KafkaError::ClientCreation(
+            "Invalid value \"hunter2\" for configuration property \"sasl.password\"".to_owned(),
+        );
+        let text = config.creation_error(&echoed).to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("kafka.sasl.password"), "{text}");
     }
 }
