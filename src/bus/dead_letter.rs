@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Header names, in one place.
 pub(crate) mod header {
-    //! Header names.
     /// `weir.original.topic`
     pub const ORIGINAL_TOPIC: &str = "weir.original.topic";
     /// `weir.original.partition`

@@ -1,0 +1,174 @@
+//! The bus semantic suite (`tests/semantics`) on the in-memory bus, plus the memory-only tests
+//! that need tokio's paused clock.
+
+mod semantics;
+
+use semantics::Harness;
+use std::collections::HashMap;
+use std::time::Duration;
+use weir::{MemoryBus, MemoryConfig, Metrics, ProcessingOrder, StoredRecord};
+
+/// A fresh in-memory broker per test.
+struct MemoryHarness {
+    bus: MemoryBus,
+}
+
+impl MemoryHarness {
+    fn new() -> Self {
+        Self {
+            bus: MemoryBus::new(MemoryConfig::default()),
+        }
+    }
+}
+
+impl Harness for MemoryHarness {
+    type Bus = MemoryBus;
+
+    fn bus(&self) -> MemoryBus {
+        self.bus.clone()
+    }
+
+    fn metrics(&self) -> Metrics {
+        self.bus.metrics().clone()
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) {
+        self.bus.create_topic(topic, partitions);
+    }
+
+    async fn committed(&self, group: &str, topic: &str) -> HashMap<i32, i64> {
+        self.bus.committed(group, topic)
+    }
+
+    async fn records(&self, topic: &str, at_least: usize) -> Vec<StoredRecord> {
+        let deadline = tokio::time::Instant::now() + self.patience();
+        loop {
+            let records = self.bus.records(topic);
+            if records.len() >= at_least || tokio::time::Instant::now() >= deadline {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+// 1. Round trips.
+
+#[tokio::test]
+async fn every_seed_event_round_trips_to_its_typed_handler() {
+    semantics::every_seed_event_round_trips_to_its_typed_handler(&MemoryHarness::new()).await;
+}
+
+#[tokio::test]
+async fn binary_mode_events_reach_the_handler_equal_to_structured_mode() {
+    semantics::binary_mode_events_reach_the_handler_equal_to_structured_mode(&MemoryHarness::new())
+        .await;
+}
+
+// 2. Malformed input.
+
+#[tokio::test]
+async fn dead_letters_malformed_records_and_keeps_consuming() {
+    semantics::dead_letters_malformed_records_and_keeps_consuming(&MemoryHarness::new()).await;
+}
+
+#[tokio::test]
+async fn skips_unhandled_event_types_by_default() {
+    semantics::skips_unhandled_event_types_by_default(&MemoryHarness::new()).await;
+}
+
+// 3. Retries.
+
+#[tokio::test(start_paused = true)]
+async fn retries_with_exactly_the_policy_backoff_then_succeeds() {
+    let policy = semantics::exact_retry(Duration::from_millis(100), 2.0, 5);
+    let gaps =
+        semantics::retries_retryable_failures_with_backoff(&MemoryHarness::new(), policy).await;
+    assert_eq!(
+        gaps,
+        vec![Duration::from_millis(100), Duration::from_millis(200)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_delays_are_capped_at_the_maximum_interval() {
+    let policy = weir::RetryPolicy {
+        maximum_interval: Duration::from_millis(150),
+        ..semantics::exact_retry(Duration::from_millis(100), 3.0, 5)
+    };
+    let gaps =
+        semantics::retries_retryable_failures_with_backoff(&MemoryHarness::new(), policy).await;
+    assert_eq!(
+        gaps,
+        vec![Duration::from_millis(100), Duration::from_millis(150)]
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_after_retries_are_exhausted() {
+    semantics::dead_letters_after_retries_are_exhausted(&MemoryHarness::new()).await;
+}
+
+#[tokio::test]
+async fn dead_letters_acknowledged_failures_without_retrying() {
+    semantics::dead_letters_acknowledged_failures_without_retrying(&MemoryHarness::new()).await;
+}
+
+#[tokio::test]
+async fn dead_letters_panics_and_keeps_consuming() {
+    semantics::dead_letters_panics_and_keeps_consuming(&MemoryHarness::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_during_a_retry_backoff_abandons_the_record_at_once() {
+    semantics::stop_during_a_retry_backoff_abandons_the_record_at_once(&MemoryHarness::new()).await;
+}
+
+// 4. Fan-out.
+
+#[tokio::test]
+async fn fan_out_dead_letters_only_the_failing_handler() {
+    semantics::fan_out_dead_letters_only_the_failing_handler(&MemoryHarness::new()).await;
+}
+
+// 5. Per-key order under failures.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_per_key_order_under_retries() {
+    semantics::keeps_per_key_order_under_retries(&MemoryHarness::new(), 1_000, 8).await;
+}
+
+// 6. Stop with an unfinished record.
+
+#[tokio::test]
+async fn stop_commits_only_finished_records_and_redelivers_the_rest() {
+    semantics::stop_commits_only_finished_records_and_redelivers_the_rest(
+        &MemoryHarness::new(),
+        ProcessingOrder::Partition,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn stop_never_commits_past_an_unfinished_record_even_when_later_ones_finished() {
+    semantics::stop_commits_only_finished_records_and_redelivers_the_rest(
+        &MemoryHarness::new(),
+        ProcessingOrder::Key,
+    )
+    .await;
+}
+
+// 7. Volume.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_every_event_exactly_once_in_key_order() {
+    semantics::handles_every_event_exactly_once_in_key_order(&MemoryHarness::new(), 10_000, 8, 100)
+        .await;
+}
+
+// 8. Stop drains.
+
+#[tokio::test]
+async fn stop_lets_running_handlers_finish_and_commits_them() {
+    semantics::stop_lets_running_handlers_finish_and_commits_them(&MemoryHarness::new()).await;
+}
