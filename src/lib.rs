@@ -28,15 +28,19 @@
 //!   (where types are erased) and the dispatch pipeline that takes one record to a final outcome.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
 //!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and the [`KafkaBus`] (the only rdkafka user).
-//! - `telemetry`: [`Metrics`] and the typed internal events every metric and log line goes through.
+//! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
+//!   every metric and log line goes through.
+//! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod bus;
 mod contracts;
 mod handlers;
 mod telemetry;
 
+pub use admin::{admin_router, serve_admin};
 pub use bus::{
     Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, KafkaBus, KafkaConfig, MemoryBus,
     MemoryConfig, OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport,
@@ -47,7 +51,7 @@ pub use handlers::{
     AckPolicy, BoxError, Ctx, HandlerError, HandlerFn, HandlerOptions, RetryDecision, RetryPolicy,
     Router, TraceContext, UnhandledPolicy,
 };
-pub use telemetry::Metrics;
+pub use telemetry::{Health, HealthStatus, Metrics};
 
 /// Names of the headers Weir adds to dead-letter records (documented in the README).
 pub mod dead_letter_headers {

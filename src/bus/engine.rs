@@ -22,6 +22,7 @@ use super::offsets::OffsetTracker;
 use super::{dead_letter, BusError, Publisher};
 use crate::handlers::{Dispatcher, Inbound, Outcome};
 use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced};
+use crate::telemetry::{trace, Health};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub(crate) type Tp = (String, i32);
 
@@ -94,6 +96,7 @@ pub(crate) struct Engine<S: Source> {
     dead_letters: Arc<dyn Publisher>,
     config: ConsumerConfig,
     stop: CancellationToken,
+    health: Health,
     partitions: HashMap<Tp, PartitionState>,
     lanes: HashMap<Lane, VecDeque<Inbound>>,
     tasks: JoinSet<Completion>,
@@ -112,6 +115,7 @@ impl<S: Source> Engine<S> {
         dead_letters: Arc<dyn Publisher>,
         config: ConsumerConfig,
         stop: CancellationToken,
+        health: Health,
     ) -> Self {
         Self {
             source,
@@ -119,6 +123,7 @@ impl<S: Source> Engine<S> {
             dead_letters,
             config,
             stop,
+            health,
             partitions: HashMap::new(),
             lanes: HashMap::new(),
             tasks: JoinSet::new(),
@@ -375,7 +380,11 @@ impl<S: Source> Engine<S> {
     }
 
     async fn commit(&mut self, sync: bool) {
-        let result = self.source.commit(sync).await;
+        let result = self
+            .source
+            .commit(sync)
+            .instrument(trace::commit_span(sync))
+            .await;
         OffsetsCommitted {
             result: result
                 .as_ref()
@@ -386,6 +395,7 @@ impl<S: Source> Engine<S> {
     }
 
     async fn drain(mut self) -> (StopReport, S) {
+        self.health.set_draining();
         self.stop.cancel();
         let mut abandoned = self.drop_waiting(|_| true);
         let deadline = Instant::now() + self.config.drain_timeout;

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::contracts::Headers;
 use crate::handlers::{Dispatcher, Inbound, Router};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Health, Metrics};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -315,7 +315,7 @@ fn murmur2(data: &[u8]) -> u32 {
 
 impl Publisher for MemoryBus {
     fn publish_record(&self, record: OutboundRecord) -> PublishFuture<'_> {
-        Box::pin(async move {
+        super::publish::traced(record, move |record| async move {
             let topic = record.topic.clone();
             let started = tokio::time::Instant::now();
             let result = self.append(record).await;
@@ -360,17 +360,23 @@ impl Bus for MemoryBus {
             stored: HashMap::new(),
             cursor: 0,
         };
-        let dispatcher = Arc::new(Dispatcher::new(router, self.inner.metrics.clone()));
+        let metrics = self.inner.metrics.clone();
+        let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
         let stop = CancellationToken::new();
+        // In memory the "broker" is always there and the group has one member.
+        let health = Health::default();
+        health.set_joined(true);
+        health.set_broker_up(true);
         let engine = Engine::new(
             source,
             dispatcher,
             Arc::new(self.clone()),
             config,
             stop.clone(),
+            health.clone(),
         );
         let task = tokio::spawn(async move { Ok(engine.run().await.0.into()) });
-        Ok(Subscription::new(stop, task))
+        Ok(Subscription::new(stop, health, task))
     }
 }
 

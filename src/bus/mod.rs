@@ -21,6 +21,7 @@ pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
 pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher};
 
 use crate::handlers::Router;
+use crate::telemetry::Health;
 use engine::StopReport as EngineReport;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -70,15 +71,26 @@ impl From<EngineReport> for StopReport {
 #[derive(Debug)]
 pub struct Subscription {
     shutdown: CancellationToken,
+    health: Health,
     task: JoinHandle<Result<StopReport, BusError>>,
 }
 
 impl Subscription {
     pub(crate) fn new(
         shutdown: CancellationToken,
+        health: Health,
         task: JoinHandle<Result<StopReport, BusError>>,
     ) -> Self {
-        Self { shutdown, task }
+        Self {
+            shutdown,
+            health,
+            task,
+        }
+    }
+
+    /// Readiness of this subscription, for `/readyz`.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// A token that stops the subscription when cancelled (e.g. from a signal handler).

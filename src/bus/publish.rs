@@ -103,3 +103,22 @@ pub(crate) fn encode<T: Event>(envelope: &Envelope<T>) -> Result<OutboundRecord,
         headers: Headers::new().with("content-type", CLOUDEVENTS_CONTENT_TYPE),
     })
 }
+
+/// Runs a transport's publish inside a `send` span whose context goes into the headers.
+pub(crate) fn traced<'a, F>(
+    mut record: OutboundRecord,
+    send: impl FnOnce(OutboundRecord) -> F + Send + 'a,
+) -> PublishFuture<'a>
+where
+    F: Future<Output = Result<Delivery, PublishError>> + Send + 'a,
+{
+    use tracing::Instrument;
+    let span = crate::telemetry::trace::publish_span(&record.topic);
+    Box::pin(
+        async move {
+            crate::telemetry::trace::inject_current(&mut record.headers);
+            send(record).await
+        }
+        .instrument(span),
+    )
+}

@@ -11,12 +11,13 @@ use crate::telemetry::events::{
     At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
     RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
-use crate::telemetry::Metrics;
+use crate::telemetry::{trace, Metrics};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// A record as any transport delivers it.
 #[derive(Debug, Clone)]
@@ -92,11 +93,16 @@ enum HandlerResult {
 pub(crate) struct Dispatcher {
     router: Router,
     metrics: Metrics,
+    group: String,
 }
 
 impl Dispatcher {
-    pub(crate) fn new(router: Router, metrics: Metrics) -> Self {
-        Self { router, metrics }
+    pub(crate) fn new(router: Router, metrics: Metrics, group: impl Into<String>) -> Self {
+        Self {
+            router,
+            metrics,
+            group: group.into(),
+        }
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -105,6 +111,24 @@ impl Dispatcher {
 
     /// Handles one record to a final outcome, or abandons it when `stop` fires during a backoff.
     pub(crate) async fn dispatch(&self, rec: &Inbound, stop: &CancellationToken) -> Outcome {
+        let span = trace::process_span(
+            &rec.topic,
+            rec.partition,
+            rec.offset,
+            &self.group,
+            &rec.headers,
+        );
+        self.dispatch_in(rec, stop, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn dispatch_in(
+        &self,
+        rec: &Inbound,
+        stop: &CancellationToken,
+        span: &tracing::Span,
+    ) -> Outcome {
         let m = &self.metrics;
         let at = rec.at();
         RecordReceived { at }.emit(m);
@@ -132,6 +156,7 @@ impl Dispatcher {
                 ),
             };
         };
+        trace::record_event(span, &raw.meta.id, &raw.meta.event_type);
         let event = match (route.decode)(&raw) {
             Ok(event) => event,
             Err(e) => return self.decode_failure(rec, e),
@@ -195,7 +220,10 @@ impl Dispatcher {
         loop {
             let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
             let started = Instant::now();
-            let result = self.call_once(handler, event, ctx).await;
+            let result = self
+                .call_once(handler, event, ctx)
+                .instrument(trace::handle_span(&handler.name, attempt))
+                .await;
             HandlerCalled {
                 at,
                 event_type,

@@ -264,3 +264,42 @@ impl Published<'_> {
         }
     }
 }
+
+pub(crate) struct ConsumerLag<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    /// `None` removes the series (the partition was revoked).
+    pub(crate) lag: Option<i64>,
+}
+
+impl ConsumerLag<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let partition = self.partition.to_string();
+        match self.lag {
+            Some(lag) => m
+                .consumer_lag
+                .with_label_values(&[self.topic, &partition])
+                .set(lag),
+            None => {
+                let _ = m
+                    .consumer_lag
+                    .remove_label_values(&[self.topic, &partition]);
+            }
+        }
+    }
+}
+
+pub(crate) struct BrokerReachability {
+    pub(crate) up: bool,
+    pub(crate) was_up: bool,
+}
+
+impl BrokerReachability {
+    pub(crate) fn emit(&self) {
+        match (self.was_up, self.up) {
+            (true, false) => warn!("No broker reachable; not ready. Reconnecting."),
+            (false, true) => info!("Broker reachable."),
+            _ => {}
+        }
+    }
+}

@@ -1,5 +1,6 @@
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Weir's Prometheus metrics, in a registry of their own.
@@ -15,6 +16,7 @@ pub struct Metrics {
     pub(crate) handler_duration: HistogramVec,
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) in_flight: IntGauge,
+    pub(crate) consumer_lag: IntGaugeVec,
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,
     pub(crate) published: IntCounterVec,
@@ -85,6 +87,17 @@ impl Metrics {
                 IntGauge::new(
                     "weir_in_flight_messages",
                     "Records fetched whose outcome is not final yet.",
+                )
+                .expect("valid metric"),
+            ),
+            consumer_lag: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "weir_consumer_lag",
+                        "Records between the consumer's position and the partition's high watermark, from librdkafka statistics.",
+                    ),
+                    &["topic", "partition"],
                 )
                 .expect("valid metric"),
             ),

@@ -3,6 +3,9 @@
 //! Other modules call this one; it calls none of them.
 
 pub(crate) mod events;
+mod health;
 mod metrics;
+pub(crate) mod trace;
 
+pub use health::{Health, HealthStatus};
 pub use metrics::Metrics;

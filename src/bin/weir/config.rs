@@ -18,6 +18,8 @@ pub(crate) struct Settings {
     pub(crate) retry: RetryPolicy,
     pub(crate) unhandled: UnhandledPolicy,
     pub(crate) service: ServiceSettings,
+    /// Where the admin server (`/metrics`, `/healthz`, `/readyz`) listens (`WEIR_ADMIN_ADDR`).
+    pub(crate) admin_addr: std::net::SocketAddr,
 }
 
 /// The reference service's own settings.
@@ -37,6 +39,7 @@ impl Default for Settings {
             retry: RetryPolicy::default(),
             unhandled: UnhandledPolicy::default(),
             service: ServiceSettings::default(),
+            admin_addr: ([0, 0, 0, 0], 9090).into(),
         }
     }
 }

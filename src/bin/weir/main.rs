@@ -6,10 +6,10 @@ mod demo;
 mod publish;
 mod reference;
 mod serve;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use tracing_subscriber::EnvFilter;
 
 /// Typed Kafka consumers: the Weir reference service and tools.
 #[derive(Debug, Parser)]
@@ -35,40 +35,24 @@ enum Command {
     Demo,
 }
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(if json {
-            "info"
-        } else {
-            "warn,weir=info,librdkafka=error"
-        })
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.compact().init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Demo) {
         Command::Serve => {
-            init_logs(true);
+            let telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            serve::run(settings).await
+            let result = serve::run(settings).await;
+            telemetry.shutdown();
+            result
         }
         Command::Publish(args) => {
-            init_logs(false);
+            let _telemetry = telemetry::init(false)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             publish::run(settings.kafka, args).await
         }
         Command::Demo => {
-            init_logs(false);
+            let _telemetry = telemetry::init(false)?;
             demo::run().await
         }
     }

@@ -98,6 +98,8 @@ impl KafkaConfig {
     /// - `auto.offset.reset=earliest`: a new group starts from the beginning; nothing is skipped.
     /// - `fetch.queue.backoff.ms=10`: librdkafka's 1000 ms default stalls a consumer whose
     ///   prefetch queue filled up for a whole second.
+    /// - `statistics.interval.ms=2000`: feeds `weir_consumer_lag` and broker reachability for
+    ///   `/readyz`.
     pub(crate) fn consumer_config(&self, group_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
@@ -105,7 +107,8 @@ impl KafkaConfig {
             .set("enable.auto.offset.store", "false")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.queue.backoff.ms", "10");
+            .set("fetch.queue.backoff.ms", "10")
+            .set("statistics.interval.ms", "2000");
         for (k, v) in self.properties.iter().chain(&self.consumer) {
             c.set(k, v);
         }

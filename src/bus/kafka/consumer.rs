@@ -13,10 +13,12 @@ use crate::bus::engine::{Source, SourceEvent, Tp};
 use crate::bus::BusError;
 use crate::contracts::Headers;
 use crate::handlers::Inbound;
-use crate::telemetry::Metrics;
+use crate::telemetry::events::{BrokerReachability, ConsumerLag};
+use crate::telemetry::{Health, Metrics};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +46,15 @@ pub(crate) struct WeirContext {
     /// Bumped at every revoke; records carry the epoch they were polled in.
     epoch: AtomicU64,
     metrics: Metrics,
+    health: Health,
+}
+
+impl WeirContext {
+    fn broker_up(&self, up: bool) {
+        let was_up = self.health.status().broker_up;
+        self.health.set_broker_up(up);
+        BrokerReachability { up, was_up }.emit();
+    }
 }
 
 impl ClientContext for WeirContext {
@@ -52,7 +63,35 @@ impl ClientContext for WeirContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.broker_up(false);
+        }
         tracing::warn!(%error, reason, "Kafka client error; retrying.");
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        // Brokers with a node id >= 0 are the cluster's; the bootstrap entries are not.
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.broker_up(up);
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal unassigned partition; negative lag means unknown.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    ConsumerLag {
+                        topic,
+                        partition: *partition,
+                        lag: Some(p.consumer_lag),
+                    }
+                    .emit(&self.metrics);
+                }
+            }
+        }
     }
 }
 
@@ -100,6 +139,7 @@ impl ConsumerContext for WeirContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.health.set_joined(true);
                 let _ = self.control.send(Control::Assigned(partitions(tpl)));
             }
             Rebalance::Error(error) => tracing::warn!(%error, "Rebalance error."),
@@ -115,6 +155,7 @@ pub(crate) fn start(
     config: rdkafka::ClientConfig,
     topics: &[String],
     metrics: Metrics,
+    health: Health,
     on_error: impl Fn(&KafkaError) -> BusError,
 ) -> Result<KafkaSource, BusError> {
     let (control_tx, control) = mpsc::unbounded_channel();
@@ -122,6 +163,7 @@ pub(crate) fn start(
         control: control_tx,
         epoch: AtomicU64::new(0),
         metrics,
+        health,
     };
     let consumer: Arc<WeirConsumer> = Arc::new(
         config
@@ -185,7 +227,7 @@ fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
                 .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
                 .collect()
         })
-        .unwrap_or_else(Headers::new);
+        .unwrap_or_default();
     Inbound {
         topic: message.topic().to_owned(),
         partition: message.partition(),

@@ -10,7 +10,7 @@ use super::engine::Engine;
 use super::publish::PublishFuture;
 use super::{Bus, BusError, ConsumerConfig, OutboundRecord, Publisher, Subscription};
 use crate::handlers::{Dispatcher, Router};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Health, Metrics};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::producer::FutureProducer;
 use rdkafka::ClientContext;
@@ -109,13 +109,16 @@ impl Bus for KafkaBus {
             return Err(BusError::NoHandlers);
         }
         let kafka = &self.inner.config;
+        let health = Health::default();
         let source = consumer::start(
             kafka.consumer_config(&config.group_id),
             &topics,
             self.inner.metrics.clone(),
+            health.clone(),
             |e| kafka.creation_error(e),
         )?;
-        let dispatcher = Arc::new(Dispatcher::new(router, self.inner.metrics.clone()));
+        let metrics = self.inner.metrics.clone();
+        let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
         let stop = CancellationToken::new();
         let engine = Engine::new(
             source,
@@ -123,6 +126,7 @@ impl Bus for KafkaBus {
             Arc::new(self.clone()),
             config,
             stop.clone(),
+            health.clone(),
         );
         let task = tokio::spawn(async move {
             let (report, source) = engine.run().await;
@@ -132,6 +136,6 @@ impl Bus for KafkaBus {
                 .map_err(|e| BusError::Task(e.to_string()))?;
             Ok(report.into())
         });
-        Ok(Subscription::new(stop, task))
+        Ok(Subscription::new(stop, health, task))
     }
 }

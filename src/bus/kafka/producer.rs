@@ -17,7 +17,7 @@ pub(crate) fn publish<'a>(
     timeout: Duration,
     record: OutboundRecord,
 ) -> PublishFuture<'a> {
-    Box::pin(async move {
+    crate::bus::publish::traced(record, move |record| async move {
         let started = tokio::time::Instant::now();
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (key, value) in record.headers.iter() {
