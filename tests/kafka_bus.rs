@@ -1,0 +1,252 @@
+//! The bus semantic suite (`tests/semantics`) on the Kafka bus, against a real Tansu broker
+//! (one per test, so tests share nothing). Same functions as `memory_bus.rs`; only the retry
+//! timing differs, since a real broker cannot run on tokio's paused clock.
+
+mod semantics;
+mod support;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers as _, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use semantics::Harness;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use support::broker::Tansu;
+use weir::{Headers, KafkaBus, KafkaConfig, Metrics, ProcessingOrder, StoredRecord};
+
+struct KafkaHarness {
+    broker: Arc<Tansu>,
+    bus: KafkaBus,
+}
+
+impl KafkaHarness {
+    fn new() -> Self {
+        let broker = Tansu::start_memory();
+        let bus = KafkaBus::new(KafkaConfig::new(broker.brokers())).expect("valid config");
+        Self {
+            broker: Arc::new(broker),
+            bus,
+        }
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", self.broker.brokers())
+            .set("enable.auto.commit", "false");
+        config
+    }
+
+    fn partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        metadata
+            .topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect()
+    }
+}
+
+impl Harness for KafkaHarness {
+    type Bus = KafkaBus;
+
+    fn bus(&self) -> KafkaBus {
+        self.bus.clone()
+    }
+
+    fn metrics(&self) -> Metrics {
+        self.bus.metrics().clone()
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) {
+        let broker = self.broker.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || broker.create_topic(&topic, partitions))
+            .await
+            .expect("create_topic");
+    }
+
+    async fn committed(&self, group: &str, topic: &str) -> HashMap<i32, i64> {
+        let mut config = self.client();
+        config.set("group.id", group);
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config.create().expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for p in Self::partitions(&consumer, &topic) {
+                tpl.add_partition(&topic, p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .expect("committed offsets");
+            committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .await
+        .expect("committed")
+    }
+
+    /// Reads the topic from the beginning with an unassigned consumer. Tansu's high watermark is
+    /// unreliable, so "everything" means: at least `at_least` records, then quiet for a moment.
+    async fn records(&self, topic: &str, at_least: usize) -> Vec<StoredRecord> {
+        let mut config = self.client();
+        config.set("group.id", semantics_group());
+        let topic = topic.to_owned();
+        let patience = self.patience();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config.create().expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for p in Self::partitions(&consumer, &topic) {
+                tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                    .expect("partition");
+            }
+            consumer.assign(&tpl).expect("assign");
+            let deadline = std::time::Instant::now() + patience;
+            let mut quiet_since = std::time::Instant::now();
+            let mut out = Vec::new();
+            loop {
+                match consumer.poll(Duration::from_millis(100)) {
+                    Some(Ok(m)) => {
+                        quiet_since = std::time::Instant::now();
+                        let headers: Headers = m
+                            .headers()
+                            .map(|hs| {
+                                hs.iter()
+                                    .map(|h| {
+                                        (h.key.to_owned(), h.value.unwrap_or_default().to_vec())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        out.push(StoredRecord {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            value: m.payload().map(<[u8]>::to_vec),
+                            headers,
+                            timestamp_ms: m.timestamp().to_millis().unwrap_or_default(),
+                        });
+                    }
+                    Some(Err(e)) => panic!("reading {topic}: {e}"),
+                    None => {}
+                }
+                let now = std::time::Instant::now();
+                let settled =
+                    out.len() >= at_least && now - quiet_since > Duration::from_millis(500);
+                if settled || now > deadline {
+                    out.sort_by_key(|r| (r.partition, r.offset));
+                    return out;
+                }
+            }
+        })
+        .await
+        .expect("records")
+    }
+}
+
+fn semantics_group() -> String {
+    support::broker::unique("weir-reader")
+}
+
+#[tokio::test]
+async fn every_seed_event_round_trips_to_its_typed_handler() {
+    semantics::every_seed_event_round_trips_to_its_typed_handler(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn binary_mode_events_reach_the_handler_equal_to_structured_mode() {
+    semantics::binary_mode_events_reach_the_handler_equal_to_structured_mode(&KafkaHarness::new())
+        .await;
+}
+
+#[tokio::test]
+async fn dead_letters_malformed_records_and_keeps_consuming() {
+    semantics::dead_letters_malformed_records_and_keeps_consuming(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn skips_unhandled_event_types_by_default() {
+    semantics::skips_unhandled_event_types_by_default(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn retries_retryable_failures_no_sooner_than_the_policy_says() {
+    let policy = semantics::exact_retry(Duration::from_millis(50), 2.0, 5);
+    let gaps =
+        semantics::retries_retryable_failures_with_backoff(&KafkaHarness::new(), policy).await;
+    assert_eq!(gaps.len(), 2);
+    assert!(gaps[0] >= Duration::from_millis(50), "{gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(100), "{gaps:?}");
+}
+
+#[tokio::test]
+async fn dead_letters_after_retries_are_exhausted() {
+    semantics::dead_letters_after_retries_are_exhausted(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn dead_letters_acknowledged_failures_without_retrying() {
+    semantics::dead_letters_acknowledged_failures_without_retrying(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn dead_letters_panics_and_keeps_consuming() {
+    semantics::dead_letters_panics_and_keeps_consuming(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn stop_during_a_retry_backoff_abandons_the_record_at_once() {
+    semantics::stop_during_a_retry_backoff_abandons_the_record_at_once(&KafkaHarness::new()).await;
+}
+
+#[tokio::test]
+async fn fan_out_dead_letters_only_the_failing_handler() {
+    semantics::fan_out_dead_letters_only_the_failing_handler(&KafkaHarness::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_per_key_order_under_retries() {
+    semantics::keeps_per_key_order_under_retries(&KafkaHarness::new(), 200, 8).await;
+}
+
+#[tokio::test]
+async fn stop_commits_only_finished_records_and_redelivers_the_rest() {
+    semantics::stop_commits_only_finished_records_and_redelivers_the_rest(
+        &KafkaHarness::new(),
+        ProcessingOrder::Partition,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn stop_never_commits_past_an_unfinished_record_even_when_later_ones_finished() {
+    semantics::stop_commits_only_finished_records_and_redelivers_the_rest(
+        &KafkaHarness::new(),
+        ProcessingOrder::Key,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_every_event_exactly_once_in_key_order() {
+    semantics::handles_every_event_exactly_once_in_key_order(&KafkaHarness::new(), 2_000, 8, 100)
+        .await;
+}
+
+#[tokio::test]
+async fn stop_lets_running_handlers_finish_and_commits_them() {
+    semantics::stop_lets_running_handlers_finish_and_commits_them(&KafkaHarness::new()).await;
+}
