@@ -104,7 +104,9 @@ pub(crate) fn encode<T: Event>(envelope: &Envelope<T>) -> Result<OutboundRecord,
     })
 }
 
-/// Runs a transport's publish inside a `send` span whose context goes into the headers.
+/// Runs a transport's publish inside a `send` span whose context goes into the headers. The span
+/// is created on first poll, so it is a child of whatever span the caller awaits it in (also
+/// when the caller wraps the future with `.instrument(span)`).
 pub(crate) fn traced<'a, F>(
     mut record: OutboundRecord,
     send: impl FnOnce(OutboundRecord) -> F + Send + 'a,
@@ -113,12 +115,13 @@ where
     F: Future<Output = Result<Delivery, PublishError>> + Send + 'a,
 {
     use tracing::Instrument;
-    let span = crate::telemetry::trace::publish_span(&record.topic);
-    Box::pin(
+    Box::pin(async move {
+        let span = crate::telemetry::trace::publish_span(&record.topic);
         async move {
             crate::telemetry::trace::inject_current(&mut record.headers);
             send(record).await
         }
-        .instrument(span),
-    )
+        .instrument(span)
+        .await
+    })
 }
