@@ -15,6 +15,7 @@ use crate::telemetry::{trace, Metrics};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -94,14 +95,18 @@ pub(crate) struct Dispatcher {
     router: Router,
     metrics: Metrics,
     group: String,
+    /// One permit per core, shared by every `cpu_bound` handler.
+    cpu: Arc<Semaphore>,
 }
 
 impl Dispatcher {
     pub(crate) fn new(router: Router, metrics: Metrics, group: impl Into<String>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             router,
             metrics,
             group: group.into(),
+            cpu: Arc::new(Semaphore::new(cores)),
         }
     }
 
@@ -309,6 +314,21 @@ impl Dispatcher {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))
             .map_err(|p| panic_message(&*p))?;
         let guarded = AssertUnwindSafe(future).catch_unwind();
+        let guarded = async {
+            if !handler.cpu_bound {
+                return guarded.await;
+            }
+            let _permit = self
+                .cpu
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let runtime = tokio::runtime::Handle::current();
+            match tokio::task::spawn_blocking(move || runtime.block_on(guarded)).await {
+                Ok(result) => result,
+                Err(join) => Err(Box::new(format!("blocking task ended: {join}")) as _),
+            }
+        };
         let result = match handler.timeout {
             None => guarded.await,
             Some(limit) => match tokio::time::timeout(limit, guarded).await {

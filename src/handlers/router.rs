@@ -46,6 +46,7 @@ pub struct HandlerOptions {
     retry: Option<RetryPolicy>,
     timeout: Option<Duration>,
     on_acknowledged: Option<AckPolicy>,
+    cpu_bound: bool,
 }
 
 impl HandlerOptions {
@@ -84,6 +85,15 @@ impl HandlerOptions {
         self.on_acknowledged = Some(policy);
         self
     }
+
+    /// The handler burns CPU or blocks the thread (parsing, hashing, image work, a blocking
+    /// client). It then runs on Tokio's blocking pool, at most one call per core at a time
+    /// across all such handlers, so it can neither starve the consumer loop and the async
+    /// handlers nor oversubscribe the cores however many keys are ready.
+    pub fn cpu_bound(mut self) -> Self {
+        self.cpu_bound = true;
+        self
+    }
 }
 
 /// One registered handler, its type erased.
@@ -92,6 +102,7 @@ pub(crate) struct Route {
     pub(crate) retry: Option<RetryPolicy>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) on_acknowledged: Option<AckPolicy>,
+    pub(crate) cpu_bound: bool,
     pub(crate) call: Call,
 }
 
@@ -199,6 +210,7 @@ impl Router {
             retry: options.retry,
             timeout: options.timeout,
             on_acknowledged: options.on_acknowledged,
+            cpu_bound: options.cpu_bound,
             call: Box::new(move |event, ctx| {
                 let event = event
                     .downcast_ref::<T>()
