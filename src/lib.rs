@@ -31,6 +31,8 @@
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through.
 //! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! - `outbox`: the transactional [`OutboxWriter`] and [`OutboxRelay`], the idempotent [`inbox`],
+//!   and the embedded PostgreSQL [`migrate`] runner (depends on contracts and [`Publisher`] only).
 
 #![forbid(unsafe_code)]
 
@@ -38,6 +40,7 @@ mod admin;
 mod bus;
 mod contracts;
 mod handlers;
+mod outbox;
 mod telemetry;
 
 pub use admin::{admin_router, serve_admin};
@@ -51,6 +54,12 @@ pub use handlers::{
     AckPolicy, BoxError, Ctx, HandlerError, HandlerFn, HandlerOptions, RetryDecision, RetryPolicy,
     Router, TraceContext, UnhandledPolicy,
 };
+pub use outbox::{
+    create_task, inbox, migrate, purge_inbox, InboxFuture, InboxTx, Migration, NewTask,
+    OutboxError, OutboxRelay, OutboxWriter, RelayConfig, OUTBOX_CHANNEL, OUTBOX_MIGRATIONS,
+    TASK_MIGRATIONS,
+};
+pub use telemetry::outbox::OutboxMetrics;
 pub use telemetry::{Health, HealthStatus, Metrics};
 
 /// Names of the headers Weir adds to dead-letter records (documented in the README).

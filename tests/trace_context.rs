@@ -14,7 +14,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use weir::{
     Bus, ConsumerConfig, Ctx, CustomerCreated, Envelope, HandlerError, HandlerOptions, KafkaBus,
-    KafkaConfig, MemoryBus, PublishExt, Router,
+    KafkaConfig, MemoryBus, Router,
 };
 
 struct Tracing {

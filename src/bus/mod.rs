@@ -18,6 +18,8 @@ pub(crate) mod dead_letter_header_names {
 pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 pub use kafka::{KafkaBus, KafkaConfig};
 pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
+/// The record Weir publishes for an event; the outbox stores exactly this.
+pub(crate) use publish::encode;
 pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher};
 
 use crate::handlers::Router;

@@ -5,3 +5,4 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod broker;
+pub mod db;

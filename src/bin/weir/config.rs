@@ -9,6 +9,41 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use weir::{ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
 
+/// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
+/// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
+/// the service; a typo in the TOML file, by contrast, is an error.
+const SECTIONS: [&str; 10] = [
+    "brokers",
+    "group_id",
+    "kafka",
+    "consumer",
+    "retry",
+    "unhandled",
+    "service",
+    "admin_addr",
+    "database",
+    "outbox",
+];
+
+/// librdkafka property maps, read from the environment verbatim: their names contain dots (which
+/// would otherwise nest) and their values, passwords included, must never be parsed as numbers,
+/// booleans or lists. `WEIR_KAFKA__PROPERTIES__SASL.PASSWORD` sets `sasl.password`.
+const RAW_MAPS: [(&str, &str); 3] = [
+    ("WEIR_KAFKA__PROPERTIES__", "kafka.properties"),
+    ("WEIR_KAFKA__CONSUMER__", "kafka.consumer"),
+    ("WEIR_KAFKA__PRODUCER__", "kafka.producer"),
+];
+
+/// Whether a `WEIR_`-stripped variable name is a setting the typed loader should read.
+fn is_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let section = key.split("__").next().unwrap_or_default();
+    SECTIONS.contains(&section)
+        && !RAW_MAPS
+            .iter()
+            .any(|(prefix, _)| key.starts_with(&prefix["WEIR_".len()..].to_ascii_lowercase()))
+}
+
 /// Everything `weir serve` reads.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -20,6 +55,53 @@ pub(crate) struct Settings {
     pub(crate) service: ServiceSettings,
     /// Where the admin server (`/metrics`, `/healthz`, `/readyz`) listens (`WEIR_ADMIN_ADDR`).
     pub(crate) admin_addr: std::net::SocketAddr,
+    /// PostgreSQL, for `migrate` and `outbox-relay` (`WEIR_DATABASE__URL`).
+    pub(crate) database: DatabaseSettings,
+    /// The outbox relay's tuning (`[outbox]`, `WEIR_OUTBOX__POLL_INTERVAL=...`).
+    pub(crate) outbox: weir::RelayConfig,
+}
+
+/// The database connection.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct DatabaseSettings {
+    /// `postgres://user:password@host:5432/db`; required by the commands that use the database.
+    pub(crate) url: Option<String>,
+    /// Pool size; the relay needs two (one holds LISTEN).
+    pub(crate) max_connections: u32,
+    /// Apply pending migrations when `outbox-relay` starts (otherwise run `weir migrate` first).
+    pub(crate) migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 4,
+            migrate_on_start: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password: print it only with the password masked.
+        let url = self
+            .url
+            .as_deref()
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => match u[scheme + 3..at].find(':') {
+                    Some(colon) => format!("{}:***{}", &u[..scheme + 3 + colon], &u[at..]),
+                    None => u.to_owned(),
+                },
+                _ => u.to_owned(),
+            });
+        f.debug_struct("DatabaseSettings")
+            .field("url", &url)
+            .field("max_connections", &self.max_connections)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
 }
 
 /// The reference service's own settings.
@@ -40,6 +122,8 @@ impl Default for Settings {
             unhandled: UnhandledPolicy::default(),
             service: ServiceSettings::default(),
             admin_addr: ([0, 0, 0, 0], 9090).into(),
+            database: DatabaseSettings::default(),
+            outbox: weir::RelayConfig::default(),
         }
     }
 }
@@ -56,17 +140,62 @@ impl Settings {
             );
             figment = figment.merge(Toml::file(path));
         }
-        figment = figment.merge(Env::prefixed("WEIR_").map(|key| {
-            match key.as_str().to_ascii_lowercase().as_str() {
-                "brokers" => "kafka.brokers".into(),
-                "group_id" => "consumer.group_id".into(),
-                other => other.replace("__", ".").into(),
+        figment = figment.merge(
+            Env::prefixed("WEIR_")
+                .filter(|key| is_setting(key.as_str()))
+                .map(|key| match key.as_str().to_ascii_lowercase().as_str() {
+                    "brokers" => "kafka.brokers".into(),
+                    "group_id" => "consumer.group_id".into(),
+                    other => other.replace("__", ".").into(),
+                }),
+        );
+        for (prefix, path) in RAW_MAPS {
+            let properties: std::collections::BTreeMap<String, String> = std::env::vars()
+                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_ascii_lowercase(), v)))
+                .collect();
+            if !properties.is_empty() {
+                figment = figment.merge(Serialized::default(path, properties));
             }
-        }));
+        }
         if let Some(brokers) = brokers {
             figment = figment.merge(Serialized::default("kafka.brokers", brokers));
         }
         // Figment's message names the key and where it came from (file or variable).
         figment.extract().context("invalid configuration")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_sections_and_ignores_foreign_weir_variables() {
+        assert!(is_setting("BROKERS"));
+        assert!(is_setting("CONSUMER__MAX_IN_FLIGHT"));
+        assert!(is_setting("ADMIN_ADDR"));
+        assert!(!is_setting("CONFIG"));
+        assert!(!is_setting("TANSU_BIN"));
+        assert!(!is_setting("TEST_DATABASE_URL"));
+        assert!(
+            !is_setting("KAFKA__PROPERTIES__SASL.PASSWORD"),
+            "read raw, not typed"
+        );
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn librdkafka_properties_from_the_environment_keep_dots_and_raw_values() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WEIR_KAFKA__PROPERTIES__SASL.PASSWORD", "0123");
+            jail.set_env("WEIR_KAFKA__PROPERTIES__SECURITY.PROTOCOL", "SASL_SSL");
+            jail.set_env("WEIR_CONSUMER__MAX_IN_FLIGHT", "64");
+            jail.set_env("WEIR_TANSU_BIN", "/somewhere/tansu");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.kafka.properties["sasl.password"], "0123");
+            assert_eq!(settings.kafka.properties["security.protocol"], "SASL_SSL");
+            assert_eq!(settings.consumer.max_in_flight, 64);
+            Ok(())
+        });
     }
 }

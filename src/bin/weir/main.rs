@@ -2,7 +2,9 @@
 //! demo on an embedded broker (`demo`, also what plain `cargo run` does).
 
 mod config;
+mod db;
 mod demo;
+mod outbox_relay;
 mod publish;
 mod reference;
 mod serve;
@@ -33,6 +35,10 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Run the reference service on an embedded mock broker with a sample stream (the default).
     Demo,
+    /// Apply pending database migrations (outbox, inbox, the reference service's tables).
+    Migrate,
+    /// Publish committed outbox rows until SIGTERM/SIGINT.
+    OutboxRelay,
 }
 
 #[tokio::main]
@@ -54,6 +60,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo => {
             let _telemetry = telemetry::init(false)?;
             demo::run().await
+        }
+        Command::Migrate => {
+            let _telemetry = telemetry::init(false)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            db::migrate(&settings.database).await
+        }
+        Command::OutboxRelay => {
+            let telemetry = telemetry::init(true)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            let result = outbox_relay::run(settings).await;
+            telemetry.shutdown();
+            result
         }
     }
 }

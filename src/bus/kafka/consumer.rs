@@ -11,7 +11,6 @@
 
 use crate::bus::engine::{Source, SourceEvent, Tp};
 use crate::bus::BusError;
-use crate::contracts::Headers;
 use crate::handlers::Inbound;
 use crate::telemetry::events::{BrokerReachability, ConsumerLag};
 use crate::telemetry::{Health, Metrics};

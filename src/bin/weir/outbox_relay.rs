@@ -1,0 +1,52 @@
+//! `weir outbox-relay`: publishes committed outbox rows until SIGTERM or SIGINT. Run as many
+//! replicas as you like; they share the work by key (see `weir::OutboxRelay`).
+
+use crate::config::Settings;
+use anyhow::Context as _;
+use axum::routing::get;
+use std::future::IntoFuture as _;
+use tokio_util::sync::CancellationToken;
+use weir::{KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
+
+pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+    let pool = crate::db::connect(&settings.database).await?;
+    if settings.database.migrate_on_start {
+        weir::migrate(&pool, &crate::db::migrations()).await?;
+    }
+    let metrics = Metrics::new();
+    let outbox_metrics = OutboxMetrics::new(metrics.registry())?;
+    let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
+    let relay = OutboxRelay::new(pool.clone(), bus, settings.outbox.clone(), outbox_metrics);
+
+    // Metrics and liveness only: readiness is a consumer's notion (joined, broker up), and a
+    // relay that cannot publish shows in `weir_outbox_oldest_pending_age_seconds` instead.
+    let listener = tokio::net::TcpListener::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
+    let admin_addr = listener.local_addr()?;
+    let routes = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .route("/healthz", get(|| std::future::ready("ok")));
+    let stop = CancellationToken::new();
+    let admin = tokio::spawn(
+        axum::serve(listener, routes)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    tracing::info!(brokers = %settings.kafka.brokers, %admin_addr, config = ?settings.outbox, "Relaying the outbox.");
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        tracing::info!("Shutdown requested; finishing the round in flight.");
+        signal.cancel();
+    });
+    relay.run(stop.clone()).await;
+    stop.cancel();
+    let _ = admin.await;
+    pool.close().await;
+    Ok(())
+}
