@@ -171,6 +171,10 @@ echo "tansu broker accepted connections after $((($(date +%s%N) - smoke_started)
 smoke_cleanup
 trap - EXIT
 
+# --- Helm chart, alert rules, Dockerfile ------------------------------------
+step "chart and alert checks (scripts/check-chart.sh)"
+bash "$ROOT/scripts/check-chart.sh"
+
 # --- Rust -------------------------------------------------------------------
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
