@@ -7,12 +7,12 @@
 //!
 //! Scheduling: each record joins a *lane* — its partition (`Partition` order), its partition and
 //! key (`Key` order), or none (`Unordered`). A lane runs one record at a time; the rest wait in it
-//! in offset order. Limits bound what is fetched and not final, per partition and globally: a
-//! partition at its limit, or every partition while the global limit is reached, is paused at the
-//! source and resumed once the count is back to half (hysteresis, so it does not flap). Pausing
-//! rather than ceasing to poll keeps a Kafka consumer polling, so rebalances and
-//! `max.poll.interval.ms` stay healthy however slow the handlers are; records the source had
-//! already fetched wait in its hand-off queue until there is room.
+//! in offset order. At most `max_in_flight_per_partition` records of a partition run at once
+//! (lane heads beyond that wait for a slot, oldest first), and at most `max_in_flight` records
+//! are fetched and not final: at that limit the engine stops taking records, the source's
+//! bounded hand-off queue fills, and the client stops fetching. Partitions are deliberately not
+//! paused for this: pausing a librdkafka partition discards its prefetched records, and measured
+//! with `weir bench` that re-fetching cut throughput by an order of magnitude.
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
@@ -52,8 +52,6 @@ pub(crate) trait Source: Send + 'static {
     /// `want_records` is false (the in-flight limit is reached) only control events
     /// (rebalances) may be returned.
     fn next(&mut self, want_records: bool) -> impl Future<Output = Option<SourceEvent>> + Send;
-    fn pause(&mut self, tp: &Tp);
-    fn resume(&mut self, tp: &Tp);
     /// Remembers `next_offset` as the partition's position to commit.
     fn store(&mut self, tp: &Tp, next_offset: i64);
     /// Commits stored positions; `sync` waits for the broker.
@@ -65,12 +63,12 @@ type Lane = (Tp, Option<Vec<u8>>);
 struct PartitionState {
     tracker: OffsetTracker,
     generation: u64,
-    /// Admitted and not final: running, or waiting in a lane.
+    /// Admitted and not final: running, or waiting in a lane or for a slot.
     in_flight: usize,
-    /// At its own limit (until back to half).
-    full: bool,
-    /// Paused at the source right now.
-    paused: bool,
+    /// Running now (at most `max_in_flight_per_partition`).
+    running: usize,
+    /// Records free to start (their lane is theirs) waiting for one of the partition's slots.
+    ready: VecDeque<(Inbound, Option<Lane>)>,
     /// Highest offset admitted: a transport that hands over a record again (after a seek or a
     /// rebalance race) must not make the tracker see offsets out of order.
     last_admitted: Option<i64>,
@@ -104,8 +102,6 @@ pub(crate) struct Engine<S: Source> {
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
-    /// The global in-flight limit was reached (until back to half): every partition is paused.
-    saturated: bool,
 }
 
 impl<S: Source> Engine<S> {
@@ -130,7 +126,6 @@ impl<S: Source> Engine<S> {
             in_flight: 0,
             generations: 0,
             unfinished: 0,
-            saturated: false,
         }
     }
 
@@ -164,7 +159,6 @@ impl<S: Source> Engine<S> {
 
     fn admit(&mut self, rec: Inbound) {
         let tp: Tp = (rec.topic.clone(), rec.partition);
-        let limit = self.config.max_in_flight_per_partition;
         let generations = &mut self.generations;
         let state = self.partitions.entry(tp.clone()).or_insert_with(|| {
             *generations += 1;
@@ -172,8 +166,8 @@ impl<S: Source> Engine<S> {
                 tracker: OffsetTracker::default(),
                 generation: *generations,
                 in_flight: 0,
-                full: false,
-                paused: false,
+                running: 0,
+                ready: VecDeque::new(),
                 last_admitted: None,
             }
         });
@@ -185,12 +179,6 @@ impl<S: Source> Engine<S> {
         state.tracker.begin(rec.offset);
         state.in_flight += 1;
         self.in_flight += 1;
-        if state.in_flight >= limit {
-            state.full = true;
-        }
-        let newly_saturated = !self.saturated && self.in_flight >= self.config.max_in_flight;
-        self.saturated |= newly_saturated;
-        self.reconcile_pauses(if newly_saturated { None } else { Some(&tp) });
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
         let lane = match self.config.order {
             ProcessingOrder::Partition => Some((tp, None)),
@@ -202,10 +190,24 @@ impl<S: Source> Engine<S> {
                 Some(waiting) => waiting.push_back(rec),
                 None => {
                     self.lanes.insert(lane.clone(), VecDeque::new());
-                    self.spawn(rec, Some(lane));
+                    self.start(rec, Some(lane));
                 }
             },
-            None => self.spawn(rec, None),
+            None => self.start(rec, None),
+        }
+    }
+
+    /// Runs a record now if its partition has a free slot, else queues it for the next one.
+    fn start(&mut self, rec: Inbound, lane: Option<Lane>) {
+        let limit = self.config.max_in_flight_per_partition;
+        let Some(state) = self.partitions.get_mut(&(rec.topic.clone(), rec.partition)) else {
+            return;
+        };
+        if state.running < limit {
+            state.running += 1;
+            self.spawn(rec, lane);
+        } else {
+            state.ready.push_back((rec, lane));
         }
     }
 
@@ -262,73 +264,53 @@ impl<S: Source> Engine<S> {
     }
 
     fn complete(&mut self, done: Completion, start_next: bool) {
-        if let Some(lane) = done.lane {
-            let next = self.lanes.get_mut(&lane).and_then(VecDeque::pop_front);
-            match next {
-                Some(rec) if start_next => self.spawn(rec, Some(lane)),
-                Some(rec) => self.lanes.entry(lane).or_default().push_front(rec),
+        let mut lane_next = None;
+        if let Some(lane) = &done.lane {
+            match self.lanes.get_mut(lane).and_then(VecDeque::pop_front) {
+                Some(rec) => lane_next = Some(rec),
                 None => {
-                    self.lanes.remove(&lane);
+                    self.lanes.remove(lane);
                 }
             }
         }
-        let Some(state) = self.partitions.get_mut(&done.tp) else {
-            return; // revoked meanwhile: its in-flight count was settled then
-        };
-        if state.generation != done.generation {
+        let current = self
+            .partitions
+            .get(&done.tp)
+            .is_some_and(|s| s.generation == done.generation);
+        if current {
+            let state = self.partitions.get_mut(&done.tp).expect("checked above");
+            state.running -= 1;
+            state.in_flight -= 1;
+            self.in_flight -= 1;
+            InFlight(self.in_flight).emit(self.dispatcher.metrics());
+            if done.is_final {
+                if let Some(position) = state.tracker.complete(done.offset) {
+                    self.source.store(&done.tp, position);
+                }
+            } else {
+                self.unfinished += 1;
+            }
+        }
+        // Otherwise the partition was revoked meanwhile and its counts were settled then.
+        if !start_next {
+            if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
+                self.lanes.entry(lane).or_default().push_front(rec);
+            }
             return;
         }
-        state.in_flight -= 1;
-        self.in_flight -= 1;
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
-        if done.is_final {
-            if let Some(position) = state.tracker.complete(done.offset) {
-                self.source.store(&done.tp, position);
-            }
-        } else {
-            self.unfinished += 1;
+        if let Some(rec) = lane_next {
+            self.start(rec, done.lane);
         }
-        if state.in_flight <= self.config.max_in_flight_per_partition / 2 {
-            state.full = false;
-        }
-        let was_saturated = self.saturated;
-        if self.in_flight <= self.config.max_in_flight / 2 {
-            self.saturated = false;
-        }
-        let scope = if was_saturated == self.saturated {
-            Some(&done.tp)
-        } else {
-            None
-        };
-        self.reconcile_pauses(scope);
-    }
-
-    /// Pauses or resumes partitions so that exactly those at their own limit, or all of them
-    /// while the global limit is reached, are paused. `Some(tp)` checks one partition, `None` all.
-    fn reconcile_pauses(&mut self, only: Option<&Tp>) {
-        let saturated = self.saturated;
-        let source = &mut self.source;
-        let mut reconcile = |tp: &Tp, state: &mut PartitionState| {
-            let want = state.full || saturated;
-            if want != state.paused {
-                state.paused = want;
-                if want {
-                    source.pause(tp);
-                } else {
-                    source.resume(tp);
-                }
+        let limit = self.config.max_in_flight_per_partition;
+        while let Some(state) = self.partitions.get_mut(&done.tp) {
+            if state.running >= limit {
+                break;
             }
-        };
-        match only {
-            Some(tp) => {
-                if let Some(state) = self.partitions.get_mut(tp) {
-                    reconcile(tp, state);
-                }
-            }
-            None => self
-                .partitions
-                .iter_mut()
-                .for_each(|(tp, s)| reconcile(tp, s)),
+            let Some((rec, lane)) = state.ready.pop_front() else {
+                break;
+            };
+            state.running += 1;
+            self.spawn(rec, lane);
         }
     }
 
@@ -345,6 +327,19 @@ impl<S: Source> Engine<S> {
                 waiting.clear();
             }
         }
+        for (tp, state) in self.partitions.iter_mut() {
+            if matches(tp) && !state.ready.is_empty() {
+                dropped += state.ready.len();
+                state.in_flight -= state.ready.len();
+                state.ready.clear();
+            }
+        }
+        // Lanes whose head was waiting for a slot have nothing running; forget them, or they
+        // would stay marked busy.
+        let partitions = &self.partitions;
+        self.lanes.retain(|(tp, _), waiting| {
+            !matches(tp) || !waiting.is_empty() || partitions.get(tp).is_some_and(|s| s.running > 0)
+        });
         self.in_flight -= dropped;
         dropped
     }

@@ -356,7 +356,6 @@ impl Bus for MemoryBus {
             group: config.group_id.clone(),
             topics,
             positions: HashMap::new(),
-            paused: HashSet::new(),
             stored: HashMap::new(),
             cursor: 0,
         };
@@ -386,13 +385,12 @@ struct MemorySource {
     group: String,
     topics: Vec<String>,
     positions: HashMap<Tp, i64>,
-    paused: HashSet<Tp>,
     stored: HashMap<Tp, i64>,
     cursor: usize,
 }
 
 impl MemorySource {
-    /// The next record of the first unpaused partition with one, round-robin across partitions.
+    /// The next record of the first partition with one, round-robin across partitions.
     fn try_next(&mut self) -> Option<Inbound> {
         let state = self.inner.lock();
         let mut tps: Vec<(&String, usize)> = Vec::new();
@@ -405,9 +403,6 @@ impl MemorySource {
         for i in 0..n {
             let (topic, p) = tps[(self.cursor + i) % n];
             let tp: Tp = (topic.clone(), p as i32);
-            if self.paused.contains(&tp) {
-                continue;
-            }
             let log = &state.topics[topic][p];
             let position = *self.positions.entry(tp.clone()).or_insert_with(|| {
                 let committed = state
@@ -450,14 +445,6 @@ impl Source for MemorySource {
                 return None;
             }
         }
-    }
-
-    fn pause(&mut self, tp: &Tp) {
-        self.paused.insert(tp.clone());
-    }
-
-    fn resume(&mut self, tp: &Tp) {
-        self.paused.remove(tp);
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {

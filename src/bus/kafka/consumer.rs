@@ -19,16 +19,21 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 /// Records waiting between the poll thread and the engine. Small: the engine's in-flight
 /// limits, not this buffer, bound memory; librdkafka keeps its own prefetch queue.
 const HANDOFF_CAPACITY: usize = 512;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the poll thread may stop polling behind a full hand-off queue before it pauses the
+/// assignment and polls again: far below librdkafka's `max.poll.interval.ms` (300 s).
+const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(10);
+const STALL_NAP: Duration = Duration::from_millis(2);
 
 enum Control {
     Revoked {
@@ -193,27 +198,70 @@ pub(crate) fn start(
     })
 }
 
+/// Polls and hands records over. When the engine is at its in-flight limit the hand-off queue is
+/// full; the thread then stops polling so librdkafka's bounded prefetch queue fills and fetching
+/// stops by itself (no pause: pausing discards prefetched records). If that lasts longer than
+/// [`STALL_BEFORE_PAUSE`], it pauses the assignment and goes on polling, so rebalances are served
+/// and `max.poll.interval.ms` is never exceeded however slow the handlers are.
 fn poll_loop(
     consumer: Arc<WeirConsumer>,
     records: mpsc::Sender<(u64, Inbound)>,
     closing: Arc<AtomicBool>,
 ) {
+    let mut held: VecDeque<(u64, Inbound)> = VecDeque::new();
+    let mut stalled_since: Option<Instant> = None;
+    let mut paused: Option<TopicPartitionList> = None;
     while !closing.load(Ordering::SeqCst) {
-        match consumer.poll(POLL_INTERVAL) {
+        while let Some(item) = held.pop_front() {
+            match records.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    held.push_front(item);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => return close(consumer, records),
+            }
+        }
+        if held.is_empty() {
+            stalled_since = None;
+            if let Some(tpl) = paused.take() {
+                let _ = consumer.resume(&tpl);
+                tracing::info!("Handlers caught up; fetching resumed.");
+            }
+        } else {
+            let since = *stalled_since.get_or_insert_with(Instant::now);
+            if paused.is_none() && since.elapsed() >= STALL_BEFORE_PAUSE {
+                if let Ok(tpl) = consumer.assignment() {
+                    let _ = consumer.pause(&tpl);
+                    paused = Some(tpl);
+                    tracing::warn!("Handlers are not keeping up; fetching paused so the consumer can keep polling.");
+                }
+            }
+            if paused.is_none() {
+                std::thread::sleep(STALL_NAP);
+                continue;
+            }
+        }
+        let wait = if held.is_empty() {
+            POLL_INTERVAL
+        } else {
+            STALL_NAP
+        };
+        match consumer.poll(wait) {
             None => {}
             Some(Ok(message)) => {
                 let epoch = consumer.context().epoch.load(Ordering::SeqCst);
-                let inbound = to_inbound(&message);
-                drop(message);
-                if records.blocking_send((epoch, inbound)).is_err() {
-                    break;
-                }
+                held.push_back((epoch, to_inbound(&message)));
             }
             Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error; still polling."),
         }
     }
-    // Dropping the last handle closes the consumer: it leaves the group, so its partitions move
-    // to the other members at once instead of after the session timeout.
+    close(consumer, records);
+}
+
+/// Dropping the last handle closes the consumer: it leaves the group, so its partitions move to
+/// the other members at once instead of after the session timeout.
+fn close(consumer: Arc<WeirConsumer>, records: mpsc::Sender<(u64, Inbound)>) {
     drop(records);
     drop(consumer);
 }
@@ -300,18 +348,6 @@ impl Source for KafkaSource {
                     return Some(SourceEvent::Record(inbound));
                 }
             }
-        }
-    }
-
-    fn pause(&mut self, tp: &Tp) {
-        if let Err(error) = self.consumer.pause(&Self::tpl(tp, Offset::Invalid)) {
-            tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Could not pause partition.");
-        }
-    }
-
-    fn resume(&mut self, tp: &Tp) {
-        if let Err(error) = self.consumer.resume(&Self::tpl(tp, Offset::Invalid)) {
-            tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Could not resume partition.");
         }
     }
 
