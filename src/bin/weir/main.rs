@@ -1,6 +1,7 @@
 //! The `weir` binary: the reference service (`serve`), the manual trigger (`publish`) and the
 //! demo on an embedded broker (`demo`, also what plain `cargo run` does).
 
+mod bench;
 mod config;
 mod db;
 mod demo;
@@ -35,6 +36,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Run the reference service on an embedded mock broker with a sample stream (the default).
     Demo,
+    /// Measure Weir against hand-written rdkafka loops (embedded mock broker by default).
+    Bench(bench::BenchArgs),
     /// Apply pending database migrations (outbox, inbox, the reference service's tables).
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
@@ -56,6 +59,10 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(false)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             publish::run(settings.kafka, args).await
+        }
+        Command::Bench(args) => {
+            let _telemetry = telemetry::init(false)?;
+            bench::run(args).await
         }
         Command::Demo => {
             let _telemetry = telemetry::init(false)?;

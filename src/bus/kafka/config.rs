@@ -100,7 +100,7 @@ impl KafkaConfig {
     ///   prefetch queue filled up for a whole second.
     /// - `statistics.interval.ms=2000`: feeds `weir_consumer_lag` and broker reachability for
     ///   `/readyz`.
-    pub(crate) fn consumer_config(&self, group_id: &str) -> ClientConfig {
+    pub fn consumer_config(&self, group_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("group.id", group_id)
@@ -120,7 +120,7 @@ impl KafkaConfig {
     /// Weir's defaults, each overridable: idempotent (`enable.idempotence=true`, which implies
     /// `acks=all`), `partitioner=murmur2_random` so keys land where Java clients put them, a
     /// bounded `message.timeout.ms`, and `linger.ms=5` to batch without adding noticeable latency.
-    pub(crate) fn producer_config(&self) -> ClientConfig {
+    pub fn producer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("enable.idempotence", "true")

@@ -1,0 +1,641 @@
+//! `weir bench`: Weir against hand-written rdkafka loops, in one run, on one pre-filled topic.
+//!
+//! Arms run in interleaved rounds (A0, A1, W, A0, A1, W, ...) so drift in the machine's state
+//! hits every arm alike; each arm uses a fresh consumer group and the exact client settings Weir
+//! uses (`KafkaConfig::consumer_config`), and its clock runs from its first record to its last,
+//! so group joins are not measured. Medians are reported.
+//!
+//! - A0: a raw `BaseConsumer` loop that only counts records: the client's ceiling.
+//! - A1: what a careful engineer writes without a framework: serde decoding of the CloudEvent
+//!   into the typed event, and an offset store per record (at-least-once).
+//! - W: Weir with a no-op typed handler, retries and dead-lettering configured.
+//! - W-io-*: a 10 ms async handler on 4 partitions and 1,000 keys, `partition` vs `key` order.
+//! - W-cpu-*: a ~50 µs CPU-bound handler (`cpu_bound`), `partition` vs `key` order.
+//! - In-process: A1 and W over records already in memory (Weir's memory bus vs a loop over a
+//!   `Vec`), which isolates the framework's own cost from the client and the broker.
+
+use anyhow::Context as _;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+use serde::Deserialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use weir::{
+    Bus, ConsumerConfig, Ctx, CustomerCreated, Envelope, HandlerError, HandlerOptions, KafkaBus,
+    KafkaConfig, MemoryBus, MemoryConfig, ProcessingOrder, RetryPolicy, Router,
+};
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// A real broker to benchmark against; by default an embedded mock cluster.
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Records in the main topic (8 partitions).
+    #[arg(long, default_value_t = 200_000)]
+    records: usize,
+    /// Records in the I/O topic (4 partitions, 1,000 keys); the partition-order arm stops after
+    /// a quarter of them, since it runs at 400 msgs/s by construction.
+    #[arg(long, default_value_t = 20_000)]
+    io_records: usize,
+    /// Rounds of each interleaved comparison.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also drain a backlog of this many records with Weir and report peak memory.
+    #[arg(long)]
+    backlog: Option<usize>,
+    /// Weir's global in-flight limit (default: ConsumerConfig's).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Weir's per-partition in-flight limit (default: ConsumerConfig's).
+    #[arg(long)]
+    max_in_flight_per_partition: Option<usize>,
+    /// Only run these arm groups (comma-separated: base, io, cpu, mem).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+const KEYS: usize = 1_000;
+const IO_LATENCY: Duration = Duration::from_millis(10);
+const CPU_WORK: Duration = Duration::from_micros(50);
+
+struct Run {
+    rate: f64,
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    rss_growth_kib: Option<u64>,
+}
+
+struct Arm {
+    name: &'static str,
+    runs: Vec<Run>,
+}
+
+impl Arm {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            runs: Vec::new(),
+        }
+    }
+
+    fn median_rate(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.rate).collect())
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Resets the kernel's peak-RSS mark (Linux), so each arm's peak is its own.
+fn reset_peak_rss() -> Option<u64> {
+    std::fs::write("/proc/self/clear_refs", "5").ok()?;
+    rss_kib("VmRSS:")
+}
+
+fn rss_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn peak_growth(start: Option<u64>) -> Option<u64> {
+    Some(rss_kib("VmHWM:")?.saturating_sub(start?))
+}
+
+/// Where the records live: the mock cluster (kept alive here) or a real broker.
+struct Target {
+    kafka: KafkaConfig,
+    mock: Option<MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+}
+
+impl Target {
+    async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        if let Some(mock) = &self.mock {
+            return Ok(mock.create_topic(name, partitions, 1)?);
+        }
+        let admin: AdminClient<DefaultClientContext> = self.kafka.producer_config().create()?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for result in admin.create_topics([&topic], &AdminOptions::new()).await? {
+            result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn payload(i: usize) -> Envelope<CustomerCreated> {
+    // About 360 bytes on the wire, like the measurements.
+    let details = serde_json::json!({
+        "name": format!("Customer {i}"),
+        "email": format!("customer-{i}@example.com"),
+        "plan": "enterprise",
+        "notes": "x".repeat(60),
+    });
+    Envelope::new(CustomerCreated::new(format!("key-{}", i % KEYS), details)).source("/bench")
+}
+
+async fn prefill(kafka: &KafkaConfig, topic: &str, n: usize) -> anyhow::Result<()> {
+    let mut config = kafka.producer_config();
+    config
+        .set("linger.ms", "50")
+        .set("batch.num.messages", "10000");
+    let producer: FutureProducer = config.create()?;
+    let started = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(20_000) {
+        let sends = chunk.iter().map(|&i| {
+            let envelope = payload(i);
+            let key = envelope.key();
+            let value = envelope.to_structured().expect("serializable");
+            let producer = &producer;
+            async move {
+                let record = FutureRecord::to(topic).key(&key).payload(&value);
+                producer
+                    .send(record, Duration::from_secs(30))
+                    .await
+                    .map_err(|(e, _)| e)
+            }
+        });
+        for result in futures_util::future::join_all(sends).await {
+            result.context("pre-filling the topic")?;
+        }
+    }
+    eprintln!(
+        "pre-filled {topic} with {n} records in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The typed view A1 decodes into: a CloudEvent with customer data.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct CloudEventIn {
+    id: uuid::Uuid,
+    #[serde(rename = "type")]
+    event_type: String,
+    data: CustomerCreated,
+}
+
+/// A0 and A1: a plain `BaseConsumer` loop on a blocking thread.
+fn hand_loop(kafka: &KafkaConfig, topic: &str, n: usize, typed: bool) -> anyhow::Result<Run> {
+    let group = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let consumer: BaseConsumer = kafka.consumer_config(&group).create()?;
+    consumer.subscribe(&[topic])?;
+    let rss = reset_peak_rss();
+    let mut count = 0usize;
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while count < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "hand loop stalled at {count}/{n}"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        started.get_or_insert_with(Instant::now);
+        if typed {
+            let event: CloudEventIn =
+                serde_json::from_slice(message.payload().unwrap_or_default())?;
+            std::hint::black_box(&event);
+            consumer.store_offset(message.topic(), message.partition(), message.offset())?;
+        }
+        count += 1;
+    }
+    let elapsed = started.map_or(Duration::ZERO, |s| s.elapsed());
+    if typed {
+        consumer.commit_consumer_state(CommitMode::Sync)?;
+    }
+    Ok(Run {
+        rate: (n.saturating_sub(1)) as f64 / elapsed.as_secs_f64().max(1e-9),
+        p50: None,
+        p99: None,
+        rss_growth_kib: peak_growth(rss),
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Work {
+    Noop,
+    Io,
+    Cpu,
+}
+
+fn burn(duration: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        std::hint::black_box(0u64);
+    }
+}
+
+/// Counts handled records and keeps handler latencies; wakes the bench at the target count.
+struct Tally {
+    count: AtomicUsize,
+    target: usize,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+    latencies: Mutex<Vec<Duration>>,
+    done: Notify,
+}
+
+impl Tally {
+    fn new(target: usize) -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            target,
+            first: Mutex::new(None),
+            last: Mutex::new(None),
+            latencies: Mutex::new(Vec::new()),
+            done: Notify::new(),
+        })
+    }
+
+    fn record(&self, latency: Option<Duration>) {
+        let now = Instant::now();
+        self.first.lock().unwrap().get_or_insert(now);
+        if let Some(latency) = latency {
+            self.latencies.lock().unwrap().push(latency);
+        }
+        if self.count.fetch_add(1, Ordering::SeqCst) + 1 == self.target {
+            *self.last.lock().unwrap() = Some(now);
+            self.done.notify_one();
+        }
+    }
+
+    fn run(&self, rss: Option<u64>) -> Run {
+        let first = self.first.lock().unwrap().expect("records were handled");
+        let last = self.last.lock().unwrap().expect("the target was reached");
+        let mut latencies = std::mem::take(&mut *self.latencies.lock().unwrap());
+        latencies.sort();
+        let pick = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 - 1.0) * q) as usize)
+                .copied()
+        };
+        Run {
+            rate: (self.target.saturating_sub(1)) as f64 / (last - first).as_secs_f64().max(1e-9),
+            p50: pick(0.50),
+            p99: pick(0.99),
+            rss_growth_kib: peak_growth(rss),
+        }
+    }
+}
+
+fn router(work: Work, topic: &str, tally: Arc<Tally>) -> Router {
+    let mut options = HandlerOptions::new().topic(topic).name("bench");
+    if matches!(work, Work::Cpu) {
+        options = options.cpu_bound();
+    }
+    Router::new().retry(RetryPolicy::default()).on_with(
+        move |event: CustomerCreated, _ctx: Ctx| {
+            let tally = tally.clone();
+            async move {
+                let started = Instant::now();
+                match work {
+                    Work::Noop => std::hint::black_box(&event).customer_id.len(),
+                    Work::Io => {
+                        tokio::time::sleep(IO_LATENCY).await;
+                        0
+                    }
+                    Work::Cpu => {
+                        burn(CPU_WORK);
+                        0
+                    }
+                };
+                let latency = (!matches!(work, Work::Noop)).then(|| started.elapsed());
+                tally.record(latency);
+                Ok::<(), HandlerError>(())
+            }
+        },
+        options,
+    )
+}
+
+async fn weir_arm<B: Bus>(
+    bus: &B,
+    topic: &str,
+    n: usize,
+    work: Work,
+    consumer: ConsumerConfig,
+) -> anyhow::Result<Run> {
+    let tally = Tally::new(n);
+    let rss = reset_peak_rss();
+    let subscription = bus.subscribe(router(work, topic, tally.clone()), consumer)?;
+    tokio::time::timeout(Duration::from_secs(900), tally.done.notified())
+        .await
+        .with_context(|| format!("Weir stalled at {}/{n}", tally.count.load(Ordering::SeqCst)))?;
+    let run = tally.run(rss);
+    subscription.stop().await?;
+    Ok(run)
+}
+
+fn print_arms(arms: &[&Arm]) {
+    println!(
+        "{:<22} {:>12} {:>10} {:>10} {:>14}  runs (msgs/s)",
+        "arm", "msgs/s", "p50", "p99", "peak RSS +MiB"
+    );
+    for arm in arms {
+        let fmt_d = |d: Option<Duration>| {
+            d.map_or("-".to_owned(), |d| {
+                format!("{:.2}ms", d.as_secs_f64() * 1e3)
+            })
+        };
+        let mid = arm.runs.iter().min_by(|a, b| {
+            (a.rate - arm.median_rate())
+                .abs()
+                .total_cmp(&(b.rate - arm.median_rate()).abs())
+        });
+        let rss = arm
+            .runs
+            .iter()
+            .filter_map(|r| r.rss_growth_kib)
+            .max()
+            .map_or("-".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0));
+        let runs: Vec<String> = arm.runs.iter().map(|r| format!("{:.0}", r.rate)).collect();
+        println!(
+            "{:<22} {:>12.0} {:>10} {:>10} {:>14}  {}",
+            arm.name,
+            arm.median_rate(),
+            fmt_d(mid.and_then(|r| r.p50)),
+            fmt_d(mid.and_then(|r| r.p99)),
+            rss,
+            runs.join(", ")
+        );
+    }
+}
+
+fn goal(name: &str, value: f64, target: f64, relation: &str) {
+    let met = value >= target;
+    println!(
+        "  {name:<48} {value:>8.2} (goal {relation} {target}) {}",
+        if met { "met" } else { "NOT met" }
+    );
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let target = match &args.brokers {
+        Some(brokers) => Target {
+            kafka: KafkaConfig::new(brokers.clone()),
+            mock: None,
+        },
+        None => {
+            let mock = MockCluster::new(1).context("cannot start the embedded mock cluster")?;
+            Target {
+                kafka: KafkaConfig::new(mock.bootstrap_servers()),
+                mock: Some(mock),
+            }
+        }
+    };
+    println!(
+        "weir bench: {} records (8 partitions), {} I/O records (4 partitions), {} rounds, broker: {}",
+        args.records,
+        args.io_records,
+        args.rounds,
+        args.brokers.as_deref().unwrap_or("embedded mock cluster")
+    );
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let main_topic = format!("bench-{run_id}");
+    let io_topic = format!("bench-io-{run_id}");
+    target.create_topic(&main_topic, 8).await?;
+    target.create_topic(&io_topic, 4).await?;
+    prefill(&target.kafka, &main_topic, args.records).await?;
+    prefill(&target.kafka, &io_topic, args.io_records).await?;
+    let bus = KafkaBus::new(target.kafka.clone())?;
+    let consumer = |order: ProcessingOrder| {
+        let mut c =
+            ConsumerConfig::new(format!("bench-{}", uuid::Uuid::new_v4().simple())).order(order);
+        c.max_in_flight = args.max_in_flight.unwrap_or(c.max_in_flight);
+        c.max_in_flight_per_partition = args
+            .max_in_flight_per_partition
+            .unwrap_or(c.max_in_flight_per_partition);
+        c
+    };
+    let wants = |group: &str| args.only.is_empty() || args.only.iter().any(|o| o == group);
+
+    // 1. Framework overhead against the client's ceiling and a hand-written loop.
+    let (mut a0, mut a1, mut w) = (
+        Arm::new("A0 raw loop"),
+        Arm::new("A1 typed at-least-once"),
+        Arm::new("W weir no-op"),
+    );
+    for round in 0..args.rounds {
+        if !wants("base") {
+            break;
+        }
+        eprintln!("round {}/{}: A0, A1, W", round + 1, args.rounds);
+        let (kafka, topic, n) = (target.kafka.clone(), main_topic.clone(), args.records);
+        a0.runs
+            .push(tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, false)).await??);
+        let (kafka, topic) = (target.kafka.clone(), main_topic.clone());
+        a1.runs
+            .push(tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, true)).await??);
+        w.runs.push(
+            weir_arm(
+                &bus,
+                &main_topic,
+                args.records,
+                Work::Noop,
+                consumer(ProcessingOrder::Key),
+            )
+            .await?,
+        );
+    }
+
+    // 2. I/O-bound handlers: one record per partition at a time vs per key.
+    let (mut io_p, mut io_k) = (Arm::new("W-io-partition"), Arm::new("W-io-key"));
+    let io_partition_n = (args.io_records / 4).max(1);
+    for round in 0..args.rounds {
+        eprintln!(
+            "round {}/{}: W-io-partition, W-io-key",
+            round + 1,
+            args.rounds
+        );
+        io_p.runs.push(
+            weir_arm(
+                &bus,
+                &io_topic,
+                io_partition_n,
+                Work::Io,
+                consumer(ProcessingOrder::Partition),
+            )
+            .await?,
+        );
+        io_k.runs.push(
+            weir_arm(
+                &bus,
+                &io_topic,
+                args.io_records,
+                Work::Io,
+                consumer(ProcessingOrder::Key),
+            )
+            .await?,
+        );
+    }
+
+    // 3. CPU-bound handlers.
+    let (mut cpu_p, mut cpu_k) = (Arm::new("W-cpu-partition"), Arm::new("W-cpu-key"));
+    let cpu_n = args.records.min(50_000);
+    for round in 0..args.rounds {
+        eprintln!(
+            "round {}/{}: W-cpu-partition, W-cpu-key",
+            round + 1,
+            args.rounds
+        );
+        cpu_p.runs.push(
+            weir_arm(
+                &bus,
+                &main_topic,
+                cpu_n,
+                Work::Cpu,
+                consumer(ProcessingOrder::Partition),
+            )
+            .await?,
+        );
+        cpu_k.runs.push(
+            weir_arm(
+                &bus,
+                &main_topic,
+                cpu_n,
+                Work::Cpu,
+                consumer(ProcessingOrder::Key),
+            )
+            .await?,
+        );
+    }
+
+    // 4. In-process: records already in memory, so only the framework's own work is timed.
+    let (mut a1_mem, mut w_mem) = (Arm::new("A1-mem hand loop"), Arm::new("W-mem weir no-op"));
+    let mem_n = args.records;
+    let memory = MemoryBus::new(MemoryConfig {
+        default_partitions: 8,
+        capacity_per_partition: mem_n,
+        ..MemoryConfig::default()
+    });
+    let mem_topic = format!("bench-mem-{run_id}");
+    memory.create_topic(&mem_topic, 8);
+    let encoded: Vec<(String, Vec<u8>)> = (0..mem_n)
+        .map(|i| {
+            let e = payload(i);
+            (e.key(), e.to_structured().expect("serializable"))
+        })
+        .collect();
+    for (key, value) in &encoded {
+        let record = weir::OutboundRecord {
+            topic: mem_topic.clone(),
+            key: Some(key.clone().into_bytes()),
+            value: Some(value.clone()),
+            headers: weir::Headers::new().with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
+        };
+        weir::Publisher::publish_record(&memory, record).await?;
+    }
+    for round in 0..args.rounds {
+        if !wants("mem") {
+            break;
+        }
+        eprintln!("round {}/{}: A1-mem, W-mem", round + 1, args.rounds);
+        let rss = reset_peak_rss();
+        let started = Instant::now();
+        let mut positions = std::collections::HashMap::new();
+        for (i, (_, value)) in encoded.iter().enumerate() {
+            let event: CloudEventIn = serde_json::from_slice(value)?;
+            std::hint::black_box(&event);
+            positions.insert(i % 8, i + 1);
+        }
+        a1_mem.runs.push(Run {
+            rate: mem_n as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            p50: None,
+            p99: None,
+            rss_growth_kib: peak_growth(rss),
+        });
+        w_mem.runs.push(
+            weir_arm(
+                &memory,
+                &mem_topic,
+                mem_n,
+                Work::Noop,
+                consumer(ProcessingOrder::Key),
+            )
+            .await?,
+        );
+    }
+
+    println!();
+    print_arms(&[&a0, &a1, &w, &io_p, &io_k, &cpu_p, &cpu_k, &a1_mem, &w_mem]);
+    println!();
+    println!("ratios (medians)");
+    goal(
+        "W / A1 (broker)",
+        w.median_rate() / a1.median_rate(),
+        0.95,
+        ">=",
+    );
+    goal(
+        "W-mem / A1-mem (in-process, framework cost)",
+        w_mem.median_rate() / a1_mem.median_rate(),
+        0.95,
+        ">=",
+    );
+    goal(
+        "W-io-key / W-io-partition",
+        io_k.median_rate() / io_p.median_rate(),
+        50.0,
+        ">=",
+    );
+    let in_flight_bound =
+        consumer(ProcessingOrder::Key).max_in_flight as f64 / IO_LATENCY.as_secs_f64();
+    goal(
+        "W-io-key / in-flight bound (1024 / 10 ms)",
+        io_k.median_rate() / in_flight_bound,
+        0.8,
+        ">=",
+    );
+    goal(
+        "W-cpu-key / W-cpu-partition",
+        cpu_k.median_rate() / cpu_p.median_rate(),
+        0.9,
+        ">=",
+    );
+    println!(
+        "  A0 (client ceiling) / A1: {:.2}",
+        a0.median_rate() / a1.median_rate()
+    );
+
+    if let Some(backlog) = args.backlog {
+        let topic = format!("bench-backlog-{run_id}");
+        target.create_topic(&topic, 8).await?;
+        prefill(&target.kafka, &topic, backlog).await?;
+        let before = rss_kib("VmRSS:");
+        let run = weir_arm(
+            &bus,
+            &topic,
+            backlog,
+            Work::Noop,
+            consumer(ProcessingOrder::Key),
+        )
+        .await?;
+        let peak = rss_kib("VmHWM:");
+        println!();
+        println!(
+            "backlog: drained {backlog} records at {:.0} msgs/s; process peak RSS {:.1} MiB (RSS before {:.1} MiB{})",
+            run.rate,
+            peak.unwrap_or(0) as f64 / 1024.0,
+            before.unwrap_or(0) as f64 / 1024.0,
+            if target.mock.is_some() { "; includes the in-process mock broker's log" } else { "" }
+        );
+    }
+    Ok(())
+}
