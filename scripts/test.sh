@@ -8,7 +8,7 @@
 # What it sets up (idempotent; fast when everything is already there):
 #   - Tansu 0.6.0, the Kafka-compatible broker the integration tests start
 #     (cargo install, ~15 minutes the first time); WEIR_TANSU_BIN=<its path>
-#   - a virtualenv in .tmp/venv with confluent-kafka; WEIR_TEST_PYTHON=<its python>
+#   - a virtualenv in .tmp/venv with confluent-kafka and rotel; WEIR_TEST_PYTHON, WEIR_TEST_ROTEL
 #   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
 set -euo pipefail
 
@@ -88,6 +88,17 @@ if ! venv_ok; then
 fi
 export WEIR_TEST_PYTHON="$VENV/bin/python"
 echo "WEIR_TEST_PYTHON=$WEIR_TEST_PYTHON"
+
+# rotel: a real OTLP receiver (gRPC and HTTP) for the trace-export tests.
+ROTEL_VERSION=0.0.1a15
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('rotel') != sys.argv[1])" "$ROTEL_VERSION" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "rotel==$ROTEL_VERSION" \
+    || die "pip install rotel failed"
+fi
+WEIR_TEST_ROTEL=$("$VENV/bin/python" -c "import os, rotel; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))")
+[[ -x "$WEIR_TEST_ROTEL" ]] || die "rotel-agent not found at $WEIR_TEST_ROTEL"
+export WEIR_TEST_ROTEL
+echo "WEIR_TEST_ROTEL=$WEIR_TEST_ROTEL"
 
 # --- PostgreSQL -------------------------------------------------------------
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -174,6 +185,10 @@ trap - EXIT
 # --- Helm chart, alert rules, Dockerfile ------------------------------------
 step "chart and alert checks (scripts/check-chart.sh)"
 bash "$ROOT/scripts/check-chart.sh"
+# check-chart.sh puts promtool on PATH or in .tmp/tools/bin; the metrics test lints a scrape with it.
+WEIR_TEST_PROMTOOL=$(command -v promtool || echo "$ROOT/.tmp/tools/bin/promtool")
+[[ -x "$WEIR_TEST_PROMTOOL" ]] || die "promtool not found after scripts/check-chart.sh"
+export WEIR_TEST_PROMTOOL
 
 # --- Rust -------------------------------------------------------------------
 step "cargo fmt --all -- --check"

@@ -49,11 +49,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Demo) {
         Command::Serve => {
-            let telemetry = telemetry::init(true)?;
+            let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            let result = serve::run(settings).await;
-            telemetry.shutdown();
-            result
+            serve::run(settings).await
         }
         Command::Publish(args) => {
             let _telemetry = telemetry::init(false)?;
@@ -74,11 +72,9 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(&settings.database).await
         }
         Command::OutboxRelay => {
-            let telemetry = telemetry::init(true)?;
+            let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            let result = outbox_relay::run(settings).await;
-            telemetry.shutdown();
-            result
+            outbox_relay::run(settings).await
         }
     }
 }

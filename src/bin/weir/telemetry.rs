@@ -13,14 +13,15 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Keeps the exporter alive; `shutdown` flushes spans still buffered.
+/// Keeps the exporter alive; dropping it flushes the spans still buffered, so short commands
+/// (`publish`, `demo`) export theirs too.
 pub(crate) struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-impl Telemetry {
-    pub(crate) fn shutdown(self) {
-        if let Some(provider) = self.provider {
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
             if let Err(error) = provider.shutdown() {
                 eprintln!("could not flush traces: {error}");
             }
