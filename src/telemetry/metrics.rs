@@ -95,7 +95,7 @@ impl Metrics {
                 IntGaugeVec::new(
                     Opts::new(
                         "weir_consumer_lag",
-                        "Records between the consumer's position and the partition's high watermark, from librdkafka statistics.",
+                        "Records between the group's committed position (before the first commit, the log start) and the partition's high watermark, from librdkafka statistics.",
                     ),
                     &["topic", "partition"],
                 )

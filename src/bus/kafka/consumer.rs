@@ -85,14 +85,16 @@ impl ClientContext for WeirContext {
         self.broker_up(up);
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                // -1 is librdkafka's internal unassigned partition; negative lag means unknown.
-                if *partition >= 0 && p.consumer_lag >= 0 {
-                    ConsumerLag {
-                        topic,
-                        partition: *partition,
-                        lag: Some(p.consumer_lag),
+                // -1 is librdkafka's internal unassigned partition.
+                if *partition >= 0 {
+                    if let Some(lag) = lag(p) {
+                        ConsumerLag {
+                            topic,
+                            partition: *partition,
+                            lag: Some(lag),
+                        }
+                        .emit(&self.metrics);
                     }
-                    .emit(&self.metrics);
                 }
             }
         }
@@ -150,6 +152,22 @@ impl ConsumerContext for WeirContext {
             Rebalance::Revoke(_) => {}
         }
     }
+}
+
+/// Records between the group's committed position and the partition's high watermark. Before
+/// the group's first commit the position is the log start (Weir's groups start at `earliest`);
+/// librdkafka's own `consumer_lag` is -1 until then, which would hide a backlog that has not
+/// been touched at all.
+fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.hi_offset < 0 {
+        return None;
+    }
+    let position = if p.committed_offset >= 0 {
+        p.committed_offset
+    } else {
+        p.lo_offset
+    };
+    (position >= 0).then(|| (p.hi_offset - position).max(0))
 }
 
 pub(crate) type WeirConsumer = BaseConsumer<WeirContext>;
