@@ -53,8 +53,9 @@ pub struct ConsumerConfig {
     pub group_id: String,
     /// Ordering inside a partition.
     pub order: ProcessingOrder,
-    /// Records fetched and not yet final, across all partitions. Bounds memory and the number of
-    /// records redelivered after a crash.
+    /// Records fetched and not yet final, across all partitions. Bounds memory, and with the
+    /// commit interval bounds what a crash redelivers: the records in flight plus those that
+    /// finished since the last acknowledged commit.
     pub max_in_flight: usize,
     /// The same, per partition; a partition at its limit is paused until it drains to half.
     pub max_in_flight_per_partition: usize,

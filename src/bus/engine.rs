@@ -137,8 +137,11 @@ impl<S: Source> Engine<S> {
         loop {
             let room = self.in_flight < self.config.max_in_flight;
             tokio::select! {
+                // Biased, and the commit tick before the busy branches: under load a completion or
+                // a record is always ready, and a tick polled last would never win.
                 biased;
                 _ = self.stop.cancelled() => break,
+                _ = commit_tick.tick() => self.commit(false).await,
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
                 event = self.source.next(room) => match event {
                     None => break,
@@ -151,7 +154,6 @@ impl<S: Source> Engine<S> {
                         Rebalanced { kind: "assign", partitions: &partitions }.emit(self.dispatcher.metrics());
                     }
                 },
-                _ = commit_tick.tick() => self.commit(false).await,
             }
         }
         self.drain().await
