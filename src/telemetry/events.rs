@@ -303,3 +303,53 @@ impl BrokerReachability {
         }
     }
 }
+
+/// Lets one log line per key through, then at most one per `every`, counting the rest, so a
+/// broker outage (librdkafka raises "all brokers down" about every 50 ms) cannot flood the logs.
+pub(crate) struct Throttle {
+    every: Duration,
+    seen: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+impl Throttle {
+    pub(crate) fn new(every: Duration) -> Self {
+        Self {
+            every,
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed since the last one)` if this occurrence should be logged.
+    pub(crate) fn allow(&self, key: &str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.get_mut(key) {
+            None => {
+                seen.insert(key.to_owned(), (now, 0));
+                Some(0)
+            }
+            Some((last, suppressed)) if now.duration_since(*last) >= self.every => {
+                let count = std::mem::take(suppressed);
+                *last = now;
+                Some(count)
+            }
+            Some((_, suppressed)) => {
+                *suppressed += 1;
+                None
+            }
+        }
+    }
+}
+
+pub(crate) struct KafkaClientError<'a> {
+    pub(crate) error: &'a dyn std::fmt::Display,
+    pub(crate) reason: &'a str,
+    pub(crate) suppressed: u64,
+}
+
+impl KafkaClientError<'_> {
+    pub(crate) fn emit(&self) {
+        warn!(error = %self.error, reason = self.reason, suppressed = self.suppressed,
+              "Kafka client error; retrying.");
+    }
+}

@@ -72,7 +72,10 @@ pub(crate) fn init(json: bool) -> anyhow::Result<Telemetry> {
             "warn,weir=info,librdkafka=error"
         })
     });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour && !json);
     let fmt = if json {
         fmt.json()
             .with_current_span(true)

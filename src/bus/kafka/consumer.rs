@@ -12,7 +12,7 @@
 use crate::bus::engine::{Source, SourceEvent, Tp};
 use crate::bus::BusError;
 use crate::handlers::Inbound;
-use crate::telemetry::events::{BrokerReachability, ConsumerLag};
+use crate::telemetry::events::{BrokerReachability, ConsumerLag, KafkaClientError, Throttle};
 use crate::telemetry::{Health, Metrics};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -51,6 +51,8 @@ pub(crate) struct WeirContext {
     epoch: AtomicU64,
     metrics: Metrics,
     health: Health,
+    /// Repeated client errors are logged once per 30 s.
+    errors: Throttle,
 }
 
 impl WeirContext {
@@ -73,7 +75,14 @@ impl ClientContext for WeirContext {
         ) {
             self.broker_up(false);
         }
-        tracing::warn!(%error, reason, "Kafka client error; retrying.");
+        if let Some(suppressed) = self.errors.allow(&error.to_string()) {
+            KafkaClientError {
+                error: &error,
+                reason,
+                suppressed,
+            }
+            .emit();
+        }
     }
 
     fn stats(&self, statistics: Statistics) {
@@ -186,6 +195,7 @@ pub(crate) fn start(
         epoch: AtomicU64::new(0),
         metrics,
         health,
+        errors: Throttle::new(Duration::from_secs(30)),
     };
     let consumer: Arc<WeirConsumer> = Arc::new(
         config
@@ -271,7 +281,8 @@ fn poll_loop(
                 let epoch = consumer.context().epoch.load(Ordering::SeqCst);
                 held.push_back((epoch, to_inbound(&message)));
             }
-            Some(Err(error)) => tracing::warn!(%error, "Kafka consumer error; still polling."),
+            // The context's error callback has logged it already (throttled).
+            Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
         }
     }
     close(consumer, records);
