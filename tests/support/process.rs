@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// How often [`wait_until`] and [`WeirProcess::wait_exit`] look again.
+/// How often [`wait_until`] looks again.
 const POLL: Duration = Duration::from_millis(50);
 
 /// The `weir` binary under test.
@@ -258,7 +258,7 @@ impl WeirProcess {
             if Instant::now() >= deadline {
                 return None;
             }
-            tokio::time::sleep(POLL.min(Duration::from_millis(20))).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
