@@ -525,28 +525,29 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         capacity_per_partition: mem_n,
         ..MemoryConfig::default()
     });
-    let mem_topic = format!("bench-mem-{run_id}");
-    memory.create_topic(&mem_topic, 8);
     let encoded: Vec<(String, Vec<u8>)> = (0..mem_n)
         .map(|i| {
             let e = payload(i);
             (e.key(), e.to_structured().expect("serializable"))
         })
         .collect();
-    for (key, value) in &encoded {
-        let record = weir::OutboundRecord {
-            topic: mem_topic.clone(),
-            key: Some(key.clone().into_bytes()),
-            value: Some(value.clone()),
-            headers: weir::Headers::new().with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
-        };
-        weir::Publisher::publish_record(&memory, record).await?;
-    }
     for round in 0..args.rounds {
         if !wants("mem") {
             break;
         }
         eprintln!("round {}/{}: A1-mem, W-mem", round + 1, args.rounds);
+        // A topic per round: the memory bus drops records every reading group has committed.
+        let mem_topic = format!("bench-mem-{run_id}-{round}");
+        memory.create_topic(&mem_topic, 8);
+        for (key, value) in &encoded {
+            let record = weir::OutboundRecord {
+                topic: mem_topic.clone(),
+                key: Some(key.clone().into_bytes()),
+                value: Some(value.clone()),
+                headers: weir::Headers::new().with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
+            };
+            weir::Publisher::publish_record(&memory, record).await?;
+        }
         let rss = reset_peak_rss();
         let started = Instant::now();
         let mut positions = std::collections::HashMap::new();
