@@ -6,14 +6,13 @@ mod semantics;
 mod support;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers as _, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use semantics::Harness;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use support::broker::Tansu;
-use weir::{Headers, KafkaBus, KafkaConfig, Metrics, ProcessingOrder, StoredRecord};
+use weir::{KafkaBus, KafkaConfig, Metrics, ProcessingOrder, StoredRecord};
 
 struct KafkaHarness {
     broker: Arc<Tansu>,
@@ -99,66 +98,17 @@ impl Harness for KafkaHarness {
         .expect("committed")
     }
 
-    /// Reads the topic from the beginning with an unassigned consumer. Tansu's high watermark is
-    /// unreliable, so "everything" means: at least `at_least` records, then quiet for a moment.
     async fn records(&self, topic: &str, at_least: usize) -> Vec<StoredRecord> {
-        let mut config = self.client();
-        config.set("group.id", semantics_group());
-        let topic = topic.to_owned();
-        let patience = self.patience();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = config.create().expect("consumer");
-            let mut tpl = TopicPartitionList::new();
-            for p in Self::partitions(&consumer, &topic) {
-                tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                    .expect("partition");
-            }
-            consumer.assign(&tpl).expect("assign");
-            let deadline = std::time::Instant::now() + patience;
-            let mut quiet_since = std::time::Instant::now();
-            let mut out = Vec::new();
-            loop {
-                match consumer.poll(Duration::from_millis(100)) {
-                    Some(Ok(m)) => {
-                        quiet_since = std::time::Instant::now();
-                        let headers: Headers = m
-                            .headers()
-                            .map(|hs| {
-                                hs.iter()
-                                    .map(|h| {
-                                        (h.key.to_owned(), h.value.unwrap_or_default().to_vec())
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default();
-                        out.push(StoredRecord {
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().map(<[u8]>::to_vec),
-                            value: m.payload().map(<[u8]>::to_vec),
-                            headers,
-                            timestamp_ms: m.timestamp().to_millis().unwrap_or_default(),
-                        });
-                    }
-                    Some(Err(e)) => panic!("reading {topic}: {e}"),
-                    None => {}
-                }
-                let now = std::time::Instant::now();
-                let settled =
-                    out.len() >= at_least && now - quiet_since > Duration::from_millis(500);
-                if settled || now > deadline {
-                    out.sort_by_key(|r| (r.partition, r.offset));
-                    return out;
-                }
-            }
-        })
+        let quiet = Duration::from_millis(500);
+        support::kafka::read_topic(
+            &self.broker.brokers(),
+            topic,
+            at_least,
+            quiet,
+            self.patience(),
+        )
         .await
-        .expect("records")
     }
-}
-
-fn semantics_group() -> String {
-    support::broker::unique("weir-reader")
 }
 
 #[tokio::test]

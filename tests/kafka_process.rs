@@ -12,9 +12,6 @@
 mod support;
 
 use futures_util::future::{join_all, BoxFuture, FutureExt};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers as _, Message};
-use rdkafka::ClientConfig;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -583,46 +580,23 @@ async fn dead_letters_poison_with_original_bytes_and_continues() {
     )
     .await;
 
-    // Read the dead-letter topic with a plain rdkafka consumer in a fresh group.
-    let brokers = broker.brokers();
-    let topic = dlq.clone();
+    // Read the dead-letter topic with a plain rdkafka consumer.
     let expected = poisons.len();
-    let dead_letters = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", unique("dlq-reader"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("a DLQ consumer");
-        consumer.subscribe(&[&topic]).expect("subscribe to the DLQ");
-        let deadline = Instant::now() + PATIENCE;
-        let mut found = Vec::new();
-        while found.len() < expected && Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    let headers: Vec<(String, Vec<u8>)> = m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    found.push((
-                        m.key().map(<[u8]>::to_vec),
-                        m.payload().map(<[u8]>::to_vec),
-                        headers,
-                    ));
-                }
-                Some(Err(e)) => eprintln!("DLQ consumer: {e}"),
-                None => {}
-            }
-        }
-        found
-    })
-    .await
-    .unwrap();
+    let quiet = Duration::from_millis(500);
+    type DeadLetter = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
+    let dead_letters: Vec<DeadLetter> =
+        support::kafka::read_topic(&broker.brokers(), &dlq, expected, quiet, PATIENCE)
+            .await
+            .into_iter()
+            .map(|r| {
+                let headers = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                    .collect();
+                (r.key, r.value, headers)
+            })
+            .collect();
     assert_eq!(
         dead_letters.len(),
         expected,

@@ -8,9 +8,6 @@
 
 mod support;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers as _, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -196,8 +193,6 @@ async fn wait_published(pool: &PgPool, total: i64, timeout: Duration) {
 /// One record read back from the topic.
 #[derive(Debug, Clone)]
 struct Received {
-    partition: i32,
-    offset: i64,
     key: String,
     value: Vec<u8>,
     headers: Headers,
@@ -213,56 +208,16 @@ impl Received {
 
 /// Everything on `topic`, by (partition, offset): at least `at_least` records, then 1.5 s quiet.
 async fn read_back(brokers: &str, topic: &str, at_least: usize) -> Vec<Received> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("outbox-reader"))
-        .set("enable.auto.commit", "false");
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config.create().expect("reader");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                .expect("partition");
-        }
-        consumer.assign(&tpl).expect("assign");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut quiet_since = Instant::now();
-        let mut out = Vec::new();
-        loop {
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    quiet_since = Instant::now();
-                    let headers: Headers = m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    out.push(Received {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                        value: m.payload().unwrap_or_default().to_vec(),
-                        headers,
-                    });
-                }
-                Some(Err(e)) => panic!("reading {topic}: {e}"),
-                None => {}
-            }
-            let now = Instant::now();
-            let settled = out.len() >= at_least && now - quiet_since > Duration::from_millis(1500);
-            if settled || now > deadline {
-                out.sort_by_key(|r| (r.partition, r.offset));
-                return out;
-            }
-        }
-    })
-    .await
-    .expect("reader task")
+    let quiet = Duration::from_millis(1500);
+    support::kafka::read_topic(brokers, topic, at_least, quiet, Duration::from_secs(60))
+        .await
+        .into_iter()
+        .map(|r| Received {
+            key: String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned(),
+            value: r.value.unwrap_or_default(),
+            headers: r.headers,
+        })
+        .collect()
 }
 
 /// What the topic says about the numbered events: per key, the `n`s in publish order counting

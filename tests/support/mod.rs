@@ -6,4 +6,5 @@
 
 pub mod broker;
 pub mod db;
+pub mod kafka;
 pub mod process;
