@@ -125,6 +125,12 @@ fn assert_one_trace(root_trace: &str, traceparent: &str, spans: &[SpanData]) {
     );
     assert!(process.parent_span_is_remote);
     assert_eq!(handle.parent_span_id, process.span_context.span_id());
+    let decode = span("decode");
+    assert_eq!(
+        decode.parent_span_id,
+        process.span_context.span_id(),
+        "decode runs inside process"
+    );
     let attribute = |key: &str| {
         process
             .attributes

@@ -221,8 +221,10 @@ impl<S: Source> Engine<S> {
         let stop = self.stop.clone();
         let group = self.config.group_id.clone();
         let dead_letter_topic = self.config.dead_letter.topic_for(&rec.topic);
-        self.tasks.spawn(async move {
-            let is_final = match dispatcher.dispatch(&rec, &stop).await {
+        let span = dispatcher.span(&rec);
+        let task_span = span.clone();
+        let task = async move {
+            let is_final = match dispatcher.dispatch(&rec, &stop, &task_span).await {
                 Outcome::Abandoned => false,
                 Outcome::Done(failures) => {
                     let mut all_published = true;
@@ -253,7 +255,8 @@ impl<S: Source> Engine<S> {
                 lane,
                 is_final,
             }
-        });
+        };
+        self.tasks.spawn(task.instrument(span));
     }
 
     fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {

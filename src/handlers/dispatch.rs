@@ -4,9 +4,9 @@
 
 use super::ctx::RecordInfo;
 use super::retry::RetryDecision;
-use super::router::{ErasedEvent, Route};
+use super::router::{ErasedEvent, Route, TypeRoute};
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
-use crate::contracts::{decode_envelope, DecodeError, Headers};
+use crate::contracts::{decode_envelope, DecodeError, Headers, RawEnvelope};
 use crate::telemetry::events::{
     At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
     RecordReceived, RecordSkipped, UNKNOWN_TYPE,
@@ -115,56 +115,34 @@ impl Dispatcher {
     }
 
     /// Handles one record to a final outcome, or abandons it when `stop` fires during a backoff.
-    pub(crate) async fn dispatch(&self, rec: &Inbound, stop: &CancellationToken) -> Outcome {
-        let span = trace::process_span(
+    /// The record's `process` span: the caller runs everything about the record in it (handling
+    /// and dead-lettering), so every log line about the record carries its trace id.
+    pub(crate) fn span(&self, rec: &Inbound) -> tracing::Span {
+        trace::process_span(
             &rec.topic,
             rec.partition,
             rec.offset,
             &self.group,
             &rec.headers,
-        );
-        self.dispatch_in(rec, stop, &span)
-            .instrument(span.clone())
-            .await
+        )
     }
 
-    async fn dispatch_in(
+    /// Handles one record to a final outcome, or abandons it when `stop` fires during a backoff.
+    /// `span` is the record's [`span`](Self::span), which the caller has entered.
+    pub(crate) async fn dispatch(
         &self,
         rec: &Inbound,
         stop: &CancellationToken,
         span: &tracing::Span,
     ) -> Outcome {
-        let m = &self.metrics;
-        let at = rec.at();
-        RecordReceived { at }.emit(m);
-        let raw = match decode_envelope(rec.value.as_deref(), &rec.headers, &self.router.limits) {
-            Ok(raw) => raw,
-            Err(e) => return self.decode_failure(rec, e),
+        RecordReceived { at: rec.at() }.emit(&self.metrics);
+        let decoded = {
+            let _decode = trace::decode_span().entered();
+            self.decode(rec, span)
         };
-        let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
-            return match self.router.on_unhandled {
-                UnhandledPolicy::Skip => {
-                    RecordSkipped {
-                        at,
-                        event_id: Some(raw.meta.id),
-                        event_type: UNKNOWN_TYPE,
-                        reason: "unhandled_type",
-                    }
-                    .emit(m);
-                    Outcome::Done(Vec::new())
-                }
-                UnhandledPolicy::DeadLetter => self.decode_failure(
-                    rec,
-                    DecodeError::UnknownEventType {
-                        event_type: raw.meta.event_type,
-                    },
-                ),
-            };
-        };
-        trace::record_event(span, &raw.meta.id, &raw.meta.event_type);
-        let event = match (route.decode)(&raw) {
-            Ok(event) => event,
-            Err(e) => return self.decode_failure(rec, e),
+        let (route, raw, event) = match decoded {
+            Ok(decoded) => decoded,
+            Err(outcome) => return outcome,
         };
         let info = Arc::new(RecordInfo {
             topic: rec.topic.clone(),
@@ -187,6 +165,40 @@ impl Dispatcher {
             }
         }
         Outcome::Done(failures)
+    }
+
+    /// Envelope, route, payload: the record as a typed event, or the final outcome if it cannot
+    /// become one (decode error, or a type nobody handles).
+    fn decode(
+        &self,
+        rec: &Inbound,
+        span: &tracing::Span,
+    ) -> Result<(&TypeRoute, RawEnvelope, ErasedEvent), Outcome> {
+        let raw = decode_envelope(rec.value.as_deref(), &rec.headers, &self.router.limits)
+            .map_err(|e| self.decode_failure(rec, e))?;
+        let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
+            return Err(match self.router.on_unhandled {
+                UnhandledPolicy::Skip => {
+                    RecordSkipped {
+                        at: rec.at(),
+                        event_id: Some(raw.meta.id),
+                        event_type: UNKNOWN_TYPE,
+                        reason: "unhandled_type",
+                    }
+                    .emit(&self.metrics);
+                    Outcome::Done(Vec::new())
+                }
+                UnhandledPolicy::DeadLetter => self.decode_failure(
+                    rec,
+                    DecodeError::UnknownEventType {
+                        event_type: raw.meta.event_type,
+                    },
+                ),
+            });
+        };
+        trace::record_event(span, &raw.meta.id, &raw.meta.event_type);
+        let event = (route.decode)(&raw).map_err(|e| self.decode_failure(rec, e))?;
+        Ok((route, raw, event))
     }
 
     fn decode_failure(&self, rec: &Inbound, error: DecodeError) -> Outcome {

@@ -114,6 +114,11 @@ pub(crate) fn record_event(span: &Span, event_id: &uuid::Uuid, event_type: &str)
     span.record("cloudevents.event_type", event_type);
 }
 
+/// The span of decoding one record (envelope, route, payload).
+pub(crate) fn decode_span() -> Span {
+    tracing::info_span!("decode", "otel.name" = "decode")
+}
+
 /// The span of one handler call.
 pub(crate) fn handle_span(handler: &str, attempt: u32) -> Span {
     tracing::info_span!("handle", "otel.name" = %format_args!("handle {handler}"), handler, attempt)
