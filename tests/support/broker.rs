@@ -24,6 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::{kill_wait, watchdog};
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     ClientConfig,
@@ -325,31 +326,6 @@ impl Drop for Tansu {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn kill_wait(child: Option<Child>) {
-    if let Some(mut child) = child {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-/// `sh` blocked reading a pipe whose write end only this process holds (std opens
-/// pipes close-on-exec): when this process exits, however it exits, the read
-/// returns and the watchdog kills `pid`. Best effort: `None` if `sh` is missing.
-fn watchdog(pid: u32) -> Option<Child> {
-    Command::new("sh")
-        .args([
-            "-c",
-            "read _ignored; kill -9 \"$1\" 2>/dev/null",
-            "weir-tansu-watchdog",
-        ])
-        .arg(pid.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.

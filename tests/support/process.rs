@@ -8,6 +8,7 @@
 //! Nothing here sleeps as a correctness assumption: [`wait_until`] polls a condition until a
 //! deadline and fails naming what it waited for and what it last saw.
 
+use super::{kill_wait, watchdog};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
@@ -321,30 +322,6 @@ impl Drop for WeirProcess {
             eprintln!("{}", self.stderr_tail(4 * 1024));
         }
     }
-}
-
-fn kill_wait(child: Option<Child>) {
-    if let Some(mut child) = child {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-/// `sh` blocked reading a pipe whose write end only this process holds: when this process
-/// exits, however it exits, the read returns and the watchdog kills `pid`.
-fn watchdog(pid: u32) -> Option<Child> {
-    Command::new("sh")
-        .args([
-            "-c",
-            "read _ignored; kill -9 \"$1\" 2>/dev/null",
-            "weir-process-watchdog",
-        ])
-        .arg(pid.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()
 }
 
 /// The last `bytes` bytes of a file, lossily decoded.
