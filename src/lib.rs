@@ -27,7 +27,8 @@
 //! - `handlers`: [`HandlerFn`], [`Ctx`], [`HandlerError`], the [`RetryPolicy`], the [`Router`]
 //!   (where types are erased) and the dispatch pipeline that takes one record to a final outcome.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
-//!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and the [`KafkaBus`] (the only rdkafka user).
+//!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and the
+//!   [`KafkaBus`] (the only rdkafka user).
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through.
 //! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
