@@ -1,0 +1,118 @@
+//! Flow control against a real broker: handlers stuck for longer than `max.poll.interval.ms`
+//! must not cost the consumer its group membership. The engine stops taking records at its
+//! in-flight limit; the poll thread, stalled behind the full hand-off queue, pauses the
+//! assignment after a while and goes on polling.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::broker::Tansu;
+use support::process::wait_until;
+use tokio::sync::Notify;
+use weir::{
+    Bus, ConsumerConfig, Ctx, CustomerCreated, Envelope, HandlerOptions, KafkaBus, KafkaConfig,
+    Metrics, OutboundRecord, Publisher, Router,
+};
+
+fn counter(metrics: &Metrics, series: &str) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_longer_than_max_poll_interval_keeps_the_partitions() {
+    let broker = Tansu::start_memory();
+    broker.create_topic("stalled", 1);
+    let kafka = KafkaConfig::new(broker.brokers())
+        .set("session.timeout.ms", "6000")
+        .set("max.poll.interval.ms", "12000");
+    let bus = KafkaBus::new(kafka).expect("bus");
+    // One record per batch: Tansu 0.6 skips the rest of a batch when a fetch (here, the one
+    // after resume) starts inside it.
+    let n = 1_000;
+    for i in 0..n {
+        let e = Envelope::new(CustomerCreated::new(
+            format!("c-{i}"),
+            serde_json::json!({ "seq": i }),
+        ));
+        let record = OutboundRecord {
+            topic: "stalled".to_owned(),
+            key: Some(e.key().into_bytes()),
+            value: Some(e.to_structured().unwrap()),
+            headers: weir::Headers::new(),
+        };
+        bus.publish_record(record).await.expect("publish");
+    }
+    let gate = Arc::new(Notify::new());
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handled: Arc<Mutex<HashMap<u64, usize>>> = Arc::default();
+    let router = {
+        let (gate, open, handled) = (gate.clone(), open.clone(), handled.clone());
+        Router::new().on_with(
+            move |e: CustomerCreated, _ctx: Ctx| {
+                let (gate, open, handled) = (gate.clone(), open.clone(), handled.clone());
+                async move {
+                    let notified = gate.notified();
+                    if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                        notified.await;
+                    }
+                    let seq = e.details["seq"].as_u64().unwrap();
+                    *handled.lock().unwrap().entry(seq).or_default() += 1;
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().topic("stalled"),
+        )
+    };
+    let config = ConsumerConfig::new("stalled-group").max_in_flight(4, 4);
+    let subscription = bus.subscribe(router, config).expect("subscribe");
+    let metrics = bus.metrics().clone();
+    wait_until(
+        "the handlers to be stuck at the in-flight limit",
+        Duration::from_secs(30),
+        || {
+            let in_flight = counter(&metrics, "weir_in_flight_messages ");
+            (in_flight >= 4.0)
+                .then_some(())
+                .ok_or(format!("in flight {in_flight}"))
+        },
+    )
+    .await;
+    // The scenario itself: stuck for twice max.poll.interval.ms.
+    tokio::time::sleep(Duration::from_secs(24)).await;
+    assert!(
+        subscription.health().status().ready,
+        "still ready (a group member with a reachable broker) during the stall: {:?}",
+        subscription.health().status()
+    );
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    gate.notify_waiters();
+    wait_until(
+        "every record to be handled",
+        Duration::from_secs(60),
+        || {
+            let count = handled.lock().unwrap().len();
+            (count == n).then_some(()).ok_or(format!("{count} of {n}"))
+        },
+    )
+    .await;
+    subscription.stop().await.expect("stop");
+    let revokes = counter(&metrics, "weir_rebalances_total{kind=\"revoke\"} ");
+    assert_eq!(
+        revokes, 0.0,
+        "the group took the partition away during the stall"
+    );
+    let repeated: Vec<_> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(repeated.is_empty(), "handled twice: {repeated:?}");
+}
