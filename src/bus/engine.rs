@@ -17,7 +17,7 @@
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
 
-use super::config::{ConsumerConfig, ProcessingOrder};
+use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 use super::offsets::OffsetTracker;
 use super::{dead_letter, BusError, Publisher};
 use crate::handlers::{Dispatcher, Inbound, Outcome};
@@ -102,6 +102,8 @@ pub(crate) struct Engine<S: Source> {
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
+    /// The consumer group and dead-letter naming, for dead-letter records.
+    naming: Arc<(String, DeadLetterTopics)>,
 }
 
 impl<S: Source> Engine<S> {
@@ -113,6 +115,7 @@ impl<S: Source> Engine<S> {
         stop: CancellationToken,
         health: Health,
     ) -> Self {
+        let naming = Arc::new((config.group_id.clone(), config.dead_letter.clone()));
         Self {
             source,
             dispatcher,
@@ -126,6 +129,7 @@ impl<S: Source> Engine<S> {
             in_flight: 0,
             generations: 0,
             unfinished: 0,
+            naming,
         }
     }
 
@@ -219,8 +223,8 @@ impl<S: Source> Engine<S> {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
         let stop = self.stop.clone();
-        let group = self.config.group_id.clone();
-        let dead_letter_topic = self.config.dead_letter.topic_for(&rec.topic);
+        // Shared, not copied: only a failing record needs the group and the dead-letter topic.
+        let naming = self.naming.clone();
         let span = dispatcher.span(&rec);
         let task_span = span.clone();
         let task = async move {
@@ -229,8 +233,12 @@ impl<S: Source> Engine<S> {
                 Outcome::Done(failures) => {
                     let mut all_published = true;
                     for failure in &failures {
-                        let record =
-                            dead_letter::record(&rec, failure, &group, dead_letter_topic.clone());
+                        let record = dead_letter::record(
+                            &rec,
+                            failure,
+                            &naming.0,
+                            naming.1.topic_for(&rec.topic),
+                        );
                         let published = dead_letter::publish(
                             &*publisher,
                             dispatcher.metrics(),
