@@ -283,12 +283,21 @@ impl WeirProcess {
 
     /// The admin server's address, from the `Serving.` log line (`None` until it is logged).
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.serving_field("admin_addr")
+    }
+
+    /// The HTTP API's address (with a database configured), from the `Serving.` log line.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.serving_field("http_addr")
+    }
+
+    fn serving_field(&self, field: &str) -> Option<std::net::SocketAddr> {
         self.stderr().lines().find_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
             if v["fields"]["message"] != "Serving." {
                 return None;
             }
-            v["fields"]["admin_addr"].as_str()?.parse().ok()
+            v["fields"][field].as_str()?.parse().ok()
         })
     }
 

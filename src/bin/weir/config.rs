@@ -12,7 +12,7 @@ use weir::{ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
 /// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
 /// the service; a typo in the TOML file, by contrast, is an error.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 13] = [
     "brokers",
     "group_id",
     "kafka",
@@ -23,6 +23,9 @@ const SECTIONS: [&str; 10] = [
     "admin_addr",
     "database",
     "outbox",
+    "http",
+    "storage",
+    "tasks",
 ];
 
 /// librdkafka property maps, read from the environment verbatim: their names contain dots (which
@@ -59,6 +62,29 @@ pub(crate) struct Settings {
     pub(crate) database: DatabaseSettings,
     /// The outbox relay's tuning (`[outbox]`, `WEIR_OUTBOX__POLL_INTERVAL=...`).
     pub(crate) outbox: weir::RelayConfig,
+    /// The reference service's HTTP API (`[http]`, `WEIR_HTTP__ADDR`).
+    pub(crate) http: HttpSettings,
+    /// Where uploaded resources are stored (`[storage]`, `WEIR_STORAGE__DIR`).
+    pub(crate) storage: crate::reference::resources::StorageSettings,
+    /// Task processing and its triggers (`[tasks]`).
+    pub(crate) tasks: crate::reference::tasks::TaskSettings,
+}
+
+/// The reference service's HTTP API. It runs only when a database is configured: every route
+/// writes through it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct HttpSettings {
+    /// Where the API listens, beside the admin server; port 0 picks a free one (logged).
+    pub(crate) addr: std::net::SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            addr: ([0, 0, 0, 0], 8080).into(),
+        }
+    }
 }
 
 /// The database connection.
@@ -69,7 +95,8 @@ pub(crate) struct DatabaseSettings {
     pub(crate) url: Option<String>,
     /// Pool size; the relay needs two (one holds LISTEN).
     pub(crate) max_connections: u32,
-    /// Apply pending migrations when `outbox-relay` starts (otherwise run `weir migrate` first).
+    /// Apply pending migrations when `serve` or `outbox-relay` starts (otherwise run
+    /// `weir migrate` first, as the Helm chart's migration job does).
     pub(crate) migrate_on_start: bool,
 }
 
@@ -105,12 +132,24 @@ impl std::fmt::Debug for DatabaseSettings {
 }
 
 /// The reference service's own settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct ServiceSettings {
     /// Append one JSON line per handled event here (event id, type, handler, coordinates), so
     /// loss and duplicates can be checked from outside the process.
     pub(crate) record_file: Option<PathBuf>,
+    /// Run the outbox relay inside `serve` (with a database), so one process is the whole
+    /// service. Turn it off when relays run as their own deployment (the Helm chart does).
+    pub(crate) relay: bool,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            record_file: None,
+            relay: true,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -124,6 +163,9 @@ impl Default for Settings {
             admin_addr: ([0, 0, 0, 0], 9090).into(),
             database: DatabaseSettings::default(),
             outbox: weir::RelayConfig::default(),
+            http: HttpSettings::default(),
+            storage: Default::default(),
+            tasks: Default::default(),
         }
     }
 }

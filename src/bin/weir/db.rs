@@ -8,9 +8,15 @@ use sqlx::PgPool;
 use weir::Migration;
 
 /// Every migration the reference service needs, in order: Weir's tables, then its own. A new
-/// table is a new file and one more entry in one of these lists.
+/// table is a new file and one more entry in one of these lists; ids never change once applied.
 pub(crate) fn migrations() -> Vec<Migration> {
-    [weir::OUTBOX_MIGRATIONS, weir::TASK_MIGRATIONS].concat()
+    [
+        weir::OUTBOX_MIGRATIONS,
+        weir::TASK_MIGRATIONS,
+        crate::reference::resources::MIGRATIONS,
+        crate::reference::tasks::MIGRATIONS,
+    ]
+    .concat()
 }
 
 /// A pool on `[database] url`, connected once to fail early on a wrong URL.

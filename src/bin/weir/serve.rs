@@ -1,31 +1,95 @@
 //! `weir serve`: the reference service on the configured brokers, until SIGTERM or SIGINT.
+//!
+//! Without a database it consumes the seed topics with the recording handlers only. With one
+//! (`[database] url`) it is the whole service: the resource and task handlers, the HTTP API, the
+//! schedule and (unless `service.relay = false`) the outbox relay.
 
 use crate::config::Settings;
-use crate::reference::{self, Recorder};
+use crate::reference::{self, Recorder, Services};
 use anyhow::Context as _;
-use weir::{Bus, KafkaBus};
+use std::future::IntoFuture as _;
+use std::sync::Arc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir::{Bus, KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
 
 pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
     let recorder = Recorder::open(settings.service.record_file.as_deref())
         .context("cannot open service.record_file")?;
-    let bus = KafkaBus::new(settings.kafka.clone())?;
-    let router = reference::router(&recorder)
+    let services = match settings.database.url {
+        Some(_) => {
+            let pool = crate::db::connect(&settings.database).await?;
+            if settings.database.migrate_on_start {
+                weir::migrate(&pool, &crate::db::migrations()).await?;
+            }
+            Some(Services {
+                pool,
+                settings: settings.clone(),
+            })
+        }
+        None => None,
+    };
+    let metrics = Metrics::new();
+    let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
+    let router = reference::router(&recorder, services.as_ref())
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
     let topics = router.topics();
     let subscription = bus.subscribe(router, settings.consumer.clone())?;
+
+    // Everything besides the consumer stops on `stop`, after the consumer has drained.
+    let stop = CancellationToken::new();
+    let mut jobs: Vec<JoinHandle<()>> = Vec::new();
     let listener = tokio::net::TcpListener::bind(settings.admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
     let admin_addr = listener.local_addr()?;
-    let admin_stop = tokio_util::sync::CancellationToken::new();
-    let admin = tokio::spawn(weir::serve_admin(
+    let admin = weir::serve_admin(
         listener,
-        bus.metrics().clone(),
+        metrics.clone(),
         subscription.health(),
-        admin_stop.clone().cancelled_owned(),
-    ));
-    tracing::info!(brokers = %settings.kafka.brokers, group = %settings.consumer.group_id, ?topics, %admin_addr, "Serving.");
+        stop.clone().cancelled_owned(),
+    );
+    jobs.push(tokio::spawn(async move {
+        if let Err(e) = admin.await {
+            tracing::error!(error = %e, "The admin server stopped.");
+        }
+    }));
+    let mut http_addr = None;
+    if let Some(services) = &services {
+        let listener = tokio::net::TcpListener::bind(settings.http.addr)
+            .await
+            .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
+        http_addr = Some(listener.local_addr()?);
+        let api = axum::serve(listener, reference::api(services))
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future();
+        jobs.push(tokio::spawn(async move {
+            if let Err(e) = api.await {
+                tracing::error!(error = %e, "The HTTP API stopped.");
+            }
+        }));
+        jobs.extend(reference::spawn_background(services, stop.clone()));
+        if settings.service.relay {
+            let relay = OutboxRelay::new(
+                services.pool.clone(),
+                bus.clone(),
+                settings.outbox.clone(),
+                OutboxMetrics::new(metrics.registry())?,
+            );
+            let stop = stop.clone();
+            jobs.push(tokio::spawn(async move { relay.run(stop).await }));
+        }
+    }
+    tracing::info!(
+        brokers = %settings.kafka.brokers,
+        group = %settings.consumer.group_id,
+        ?topics,
+        %admin_addr,
+        http_addr = http_addr.map(|a| a.to_string()),
+        "Serving."
+    );
     let token = subscription.shutdown_token();
     tokio::spawn(async move {
         crate::shutdown_signal().await;
@@ -33,8 +97,13 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         token.cancel();
     });
     let report = subscription.join().await;
-    admin_stop.cancel();
-    let _ = admin.await;
+    stop.cancel();
+    for job in jobs {
+        let _ = job.await;
+    }
+    if let Some(services) = services {
+        services.pool.close().await;
+    }
     let report = report?;
     tracing::info!(committed = ?report.committed, abandoned = report.abandoned, "Stopped.");
     Ok(())

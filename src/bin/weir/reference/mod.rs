@@ -1,10 +1,24 @@
 //! The reference service: handlers for the seed topics. They depend on contracts and handlers
 //! only, never on a bus, as a user's handlers should.
 //!
+//! - this file: recording handlers for every seed event (what the process tests count), and the
+//!   assembly of the service (handlers, HTTP routes, background jobs);
+//! - `api`: the state routes share and the API's error type;
+//! - `resources`: seed 004, uploads and their side effects;
+//! - `tasks`: seed 000, task processing and its triggers.
+//!
+//! The recording handlers always run; the database-backed ones only when a database is
+//! configured.
+//!
 //! Each handler records the event it handled (see `ServiceSettings::record_file`). Customer
 //! events carry a test hook: `details.simulate = "transient"` fails the first attempt
 //! retryably; `"permanent"` fails acknowledged; `"panic"` panics.
 
+mod api;
+pub(crate) mod resources;
+pub(crate) mod tasks;
+
+pub(crate) use api::Services;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -94,8 +108,30 @@ fn customer<T: 'static>(
     move |e, ctx| std::future::ready(simulate(details(&e), &ctx).and_then(|()| r.record(&ctx)))
 }
 
-/// The router of the reference service.
-pub(crate) fn router(r: &Recorder) -> Router {
+/// The router of the reference service: the recording handlers, and with a database the
+/// resource and task handlers.
+pub(crate) fn router(r: &Recorder, services: Option<&Services>) -> Router {
+    let router = recording_router(r);
+    match services {
+        Some(services) => tasks::handlers(resources::handlers(router, services), services),
+        None => router,
+    }
+}
+
+/// The HTTP API (resources and tasks).
+pub(crate) fn api(services: &Services) -> axum::Router {
+    resources::routes(services).merge(tasks::routes(services))
+}
+
+/// The service's background jobs, stopped by `stop`.
+pub(crate) fn spawn_background(
+    services: &Services,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    tasks::spawn_background(services, stop)
+}
+
+fn recording_router(r: &Recorder) -> Router {
     let named = |name: &str| HandlerOptions::new().name(name);
     Router::new()
         .on_with(recording::<TaskCreated>(r), named("record_task_created"))
