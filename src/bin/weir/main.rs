@@ -32,7 +32,7 @@ struct Cli {
 enum Command {
     /// Run the reference service against the configured brokers until SIGTERM/SIGINT.
     Serve,
-    /// Publish one CloudEvent and print where it was written.
+    /// Publish one CloudEvent, or ask for a task's processing (--process-task).
     Publish(publish::PublishArgs),
     /// Run the reference service on an embedded mock broker with a sample stream (the default).
     Demo,
@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Publish(args) => {
             let _telemetry = telemetry::init(false)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            publish::run(settings.kafka, args).await
+            publish::run(settings, args).await
         }
         Command::Bench(args) => {
             let _telemetry = telemetry::init(false)?;

@@ -1,0 +1,176 @@
+//! Seed 000: tasks processed by a handler, started by four triggers (API, manual, schedule,
+//! webhook) that only publish events; with seed 003's progress.
+//!
+//! - `api`: `POST /tasks`, `GET /tasks/{id}`, `POST /tasks/{id}/process`;
+//! - `webhook`: `POST /webhooks/task-processing`, HMAC-signed;
+//! - `schedule`: the cron schedule that sweeps pending tasks, one replica per tick;
+//! - `store`: the task row as the API shows it, and [`store::request_processing`], the one way
+//!   every trigger asks for processing (a `task.processing_requested` through the outbox);
+//! - `process`: the handler of `task.created` and `task.processing_requested`;
+//! - `source`: opening and streaming the file (`file://`, a path, `http://`);
+//! - `parse`: record formats (CSV, JSON lines) and the validation rule of each entity type.
+//!
+//! The triggers never import `process`: they write an event, and the handler runs wherever the
+//! consumer group puts the task's key, the way seed 000 keeps the engine out of the API.
+
+mod api;
+mod parse;
+mod process;
+mod schedule;
+mod source;
+pub(crate) mod store;
+mod webhook;
+
+use super::api::Services;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir::{HandlerOptions, Migration, TaskCreated, TaskProcessingRequested};
+
+/// The schema of task progress (`reference/0003_...`), after `weir::TASK_MIGRATIONS`.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration::new(
+    "reference/0003_tasks_progress",
+    include_str!("../migrations/reference_0003_tasks_progress.sql"),
+)];
+
+/// Task processing and its triggers (`[tasks]`, `WEIR_TASKS__...`).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TaskSettings {
+    /// A cron expression with a seconds field (`sec min hour day-of-month month day-of-week
+    /// [year]`, UTC), e.g. `0 */5 * * * *`; each tick requests processing of the pending tasks
+    /// older than `pending_after`. None: no schedule. Checked when the configuration is read.
+    #[serde(deserialize_with = "valid_schedule")]
+    pub(crate) schedule: Option<String>,
+    /// How long a task may stay pending before the schedule asks for it (again).
+    #[serde(with = "humantime_serde")]
+    pub(crate) pending_after: Duration,
+    /// At most this many tasks are requested per tick; the rest wait for the next one.
+    pub(crate) schedule_batch: i64,
+    /// The shared secret of `POST /webhooks/task-processing`. None: the route answers 503.
+    pub(crate) webhook_secret: Option<String>,
+    /// A signed webhook call is accepted only this close to its `X-Weir-Timestamp`.
+    #[serde(with = "humantime_serde")]
+    pub(crate) webhook_window: Duration,
+    /// Bounds connecting to an `http://` file and each read of a file; past it the attempt
+    /// fails retryably.
+    #[serde(with = "humantime_serde")]
+    pub(crate) fetch_timeout: Duration,
+    /// Records between two progress updates of a task row (1: after every record).
+    pub(crate) progress_every: u64,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            schedule: None,
+            pending_after: Duration::from_secs(5 * 60),
+            schedule_batch: 1000,
+            webhook_secret: None,
+            webhook_window: Duration::from_secs(5 * 60),
+            fetch_timeout: Duration::from_secs(30),
+            progress_every: 1000,
+        }
+    }
+}
+
+/// Refuses a schedule cron cannot parse, so a typo stops the service at start.
+fn valid_schedule<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let schedule = Option::<String>::deserialize(d)?.filter(|s| !s.trim().is_empty());
+    if let Some(expression) = &schedule {
+        schedule::parse(expression).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid cron expression {expression:?} (sec min hour day month weekday): {e}"
+            ))
+        })?;
+    }
+    Ok(schedule)
+}
+
+impl std::fmt::Debug for TaskSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The webhook secret is never printed, only whether there is one.
+        f.debug_struct("TaskSettings")
+            .field("schedule", &self.schedule)
+            .field("pending_after", &self.pending_after)
+            .field("schedule_batch", &self.schedule_batch)
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "***"),
+            )
+            .field("webhook_window", &self.webhook_window)
+            .field("fetch_timeout", &self.fetch_timeout)
+            .field("progress_every", &self.progress_every)
+            .finish()
+    }
+}
+
+/// The task routes: the API and the webhook.
+pub(crate) fn routes(services: &Services) -> axum::Router {
+    api::routes(services).merge(webhook::routes(services))
+}
+
+/// Registers the processing handler for both events that start it.
+pub(crate) fn handlers(router: weir::Router, services: &Services) -> weir::Router {
+    let processor = process::Processor::new(services);
+    let created = processor.clone();
+    router
+        .on_with(
+            move |event: TaskCreated, ctx| {
+                let processor = created.clone();
+                async move { processor.handle(event.0, ctx).await }
+            },
+            HandlerOptions::new().name("process_task"),
+        )
+        .on_with(
+            move |event: TaskProcessingRequested, ctx| {
+                let processor = processor.clone();
+                async move { processor.handle(event.0, ctx).await }
+            },
+            HandlerOptions::new().name("process_task"),
+        )
+}
+
+/// Background jobs (the schedule), stopped by `stop`.
+pub(crate) fn spawn_background(
+    services: &Services,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    schedule::spawn(services, stop).into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_webhook_secret() {
+        let settings = TaskSettings {
+            webhook_secret: Some("s3cr3t-value".into()),
+            ..TaskSettings::default()
+        };
+        let text = format!("{settings:?}");
+        assert!(text.contains("webhook_secret: Some"), "{text}");
+        assert!(!text.contains("s3cr3t-value"), "{text}");
+        assert!(text.contains("***"), "{text}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_task_settings_from_the_environment_and_refuses_a_bad_schedule() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WEIR_TASKS__SCHEDULE", "*/2 * * * * *");
+            jail.set_env("WEIR_TASKS__WEBHOOK_SECRET", "abc");
+            jail.set_env("WEIR_TASKS__PENDING_AFTER", "90s");
+            let settings = crate::config::Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.tasks.schedule.as_deref(), Some("*/2 * * * * *"));
+            assert_eq!(settings.tasks.webhook_secret.as_deref(), Some("abc"));
+            assert_eq!(settings.tasks.pending_after, Duration::from_secs(90));
+            jail.set_env("WEIR_TASKS__SCHEDULE", "every day");
+            let error = crate::config::Settings::load(None, None).unwrap_err();
+            assert!(format!("{error:#}").contains("cron"), "{error:#}");
+            Ok(())
+        });
+    }
+}
