@@ -90,7 +90,6 @@ fn missed_tick(
 
 impl Scheduler {
     async fn run(self, stop: CancellationToken) {
-        tracing::info!(schedule = %self.expression, replica = %self.replica, "Task schedule running.");
         match self.last_fired().await {
             Ok(last) => {
                 if let Some(tick) = missed_tick(&self.schedule, last, Utc::now()) {
@@ -100,6 +99,8 @@ impl Scheduler {
             }
             Err(e) => tracing::error!(error = %e, "Cannot read the schedule's last tick."),
         }
+        // Logged once the missed tick (if any) is handled.
+        tracing::info!(schedule = %self.expression, replica = %self.replica, "Task schedule running.");
         let mut after = Utc::now();
         loop {
             let Some(tick) = self.schedule.after(&after).next() else {

@@ -1,0 +1,1152 @@
+//! The reference service's task path (seed 000, with seed 003's progress), end to end: `weir
+//! serve` processes with PostgreSQL (a fresh schema per test) and a Tansu broker (one per test),
+//! files in a temp dir or served over HTTP by the test itself.
+//!
+//! What is checked, from outside the process: the task rows and their runs (`task_runs`, one per
+//! processing event), the outbox rows the triggers wrote, the dead-letter topic, the schedule's
+//! ticks and log lines.
+
+mod support;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::broker::{unique, Tansu};
+use support::db::TestDb;
+use support::process::{ServeOptions, TestDir, WeirProcess};
+use uuid::Uuid;
+use weir::dead_letter_headers as dlh;
+use weir::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
+
+const PARTITIONS: i32 = 4;
+/// Overall deadline for anything the service does asynchronously.
+const PATIENCE: Duration = Duration::from_secs(120);
+/// Webhook secret of the services here.
+const SECRET: &str = "test-webhook-secret";
+
+/// Short group timeouts, as in tests/kafka_process.rs: a killed member leaves in seconds.
+const CONSUMER_TOML: &str = r#"
+[kafka.consumer]
+"session.timeout.ms" = "3000"
+"heartbeat.interval.ms" = "500"
+"max.poll.interval.ms" = "20000"
+"#;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A broker with the reference service's topics and the task dead-letter topic.
+async fn broker() -> Tansu {
+    tokio::task::spawn_blocking(|| {
+        let broker = Tansu::start_memory();
+        for topic in [
+            TASK_TOPIC,
+            CUSTOMER_TOPIC,
+            RESOURCE_TOPIC,
+            "task-events.dlq",
+        ] {
+            broker.create_topic(topic, PARTITIONS);
+        }
+        broker
+    })
+    .await
+    .expect("broker")
+}
+
+/// `weir serve` with the database, the API on an ephemeral port, migrations on start, a fast
+/// relay, and one record per produced batch (Tansu 0.6 skips the rest of a batch a fetch starts
+/// inside; see tests/kafka_process.rs).
+fn options(broker: &Tansu, db: &TestDb, group: &str, dir: &TestDir, name: &str) -> ServeOptions {
+    ServeOptions::new(
+        &broker.brokers(),
+        group,
+        &dir.join(&format!("{name}.records")),
+    )
+    .env("WEIR_DATABASE__URL", db.url())
+    .env("WEIR_DATABASE__MIGRATE_ON_START", "true")
+    .env("WEIR_HTTP__ADDR", "127.0.0.1:0")
+    .env("WEIR_OUTBOX__POLL_INTERVAL", "100ms")
+    .env("WEIR_KAFKA__PRODUCER__BATCH.NUM.MESSAGES", "1")
+    .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
+    .env("WEIR_CONSUMER__COMMIT_INTERVAL", "10ms")
+    .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
+    .env("WEIR_TASKS__WEBHOOK_SECRET", SECRET)
+    .env("WEIR_TASKS__FETCH_TIMEOUT", "5s")
+    .config(CONSUMER_TOML)
+}
+
+/// A running service and its API's base URL.
+struct Service {
+    process: WeirProcess,
+    base: String,
+}
+
+async fn start(dir: &TestDir, name: &str, options: &ServeOptions) -> Service {
+    let process = WeirProcess::serve(dir.path(), name, options);
+    let addr = poll(
+        &format!("{name} to serve"),
+        Duration::from_secs(60),
+        || async { process.http_addr().ok_or_else(|| process.stderr_tail(2048)) },
+    )
+    .await;
+    Service {
+        process,
+        base: format!("http://{addr}"),
+    }
+}
+
+/// Polls an async check every 50 ms until it is `Ok`, for at most `timeout`; panics with the
+/// last `Err` (the state seen last).
+async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `POST /tasks`; the new task's id.
+async fn create_task(client: &reqwest::Client, base: &str, file_url: &str, entity: &str) -> Uuid {
+    let response = client
+        .post(format!("{base}/tasks"))
+        .json(&json!({"file_url": file_url, "entity_type": entity}))
+        .send()
+        .await
+        .expect("POST /tasks");
+    assert_eq!(
+        response.status(),
+        StatusCode::CREATED,
+        "POST /tasks {file_url}"
+    );
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["status"], "pending", "{body}");
+    body["id"].as_str().expect("id").parse().expect("uuid")
+}
+
+/// A task's row: status, good, bad, error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    status: String,
+    good: i64,
+    bad: i64,
+    error: Option<String>,
+}
+
+async fn row(pool: &PgPool, id: Uuid) -> Row {
+    let (status, good, bad, error): (String, i64, i64, Option<String>) =
+        sqlx::query_as("SELECT status, good_records, bad_records, error FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .expect("task row");
+    Row {
+        status,
+        good,
+        bad,
+        error,
+    }
+}
+
+/// A webhook call and its expected answer: (what, headers, body, status, error kind).
+type WebhookCase<'a> = (
+    &'a str,
+    Vec<(&'static str, String)>,
+    &'a str,
+    StatusCode,
+    &'a str,
+);
+
+/// A run as compared: (event type, triggered by, attempts, outcome, (good, bad)).
+type RunSummary<'a> = (&'a str, &'a str, i32, Option<&'a str>, Option<(i64, i64)>);
+
+/// One processing run: (event type, triggered by, attempts, outcome, good, bad).
+type Run = (
+    String,
+    String,
+    i32,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+
+async fn runs(pool: &PgPool, id: Uuid) -> Vec<Run> {
+    sqlx::query_as(
+        "SELECT event_type, triggered_by, attempts, outcome, good_records, bad_records
+           FROM task_runs WHERE task_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .expect("runs")
+}
+
+/// Waits until the task has `count` runs, all finished, and the row is final.
+async fn wait_runs(pool: &PgPool, id: Uuid, count: usize, process: &WeirProcess) -> Vec<Run> {
+    poll(
+        &format!("{count} finished runs of task {id}"),
+        PATIENCE,
+        || async {
+            let runs = runs(pool, id).await;
+            let row = row(pool, id).await;
+            let done = runs.len() == count
+                && runs.iter().all(|r| r.3.is_some())
+                && (row.status == "completed" || row.status == "failed");
+            if done {
+                Ok(runs)
+            } else {
+                Err(format!("{row:?} {runs:?}\n{}", process.stderr_tail(1024)))
+            }
+        },
+    )
+    .await
+}
+
+/// `task.processing_requested` rows in the outbox for a task, by trigger.
+async fn requests(pool: &PgPool, id: Uuid) -> BTreeMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT convert_from(payload, 'UTF8')::jsonb -> 'data' ->> 'triggered_by', count(*)
+           FROM weir_outbox
+          WHERE event_type = 'task.processing_requested' AND key = $1
+          GROUP BY 1",
+    )
+    .bind(id.to_string())
+    .fetch_all(pool)
+    .await
+    .expect("outbox rows");
+    rows.into_iter().collect()
+}
+
+/// Inserts a task that is pending since `age` ago, as one whose processing never started
+/// (the schedule's business).
+async fn insert_stale_task(pool: &PgPool, file: &Path, age: &str) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO tasks (id, tenant_id, environment_id, file_url, entity_type, status,
+                            created_at)
+         VALUES ($1, 't', 'e', $2, 'customers', 'pending', now() - $3::interval)",
+    )
+    .bind(id)
+    .bind(format!("file://{}", file.display()))
+    .bind(age)
+    .execute(pool)
+    .await
+    .expect("insert a stale task");
+    id
+}
+
+/// Customers CSV: `good` valid rows and `bad` invalid ones (of three kinds), interleaved.
+fn customers_csv(good: usize, bad: usize) -> String {
+    let mut text = String::from("id,name,email\n");
+    for i in 0..good.max(bad) {
+        if i < good {
+            text.push_str(&format!("c{i},Name {i},c{i}@example.com\n"));
+        }
+        if i < bad {
+            text.push_str(match i % 3 {
+                0 => ",No Id,x@example.com\n",
+                1 => "b1,Bad Mail,not-an-address\n",
+                _ => "b,too,many,fields\n",
+            });
+        }
+    }
+    text
+}
+
+/// Products as JSON lines: `good` valid and `bad` invalid (of three kinds), interleaved.
+fn products_jsonl(good: usize, bad: usize) -> String {
+    let mut text = String::new();
+    for i in 0..good.max(bad) {
+        if i < good {
+            text.push_str(&format!("{{\"sku\":\"P{i}\",\"price\":{}.5}}\n", i));
+        }
+        if i < bad {
+            text.push_str(match i % 3 {
+                0 => "{\"sku\":\"N\",\"price\":-2}\n",
+                1 => "{not json\n",
+                _ => "{\"price\":3}\n",
+            });
+        }
+        if i % 5 == 0 {
+            text.push('\n'); // blank lines are not records
+        }
+    }
+    text
+}
+
+/// Files served over HTTP by the test: `/files/<name>` from a dir, `/flaky/<name>` answers 503
+/// to the first request of each name, `/export/<name>` without an extension in the URL
+/// (`Content-Type` says the format).
+#[derive(Clone)]
+struct FileServer {
+    dir: PathBuf,
+    hits: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    flaky_failures: Arc<AtomicUsize>,
+}
+
+async fn serve_file(
+    State(server): State<FileServer>,
+    UrlPath((kind, name)): UrlPath<(String, String)>,
+) -> axum::response::Response {
+    let first = {
+        let mut hits = server.hits.lock().unwrap();
+        let n = hits.entry(format!("{kind}/{name}")).or_insert(0);
+        *n += 1;
+        *n == 1
+    };
+    if kind == "flaky" && first {
+        server.flaky_failures.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    // `/export/<stem>`: the file `<stem>.<ext>`, found by its stem.
+    let name = match kind.as_str() {
+        "export" => std::fs::read_dir(&server.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|f| f.split_once('.').is_some_and(|(stem, _)| stem == name))
+            .unwrap_or(name),
+        _ => name,
+    };
+    let Ok(bytes) = tokio::fs::read(server.dir.join(&name)).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let content_type = if name.ends_with(".csv") {
+        "text/csv"
+    } else {
+        "application/x-ndjson"
+    };
+    ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+}
+
+async fn file_server(dir: &Path) -> (String, FileServer) {
+    let server = FileServer {
+        dir: dir.to_owned(),
+        hits: Arc::default(),
+        flaky_failures: Arc::default(),
+    };
+    let app = axum::Router::new()
+        .route("/{kind}/{name}", axum::routing::get(serve_file))
+        .with_state(server.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), server)
+}
+
+/// `X-Weir-Timestamp` and `X-Weir-Signature` for `body` signed at `timestamp` with `secret`.
+fn signed(secret: &str, timestamp: i64, body: &str) -> [(&'static str, String); 2] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    [
+        ("x-weir-timestamp", timestamp.to_string()),
+        (
+            "x-weir-signature",
+            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
+        ),
+    ]
+}
+
+async fn webhook(
+    client: &reqwest::Client,
+    base: &str,
+    headers: &[(&'static str, String)],
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut request = client
+        .post(format!("{base}/webhooks/task-processing"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.expect("webhook call");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// JSON log lines of a process whose message is `message`.
+fn log_lines(process: &WeirProcess, message: &str) -> Vec<Value> {
+    process
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered() {
+    let db = TestDb::new().await;
+    let broker = broker().await;
+    let dir = TestDir::new("weir-tasks-fifty");
+    let files = TestDir::new("weir-tasks-files");
+    let (http, server) = file_server(files.path()).await;
+    let group = unique("tasks");
+    let service = start(&dir, "serve", &options(&broker, &db, &group, &dir, "serve")).await;
+    let client = reqwest::Client::new();
+    let base = &service.base;
+
+    // The API refuses what can never be processed, before anything is written.
+    for (body, kind) in [
+        (
+            json!({"file_url": "/x.csv", "entity_type": "orders"}),
+            "invalid_entity_type",
+        ),
+        (
+            json!({"file_url": "https://h/x.csv", "entity_type": "customers"}),
+            "invalid_file_url",
+        ),
+        (json!({"entity_type": "customers"}), "invalid_body"),
+    ] {
+        let response = client
+            .post(format!("{base}/tasks"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"], kind, "{answer}");
+    }
+    let missing = client
+        .get(format!("{base}/tasks/{}", Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let garbled = client
+        .get(format!("{base}/tasks/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbled.status(), StatusCode::BAD_REQUEST);
+
+    // 48 files with known counts (local paths, file:// URLs, HTTP: plain, flaky, and without
+    // an extension so that its Content-Type decides), one missing file and one unsupported
+    // format.
+    let mut expected: HashMap<Uuid, Result<(i64, i64), &str>> = HashMap::new();
+    for i in 0..48usize {
+        let (good, bad) = (3 + i % 7, i % 4);
+        let (name, text, entity) = match i % 4 {
+            0 | 1 => (format!("c{i}.csv"), customers_csv(good, bad), "customers"),
+            2 => (format!("p{i}.jsonl"), products_jsonl(good, bad), "products"),
+            _ => (
+                format!("p{i}.ndjson"),
+                products_jsonl(good, bad),
+                "products",
+            ),
+        };
+        std::fs::write(files.join(&name), text).expect("write file");
+        let url = match i % 6 {
+            0 => files.join(&name).display().to_string(),
+            1 => format!("{http}/files/{name}"),
+            2 => format!("{http}/flaky/{name}"),
+            4 => format!("{http}/export/{}", name.split('.').next().unwrap()),
+            _ => format!("file://{}", files.join(&name).display()),
+        };
+        let id = create_task(&client, base, &url, entity).await;
+        expected.insert(id, Ok((good as i64, bad as i64)));
+    }
+    let missing_file = format!("file://{}", files.join("missing.csv").display());
+    let missing_id = create_task(&client, base, &missing_file, "customers").await;
+    expected.insert(missing_id, Err("No such file"));
+    std::fs::write(files.join("data.xml"), "<customers/>").unwrap();
+    let xml = files.join("data.xml").display().to_string();
+    let xml_id = create_task(&client, base, &xml, "customers").await;
+    expected.insert(xml_id, Err("unsupported format"));
+    assert_eq!(expected.len(), 50);
+
+    let started = Instant::now();
+    poll("all 50 tasks final", PATIENCE, || async {
+        let (open,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM tasks WHERE status NOT IN ('completed', 'failed')",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if open == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{open} open\n{}",
+                service.process.stderr_tail(1024)
+            ))
+        }
+    })
+    .await;
+    println!(
+        "fifty: all final {:?} after the last POST",
+        started.elapsed()
+    );
+
+    for (id, want) in &expected {
+        let row = row(db.pool(), *id).await;
+        match want {
+            Ok((good, bad)) => assert_eq!(
+                (row.status.as_str(), row.good, row.bad, row.error.as_deref()),
+                ("completed", *good, *bad, None),
+                "task {id}"
+            ),
+            Err(reason) => {
+                assert_eq!(row.status, "failed", "task {id}: {row:?}");
+                let error = row.error.clone().unwrap_or_default();
+                assert!(error.contains(reason), "task {id}: {error}");
+            }
+        }
+        // Each task was processed by exactly one run (its creation), in one attempt or more.
+        let runs = runs(db.pool(), *id).await;
+        assert_eq!(runs.len(), 1, "task {id}: {runs:?}");
+    }
+    assert!(
+        server.flaky_failures.load(Ordering::SeqCst) >= 8,
+        "the flaky files failed once each, and were retried"
+    );
+
+    // The API shows counts and progress.
+    let task: Value = client
+        .get(format!(
+            "{base}/tasks/{}",
+            expected.keys().find(|id| expected[id].is_ok()).unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "completed", "{task}");
+    assert_eq!(task["progress"], 1.0, "{task}");
+    assert_eq!(
+        task["processed_records"].as_i64(),
+        Some(task["good_records"].as_i64().unwrap() + task["bad_records"].as_i64().unwrap()),
+        "{task}"
+    );
+    assert_eq!(task["runs"], 1, "{task}");
+    assert_eq!(task["last_triggered_by"], "api", "{task}");
+    let failed: Value = client
+        .get(format!("{base}/tasks/{xml_id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("unsupported format"),
+        "{failed}"
+    );
+
+    // The failed ones, and only they, are in the dead-letter topic, with the reason.
+    let dead = support::kafka::read_topic(
+        &broker.brokers(),
+        "task-events.dlq",
+        2,
+        Duration::from_secs(1),
+        PATIENCE,
+    )
+    .await;
+    let keys: HashSet<String> = dead
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        HashSet::from([missing_id.to_string(), xml_id.to_string()]),
+        "dead letters: {dead:?}"
+    );
+    for record in &dead {
+        assert_eq!(record.headers.get_str(dlh::HANDLER), Some("process_task"));
+        let message = record
+            .headers
+            .get_str(dlh::ERROR_MESSAGE)
+            .unwrap_or_default();
+        assert!(
+            message.contains("No such file") || message.contains("unsupported format"),
+            "{message}"
+        );
+    }
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_publishing_nothing()
+{
+    let db = TestDb::new().await;
+    let broker = broker().await;
+    let dir = TestDir::new("weir-tasks-triggers");
+    let group = unique("tasks");
+    // Every second, but only tasks pending for an hour: the ones created here are not swept.
+    let service_options = options(&broker, &db, &group, &dir, "serve")
+        .env("WEIR_TASKS__SCHEDULE", "* * * * * *")
+        .env("WEIR_TASKS__PENDING_AFTER", "1h");
+    let service = start(&dir, "serve", &service_options).await;
+    let client = reqwest::Client::new();
+    let base = &service.base;
+    let file = dir.join("customers.csv");
+    std::fs::write(&file, customers_csv(7, 2)).unwrap();
+    let single_run = Some((7, 2));
+
+    // API: creation.
+    let task = create_task(&client, base, &file.display().to_string(), "customers").await;
+    wait_runs(db.pool(), task, 1, &service.process).await;
+
+    // API: POST /tasks/{id}/process.
+    let response = client
+        .post(format!("{base}/tasks/{task}/process"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    wait_runs(db.pool(), task, 2, &service.process).await;
+    let unknown = client
+        .post(format!("{base}/tasks/{}/process", Uuid::now_v7()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+
+    // Manual: weir publish --process-task.
+    let env = [("WEIR_DATABASE__URL".to_owned(), db.url())];
+    let mut publish = WeirProcess::spawn(
+        dir.path(),
+        "publish",
+        &["publish", "--process-task", &task.to_string()],
+        &env,
+    );
+    let status = publish
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", publish.stderr());
+    assert!(
+        publish.stdout().contains("triggered_by manual"),
+        "{}",
+        publish.stdout()
+    );
+    wait_runs(db.pool(), task, 3, &service.process).await;
+    let mut unknown = WeirProcess::spawn(
+        dir.path(),
+        "publish-unknown",
+        &["publish", "--process-task", &Uuid::now_v7().to_string()],
+        &env,
+    );
+    let status = unknown
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(!status.success());
+    assert!(
+        unknown.stderr().contains("nothing was requested"),
+        "{}",
+        unknown.stderr()
+    );
+
+    // Webhook: the bad calls first, then one good call and its replay.
+    let now = chrono::Utc::now().timestamp();
+    let body = json!({"task_id": task, "triggered_by": "webhook"}).to_string();
+    let unknown_body = json!({"task_id": Uuid::now_v7()}).to_string();
+    let manual_body = json!({"task_id": task, "triggered_by": "manual"}).to_string();
+    let cases: [WebhookCase; 7] = [
+        (
+            "no signature",
+            vec![],
+            &body,
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+        ),
+        (
+            "wrong secret",
+            signed("not-the-secret", now, &body).to_vec(),
+            &body,
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+        ),
+        (
+            "body altered after signing",
+            signed(SECRET, now, &unknown_body).to_vec(),
+            &body,
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+        ),
+        (
+            "replay of an old request",
+            signed(SECRET, now - 600, &body).to_vec(),
+            &body,
+            StatusCode::UNAUTHORIZED,
+            "stale_timestamp",
+        ),
+        (
+            "unknown task",
+            signed(SECRET, now, &unknown_body).to_vec(),
+            &unknown_body,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "malformed body",
+            signed(SECRET, now, "{\"task\": 1}").to_vec(),
+            "{\"task\": 1}",
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            "another trigger's name",
+            signed(SECRET, now, &manual_body).to_vec(),
+            &manual_body,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_trigger",
+        ),
+    ];
+    for (what, headers, body, status, kind) in &cases {
+        let (got, answer) = webhook(&client, base, headers, body).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (*status, Some(*kind)),
+            "{what}: {answer}"
+        );
+    }
+    let good = signed(SECRET, now, &body);
+    let (status, answer) = webhook(&client, base, &good, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let (status, answer) = webhook(&client, base, &good, &body).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the same signed call again: {answer}"
+    );
+    assert_eq!(answer["error"], "replayed");
+    wait_runs(db.pool(), task, 4, &service.process).await;
+
+    // Scheduled: a task pending for two hours is requested by the next tick, once.
+    let stale = insert_stale_task(db.pool(), &file, "2 hours").await;
+    let stale_runs = wait_runs(db.pool(), stale, 1, &service.process).await;
+    assert_eq!(stale_runs[0].1, "scheduled");
+    let (ticks_then,): (i64,) = sqlx::query_as("SELECT count(*) FROM task_schedule_ticks")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    poll("three more ticks", Duration::from_secs(30), || async {
+        let (ticks,): (i64,) = sqlx::query_as("SELECT count(*) FROM task_schedule_ticks")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        (ticks >= ticks_then + 3)
+            .then_some(())
+            .ok_or(format!("{ticks} ticks"))
+    })
+    .await;
+    assert_eq!(
+        runs(db.pool(), stale).await.len(),
+        1,
+        "one scheduled run only"
+    );
+    assert_eq!(
+        requests(db.pool(), stale).await,
+        BTreeMap::from([("scheduled".into(), 1)])
+    );
+
+    // Exactly one run per trigger, each with the counts of a single run; and the outbox holds
+    // exactly the accepted requests (the rejected calls wrote nothing).
+    let all = runs(db.pool(), task).await;
+    let by_trigger: Vec<RunSummary> = all
+        .iter()
+        .map(|r| {
+            (
+                r.0.as_str(),
+                r.1.as_str(),
+                r.2,
+                r.3.as_deref(),
+                r.4.zip(r.5),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_trigger,
+        vec![
+            ("task.created", "api", 1, Some("completed"), single_run),
+            (
+                "task.processing_requested",
+                "api",
+                1,
+                Some("completed"),
+                single_run
+            ),
+            (
+                "task.processing_requested",
+                "manual",
+                1,
+                Some("completed"),
+                single_run
+            ),
+            (
+                "task.processing_requested",
+                "webhook",
+                1,
+                Some("completed"),
+                single_run
+            ),
+        ]
+    );
+    assert_eq!(
+        requests(db.pool(), task).await,
+        BTreeMap::from([
+            ("api".into(), 1),
+            ("manual".into(), 1),
+            ("webhook".into(), 1)
+        ])
+    );
+    let (all_requests,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM weir_outbox WHERE event_type = 'task.processing_requested'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        all_requests, 4,
+        "api, manual, webhook and scheduled; nothing else"
+    );
+    assert_eq!(
+        row(db.pool(), task).await,
+        Row {
+            status: "completed".into(),
+            good: 7,
+            bad: 2,
+            error: None
+        }
+    );
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_one_schedule_fire_each_tick_once() {
+    let db = TestDb::new().await;
+    let broker = broker().await;
+    let dir = TestDir::new("weir-tasks-replicas");
+    let group = unique("tasks");
+    let replica = |name: &str| {
+        options(&broker, &db, &group, &dir, name)
+            .env("WEIR_TASKS__SCHEDULE", "* * * * * *")
+            .env("WEIR_TASKS__PENDING_AFTER", "30s")
+            .env("RUST_LOG", "info,weir::reference::tasks::schedule=debug")
+    };
+    let a = start(&dir, "a", &replica("a")).await;
+    let b = start(&dir, "b", &replica("b")).await;
+    let file = dir.join("customers.csv");
+    std::fs::write(&file, customers_csv(4, 1)).unwrap();
+
+    // Three waves of stale tasks, each swept by a tick while both replicas run.
+    let mut stale = Vec::new();
+    for _ in 0..3 {
+        let wave: Vec<Uuid> = {
+            let mut wave = Vec::new();
+            for _ in 0..4 {
+                wave.push(insert_stale_task(db.pool(), &file, "1 hour").await);
+            }
+            wave
+        };
+        for id in &wave {
+            wait_runs(db.pool(), *id, 1, &a.process).await;
+        }
+        stale.extend(wave);
+    }
+
+    // Both replicas saw the same ticks; for each, one fired and the other stood down.
+    let fired = |p: &WeirProcess| -> Vec<String> {
+        log_lines(p, "Schedule fired.")
+            .iter()
+            .map(|v| {
+                v["fields"]["tick_at"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let skipped = |p: &WeirProcess| -> Vec<String> {
+        log_lines(p, "Schedule tick already fired by another replica.")
+            .iter()
+            .map(|v| {
+                v["fields"]["tick_at"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let (fired_a, fired_b) = (fired(&a.process), fired(&b.process));
+    let mut firings: HashMap<&str, usize> = HashMap::new();
+    for tick in fired_a.iter().chain(&fired_b) {
+        *firings.entry(tick.as_str()).or_default() += 1;
+    }
+    let doubles: Vec<_> = firings.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubles.is_empty(), "ticks fired twice: {doubles:?}");
+    let contested: HashSet<String> = skipped(&a.process)
+        .into_iter()
+        .chain(skipped(&b.process))
+        .filter(|tick| firings.contains_key(tick.as_str()))
+        .collect();
+    println!(
+        "replicas: a fired {}, b fired {}, {} ticks seen by both",
+        fired_a.len(),
+        fired_b.len(),
+        contested.len()
+    );
+    assert!(
+        contested.len() >= 3,
+        "both replicas ran the schedule together"
+    );
+    let (ticks, requested): (i64, i64) =
+        sqlx::query_as("SELECT count(*), sum(requested)::int8 FROM task_schedule_ticks")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(
+        ticks as usize >= firings.len(),
+        "{ticks} rows, {} fired",
+        firings.len()
+    );
+    assert_eq!(
+        requested,
+        stale.len() as i64,
+        "each stale task requested by one tick"
+    );
+
+    // Each stale task was requested once and processed once.
+    for id in &stale {
+        assert_eq!(
+            requests(db.pool(), *id).await,
+            BTreeMap::from([("scheduled".into(), 1)])
+        );
+        let runs = runs(db.pool(), *id).await;
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(runs[0].3.as_deref(), Some("completed"));
+    }
+    drop((a, b));
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_missed_while_no_replica_ran_fires_once_on_start() {
+    let db = TestDb::new().await;
+    let broker = broker().await;
+    let dir = TestDir::new("weir-tasks-missed");
+    let group = unique("tasks");
+    // Yearly, at midnight on 1 January: its latest occurrence is far from any test's clock.
+    let schedule = "0 0 0 1 1 *";
+    let mut migrate = WeirProcess::spawn(
+        dir.path(),
+        "migrate",
+        &["migrate"],
+        &[("WEIR_DATABASE__URL".to_owned(), db.url())],
+    );
+    let status = migrate
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", migrate.stderr());
+    let latest: chrono::DateTime<chrono::Utc> = {
+        use chrono::{Datelike, TimeZone};
+        chrono::Utc
+            .with_ymd_and_hms(chrono::Utc::now().year(), 1, 1, 0, 0, 0)
+            .unwrap()
+    };
+    // The schedule last fired three years before that; every year since was missed.
+    sqlx::query(
+        "INSERT INTO task_schedule_ticks (schedule, tick_at, fired_by)
+         VALUES ($1, $2 - interval '3 years', 'an old replica')",
+    )
+    .bind(schedule)
+    .bind(latest)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let file = dir.join("customers.csv");
+    std::fs::write(&file, customers_csv(3, 3)).unwrap();
+    let stale = [
+        insert_stale_task(db.pool(), &file, "2 hours").await,
+        insert_stale_task(db.pool(), &file, "3 hours").await,
+    ];
+
+    let replica = |name: &str| {
+        options(&broker, &db, &group, &dir, name)
+            .env("WEIR_TASKS__SCHEDULE", schedule)
+            .env("WEIR_TASKS__PENDING_AFTER", "1m")
+    };
+    let a = WeirProcess::serve(dir.path(), "a", &replica("a"));
+    let b = WeirProcess::serve(dir.path(), "b", &replica("b"));
+    for id in stale {
+        let service = Service {
+            process: WeirProcess::spawn(dir.path(), "noop", &["--help"], &[]),
+            base: String::new(),
+        };
+        wait_runs(db.pool(), id, 1, &service.process).await;
+    }
+    let ticks = |pool: PgPool| async move {
+        sqlx::query_as::<_, (chrono::DateTime<chrono::Utc>, i32)>(
+            "SELECT tick_at, requested FROM task_schedule_ticks ORDER BY tick_at",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let after_start = ticks(db.pool().clone()).await;
+    assert_eq!(
+        after_start.len(),
+        2,
+        "the old tick and one more: {after_start:?}"
+    );
+    assert_eq!(
+        after_start[1].0, latest,
+        "the latest missed tick, not the ones before it"
+    );
+    assert_eq!(
+        after_start[1].1, 2,
+        "the latest missed tick requested both tasks"
+    );
+    let caught_up = [&a, &b]
+        .iter()
+        .map(|p| log_lines(p, "Firing the latest tick missed while no replica ran.").len())
+        .sum::<usize>();
+    assert!(caught_up >= 1, "a replica caught up");
+
+    // Another start later finds nothing missed.
+    let c = WeirProcess::serve(dir.path(), "c", &replica("c"));
+    poll("c's schedule running", Duration::from_secs(60), || async {
+        (!log_lines(&c, "Task schedule running.").is_empty())
+            .then_some(())
+            .ok_or_else(|| c.stderr_tail(1024))
+    })
+    .await;
+    assert_eq!(ticks(db.pool().clone()).await, after_start);
+    for id in stale {
+        assert_eq!(
+            requests(db.pool(), id).await,
+            BTreeMap::from([("scheduled".into(), 1)])
+        );
+    }
+    drop((a, b, c));
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_rerequested_while_processing_and_redelivered_after_sigkill_ends_with_single_run_counts(
+) {
+    let db = TestDb::new().await;
+    let broker = broker().await;
+    let dir = TestDir::new("weir-tasks-kill");
+    let group = unique("tasks");
+    // A progress update after every record: slow enough to be caught mid-file.
+    let service_options =
+        options(&broker, &db, &group, &dir, "serve").env("WEIR_TASKS__PROGRESS_EVERY", "1");
+    let mut first = start(&dir, "first", &service_options).await;
+    let client = reqwest::Client::new();
+    let (good, bad) = (12_000, 1_500);
+    let file = dir.join("big.csv");
+    std::fs::write(&file, customers_csv(good, bad)).unwrap();
+    let task = create_task(
+        &client,
+        &first.base,
+        &file.display().to_string(),
+        "customers",
+    )
+    .await;
+
+    let seen = poll("processing under way", PATIENCE, || async {
+        let (status, processed): (String, i64) =
+            sqlx::query_as("SELECT status, processed_records FROM tasks WHERE id = $1")
+                .bind(task)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        (status == "processing" && processed >= 500)
+            .then_some(processed)
+            .ok_or(format!("{status} {processed}"))
+    })
+    .await;
+    // Re-requested while it is being processed, then the process dies mid-file.
+    let response = client
+        .post(format!("{}/tasks/{task}/process", first.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    first.process.kill_and_wait().await;
+    let (processed_at_kill,): (i64,) =
+        sqlx::query_as("SELECT processed_records FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert!(
+        processed_at_kill < (good + bad) as i64,
+        "killed mid-file ({seen} then {processed_at_kill})"
+    );
+
+    let second = start(&dir, "second", &service_options).await;
+    let runs = wait_runs(db.pool(), task, 2, &second.process).await;
+    let expected = Some((good as i64, bad as i64));
+    for run in &runs {
+        assert_eq!(
+            (run.3.as_deref(), run.4.zip(run.5)),
+            (Some("completed"), expected),
+            "{runs:?}"
+        );
+    }
+    assert_eq!(runs[0].0, "task.created");
+    assert!(
+        runs[0].2 >= 2,
+        "the creation run was redelivered after the kill: {runs:?}"
+    );
+    assert_eq!(runs[1].0, "task.processing_requested");
+    assert_eq!(
+        row(db.pool(), task).await,
+        Row {
+            status: "completed".into(),
+            good: good as i64,
+            bad: bad as i64,
+            error: None
+        }
+    );
+    let view: Value = client
+        .get(format!("{}/tasks/{task}", second.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["processed_records"], good + bad, "{view}");
+    assert_eq!(view["progress"], 1.0, "{view}");
+    db.close().await;
+}
