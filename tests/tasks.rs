@@ -1065,7 +1065,7 @@ async fn a_task_rerequested_while_processing_and_redelivered_after_sigkill_ends_
         options(&broker, &db, &group, &dir, "serve").env("WEIR_TASKS__PROGRESS_EVERY", "1");
     let mut first = start(&dir, "first", &service_options).await;
     let client = reqwest::Client::new();
-    let (good, bad) = (12_000, 1_500);
+    let (good, bad) = (3_500, 500);
     let file = dir.join("big.csv");
     std::fs::write(&file, customers_csv(good, bad)).unwrap();
     let task = create_task(
@@ -1107,8 +1107,17 @@ async fn a_task_rerequested_while_processing_and_redelivered_after_sigkill_ends_
         "killed mid-file ({seen} then {processed_at_kill})"
     );
 
+    println!(
+        "kill: {} records, re-requested at {seen}, killed at {processed_at_kill}",
+        good + bad
+    );
+    let restarted = Instant::now();
     let second = start(&dir, "second", &service_options).await;
     let runs = wait_runs(db.pool(), task, 2, &second.process).await;
+    println!(
+        "kill: both runs finished {:?} after the restart",
+        restarted.elapsed()
+    );
     let expected = Some((good as i64, bad as i64));
     for run in &runs {
         assert_eq!(
