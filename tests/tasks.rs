@@ -294,7 +294,7 @@ fn products_jsonl(good: usize, bad: usize) -> String {
 }
 
 /// Files served over HTTP by the test: `/files/<name>` from a dir, `/flaky/<name>` answers 503
-/// to the first request of each name, `/export/<name>` without an extension in the URL
+/// to the first request of each name, `/down/<name>` always answers 503, `/export/<name>` without an extension in the URL
 /// (`Content-Type` says the format).
 #[derive(Clone)]
 struct FileServer {
@@ -313,7 +313,7 @@ async fn serve_file(
         *n += 1;
         *n == 1
     };
-    if kind == "flaky" && first {
+    if kind == "down" || (kind == "flaky" && first) {
         server.flaky_failures.fetch_add(1, Ordering::SeqCst);
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
@@ -448,11 +448,11 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
         .unwrap();
     assert_eq!(garbled.status(), StatusCode::BAD_REQUEST);
 
-    // 48 files with known counts (local paths, file:// URLs, HTTP: plain, flaky, and without
-    // an extension so that its Content-Type decides), one missing file and one unsupported
-    // format.
+    // 47 files with known counts (local paths, file:// URLs, HTTP: plain, flaky, and without
+    // an extension so that its Content-Type decides), a missing file, an unsupported format
+    // and an HTTP file that is never there.
     let mut expected: HashMap<Uuid, Result<(i64, i64), &str>> = HashMap::new();
-    for i in 0..48usize {
+    for i in 0..47usize {
         let (good, bad) = (3 + i % 7, i % 4);
         let (name, text, entity) = match i % 4 {
             0 | 1 => (format!("c{i}.csv"), customers_csv(good, bad), "customers"),
@@ -481,6 +481,9 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
     let xml = files.join("data.xml").display().to_string();
     let xml_id = create_task(&client, base, &xml, "customers").await;
     expected.insert(xml_id, Err("unsupported format"));
+    // Down for good: retried, then failed on the last attempt.
+    let down_id = create_task(&client, base, &format!("{http}/down/c0.csv"), "customers").await;
+    expected.insert(down_id, Err("gave up after 5 attempts"));
     assert_eq!(expected.len(), 50);
 
     let started = Instant::now();
@@ -571,7 +574,7 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
     let dead = support::kafka::read_topic(
         &broker.brokers(),
         "task-events.dlq",
-        2,
+        3,
         Duration::from_secs(1),
         PATIENCE,
     )
@@ -582,7 +585,11 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
         .collect();
     assert_eq!(
         keys,
-        HashSet::from([missing_id.to_string(), xml_id.to_string()]),
+        HashSet::from([
+            missing_id.to_string(),
+            xml_id.to_string(),
+            down_id.to_string()
+        ]),
         "dead letters: {dead:?}"
     );
     for record in &dead {
@@ -592,7 +599,9 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
             .get_str(dlh::ERROR_MESSAGE)
             .unwrap_or_default();
         assert!(
-            message.contains("No such file") || message.contains("unsupported format"),
+            ["No such file", "unsupported format", "503"]
+                .iter()
+                .any(|reason| message.contains(reason)),
             "{message}"
         );
     }
@@ -1034,8 +1043,12 @@ async fn a_tick_missed_while_no_replica_ran_fires_once_on_start() {
         .sum::<usize>();
     assert!(caught_up >= 1, "a replica caught up");
 
-    // Another start later finds nothing missed.
-    let c = WeirProcess::serve(dir.path(), "c", &replica("c"));
+    // Another start later finds nothing missed. (It has no webhook secret: the webhook is off.)
+    let c = WeirProcess::serve(
+        dir.path(),
+        "c",
+        &replica("c").env("WEIR_TASKS__WEBHOOK_SECRET", ""),
+    );
     poll("c's schedule running", Duration::from_secs(60), || async {
         (!log_lines(&c, "Task schedule running.").is_empty())
             .then_some(())
@@ -1043,6 +1056,14 @@ async fn a_tick_missed_while_no_replica_ran_fires_once_on_start() {
     })
     .await;
     assert_eq!(ticks(db.pool().clone()).await, after_start);
+    let base = format!("http://{}", c.http_addr().expect("c serves"));
+    let body = json!({"task_id": stale[0]}).to_string();
+    let signed_call = signed(SECRET, chrono::Utc::now().timestamp(), &body);
+    let (status, answer) = webhook(&reqwest::Client::new(), &base, &signed_call, &body).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("webhook_disabled"))
+    );
     for id in stale {
         assert_eq!(
             requests(db.pool(), id).await,
@@ -1088,6 +1109,20 @@ async fn a_task_rerequested_while_processing_and_redelivered_after_sigkill_ends_
             .ok_or(format!("{status} {processed}"))
     })
     .await;
+    // Progress shows while it runs.
+    let view: Value = client
+        .get(format!("{}/tasks/{task}", first.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let progress = view["progress"].as_f64().unwrap_or(-1.0);
+    assert!(
+        view["status"] == "processing" && progress > 0.0 && progress < 1.0,
+        "{view}"
+    );
     // Re-requested while it is being processed, then the process dies mid-file.
     let response = client
         .post(format!("{}/tasks/{task}/process", first.base))

@@ -216,6 +216,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_server_that_never_answers_is_transient_after_the_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and holds the connection without a word.
+        let server = tokio::spawn(async move {
+            let (_socket, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let location = Location::Http(format!("http://{addr}/a.csv"));
+        let client = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        let result = Source::open(&location, &client, Duration::from_millis(200)).await;
+        match result {
+            Err(SourceError::Transient(reason)) => {
+                assert!(reason.contains("no answer"), "{reason}")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn a_refused_connection_is_transient() {
         // Bind then drop: nothing listens on the port afterwards.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
