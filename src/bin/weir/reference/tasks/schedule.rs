@@ -113,7 +113,9 @@ impl Scheduler {
                 () = tokio::time::sleep(wait) => {}
             }
             self.fire(tick).await;
-            after = tick;
+            // Ticks that passed while this one fired (a stalled process, a slow database) are
+            // skipped, not fired one after the other: the next sweep covers them.
+            after = tick.max(Utc::now());
         }
     }
 
