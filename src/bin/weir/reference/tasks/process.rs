@@ -81,7 +81,11 @@ impl Processor {
             .connect_timeout(settings.tasks.fetch_timeout)
             .read_timeout(settings.tasks.fetch_timeout)
             .build()
-            .unwrap_or_default();
+            .unwrap_or_else(|e| {
+                // Only a TLS backend can fail to start, and this client has none.
+                tracing::error!(error = %e, "Cannot build the HTTP client; using one without timeouts.");
+                reqwest::Client::new()
+            });
         Self {
             pool: services.pool.clone(),
             client,
