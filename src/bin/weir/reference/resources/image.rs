@@ -123,7 +123,12 @@ pub(crate) fn measure(
         }
         other => ImageFailure::Corrupt(other.to_string()),
     })?;
-    let small = DynamicImage::ImageRgba8(image.thumbnail(px, px).to_rgba8());
+    // Never enlarged: a small image is its own thumbnail.
+    let small = if image.width() <= px && image.height() <= px {
+        DynamicImage::ImageRgba8(image.to_rgba8())
+    } else {
+        DynamicImage::ImageRgba8(image.thumbnail(px, px).to_rgba8())
+    };
     let mut png = Vec::new();
     small
         .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
@@ -188,6 +193,19 @@ mod tests {
             std::fs::remove_file(file).unwrap();
             std::fs::remove_file(thumb).unwrap();
         }
+        let (file, thumb) = (temp("small.png"), temp("thumb.png"));
+        gradient(40, 30)
+            .save_with_format(&file, ImageFormat::Png)
+            .unwrap();
+        measure(&file, &thumb, 128, "image/png").unwrap();
+        let decoded = image::open(&thumb).unwrap();
+        assert_eq!(
+            (decoded.width(), decoded.height()),
+            (40, 30),
+            "never enlarged"
+        );
+        std::fs::remove_file(file).unwrap();
+        std::fs::remove_file(thumb).unwrap();
     }
 
     #[test]
