@@ -476,11 +476,18 @@ async fn uploads_answer_before_their_side_effects_which_then_complete_and_a_corr
     let record = &dead[0];
     assert_eq!(record.key.as_deref(), Some(broken.as_bytes()));
     assert_eq!(record.headers.get_str(dlh::HANDLER), Some("resource_image"));
-    let reason = record
+    assert_eq!(
+        record.headers.get_str(dlh::ERROR_REASON),
+        Some("acknowledged")
+    );
+    let message = record
         .headers
-        .get_str(dlh::ERROR_REASON)
+        .get_str(dlh::ERROR_MESSAGE)
         .unwrap_or_default();
-    assert!(reason.contains("decode"), "reason: {reason}");
+    assert!(
+        message.contains("cannot decode") && message.contains(broken),
+        "message: {message}"
+    );
     rig.db.close().await;
 }
 

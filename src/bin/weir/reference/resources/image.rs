@@ -83,10 +83,7 @@ pub(crate) async fn run(services: &Services, id: Uuid) -> Result<(), EffectError
             row.file_path
         ))),
         Err(ImageFailure::Corrupt(reason)) => {
-            let reason = format!(
-                "{} is not a decodable {}: {reason}",
-                row.id, row.content_type
-            );
+            let reason = format!("cannot decode {} as {}: {reason}", row.id, row.content_type);
             sqlx::query(
                 "UPDATE resources SET image_error = $2 WHERE id = $1 AND deleted_at IS NULL",
             )

@@ -371,9 +371,15 @@ impl Incoming {
     /// again unless [`Stored::keep`] is called (once the row committed).
     pub(crate) async fn finish(mut self) -> std::io::Result<Stored> {
         let file = self.file.take().expect("finished once");
-        file.sync_data().await?;
+        let moved = match file.sync_data().await {
+            Ok(()) => tokio::fs::rename(&self.temp, &self.path).await,
+            Err(e) => Err(e),
+        };
         drop(file);
-        tokio::fs::rename(&self.temp, &self.path).await?;
+        if let Err(e) = moved {
+            let _ = std::fs::remove_file(&self.temp);
+            return Err(e);
+        }
         Ok(Stored {
             path: Some(std::mem::take(&mut self.path)),
         })
