@@ -96,6 +96,8 @@ impl Rig {
         .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
         .env("WEIR_CONSUMER__COMMIT_INTERVAL", "10ms")
         .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
+        .env("WEIR_RETRY__MAXIMUM_INTERVAL", "500ms")
+        .env("WEIR_RETRY__MAXIMUM_ATTEMPTS", "40")
         .config(CONSUMER_TOML)
     }
 
@@ -425,6 +427,19 @@ async fn uploads_answer_before_their_side_effects_which_then_complete_and_a_corr
     }
     assert_eq!(unfinished(rig.db.pool()).await, 200);
 
+    // One file is not in place when its events arrive (storage still syncing, say): its
+    // hasher and indexer fail retryably until it appears, then complete.
+    let late = created[3]["id"].as_str().expect("id").to_owned();
+    let late_id: uuid::Uuid = late.parse().expect("uuid");
+    let late_path: String = sqlx::query_scalar("SELECT file_path FROM resources WHERE id = $1")
+        .bind(late_id)
+        .fetch_one(rig.db.pool())
+        .await
+        .expect("file path");
+    let late_file = rig.storage().join(&late_path);
+    let aside = rig.dir.join("late-file");
+    std::fs::rename(&late_file, &aside).expect("move the file away");
+
     // The relay as its own process (as the Helm chart deploys it) publishes the events.
     let relay_env: Vec<(String, String)> = vec![
         ("WEIR_DATABASE__URL".into(), rig.db.url()),
@@ -437,6 +452,17 @@ async fn uploads_answer_before_their_side_effects_which_then_complete_and_a_corr
         ),
     ];
     let _relay = WeirProcess::spawn(rig.dir.path(), "relay", &["outbox-relay"], &relay_env);
+    eventually("the hasher retrying the missing file", PATIENCE, || async {
+        let log = serve.stderr();
+        let retried = log.lines().any(|l| {
+            l.contains("Handler failed; retrying.")
+                && l.contains("resource_hasher")
+                && l.contains(&format!("cannot read the file {late_path}"))
+        });
+        retried.then_some(()).ok_or_else(|| serve.stderr_tail(1024))
+    })
+    .await;
+    std::fs::rename(&aside, &late_file).expect("put the file in place");
     wait_all_done(rig.db.pool(), "every side effect of 200 uploads").await;
     eprintln!(
         "all side effects done {:?} after the first upload",

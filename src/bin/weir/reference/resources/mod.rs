@@ -113,20 +113,41 @@ type Effect = for<'a> fn(
     Box<dyn std::future::Future<Output = Result<(), EffectError>> + Send + 'a>,
 >;
 
+/// One side effect of `resource.created`.
+struct SideEffect {
+    /// The handler's name (logs, metrics, the `weir.handler` dead-letter header).
+    name: &'static str,
+    /// Burns CPU (hashing, decoding): runs on the blocking pool, at most one per core.
+    cpu_bound: bool,
+    run: Effect,
+}
+
 /// The side effects of `resource.created`, in the order the inline mode runs them.
-const ON_CREATED: [(&str, Effect); 3] = [
-    ("resource_hasher", |s, id| Box::pin(hasher::run(s, id))),
-    ("resource_image", |s, id| Box::pin(image::run(s, id))),
-    ("resource_indexer", |s, id| Box::pin(index::run(s, id))),
+const ON_CREATED: [SideEffect; 3] = [
+    SideEffect {
+        name: "resource_hasher",
+        cpu_bound: true,
+        run: |s, id| Box::pin(hasher::run(s, id)),
+    },
+    SideEffect {
+        name: "resource_image",
+        cpu_bound: true,
+        run: |s, id| Box::pin(image::run(s, id)),
+    },
+    SideEffect {
+        name: "resource_indexer",
+        cpu_bound: false,
+        run: |s, id| Box::pin(index::run(s, id)),
+    },
 ];
 
 /// Runs every side effect of an upload now (the inline mode). A permanent failure (a corrupt
 /// image) is recorded on the row as the handler would, and does not fail the upload.
 pub(crate) async fn run_inline(services: &Services, id: Uuid) -> Result<(), EffectError> {
-    for (name, effect) in ON_CREATED {
-        match effect(services, id).await {
+    for effect in ON_CREATED {
+        match (effect.run)(services, id).await {
             Err(EffectError::Permanent(reason)) => {
-                tracing::warn!(%id, effect = name, %reason, "Side effect failed for good.");
+                tracing::warn!(%id, effect = effect.name, %reason, "Side effect failed for good.");
             }
             other => other?,
         }
@@ -139,18 +160,18 @@ pub(crate) async fn run_inline(services: &Services, id: Uuid) -> Result<(), Effe
 /// core, off the consumer's threads.
 pub(crate) fn handlers(router: weir::Router, services: &Services) -> weir::Router {
     let mut router = router;
-    for (name, effect) in ON_CREATED {
+    for effect in ON_CREATED {
         let services = services.clone();
-        let options = HandlerOptions::new().name(name);
-        let options = if name == "resource_indexer" {
-            options
-        } else {
+        let options = HandlerOptions::new().name(effect.name);
+        let options = if effect.cpu_bound {
             options.cpu_bound()
+        } else {
+            options
         };
         router = router.on_with(
             move |event: ResourceCreated, _ctx: Ctx| {
                 let services = services.clone();
-                async move { Ok(effect(&services, event.resource_id).await?) }
+                async move { Ok((effect.run)(&services, event.resource_id).await?) }
             },
             options,
         );
