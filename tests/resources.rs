@@ -779,6 +779,47 @@ async fn bad_requests_leave_nothing_behind_renames_are_searchable_and_deletes_re
     )
     .await;
     assert!(search("picture").await.is_empty());
+
+    // The events say what changed: the update carries exactly the changed fields.
+    let events: Vec<Value> = support::kafka::read_topic(
+        &rig.broker.brokers(),
+        RESOURCE_TOPIC,
+        4,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+    .await
+    .iter()
+    .map(|r| {
+        serde_json::from_slice(r.value.as_deref().unwrap_or_default()).expect("a JSON CloudEvent")
+    })
+    .collect();
+    let mut kinds: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default(),
+                e["data"]["resource_id"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    kinds.sort();
+    let mut expected = vec![
+        ("resource.created", photo_id.as_str()),
+        ("resource.created", notes_id.as_str()),
+        ("resource.deleted", photo_id.as_str()),
+        ("resource.updated", notes_id.as_str()),
+    ];
+    expected.sort();
+    assert_eq!(kinds, expected);
+    let updated = events
+        .iter()
+        .find(|e| e["type"] == "resource.updated")
+        .expect("the update");
+    assert_eq!(
+        updated["data"]["changed_fields"],
+        json!({"name": "Budget plan 2027.txt", "tags": ["finance"]})
+    );
     let left: Vec<PathBuf> = files_under(&rig.storage());
     assert_eq!(left.len(), 1, "only the text file is left: {left:?}");
     rig.db.close().await;
