@@ -36,6 +36,10 @@ const OTHER_TYPES: [&str; 7] = [
     "application/octet-stream",
 ];
 
+/// What a nameless upload is told.
+const NAME_IT: &str =
+    "name the upload: ?name=... (raw body) or a file name or name field (multipart)";
+
 /// The longest name accepted, in characters.
 const MAX_NAME: usize = 255;
 
@@ -158,6 +162,11 @@ async fn create(
         receive_multipart(multipart, path, storage.max_upload_bytes).await?
     } else {
         let content_type = accepted_type(request_type)?;
+        // Refused before a byte is stored when the request says enough.
+        match &query.name {
+            Some(name) => valid_name(name).map(drop)?,
+            None => return Err(ApiError::bad_request("bad_name", NAME_IT)),
+        }
         let mut incoming = Incoming::create(path).await.map_err(ApiError::internal)?;
         let mut body = request.into_body().into_data_stream();
         while let Some(chunk) = body.next().await {
@@ -190,12 +199,7 @@ async fn create(
     let name = received
         .name
         .or(received.original_name.clone())
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "bad_name",
-                "name the upload: ?name=... (raw body) or a file name / name field (multipart)",
-            )
-        })?;
+        .ok_or_else(|| ApiError::bad_request("bad_name", NAME_IT))?;
     let name = valid_name(&name)?;
     let original_name = valid_name(received.original_name.as_deref().unwrap_or(&name))?;
     let mut tags = received.tags;
