@@ -10,6 +10,7 @@ mod publish;
 mod reference;
 mod serve;
 mod telemetry;
+mod upload_bench;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -38,6 +39,8 @@ enum Command {
     Demo,
     /// Measure Weir against hand-written rdkafka loops (embedded mock broker by default).
     Bench(bench::BenchArgs),
+    /// Measure seed 004: upload latency with side effects in the request vs in event handlers.
+    BenchUploads(upload_bench::UploadBenchArgs),
     /// Apply pending database migrations (outbox, inbox, the reference service's tables).
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
@@ -61,6 +64,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => {
             let _telemetry = telemetry::init(false)?;
             bench::run(args).await
+        }
+        Command::BenchUploads(args) => {
+            let _telemetry = telemetry::init(false)?;
+            upload_bench::run(args).await
         }
         Command::Demo => {
             let _telemetry = telemetry::init(false)?;

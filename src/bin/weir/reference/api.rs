@@ -1,9 +1,6 @@
 //! What the reference service's HTTP API shares: the state its routes hold and one error type
 //! whose JSON body is the same on every route (`{"error": "<kind>", "message": "..."}`).
 
-// The routes that use these land with the resource and task issues (8, 9).
-#![allow(dead_code)]
-
 use crate::config::Settings;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -55,7 +52,10 @@ impl ApiError {
             "internal error; see the service's logs",
         )
     }
+}
 
+#[cfg(test)]
+impl ApiError {
     pub(crate) fn status(&self) -> StatusCode {
         self.status
     }
