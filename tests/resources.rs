@@ -824,3 +824,82 @@ async fn bad_requests_leave_nothing_behind_renames_are_searchable_and_deletes_re
     assert_eq!(left.len(), 1, "only the text file is left: {left:?}");
     rig.db.close().await;
 }
+
+/// Sets a file's modification time `age` into the past.
+fn age_file(path: &Path, age: Duration) {
+    let file = std::fs::File::options()
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    file.set_modified(std::time::SystemTime::now() - age)
+        .expect("set mtime");
+}
+
+/// Creates a file (and its directory) with some bytes.
+fn plant(path: &Path, age: Duration) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+    std::fs::write(path, b"left behind").expect("write");
+    age_file(path, age);
+}
+
+/// The counts of the first `Storage swept.` log line of a process.
+fn swept(process: &WeirProcess) -> Result<(u64, u64), String> {
+    process
+        .stderr()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|v| v["fields"]["message"] == "Storage swept.")
+        .map(|v| {
+            let count = |f: &str| v["fields"][f].as_u64().expect("a count");
+            (count("removed_temps"), count("removed_orphans"))
+        })
+        .ok_or_else(|| process.stderr_tail(1024))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_sweeps_old_temp_files_and_rowless_uploads_and_keeps_everything_else() {
+    let rig = Rig::new("resources-sweep").await;
+    let options = rig.serve_options(true);
+    let mut first = rig.serve("serve-1", &options);
+    let api = rig.api(&first).await;
+    let client = reqwest::Client::new();
+    let kept = upload_all(&client, &api, &[text_sample(1)]).await;
+    wait_all_done(rig.db.pool(), "the kept resource's side effects").await;
+    first.sigterm();
+    first.wait_exit(PATIENCE).await.expect("serve-1 exits");
+
+    // What a killed process leaves, two hours old; and what a live one owns, fresh or not.
+    let hours = Duration::from_secs(2 * 3600);
+    let storage = rig.storage();
+    let kept_id = uuid::Uuid::parse_str(kept[0]["id"].as_str().expect("id")).expect("uuid");
+    let kept_file = files_under(&storage)
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_string_lossy() == kept_id.simple().to_string())
+        .expect("the kept resource's file");
+    age_file(&kept_file, hours);
+    let orphan = uuid::Uuid::new_v4().simple().to_string();
+    let old_orphan = storage.join(&orphan[30..]).join(&orphan);
+    let old_temp = storage.join("0f").join(format!("{orphan}.tmp-0123"));
+    let fresh_temp = storage.join("0f").join(format!("{orphan}.tmp-4567"));
+    let fresh = uuid::Uuid::new_v4().simple().to_string();
+    let fresh_upload = storage.join(&fresh[30..]).join(&fresh);
+    plant(&old_orphan, hours);
+    plant(&old_temp, hours);
+    plant(&fresh_temp, Duration::ZERO);
+    plant(&fresh_upload, Duration::ZERO);
+
+    let second = rig.serve("serve-2", &options);
+    let counts = eventually("the start-up sweep", PATIENCE, || async { swept(&second) }).await;
+    assert_eq!(counts, (1, 1), "one old temp file, one old rowless upload");
+    assert!(
+        !old_orphan.exists() && !old_temp.exists(),
+        "leftovers removed"
+    );
+    for path in [&kept_file, &fresh_temp, &fresh_upload] {
+        assert!(path.exists(), "{} kept", path.display());
+    }
+    let api = rig.api(&second).await;
+    let (status, body) = get_json(&client, &format!("{api}/resources/{kept_id}")).await;
+    assert_eq!(status, 200, "{body}");
+    rig.db.close().await;
+}

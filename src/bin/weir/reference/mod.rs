@@ -128,7 +128,9 @@ pub(crate) fn spawn_background(
     services: &Services,
     stop: tokio_util::sync::CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    tasks::spawn_background(services, stop)
+    let mut jobs = tasks::spawn_background(services, stop.clone());
+    jobs.extend(resources::spawn_background(services, stop));
+    jobs
 }
 
 fn recording_router(r: &Recorder) -> Router {

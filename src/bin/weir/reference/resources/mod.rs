@@ -15,13 +15,15 @@
 //! that runs twice (a crash before the offset commit) leaves the same state.
 //!
 //! - [`api`]: the HTTP routes;
-//! - [`store`]: files on disk and the `resources` rows.
+//! - [`store`]: files on disk and the `resources` rows;
+//! - [`sweep`]: removes the leftovers of a killed process from the storage directory.
 
 mod api;
 mod hasher;
 mod image;
 mod index;
 mod store;
+mod sweep;
 
 use super::api::Services;
 use serde::{Deserialize, Serialize};
@@ -53,6 +55,10 @@ pub(crate) struct StorageSettings {
     /// before seed 004. Only for measuring the difference (`weir bench-uploads`); the handlers
     /// still run afterwards and find the work done.
     pub(crate) inline_side_effects: bool,
+    /// Temporary files and uploads without a row (what a killed process leaves) older than this
+    /// are removed, at start and then this often; `"0s"` turns the sweep off.
+    #[serde(with = "humantime_serde")]
+    pub(crate) sweep_after: std::time::Duration,
 }
 
 impl Default for StorageSettings {
@@ -63,6 +69,7 @@ impl Default for StorageSettings {
             thumbnail_px: 128,
             index_text_bytes: 256 * 1024,
             inline_side_effects: false,
+            sweep_after: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -70,6 +77,14 @@ impl Default for StorageSettings {
 /// The resource routes.
 pub(crate) fn routes(services: &Services) -> axum::Router {
     api::routes(services)
+}
+
+/// The resource service's background job: the storage sweep.
+pub(crate) fn spawn_background(
+    services: &Services,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    sweep::spawn(services, stop)
 }
 
 /// Why a side effect did not complete, which decides between retrying and dead-lettering.
