@@ -11,8 +11,10 @@ use crate::telemetry::events::{
     At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
     RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
-use crate::telemetry::{trace, Metrics};
+use crate::telemetry::{trace, Metrics, RouteSeries};
 use futures_util::FutureExt;
+use prometheus::IntCounter;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -23,7 +25,8 @@ use tracing::Instrument;
 /// A record as any transport delivers it.
 #[derive(Debug, Clone)]
 pub(crate) struct Inbound {
-    pub(crate) topic: String,
+    /// Shared: every record of a topic points at one copy of its name.
+    pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) key: Option<Vec<u8>>,
@@ -97,12 +100,24 @@ pub(crate) struct Dispatcher {
     group: String,
     /// One permit per core, shared by every `cpu_bound` handler.
     cpu: Arc<Semaphore>,
+    /// `weir_messages_received_total` of each subscribed topic, resolved once.
+    received: HashMap<String, IntCounter>,
 }
 
 impl Dispatcher {
-    pub(crate) fn new(router: Router, metrics: Metrics, group: impl Into<String>) -> Self {
+    pub(crate) fn new(mut router: Router, metrics: Metrics, group: impl Into<String>) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        router.bind_metrics(&metrics);
+        let received = router
+            .topics()
+            .into_iter()
+            .map(|t| {
+                let counter = metrics.received.with_label_values(&[&t]);
+                (t, counter)
+            })
+            .collect();
         Self {
+            received,
             router,
             metrics,
             group: group.into(),
@@ -131,11 +146,11 @@ impl Dispatcher {
     /// `span` is the record's [`span`](Self::span), which the caller has entered.
     pub(crate) async fn dispatch(
         &self,
-        rec: &Inbound,
+        rec: &Arc<Inbound>,
         stop: &CancellationToken,
         span: &tracing::Span,
     ) -> Outcome {
-        RecordReceived { at: rec.at() }.emit(&self.metrics);
+        RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
         let decoded = {
             let _decode = trace::decode_span().entered();
             self.decode(rec, span)
@@ -145,18 +160,24 @@ impl Dispatcher {
             Err(outcome) => return outcome,
         };
         let info = Arc::new(RecordInfo {
-            topic: rec.topic.clone(),
-            partition: rec.partition,
-            offset: rec.offset,
-            key: rec.key.clone(),
+            record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
-            headers: rec.headers.clone(),
             event: raw.meta,
         });
+        let resolved;
+        let series = match &route.series {
+            Some(series) => series,
+            None => {
+                resolved = self
+                    .metrics
+                    .route_series(&rec.topic, &info.event.event_type);
+                &resolved
+            }
+        };
         let runs = route
             .handlers
             .iter()
-            .map(|handler| self.run_handler(handler, &event, &info, stop));
+            .map(|handler| self.run_handler(handler, &event, &info, series, stop));
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(runs).await {
             match result {
@@ -222,14 +243,11 @@ impl Dispatcher {
         handler: &Route,
         event: &ErasedEvent,
         info: &Arc<RecordInfo>,
+        series: &RouteSeries,
         stop: &CancellationToken,
     ) -> HandlerResult {
         let m = &self.metrics;
-        let at = At {
-            topic: &info.topic,
-            partition: info.partition,
-            offset: info.offset,
-        };
+        let at = info.record.at();
         let event_type = info.event.event_type.as_str();
         let event_id = info.event.id;
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
@@ -242,11 +260,9 @@ impl Dispatcher {
                 .instrument(trace::handle_span(&handler.name, attempt))
                 .await;
             HandlerCalled {
-                at,
-                event_type,
                 duration: started.elapsed(),
             }
-            .emit(m);
+            .emit(series);
             let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
                 HandlerGaveUp {
                     at,
@@ -276,7 +292,7 @@ impl Dispatcher {
                         handler: &handler.name,
                         attempt,
                     }
-                    .emit(m);
+                    .emit(series);
                     return HandlerResult::Final(None);
                 }
                 Err(panic) => return give_up(DeadLetterKind::Panic, panic, false),

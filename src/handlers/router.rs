@@ -3,6 +3,7 @@
 
 use super::{Ctx, HandlerError, HandlerFn, RetryPolicy};
 use crate::contracts::{DecodeError, DecodeLimits, Event, EventFactory, RawEnvelope};
+use crate::telemetry::{Metrics, RouteSeries};
 use serde::Deserialize;
 use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
@@ -112,6 +113,8 @@ pub(crate) struct TypeRoute {
     type_name: &'static str,
     pub(crate) decode: Decode,
     pub(crate) handlers: Vec<Route>,
+    /// This route's metric series, resolved when a dispatcher takes the router.
+    pub(crate) series: Option<RouteSeries>,
 }
 
 /// Maps (topic, event type) to handlers, with the defaults they share.
@@ -196,6 +199,7 @@ impl Router {
                     Ok(Arc::new(event) as ErasedEvent)
                 }),
                 handlers: Vec::new(),
+                series: None,
             });
         assert!(
             entry.type_id == TypeId::of::<T>(),
@@ -253,6 +257,15 @@ impl Router {
 
     pub(crate) fn route(&self, topic: &str, event_type: &str) -> Option<&TypeRoute> {
         self.routes.get(topic)?.get(event_type)
+    }
+
+    /// Resolves every route's metric series in `metrics`.
+    pub(crate) fn bind_metrics(&mut self, metrics: &Metrics) {
+        for (topic, types) in &mut self.routes {
+            for (event_type, route) in types {
+                route.series = Some(metrics.route_series(topic, event_type));
+            }
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, &str, &TypeRoute)> {

@@ -239,6 +239,7 @@ fn poll_loop(
     let mut held: VecDeque<(u64, Inbound)> = VecDeque::new();
     let mut stalled_since: Option<Instant> = None;
     let mut paused: Option<TopicPartitionList> = None;
+    let mut names: Vec<Arc<str>> = Vec::new();
     while !closing.load(Ordering::SeqCst) {
         while let Some(item) = held.pop_front() {
             match records.try_send(item) {
@@ -279,7 +280,7 @@ fn poll_loop(
             None => {}
             Some(Ok(message)) => {
                 let epoch = consumer.context().epoch.load(Ordering::SeqCst);
-                held.push_back((epoch, to_inbound(&message)));
+                held.push_back((epoch, to_inbound(&message, &mut names)));
             }
             // The context's error callback has logged it already (throttled).
             Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
@@ -295,7 +296,16 @@ fn close(consumer: Arc<WeirConsumer>, records: mpsc::Sender<(u64, Inbound)>) {
     drop(consumer);
 }
 
-fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
+/// `names` keeps one shared copy of each topic name, so a record's topic is not an allocation.
+fn to_inbound(message: &BorrowedMessage<'_>, names: &mut Vec<Arc<str>>) -> Inbound {
+    let topic = match names.iter().find(|n| ***n == *message.topic()) {
+        Some(name) => name.clone(),
+        None => {
+            let name: Arc<str> = Arc::from(message.topic());
+            names.push(name.clone());
+            name
+        }
+    };
     let headers = message
         .headers()
         .map(|hs| {
@@ -305,7 +315,7 @@ fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
         })
         .unwrap_or_default();
     Inbound {
-        topic: message.topic().to_owned(),
+        topic,
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
@@ -370,8 +380,11 @@ impl Source for KafkaSource {
                 },
                 record = self.records.recv(), if want_records => {
                     let (epoch, inbound) = record?;
-                    let tp = (inbound.topic.clone(), inbound.partition);
-                    if self.revoked_at.get(&tp).is_some_and(|revoked| epoch < *revoked) {
+                    let stale = !self.revoked_at.is_empty() && {
+                        let tp = (inbound.topic.to_string(), inbound.partition);
+                        self.revoked_at.get(&tp).is_some_and(|revoked| epoch < *revoked)
+                    };
+                    if stale {
                         continue;
                     }
                     return Some(SourceEvent::Record(inbound));
