@@ -117,7 +117,18 @@ pub(crate) struct Engine<S: Source> {
     naming: Arc<(String, DeadLetterTopics)>,
     /// Hashes record keys into lanes; fixed keys, so a key's lane is stable.
     lane_hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
+    /// Records that finished during their first, inline poll, to complete from the loop (not
+    /// recursively from inside `spawn`).
+    finished_inline: Vec<Completion>,
+    /// Records left to spawn without an inline poll, after an inline poll ran long.
+    inline_cooldown: u32,
 }
+
+/// An inline poll longer than this means the handler computes rather than waits: the engine
+/// then spawns the next [`INLINE_COOLDOWN`] records straight away, so such handlers spread over
+/// the runtime's threads instead of running on the engine's.
+const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(100);
+const INLINE_COOLDOWN: u32 = 1024;
 
 fn partition_key(tp: &Tp) -> PartitionKey {
     (Arc::from(tp.0.as_str()), tp.1)
@@ -147,6 +158,8 @@ impl<S: Source> Engine<S> {
             unfinished: 0,
             naming,
             lane_hasher: Default::default(),
+            finished_inline: Vec::new(),
+            inline_cooldown: 0,
         }
     }
 
@@ -176,6 +189,7 @@ impl<S: Source> Engine<S> {
                     }
                 },
             }
+            self.settle_inline();
         }
         self.drain().await
     }
@@ -284,7 +298,38 @@ impl<S: Source> Engine<S> {
                 is_final,
             }
         };
-        self.tasks.spawn(task.instrument(span));
+        let mut task = Box::pin(task.instrument(span));
+        if self.inline_cooldown > 0 {
+            self.inline_cooldown -= 1;
+            self.tasks.spawn(task);
+            return;
+        }
+        // Poll once here first: a handler that does not wait (a no-op, a cache hit, a cheap
+        // transform) finishes without a task, a wake-up and a hand-back, which cost more than
+        // the handler. One that waits is spawned as it is; its next poll registers the task's
+        // waker, as the `Future` contract requires of every poll.
+        let started = std::time::Instant::now();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        if started.elapsed() > INLINE_BUDGET {
+            self.inline_cooldown = INLINE_COOLDOWN;
+        }
+        match polled {
+            Ok(std::task::Poll::Ready(done)) => self.finished_inline.push(done),
+            Ok(std::task::Poll::Pending) => {
+                self.tasks.spawn(task);
+            }
+            // Handlers' panics are caught in dispatch; as for a failed task, log it.
+            Err(_) => tracing::error!("Record task failed unexpectedly."),
+        }
+    }
+
+    /// Completes the records that finished inline, and those that finishing them started.
+    fn settle_inline(&mut self) {
+        while let Some(done) = self.finished_inline.pop() {
+            self.complete(done, true);
+        }
     }
 
     fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {
@@ -405,7 +450,10 @@ impl<S: Source> Engine<S> {
         };
         while busy(self) {
             tokio::select! {
-                Some(joined) = self.tasks.join_next() => self.joined(joined, true),
+                Some(joined) = self.tasks.join_next() => {
+                    self.joined(joined, true);
+                    self.settle_inline();
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; their unfinished records will be redelivered.");
                     break;

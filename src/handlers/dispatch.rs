@@ -6,7 +6,7 @@ use super::ctx::RecordInfo;
 use super::retry::RetryDecision;
 use super::router::{ErasedEvent, Route, TypeRoute};
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
-use crate::contracts::{decode_envelope, DecodeError, Headers, RawEnvelope};
+use crate::contracts::{decode_envelope, DecodeError, EventMeta, Headers};
 use crate::telemetry::events::{
     At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
     RecordReceived, RecordSkipped, UNKNOWN_TYPE,
@@ -155,14 +155,14 @@ impl Dispatcher {
             let _decode = trace::decode_span().entered();
             self.decode(rec, span)
         };
-        let (route, raw, event) = match decoded {
+        let (route, meta, event) = match decoded {
             Ok(decoded) => decoded,
             Err(outcome) => return outcome,
         };
         let info = Arc::new(RecordInfo {
             record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
-            event: raw.meta,
+            event: meta,
         });
         let resolved;
         let series = match &route.series {
@@ -194,7 +194,15 @@ impl Dispatcher {
         &self,
         rec: &Inbound,
         span: &tracing::Span,
-    ) -> Result<(&TypeRoute, RawEnvelope, ErasedEvent), Outcome> {
+    ) -> Result<(&TypeRoute, EventMeta, ErasedEvent), Outcome> {
+        if let Some((wire_type, route)) = self.router.sole_route(&rec.topic) {
+            let one_pass =
+                (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, &self.router.limits);
+            if let Some((meta, event)) = one_pass.filter(|(m, _)| m.event_type == wire_type) {
+                trace::record_event(span, &meta.id, &meta.event_type);
+                return Ok((route, meta, event));
+            }
+        }
         let raw = decode_envelope(rec.value.as_deref(), &rec.headers, &self.router.limits)
             .map_err(|e| self.decode_failure(rec, e))?;
         let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
@@ -219,7 +227,7 @@ impl Dispatcher {
         };
         trace::record_event(span, &raw.meta.id, &raw.meta.event_type);
         let event = (route.decode)(&raw).map_err(|e| self.decode_failure(rec, e))?;
-        Ok((route, raw, event))
+        Ok((route, raw.meta, event))
     }
 
     fn decode_failure(&self, rec: &Inbound, error: DecodeError) -> Outcome {

@@ -2,7 +2,10 @@
 //! only here; everything downstream works on erased routes.
 
 use super::{Ctx, HandlerError, HandlerFn, RetryPolicy};
-use crate::contracts::{DecodeError, DecodeLimits, Event, EventFactory, RawEnvelope};
+use crate::contracts::{
+    decode_structured_as, DecodeError, DecodeLimits, Event, EventFactory, EventMeta, Headers,
+    RawEnvelope,
+};
 use crate::telemetry::{Metrics, RouteSeries};
 use serde::Deserialize;
 use std::any::{Any, TypeId};
@@ -15,6 +18,11 @@ use std::time::Duration;
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub(crate) type ErasedEvent = Arc<dyn Any + Send + Sync>;
 type Decode = Box<dyn Fn(&RawEnvelope) -> Result<ErasedEvent, DecodeError> + Send + Sync>;
+type DecodeOnePass = Box<
+    dyn Fn(Option<&[u8]>, &Headers, &DecodeLimits) -> Option<(EventMeta, ErasedEvent)>
+        + Send
+        + Sync,
+>;
 type Call = Box<dyn Fn(&ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
 
 /// What to do with a record whose event type has no handler on its topic.
@@ -112,6 +120,8 @@ pub(crate) struct TypeRoute {
     type_id: TypeId,
     type_name: &'static str,
     pub(crate) decode: Decode,
+    /// Envelope and payload in one pass; see [`decode_structured_as`].
+    pub(crate) decode_one_pass: DecodeOnePass,
     pub(crate) handlers: Vec<Route>,
     /// This route's metric series, resolved when a dispatcher takes the router.
     pub(crate) series: Option<RouteSeries>,
@@ -198,6 +208,10 @@ impl Router {
                     let event: T = EventFactory::<T>::new().decode_data(raw)?;
                     Ok(Arc::new(event) as ErasedEvent)
                 }),
+                decode_one_pass: Box::new(|value, headers, limits| {
+                    let (meta, event) = decode_structured_as::<T>(value, headers, limits)?;
+                    Some((meta, Arc::new(event) as ErasedEvent))
+                }),
                 handlers: Vec::new(),
                 series: None,
             });
@@ -257,6 +271,15 @@ impl Router {
 
     pub(crate) fn route(&self, topic: &str, event_type: &str) -> Option<&TypeRoute> {
         self.routes.get(topic)?.get(event_type)
+    }
+
+    /// The route of a topic that carries exactly one registered type, with that type's wire name.
+    pub(crate) fn sole_route(&self, topic: &str) -> Option<(&str, &TypeRoute)> {
+        let types = self.routes.get(topic)?;
+        if types.len() != 1 {
+            return None;
+        }
+        types.iter().next().map(|(t, r)| (t.as_str(), r))
     }
 
     /// Resolves every route's metric series in `metrics`.
