@@ -67,6 +67,11 @@ type PartitionKey = (Arc<str>, i32);
 /// each key's order.
 type Lane = u64;
 
+/// The engine hashes a topic name and a lane several times per record; SipHash made that a
+/// tenth of a no-op record's cost. foldhash is randomly seeded per process, so crafted keys
+/// cannot aim at its buckets either.
+type FastHash = foldhash::fast::RandomState;
+
 struct PartitionState {
     tracker: OffsetTracker,
     generation: u64,
@@ -75,7 +80,7 @@ struct PartitionState {
     /// Running now (at most `max_in_flight_per_partition`).
     running: usize,
     /// Busy lanes, each with the records waiting behind its running (or ready) head.
-    lanes: HashMap<Lane, VecDeque<Inbound>>,
+    lanes: HashMap<Lane, VecDeque<Inbound>, FastHash>,
     /// Records free to start (their lane is theirs) waiting for one of the partition's slots.
     ready: VecDeque<(Inbound, Option<Lane>)>,
     /// Highest offset admitted: a transport that hands over a record again (after a seek or a
@@ -107,7 +112,7 @@ pub(crate) struct Engine<S: Source> {
     config: ConsumerConfig,
     stop: CancellationToken,
     health: Health,
-    partitions: HashMap<PartitionKey, PartitionState>,
+    partitions: HashMap<PartitionKey, PartitionState, FastHash>,
     tasks: JoinSet<Completion>,
     in_flight: usize,
     generations: u64,
@@ -115,8 +120,8 @@ pub(crate) struct Engine<S: Source> {
     unfinished: usize,
     /// The consumer group and dead-letter naming, for dead-letter records.
     naming: Arc<(String, DeadLetterTopics)>,
-    /// Hashes record keys into lanes; fixed keys, so a key's lane is stable.
-    lane_hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
+    /// Hashes record keys into lanes; one instance, so a key's lane is stable.
+    lane_hasher: FastHash,
     /// Records that finished during their first, inline poll, to complete from the loop (not
     /// recursively from inside `spawn`).
     finished_inline: Vec<Completion>,
@@ -151,7 +156,7 @@ impl<S: Source> Engine<S> {
             config,
             stop,
             health,
-            partitions: HashMap::new(),
+            partitions: HashMap::default(),
             tasks: JoinSet::new(),
             in_flight: 0,
             generations: 0,
@@ -211,7 +216,7 @@ impl<S: Source> Engine<S> {
                     generation: *generations,
                     in_flight: 0,
                     running: 0,
-                    lanes: HashMap::new(),
+                    lanes: HashMap::default(),
                     ready: VecDeque::new(),
                     last_admitted: None,
                     unstored: false,

@@ -174,10 +174,21 @@ impl Dispatcher {
                 &resolved
             }
         };
+        if let [handler] = route.handlers.as_slice() {
+            // The common case, without join_all's allocation and bookkeeping; the handler gets
+            // the decoded event itself, not a copy.
+            return match self
+                .run_handler(handler, route, event, &info, series, stop)
+                .await
+            {
+                HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
+                HandlerResult::Abandoned => Outcome::Abandoned,
+            };
+        }
         let runs = route
             .handlers
             .iter()
-            .map(|handler| self.run_handler(handler, &event, &info, series, stop));
+            .map(|handler| self.run_handler(handler, route, event.clone(), &info, series, stop));
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(runs).await {
             match result {
@@ -246,10 +257,25 @@ impl Dispatcher {
         }])
     }
 
+    /// Decodes the record again, for a retry: the first attempt took the event, and decoding
+    /// succeeded once, so it does again. Retries are rare and wait a backoff; a copy of every
+    /// event kept for them would cost every record.
+    fn decode_again(&self, route: &TypeRoute, rec: &Inbound) -> Result<ErasedEvent, DecodeError> {
+        let limits = &self.router.limits;
+        if let Some((_, event)) =
+            (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, limits)
+        {
+            return Ok(event);
+        }
+        let raw = decode_envelope(rec.value.as_deref(), &rec.headers, limits)?;
+        (route.decode)(&raw)
+    }
+
     async fn run_handler(
         &self,
         handler: &Route,
-        event: &ErasedEvent,
+        route: &TypeRoute,
+        event: ErasedEvent,
         info: &Arc<RecordInfo>,
         series: &RouteSeries,
         stop: &CancellationToken,
@@ -260,7 +286,23 @@ impl Dispatcher {
         let event_id = info.event.id;
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
         let mut attempt = 1;
+        let mut first = Some(event);
         loop {
+            let event = match first.take() {
+                Some(event) => event,
+                None => match self.decode_again(route, &info.record) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        return HandlerResult::Final(Some(Failure {
+                            kind: DeadLetterKind::Decode,
+                            detail: error.kind(),
+                            message: error.to_string(),
+                            attempts: attempt - 1,
+                            handler: Some(handler.name.clone()),
+                        }))
+                    }
+                },
+            };
             let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
             let started = Instant::now();
             let result = self
@@ -344,7 +386,7 @@ impl Dispatcher {
     async fn call_once(
         &self,
         handler: &Route,
-        event: &ErasedEvent,
+        event: ErasedEvent,
         ctx: Ctx,
     ) -> Result<Result<(), HandlerError>, String> {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))

@@ -23,7 +23,8 @@ type DecodeOnePass = Box<
         + Send
         + Sync,
 >;
-type Call = Box<dyn Fn(&ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
+/// Takes the event by value: the handler owns it without a copy when nothing else holds it.
+type Call = Box<dyn Fn(ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
 
 /// What to do with a record whose event type has no handler on its topic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -231,9 +232,9 @@ impl Router {
             cpu_bound: options.cpu_bound,
             call: Box::new(move |event, ctx| {
                 let event = event
-                    .downcast_ref::<T>()
-                    .expect("the route decoded this event as T")
-                    .clone();
+                    .downcast::<T>()
+                    .map(Arc::unwrap_or_clone)
+                    .unwrap_or_else(|_| unreachable!("the route decoded this event as T"));
                 Box::pin(handler.call(event, ctx))
             }),
         });
