@@ -53,6 +53,9 @@ pub(crate) trait Source: Send + 'static {
     /// `want_records` is false (the in-flight limit is reached) only control events
     /// (rebalances) may be returned.
     fn next(&mut self, want_records: bool) -> impl Future<Output = Option<SourceEvent>> + Send;
+    /// A record that is ready now, without waiting, if no control event is pending: lets the
+    /// engine take a burst of records per turn of its loop instead of one.
+    fn try_record(&mut self) -> Option<Inbound>;
     /// Remembers `next_offset` as the partition's position to commit.
     fn store(&mut self, tp: &Tp, next_offset: i64);
     /// Commits stored positions; `sync` waits for the broker.
@@ -134,6 +137,8 @@ pub(crate) struct Engine<S: Source> {
 /// the runtime's threads instead of running on the engine's.
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(100);
 const INLINE_COOLDOWN: u32 = 1024;
+/// Records taken per turn of the engine loop at most, so completions and commits get their turn.
+const BURST: usize = 256;
 
 fn partition_key(tp: &Tp) -> PartitionKey {
     (Arc::from(tp.0.as_str()), tp.1)
@@ -184,7 +189,11 @@ impl<S: Source> Engine<S> {
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
                 event = self.source.next(room) => match event {
                     None => break,
-                    Some(SourceEvent::Record(rec)) => self.admit(rec),
+                    Some(SourceEvent::Record(rec)) => {
+                        self.admit(rec);
+                        self.settle_inline();
+                        self.admit_ready();
+                    }
                     Some(SourceEvent::Revoked { partitions, done }) => {
                         self.revoke(&partitions).await;
                         let _ = done.send(());
@@ -197,6 +206,21 @@ impl<S: Source> Engine<S> {
             self.settle_inline();
         }
         self.drain().await
+    }
+
+    /// Takes the records the source has ready, while there is room: one turn of the loop (and
+    /// its polls of the stop token, the commit tick and the task set) per burst, not per record.
+    fn admit_ready(&mut self) {
+        for _ in 0..BURST {
+            if self.in_flight >= self.config.max_in_flight {
+                break;
+            }
+            let Some(rec) = self.source.try_record() else {
+                break;
+            };
+            self.admit(rec);
+            self.settle_inline();
+        }
     }
 
     fn admit(&mut self, rec: Inbound) {

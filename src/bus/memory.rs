@@ -452,6 +452,10 @@ impl Source for MemorySource {
         }
     }
 
+    fn try_record(&mut self) -> Option<Inbound> {
+        self.try_next()
+    }
+
     fn store(&mut self, tp: &Tp, next_offset: i64) {
         self.stored.insert(tp.clone(), next_offset);
     }
