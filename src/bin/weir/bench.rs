@@ -22,7 +22,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -61,6 +61,12 @@ pub(crate) struct BenchArgs {
     /// `--kafka fetch.queue.backoff.ms=1000`), on top of Weir's defaults.
     #[arg(long = "kafka", value_name = "KEY=VALUE", value_parser = parse_property)]
     kafka: Vec<(String, String)>,
+    /// Prefetched mode for A0, A1 and W: after its first record each arm waits this many
+    /// seconds, so the client prefetches up to its queue limits, and only then starts the clock.
+    /// Shows the framework's own cost where the broker caps every arm; keep `--records` within
+    /// what the prefetch queue holds (raise it with `--kafka queued.max.messages.kbytes=...`).
+    #[arg(long, value_name = "SECONDS")]
+    prefetch: Option<u64>,
     /// Only run these arm groups (comma-separated: base, io, cpu, mem).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -91,7 +97,7 @@ async fn drain(args: &BenchArgs, topic: &str) -> anyhow::Result<()> {
     let bus = KafkaBus::new(kafka_config(args, brokers))?;
     let consumer = ConsumerConfig::new(format!("bench-{}", uuid::Uuid::new_v4().simple()));
     let before = rss_kib("VmRSS:");
-    let run = weir_arm(&bus, topic, args.records, Work::Noop, consumer).await?;
+    let run = weir_arm(&bus, topic, args.records, Work::Noop, consumer, None).await?;
     println!(
         "backlog: drained {} records at {:.0} msgs/s in a fresh process; peak RSS {:.1} MiB (at start {:.1} MiB)",
         args.records,
@@ -228,7 +234,13 @@ struct CloudEventIn {
 }
 
 /// A0 and A1: a plain `BaseConsumer` loop on a blocking thread.
-fn hand_loop(kafka: &KafkaConfig, topic: &str, n: usize, typed: bool) -> anyhow::Result<Run> {
+fn hand_loop(
+    kafka: &KafkaConfig,
+    topic: &str,
+    n: usize,
+    typed: bool,
+    warmup: Option<Duration>,
+) -> anyhow::Result<Run> {
     let group = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let consumer: BaseConsumer = kafka.consumer_config(&group).create()?;
     consumer.subscribe(&[topic])?;
@@ -245,7 +257,12 @@ fn hand_loop(kafka: &KafkaConfig, topic: &str, n: usize, typed: bool) -> anyhow:
             continue;
         };
         let message = message?;
-        started.get_or_insert_with(Instant::now);
+        if started.is_none() {
+            if let Some(warmup) = warmup {
+                std::thread::sleep(warmup);
+            }
+            started = Some(Instant::now());
+        }
         if typed {
             let event: CloudEventIn =
                 serde_json::from_slice(message.payload().unwrap_or_default())?;
@@ -288,11 +305,20 @@ struct Tally {
     last: Mutex<Option<Instant>>,
     latencies: Mutex<Vec<Duration>>,
     done: Notify,
+    /// Prefetched mode: handlers wait this long after the first record, then the clock starts.
+    warmup: Option<Duration>,
+    gate_started: AtomicBool,
+    open: AtomicBool,
+    opened: Notify,
 }
 
 impl Tally {
-    fn new(target: usize) -> Arc<Self> {
+    fn new(target: usize, warmup: Option<Duration>) -> Arc<Self> {
         Arc::new(Self {
+            warmup,
+            gate_started: AtomicBool::new(false),
+            open: AtomicBool::new(false),
+            opened: Notify::new(),
             count: AtomicUsize::new(0),
             target,
             first: Mutex::new(None),
@@ -300,6 +326,33 @@ impl Tally {
             latencies: Mutex::new(Vec::new()),
             done: Notify::new(),
         })
+    }
+
+    /// In prefetched mode, holds every handler until the warm-up after the first record is over.
+    async fn pass_gate(self: &Arc<Self>) {
+        let Some(warmup) = self.warmup else {
+            return;
+        };
+        if self.open.load(Ordering::Acquire) {
+            return;
+        }
+        if !self.gate_started.swap(true, Ordering::SeqCst) {
+            let tally = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                *tally.first.lock().unwrap() = Some(Instant::now());
+                tally.open.store(true, Ordering::Release);
+                tally.opened.notify_waiters();
+            });
+        }
+        loop {
+            // Created before the check: `notify_waiters` reaches it even if not yet polled.
+            let notified = self.opened.notified();
+            if self.open.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn record(&self, latency: Option<Duration>) {
@@ -342,6 +395,7 @@ fn router(work: Work, topic: &str, tally: Arc<Tally>) -> Router {
         move |event: CustomerCreated, _ctx: Ctx| {
             let tally = tally.clone();
             async move {
+                tally.pass_gate().await;
                 let started = Instant::now();
                 match work {
                     Work::Noop => std::hint::black_box(&event).customer_id.len(),
@@ -369,8 +423,9 @@ async fn weir_arm<B: Bus>(
     n: usize,
     work: Work,
     consumer: ConsumerConfig,
+    warmup: Option<Duration>,
 ) -> anyhow::Result<Run> {
-    let tally = Tally::new(n);
+    let tally = Tally::new(n, warmup);
     let rss = reset_peak_rss();
     let subscription = bus.subscribe(router(work, topic, tally.clone()), consumer)?;
     tokio::time::timeout(Duration::from_secs(900), tally.done.notified())
@@ -464,6 +519,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for (k, v) in &args.kafka {
         println!("consumer property: {k}={v}");
     }
+    if let Some(secs) = args.prefetch {
+        println!(
+            "prefetched mode: A0, A1 and W start their clocks {secs} s after their first record"
+        );
+    }
     println!(
         "machine: {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -493,17 +553,22 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Arm::new("A1 typed at-least-once"),
         Arm::new("W weir no-op"),
     );
+    let warmup = args.prefetch.map(Duration::from_secs);
     for round in 0..args.rounds {
         if !wants("base") {
             break;
         }
         eprintln!("round {}/{}: A0, A1, W", round + 1, args.rounds);
         let (kafka, topic, n) = (target.kafka.clone(), main_topic.clone(), args.records);
-        a0.runs
-            .push(tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, false)).await??);
+        a0.runs.push(
+            tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, false, warmup))
+                .await??,
+        );
         let (kafka, topic) = (target.kafka.clone(), main_topic.clone());
-        a1.runs
-            .push(tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, true)).await??);
+        a1.runs.push(
+            tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, true, warmup))
+                .await??,
+        );
         w.runs.push(
             weir_arm(
                 &bus,
@@ -511,6 +576,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.records,
                 Work::Noop,
                 consumer(ProcessingOrder::Key),
+                warmup,
             )
             .await?,
         );
@@ -535,6 +601,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 io_partition_n,
                 Work::Io,
                 consumer(ProcessingOrder::Partition),
+                None,
             )
             .await?,
         );
@@ -545,6 +612,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 args.io_records,
                 Work::Io,
                 consumer(ProcessingOrder::Key),
+                None,
             )
             .await?,
         );
@@ -569,6 +637,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 cpu_n,
                 Work::Cpu,
                 consumer(ProcessingOrder::Partition),
+                None,
             )
             .await?,
         );
@@ -579,6 +648,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 cpu_n,
                 Work::Cpu,
                 consumer(ProcessingOrder::Key),
+                None,
             )
             .await?,
         );
@@ -636,6 +706,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 mem_n,
                 Work::Noop,
                 consumer(ProcessingOrder::Key),
+                None,
             )
             .await?,
         );
