@@ -57,7 +57,9 @@ pub struct ConsumerConfig {
     /// commit interval bounds what a crash redelivers: the records in flight plus those that
     /// finished since the last acknowledged commit.
     pub max_in_flight: usize,
-    /// The same, per partition; a partition at its limit is paused until it drains to half.
+    /// Records of one partition running at once; the partition's other ready records wait for
+    /// a slot, oldest first. (Fetching is not paused for this: pausing a librdkafka partition
+    /// discards its prefetched records.)
     pub max_in_flight_per_partition: usize,
     /// Dead-letter topic naming.
     pub dead_letter: DeadLetterTopics,

@@ -40,7 +40,7 @@ pub(crate) fn record(
     topic: String,
 ) -> OutboundRecord {
     let mut headers = rec.headers.clone();
-    headers.set(header::ORIGINAL_TOPIC, rec.topic.as_str());
+    headers.set(header::ORIGINAL_TOPIC, rec.topic.as_bytes());
     headers.set(header::ORIGINAL_PARTITION, rec.partition.to_string());
     headers.set(header::ORIGINAL_OFFSET, rec.offset.to_string());
     if let Some(ts) = rec.timestamp_ms {

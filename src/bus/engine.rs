@@ -14,6 +14,12 @@
 //! paused for this: pausing a librdkafka partition discards its prefetched records, and measured
 //! with `weir bench` that re-fetching cut throughput by an order of magnitude.
 //!
+//! Per-record cost, measured with `weir bench` and callgrind: keying a record allocates nothing
+//! (shared topic names, lanes keyed by a hash), positions reach the source once per commit, not
+//! once per record, the engine takes a burst of ready records per turn of its loop, and each
+//! record's future is polled once inline, so a handler that does not wait finishes without a
+//! task of its own.
+//!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
 
@@ -25,6 +31,7 @@ use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced};
 use crate::telemetry::{trace, Health};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::BuildHasher as _;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
@@ -52,13 +59,27 @@ pub(crate) trait Source: Send + 'static {
     /// `want_records` is false (the in-flight limit is reached) only control events
     /// (rebalances) may be returned.
     fn next(&mut self, want_records: bool) -> impl Future<Output = Option<SourceEvent>> + Send;
+    /// A record that is ready now, without waiting, if no control event is pending: lets the
+    /// engine take a burst of records per turn of its loop instead of one.
+    fn try_record(&mut self) -> Option<Inbound>;
     /// Remembers `next_offset` as the partition's position to commit.
     fn store(&mut self, tp: &Tp, next_offset: i64);
     /// Commits stored positions; `sync` waits for the broker.
     fn commit(&mut self, sync: bool) -> impl Future<Output = Result<(), BusError>> + Send;
 }
 
-type Lane = (Tp, Option<Vec<u8>>);
+/// A partition as the engine keys it: the topic shared, so keying a record costs no allocation.
+type PartitionKey = (Arc<str>, i32);
+
+/// A lane within a partition: a hash of the record's key (`Key` order) or 0 (`Partition`
+/// order). Two keys whose hashes collide share a lane; that only serializes them, which keeps
+/// each key's order.
+type Lane = u64;
+
+/// The engine hashes a topic name and a lane several times per record; SipHash made that a
+/// tenth of a no-op record's cost. foldhash is randomly seeded per process, so crafted keys
+/// cannot aim at its buckets either.
+type FastHash = foldhash::fast::RandomState;
 
 struct PartitionState {
     tracker: OffsetTracker,
@@ -67,15 +88,20 @@ struct PartitionState {
     in_flight: usize,
     /// Running now (at most `max_in_flight_per_partition`).
     running: usize,
+    /// Busy lanes, each with the records waiting behind its running (or ready) head.
+    lanes: HashMap<Lane, VecDeque<Inbound>, FastHash>,
     /// Records free to start (their lane is theirs) waiting for one of the partition's slots.
     ready: VecDeque<(Inbound, Option<Lane>)>,
     /// Highest offset admitted: a transport that hands over a record again (after a seek or a
     /// rebalance race) must not make the tracker see offsets out of order.
     last_admitted: Option<i64>,
+    /// The tracker's position advanced since it was last handed to the source. Positions are
+    /// handed over in batches, before each commit, not once per record.
+    unstored: bool,
 }
 
 struct Completion {
-    tp: Tp,
+    tp: PartitionKey,
     offset: i64,
     generation: u64,
     lane: Option<Lane>,
@@ -95,8 +121,7 @@ pub(crate) struct Engine<S: Source> {
     config: ConsumerConfig,
     stop: CancellationToken,
     health: Health,
-    partitions: HashMap<Tp, PartitionState>,
-    lanes: HashMap<Lane, VecDeque<Inbound>>,
+    partitions: HashMap<PartitionKey, PartitionState, FastHash>,
     tasks: JoinSet<Completion>,
     in_flight: usize,
     generations: u64,
@@ -104,6 +129,25 @@ pub(crate) struct Engine<S: Source> {
     unfinished: usize,
     /// The consumer group and dead-letter naming, for dead-letter records.
     naming: Arc<(String, DeadLetterTopics)>,
+    /// Hashes record keys into lanes; one instance, so a key's lane is stable.
+    lane_hasher: FastHash,
+    /// Records that finished during their first, inline poll, to complete from the loop (not
+    /// recursively from inside `spawn`).
+    finished_inline: Vec<Completion>,
+    /// Records left to spawn without an inline poll, after an inline poll ran long.
+    inline_cooldown: u32,
+}
+
+/// An inline poll longer than this means the handler computes rather than waits: the engine
+/// then spawns the next [`INLINE_COOLDOWN`] records straight away, so such handlers spread over
+/// the runtime's threads instead of running on the engine's.
+const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(100);
+const INLINE_COOLDOWN: u32 = 1024;
+/// Records taken per turn of the engine loop at most, so completions and commits get their turn.
+const BURST: usize = 256;
+
+fn partition_key(tp: &Tp) -> PartitionKey {
+    (Arc::from(tp.0.as_str()), tp.1)
 }
 
 impl<S: Source> Engine<S> {
@@ -123,13 +167,15 @@ impl<S: Source> Engine<S> {
             config,
             stop,
             health,
-            partitions: HashMap::new(),
-            lanes: HashMap::new(),
+            partitions: HashMap::default(),
             tasks: JoinSet::new(),
             in_flight: 0,
             generations: 0,
             unfinished: 0,
             naming,
+            lane_hasher: Default::default(),
+            finished_inline: Vec::new(),
+            inline_cooldown: 0,
         }
     }
 
@@ -149,7 +195,11 @@ impl<S: Source> Engine<S> {
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
                 event = self.source.next(room) => match event {
                     None => break,
-                    Some(SourceEvent::Record(rec)) => self.admit(rec),
+                    Some(SourceEvent::Record(rec)) => {
+                        self.admit(rec);
+                        self.settle_inline();
+                        self.admit_ready();
+                    }
                     Some(SourceEvent::Revoked { partitions, done }) => {
                         self.revoke(&partitions).await;
                         let _ = done.send(());
@@ -159,26 +209,51 @@ impl<S: Source> Engine<S> {
                     }
                 },
             }
+            self.settle_inline();
         }
         self.drain().await
     }
 
-    fn admit(&mut self, rec: Inbound) {
-        let tp: Tp = (rec.topic.clone(), rec.partition);
-        let generations = &mut self.generations;
-        let state = self.partitions.entry(tp.clone()).or_insert_with(|| {
-            *generations += 1;
-            PartitionState {
-                tracker: OffsetTracker::default(),
-                generation: *generations,
-                in_flight: 0,
-                running: 0,
-                ready: VecDeque::new(),
-                last_admitted: None,
+    /// Takes the records the source has ready, while there is room: one turn of the loop (and
+    /// its polls of the stop token, the commit tick and the task set) per burst, not per record.
+    fn admit_ready(&mut self) {
+        for _ in 0..BURST {
+            if self.in_flight >= self.config.max_in_flight {
+                break;
             }
-        });
+            let Some(rec) = self.source.try_record() else {
+                break;
+            };
+            self.admit(rec);
+            self.settle_inline();
+        }
+    }
+
+    fn admit(&mut self, rec: Inbound) {
+        let lane = match self.config.order {
+            ProcessingOrder::Partition => Some(0),
+            ProcessingOrder::Key => Some(self.lane_hasher.hash_one(rec.key.as_deref())),
+            ProcessingOrder::Unordered => None,
+        };
+        let generations = &mut self.generations;
+        let state = self
+            .partitions
+            .entry((rec.topic.clone(), rec.partition))
+            .or_insert_with(|| {
+                *generations += 1;
+                PartitionState {
+                    tracker: OffsetTracker::default(),
+                    generation: *generations,
+                    in_flight: 0,
+                    running: 0,
+                    lanes: HashMap::default(),
+                    ready: VecDeque::new(),
+                    last_admitted: None,
+                    unstored: false,
+                }
+            });
         if state.last_admitted.is_some_and(|last| rec.offset <= last) {
-            tracing::debug!(topic = %tp.0, partition = tp.1, offset = rec.offset, "Record already admitted; ignoring the repeat.");
+            tracing::debug!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, "Record already admitted; ignoring the repeat.");
             return;
         }
         state.last_admitted = Some(rec.offset);
@@ -186,21 +261,15 @@ impl<S: Source> Engine<S> {
         state.in_flight += 1;
         self.in_flight += 1;
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
-        let lane = match self.config.order {
-            ProcessingOrder::Partition => Some((tp, None)),
-            ProcessingOrder::Key => Some((tp, rec.key.clone())),
-            ProcessingOrder::Unordered => None,
-        };
-        match lane {
-            Some(lane) => match self.lanes.get_mut(&lane) {
-                Some(waiting) => waiting.push_back(rec),
+        if let Some(lane) = lane {
+            match state.lanes.get_mut(&lane) {
+                Some(waiting) => return waiting.push_back(rec),
                 None => {
-                    self.lanes.insert(lane.clone(), VecDeque::new());
-                    self.start(rec, Some(lane));
+                    state.lanes.insert(lane, VecDeque::new());
                 }
-            },
-            None => self.start(rec, None),
+            }
         }
+        self.start(rec, lane);
     }
 
     /// Runs a record now if its partition has a free slot, else queues it for the next one.
@@ -211,15 +280,14 @@ impl<S: Source> Engine<S> {
         };
         if state.running < limit {
             state.running += 1;
-            self.spawn(rec, lane);
+            let generation = state.generation;
+            self.spawn(rec, lane, generation);
         } else {
             state.ready.push_back((rec, lane));
         }
     }
 
-    fn spawn(&mut self, rec: Inbound, lane: Option<Lane>) {
-        let tp: Tp = (rec.topic.clone(), rec.partition);
-        let generation = self.partitions.get(&tp).map_or(0, |s| s.generation);
+    fn spawn(&mut self, rec: Inbound, lane: Option<Lane>, generation: u64) {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
         let stop = self.stop.clone();
@@ -228,6 +296,7 @@ impl<S: Source> Engine<S> {
         let span = dispatcher.span(&rec);
         let task_span = span.clone();
         let task = async move {
+            let rec = Arc::new(rec);
             let is_final = match dispatcher.dispatch(&rec, &stop, &task_span).await {
                 Outcome::Abandoned => false,
                 Outcome::Done(failures) => {
@@ -258,13 +327,44 @@ impl<S: Source> Engine<S> {
             };
             Completion {
                 offset: rec.offset,
-                tp,
+                tp: (rec.topic.clone(), rec.partition),
                 generation,
                 lane,
                 is_final,
             }
         };
-        self.tasks.spawn(task.instrument(span));
+        let mut task = Box::pin(task.instrument(span));
+        if self.inline_cooldown > 0 {
+            self.inline_cooldown -= 1;
+            self.tasks.spawn(task);
+            return;
+        }
+        // Poll once here first: a handler that does not wait (a no-op, a cache hit, a cheap
+        // transform) finishes without a task, a wake-up and a hand-back, which cost more than
+        // the handler. One that waits is spawned as it is; its next poll registers the task's
+        // waker, as the `Future` contract requires of every poll.
+        let started = std::time::Instant::now();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        if started.elapsed() > INLINE_BUDGET {
+            self.inline_cooldown = INLINE_COOLDOWN;
+        }
+        match polled {
+            Ok(std::task::Poll::Ready(done)) => self.finished_inline.push(done),
+            Ok(std::task::Poll::Pending) => {
+                self.tasks.spawn(task);
+            }
+            // Handlers' panics are caught in dispatch; as for a failed task, log it.
+            Err(_) => tracing::error!("Record task failed unexpectedly."),
+        }
+    }
+
+    /// Completes the records that finished inline, and those that finishing them started.
+    fn settle_inline(&mut self) {
+        while let Some(done) = self.finished_inline.pop() {
+            self.complete(done, true);
+        }
     }
 
     fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {
@@ -277,37 +377,37 @@ impl<S: Source> Engine<S> {
     }
 
     fn complete(&mut self, done: Completion, start_next: bool) {
+        let Some(state) = self
+            .partitions
+            .get_mut(&done.tp)
+            .filter(|s| s.generation == done.generation)
+        else {
+            // The partition was revoked meanwhile and its counts were settled then.
+            return;
+        };
         let mut lane_next = None;
-        if let Some(lane) = &done.lane {
-            match self.lanes.get_mut(lane).and_then(VecDeque::pop_front) {
+        if let Some(lane) = done.lane {
+            match state.lanes.get_mut(&lane).and_then(VecDeque::pop_front) {
                 Some(rec) => lane_next = Some(rec),
                 None => {
-                    self.lanes.remove(lane);
+                    state.lanes.remove(&lane);
                 }
             }
         }
-        let current = self
-            .partitions
-            .get(&done.tp)
-            .is_some_and(|s| s.generation == done.generation);
-        if current {
-            let state = self.partitions.get_mut(&done.tp).expect("checked above");
-            state.running -= 1;
-            state.in_flight -= 1;
-            self.in_flight -= 1;
-            InFlight(self.in_flight).emit(self.dispatcher.metrics());
-            if done.is_final {
-                if let Some(position) = state.tracker.complete(done.offset) {
-                    self.source.store(&done.tp, position);
-                }
-            } else {
-                self.unfinished += 1;
+        state.running -= 1;
+        state.in_flight -= 1;
+        self.in_flight -= 1;
+        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        if done.is_final {
+            if state.tracker.complete(done.offset).is_some() {
+                state.unstored = true;
             }
+        } else {
+            self.unfinished += 1;
         }
-        // Otherwise the partition was revoked meanwhile and its counts were settled then.
         if !start_next {
             if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
-                self.lanes.entry(lane).or_default().push_front(rec);
+                state.lanes.entry(lane).or_default().push_front(rec);
             }
             return;
         }
@@ -323,36 +423,48 @@ impl<S: Source> Engine<S> {
                 break;
             };
             state.running += 1;
-            self.spawn(rec, lane);
+            let generation = state.generation;
+            self.spawn(rec, lane, generation);
         }
     }
 
-    /// Drops the waiting records of `tp`; returns how many. Their offsets stay unfinished in the
-    /// tracker, so nothing at or after them is committed.
-    fn drop_waiting(&mut self, matches: impl Fn(&Tp) -> bool) -> usize {
+    /// Hands the positions that advanced since the last call to the source, before a commit.
+    fn store_positions(&mut self, matches: impl Fn(&PartitionKey) -> bool) {
+        for (tp, state) in self.partitions.iter_mut() {
+            if !state.unstored || !matches(tp) {
+                continue;
+            }
+            state.unstored = false;
+            if let Some(position) = state.tracker.committable() {
+                self.source.store(&(tp.0.to_string(), tp.1), position);
+            }
+        }
+    }
+
+    /// Drops the waiting records of matching partitions; returns how many. Their offsets stay
+    /// unfinished in the tracker, so nothing at or after them is committed.
+    fn drop_waiting(&mut self, matches: impl Fn(&PartitionKey) -> bool) -> usize {
         let mut dropped = 0;
-        for ((tp, _), waiting) in self.lanes.iter_mut() {
-            if matches(tp) && !waiting.is_empty() {
-                dropped += waiting.len();
-                if let Some(state) = self.partitions.get_mut(tp) {
-                    state.in_flight -= waiting.len();
-                }
+        for (tp, state) in self.partitions.iter_mut() {
+            if !matches(tp) {
+                continue;
+            }
+            let mut here = 0;
+            for waiting in state.lanes.values_mut() {
+                here += waiting.len();
                 waiting.clear();
             }
-        }
-        for (tp, state) in self.partitions.iter_mut() {
-            if matches(tp) && !state.ready.is_empty() {
-                dropped += state.ready.len();
-                state.in_flight -= state.ready.len();
-                state.ready.clear();
+            // A lane whose head was waiting for a slot has nothing running; forget it, or it
+            // would stay marked busy.
+            for (_, lane) in state.ready.drain(..) {
+                here += 1;
+                if let Some(lane) = lane {
+                    state.lanes.remove(&lane);
+                }
             }
+            state.in_flight -= here;
+            dropped += here;
         }
-        // Lanes whose head was waiting for a slot have nothing running; forget them, or they
-        // would stay marked busy.
-        let partitions = &self.partitions;
-        self.lanes.retain(|(tp, _), waiting| {
-            !matches(tp) || !waiting.is_empty() || partitions.get(tp).is_some_and(|s| s.running > 0)
-        });
         self.in_flight -= dropped;
         dropped
     }
@@ -363,23 +475,29 @@ impl<S: Source> Engine<S> {
             partitions: revoked,
         }
         .emit(self.dispatcher.metrics());
-        self.drop_waiting(|tp| revoked.contains(tp));
+        let revoked_keys: Vec<PartitionKey> = revoked.iter().map(partition_key).collect();
+        self.drop_waiting(|tp| revoked_keys.contains(tp));
         let deadline = Instant::now() + self.config.revoke_timeout;
         let busy = |engine: &Self| {
-            revoked
+            revoked_keys
                 .iter()
                 .any(|tp| engine.partitions.get(tp).is_some_and(|s| s.in_flight > 0))
         };
         while busy(self) {
             tokio::select! {
-                Some(joined) = self.tasks.join_next() => self.joined(joined, true),
+                Some(joined) = self.tasks.join_next() => {
+                    self.joined(joined, true);
+                    self.settle_inline();
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; their unfinished records will be redelivered.");
                     break;
                 }
             }
         }
-        for tp in revoked {
+        // The source commits when the engine answers: every position must be with it by then.
+        self.store_positions(|_| true);
+        for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
                 self.in_flight -= state.in_flight;
             }
@@ -388,6 +506,7 @@ impl<S: Source> Engine<S> {
     }
 
     async fn commit(&mut self, sync: bool) {
+        self.store_positions(|_| true);
         let result = self
             .source
             .commit(sync)
@@ -424,7 +543,7 @@ impl<S: Source> Engine<S> {
         let mut committed: Vec<(String, i32, i64)> = self
             .partitions
             .iter()
-            .filter_map(|((t, p), s)| s.tracker.committable().map(|o| (t.clone(), *p, o)))
+            .filter_map(|((t, p), s)| s.tracker.committable().map(|o| (t.to_string(), *p, o)))
             .collect();
         committed.sort();
         InFlight(0).emit(self.dispatcher.metrics());

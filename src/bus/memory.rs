@@ -354,7 +354,7 @@ impl Bus for MemoryBus {
             changes: self.inner.changed.subscribe(),
             inner: self.inner.clone(),
             group: config.group_id.clone(),
-            topics,
+            topics: topics.iter().map(|t| Arc::from(t.as_str())).collect(),
             positions: HashMap::new(),
             stored: HashMap::new(),
             cursor: 0,
@@ -383,8 +383,9 @@ struct MemorySource {
     inner: Arc<Inner>,
     changes: watch::Receiver<u64>,
     group: String,
-    topics: Vec<String>,
-    positions: HashMap<Tp, i64>,
+    topics: Vec<Arc<str>>,
+    /// The next offset to read, per (topic index, partition).
+    positions: HashMap<(usize, usize), i64>,
     stored: HashMap<Tp, i64>,
     cursor: usize,
 }
@@ -393,27 +394,31 @@ impl MemorySource {
     /// The next record of the first partition with one, round-robin across partitions.
     fn try_next(&mut self) -> Option<Inbound> {
         let state = self.inner.lock();
-        let mut tps: Vec<(&String, usize)> = Vec::new();
-        for topic in &self.topics {
-            if let Some(logs) = state.topics.get(topic) {
-                tps.extend((0..logs.len()).map(|p| (topic, p)));
-            }
-        }
-        let n = tps.len();
+        let counts: Vec<usize> = self
+            .topics
+            .iter()
+            .map(|t| state.topics.get(&**t).map_or(0, Vec::len))
+            .collect();
+        let n: usize = counts.iter().sum();
         for i in 0..n {
-            let (topic, p) = tps[(self.cursor + i) % n];
-            let tp: Tp = (topic.clone(), p as i32);
-            let log = &state.topics[topic][p];
-            let position = *self.positions.entry(tp.clone()).or_insert_with(|| {
+            let mut at = (self.cursor + i) % n;
+            let mut ti = 0;
+            while at >= counts[ti] {
+                at -= counts[ti];
+                ti += 1;
+            }
+            let (topic, p) = (&self.topics[ti], at);
+            let log = &state.topics[&**topic][p];
+            let position = *self.positions.entry((ti, p)).or_insert_with(|| {
                 let committed = state
                     .committed
-                    .get(&(self.group.clone(), tp.0.clone(), tp.1))
+                    .get(&(self.group.clone(), topic.to_string(), p as i32))
                     .copied();
                 committed.unwrap_or(log.base).max(log.base)
             });
             if position < log.end() {
                 let stored = &log.records[(position - log.base) as usize];
-                self.positions.insert(tp, position + 1);
+                self.positions.insert((ti, p), position + 1);
                 self.cursor = (self.cursor + i + 1) % n;
                 return Some(Inbound {
                     topic: topic.clone(),
@@ -445,6 +450,10 @@ impl Source for MemorySource {
                 return None;
             }
         }
+    }
+
+    fn try_record(&mut self) -> Option<Inbound> {
+        self.try_next()
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {

@@ -7,8 +7,10 @@
 
 use super::{DecodeError, DecodeLimits, Event, Headers};
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use uuid::Uuid;
 
 /// The CloudEvents spec version Weir writes and accepts.
@@ -182,8 +184,15 @@ fn decode_structured(text: &str) -> Result<RawEnvelope, DecodeError> {
         dataschema: Option<String>,
         data: Option<Box<RawValue>>,
     }
-    let de = &mut serde_json::Deserializer::from_str(text);
-    let parsed: In = serde_path_to_error::deserialize(de).map_err(DecodeError::from_json)?;
+    // Plain serde first: tracking the path of every field costs as much as the parse itself, and
+    // only an error needs it. The retry names the field.
+    let parsed: In = match serde_json::from_str(text) {
+        Ok(parsed) => parsed,
+        Err(_) => {
+            let de = &mut serde_json::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(DecodeError::from_json)?
+        }
+    };
     check_spec_version(&parsed.specversion)?;
     if let Some(ct) = &parsed.datacontenttype {
         check_json_content_type(ct)?;
@@ -202,6 +211,56 @@ fn decode_structured(text: &str) -> Result<RawEnvelope, DecodeError> {
         },
         data,
     })
+}
+
+/// The envelope and a `T` payload in one pass, for a structured-mode record of the one type its
+/// topic carries. `None` whenever the record strays from that happy path in any way (binary
+/// mode, a parse error, a bad attribute): the caller then decodes in two steps, which routes on
+/// the type and names the precise error, so both paths agree on every outcome.
+pub(crate) fn decode_structured_as<T: DeserializeOwned>(
+    value: Option<&[u8]>,
+    headers: &Headers,
+    limits: &DecodeLimits,
+) -> Option<(EventMeta, T)> {
+    #[derive(Deserialize)]
+    struct In<'a, T> {
+        #[serde(borrow)]
+        specversion: Cow<'a, str>,
+        #[serde(borrow)]
+        id: Cow<'a, str>,
+        #[serde(rename = "type")]
+        event_type: String,
+        source: String,
+        #[serde(borrow)]
+        time: Option<Cow<'a, str>>,
+        subject: Option<String>,
+        #[serde(borrow)]
+        datacontenttype: Option<Cow<'a, str>>,
+        dataschema: Option<String>,
+        data: Option<T>,
+    }
+    let bytes = value.filter(|b| !b.is_empty() && b.len() <= limits.max_bytes)?;
+    if headers.get("ce_specversion").is_some() {
+        return None;
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    let parsed: In<'_, T> = serde_json::from_str(text).ok()?;
+    check_spec_version(&parsed.specversion).ok()?;
+    if let Some(ct) = &parsed.datacontenttype {
+        check_json_content_type(ct).ok()?;
+    }
+    let meta = EventMeta {
+        id: parse_id(&parsed.id).ok()?,
+        event_type: parsed.event_type,
+        source: parsed.source,
+        time: match parsed.time.as_deref() {
+            Some(t) => Some(parse_time(t).ok()?),
+            None => None,
+        },
+        subject: parsed.subject,
+        dataschema: parsed.dataschema,
+    };
+    Some((meta, parsed.data?))
 }
 
 fn decode_binary(text: &str, headers: &Headers) -> Result<RawEnvelope, DecodeError> {
@@ -277,4 +336,60 @@ fn parse_time(t: &str) -> Result<DateTime<Utc>, DecodeError> {
             field: "time".to_owned(),
             detail: format!("not an RFC 3339 timestamp: {e}"),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CustomerCreated, EventFactory};
+
+    fn limits() -> DecodeLimits {
+        DecodeLimits::default()
+    }
+
+    #[test]
+    fn one_pass_decoding_agrees_with_the_two_step_path() {
+        let event = CustomerCreated::new("c-1", serde_json::json!({"name": "Ada", "n": [1, 2]}));
+        let bytes = Envelope::new(event.clone()).to_structured().unwrap();
+        let headers = Headers::new();
+        let (meta, data) =
+            decode_structured_as::<CustomerCreated>(Some(&bytes), &headers, &limits()).unwrap();
+        let two_step = EventFactory::<CustomerCreated>::new()
+            .decode(Some(&bytes), &headers)
+            .unwrap();
+        assert_eq!(meta, two_step.meta);
+        assert_eq!(data, two_step.data);
+        assert_eq!(data, event);
+    }
+
+    #[test]
+    fn one_pass_decoding_leaves_every_unusual_record_to_the_two_step_path() {
+        let one_pass = |value: &[u8], headers: &Headers| {
+            decode_structured_as::<CustomerCreated>(Some(value), headers, &limits()).is_some()
+        };
+        let good = r#"{"specversion":"1.0","id":"0190a0a0-0000-7000-8000-000000000000","type":"customer.created.v1","source":"/t","data":{"customer_id":"c","details":{}}}"#;
+        assert!(one_pass(good.as_bytes(), &Headers::new()));
+        let binary = Headers::new().with("ce_specversion", "1.0");
+        assert!(!one_pass(good.as_bytes(), &binary), "binary mode");
+        for bad in [
+            good.replace(
+                r#""data":{"customer_id":"c","details":{}}"#,
+                r#""data":null"#,
+            ),
+            good.replace(r#""specversion":"1.0""#, r#""specversion":"0.3""#),
+            good.replace("0190a0a0-0000-7000-8000-000000000000", "not-a-uuid"),
+            good.replace(r#""customer_id":"c""#, r#""customer_id":7"#),
+            good.replace(r#""source":"/t","#, r#""source":"/t","time":"yesterday","#),
+            good.replace(
+                r#""source":"/t","#,
+                r#""source":"/t","datacontenttype":"text/xml","#,
+            ),
+            good[..good.len() - 1].to_owned(),
+        ] {
+            assert!(!one_pass(bad.as_bytes(), &Headers::new()), "{bad}");
+        }
+        assert!(
+            decode_structured_as::<CustomerCreated>(None, &Headers::new(), &limits()).is_none()
+        );
+    }
 }

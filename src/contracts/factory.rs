@@ -199,6 +199,10 @@ impl<T: Event> EventFactory<T> {
 
     /// Decodes the payload of an already parsed envelope (the router has checked the type).
     pub(crate) fn decode_data(&self, raw: &RawEnvelope) -> Result<T, DecodeError> {
+        // Plain serde first; the path-tracking retry only runs to name a failing field.
+        if let Ok(data) = serde_json::from_str(raw.data.get()) {
+            return Ok(data);
+        }
         let de = &mut serde_json::Deserializer::from_str(raw.data.get());
         serde_path_to_error::deserialize(de).map_err(|e| DecodeError::from_json_at("data", e))
     }

@@ -7,7 +7,7 @@ mod factory;
 mod headers;
 mod seeds;
 
-pub(crate) use envelope::{decode_envelope, RawEnvelope};
+pub(crate) use envelope::{decode_envelope, decode_structured_as, RawEnvelope};
 pub use envelope::{Envelope, EventMeta, CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION};
 pub use event::{Event, EventType};
 pub use factory::{DecodeError, DecodeLimits, EventFactory};

@@ -1,3 +1,4 @@
+use super::Inbound;
 use crate::contracts::{EventMeta, Headers};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
@@ -41,11 +42,8 @@ impl TraceContext {
 /// Where a record came from; shared by every attempt and every handler of one record.
 #[derive(Debug)]
 pub(crate) struct RecordInfo {
-    pub(crate) topic: String,
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-    pub(crate) key: Option<Vec<u8>>,
-    pub(crate) headers: Headers,
+    /// The record itself, shared with the engine rather than copied field by field.
+    pub(crate) record: Arc<Inbound>,
     pub(crate) event: EventMeta,
     pub(crate) trace: Option<TraceContext>,
 }
@@ -69,12 +67,17 @@ impl Ctx {
 
     /// A context for calling a handler directly, e.g. in its unit tests.
     pub fn detached(topic: impl Into<String>, event: EventMeta) -> Self {
+        let topic: String = topic.into();
         let info = RecordInfo {
-            topic: topic.into(),
-            partition: 0,
-            offset: 0,
-            key: None,
-            headers: Headers::new(),
+            record: Arc::new(Inbound {
+                topic: Arc::from(topic),
+                partition: 0,
+                offset: 0,
+                key: None,
+                value: None,
+                headers: Headers::new(),
+                timestamp_ms: None,
+            }),
             event,
             trace: None,
         };
@@ -83,22 +86,22 @@ impl Ctx {
 
     /// The topic the record was read from.
     pub fn topic(&self) -> &str {
-        &self.record.topic
+        &self.record.record.topic
     }
 
     /// Its partition.
     pub fn partition(&self) -> i32 {
-        self.record.partition
+        self.record.record.partition
     }
 
     /// Its offset within the partition.
     pub fn offset(&self) -> i64 {
-        self.record.offset
+        self.record.record.offset
     }
 
     /// The record key (the entity id), if it had one.
     pub fn key(&self) -> Option<&[u8]> {
-        self.record.key.as_deref()
+        self.record.record.key.as_deref()
     }
 
     /// The record key as text, if it had one and it is UTF-8.
@@ -108,7 +111,7 @@ impl Ctx {
 
     /// The record headers as received.
     pub fn headers(&self) -> &Headers {
-        &self.record.headers
+        &self.record.record.headers
     }
 
     /// Which attempt this is, from 1. A handler can use it to log or to change course.

@@ -6,13 +6,15 @@ use super::ctx::RecordInfo;
 use super::retry::RetryDecision;
 use super::router::{ErasedEvent, Route, TypeRoute};
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
-use crate::contracts::{decode_envelope, DecodeError, Headers, RawEnvelope};
+use crate::contracts::{decode_envelope, DecodeError, EventMeta, Headers};
 use crate::telemetry::events::{
     At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
     RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
-use crate::telemetry::{trace, Metrics};
+use crate::telemetry::{trace, Metrics, RouteSeries};
 use futures_util::FutureExt;
+use prometheus::IntCounter;
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -23,7 +25,8 @@ use tracing::Instrument;
 /// A record as any transport delivers it.
 #[derive(Debug, Clone)]
 pub(crate) struct Inbound {
-    pub(crate) topic: String,
+    /// Shared: every record of a topic points at one copy of its name.
+    pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     pub(crate) key: Option<Vec<u8>>,
@@ -97,12 +100,24 @@ pub(crate) struct Dispatcher {
     group: String,
     /// One permit per core, shared by every `cpu_bound` handler.
     cpu: Arc<Semaphore>,
+    /// `weir_messages_received_total` of each subscribed topic, resolved once.
+    received: HashMap<String, IntCounter>,
 }
 
 impl Dispatcher {
-    pub(crate) fn new(router: Router, metrics: Metrics, group: impl Into<String>) -> Self {
+    pub(crate) fn new(mut router: Router, metrics: Metrics, group: impl Into<String>) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        router.bind_metrics(&metrics);
+        let received = router
+            .topics()
+            .into_iter()
+            .map(|t| {
+                let counter = metrics.received.with_label_values(&[&t]);
+                (t, counter)
+            })
+            .collect();
         Self {
+            received,
             router,
             metrics,
             group: group.into(),
@@ -131,32 +146,49 @@ impl Dispatcher {
     /// `span` is the record's [`span`](Self::span), which the caller has entered.
     pub(crate) async fn dispatch(
         &self,
-        rec: &Inbound,
+        rec: &Arc<Inbound>,
         stop: &CancellationToken,
         span: &tracing::Span,
     ) -> Outcome {
-        RecordReceived { at: rec.at() }.emit(&self.metrics);
+        RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
         let decoded = {
             let _decode = trace::decode_span().entered();
             self.decode(rec, span)
         };
-        let (route, raw, event) = match decoded {
+        let (route, meta, event) = match decoded {
             Ok(decoded) => decoded,
             Err(outcome) => return outcome,
         };
         let info = Arc::new(RecordInfo {
-            topic: rec.topic.clone(),
-            partition: rec.partition,
-            offset: rec.offset,
-            key: rec.key.clone(),
+            record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
-            headers: rec.headers.clone(),
-            event: raw.meta,
+            event: meta,
         });
+        let resolved;
+        let series = match &route.series {
+            Some(series) => series,
+            None => {
+                resolved = self
+                    .metrics
+                    .route_series(&rec.topic, &info.event.event_type);
+                &resolved
+            }
+        };
+        if let [handler] = route.handlers.as_slice() {
+            // The common case, without join_all's allocation and bookkeeping; the handler gets
+            // the decoded event itself, not a copy.
+            return match self
+                .run_handler(handler, route, event, &info, series, stop)
+                .await
+            {
+                HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
+                HandlerResult::Abandoned => Outcome::Abandoned,
+            };
+        }
         let runs = route
             .handlers
             .iter()
-            .map(|handler| self.run_handler(handler, &event, &info, stop));
+            .map(|handler| self.run_handler(handler, route, event.clone(), &info, series, stop));
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(runs).await {
             match result {
@@ -173,7 +205,15 @@ impl Dispatcher {
         &self,
         rec: &Inbound,
         span: &tracing::Span,
-    ) -> Result<(&TypeRoute, RawEnvelope, ErasedEvent), Outcome> {
+    ) -> Result<(&TypeRoute, EventMeta, ErasedEvent), Outcome> {
+        if let Some((wire_type, route)) = self.router.sole_route(&rec.topic) {
+            let one_pass =
+                (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, &self.router.limits);
+            if let Some((meta, event)) = one_pass.filter(|(m, _)| m.event_type == wire_type) {
+                trace::record_event(span, &meta.id, &meta.event_type);
+                return Ok((route, meta, event));
+            }
+        }
         let raw = decode_envelope(rec.value.as_deref(), &rec.headers, &self.router.limits)
             .map_err(|e| self.decode_failure(rec, e))?;
         let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
@@ -198,7 +238,7 @@ impl Dispatcher {
         };
         trace::record_event(span, &raw.meta.id, &raw.meta.event_type);
         let event = (route.decode)(&raw).map_err(|e| self.decode_failure(rec, e))?;
-        Ok((route, raw, event))
+        Ok((route, raw.meta, event))
     }
 
     fn decode_failure(&self, rec: &Inbound, error: DecodeError) -> Outcome {
@@ -217,24 +257,52 @@ impl Dispatcher {
         }])
     }
 
+    /// Decodes the record again, for a retry: the first attempt took the event, and decoding
+    /// succeeded once, so it does again. Retries are rare and wait a backoff; a copy of every
+    /// event kept for them would cost every record.
+    fn decode_again(&self, route: &TypeRoute, rec: &Inbound) -> Result<ErasedEvent, DecodeError> {
+        let limits = &self.router.limits;
+        if let Some((_, event)) =
+            (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, limits)
+        {
+            return Ok(event);
+        }
+        let raw = decode_envelope(rec.value.as_deref(), &rec.headers, limits)?;
+        (route.decode)(&raw)
+    }
+
     async fn run_handler(
         &self,
         handler: &Route,
-        event: &ErasedEvent,
+        route: &TypeRoute,
+        event: ErasedEvent,
         info: &Arc<RecordInfo>,
+        series: &RouteSeries,
         stop: &CancellationToken,
     ) -> HandlerResult {
         let m = &self.metrics;
-        let at = At {
-            topic: &info.topic,
-            partition: info.partition,
-            offset: info.offset,
-        };
+        let at = info.record.at();
         let event_type = info.event.event_type.as_str();
         let event_id = info.event.id;
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
         let mut attempt = 1;
+        let mut first = Some(event);
         loop {
+            let event = match first.take() {
+                Some(event) => event,
+                None => match self.decode_again(route, &info.record) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        return HandlerResult::Final(Some(Failure {
+                            kind: DeadLetterKind::Decode,
+                            detail: error.kind(),
+                            message: error.to_string(),
+                            attempts: attempt - 1,
+                            handler: Some(handler.name.clone()),
+                        }))
+                    }
+                },
+            };
             let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
             let started = Instant::now();
             let result = self
@@ -242,11 +310,9 @@ impl Dispatcher {
                 .instrument(trace::handle_span(&handler.name, attempt))
                 .await;
             HandlerCalled {
-                at,
-                event_type,
                 duration: started.elapsed(),
             }
-            .emit(m);
+            .emit(series);
             let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
                 HandlerGaveUp {
                     at,
@@ -276,7 +342,7 @@ impl Dispatcher {
                         handler: &handler.name,
                         attempt,
                     }
-                    .emit(m);
+                    .emit(series);
                     return HandlerResult::Final(None);
                 }
                 Err(panic) => return give_up(DeadLetterKind::Panic, panic, false),
@@ -320,7 +386,7 @@ impl Dispatcher {
     async fn call_once(
         &self,
         handler: &Route,
-        event: &ErasedEvent,
+        event: ErasedEvent,
         ctx: Ctx,
     ) -> Result<Result<(), HandlerError>, String> {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))

@@ -2,7 +2,11 @@
 //! only here; everything downstream works on erased routes.
 
 use super::{Ctx, HandlerError, HandlerFn, RetryPolicy};
-use crate::contracts::{DecodeError, DecodeLimits, Event, EventFactory, RawEnvelope};
+use crate::contracts::{
+    decode_structured_as, DecodeError, DecodeLimits, Event, EventFactory, EventMeta, Headers,
+    RawEnvelope,
+};
+use crate::telemetry::{Metrics, RouteSeries};
 use serde::Deserialize;
 use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
@@ -14,7 +18,13 @@ use std::time::Duration;
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub(crate) type ErasedEvent = Arc<dyn Any + Send + Sync>;
 type Decode = Box<dyn Fn(&RawEnvelope) -> Result<ErasedEvent, DecodeError> + Send + Sync>;
-type Call = Box<dyn Fn(&ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
+type DecodeOnePass = Box<
+    dyn Fn(Option<&[u8]>, &Headers, &DecodeLimits) -> Option<(EventMeta, ErasedEvent)>
+        + Send
+        + Sync,
+>;
+/// Takes the event by value: the handler owns it without a copy when nothing else holds it.
+type Call = Box<dyn Fn(ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
 
 /// What to do with a record whose event type has no handler on its topic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -111,7 +121,11 @@ pub(crate) struct TypeRoute {
     type_id: TypeId,
     type_name: &'static str,
     pub(crate) decode: Decode,
+    /// Envelope and payload in one pass; see [`decode_structured_as`].
+    pub(crate) decode_one_pass: DecodeOnePass,
     pub(crate) handlers: Vec<Route>,
+    /// This route's metric series, resolved when a dispatcher takes the router.
+    pub(crate) series: Option<RouteSeries>,
 }
 
 /// Maps (topic, event type) to handlers, with the defaults they share.
@@ -195,7 +209,12 @@ impl Router {
                     let event: T = EventFactory::<T>::new().decode_data(raw)?;
                     Ok(Arc::new(event) as ErasedEvent)
                 }),
+                decode_one_pass: Box::new(|value, headers, limits| {
+                    let (meta, event) = decode_structured_as::<T>(value, headers, limits)?;
+                    Some((meta, Arc::new(event) as ErasedEvent))
+                }),
                 handlers: Vec::new(),
+                series: None,
             });
         assert!(
             entry.type_id == TypeId::of::<T>(),
@@ -213,9 +232,9 @@ impl Router {
             cpu_bound: options.cpu_bound,
             call: Box::new(move |event, ctx| {
                 let event = event
-                    .downcast_ref::<T>()
-                    .expect("the route decoded this event as T")
-                    .clone();
+                    .downcast::<T>()
+                    .map(Arc::unwrap_or_clone)
+                    .unwrap_or_else(|_| unreachable!("the route decoded this event as T"));
                 Box::pin(handler.call(event, ctx))
             }),
         });
@@ -253,6 +272,24 @@ impl Router {
 
     pub(crate) fn route(&self, topic: &str, event_type: &str) -> Option<&TypeRoute> {
         self.routes.get(topic)?.get(event_type)
+    }
+
+    /// The route of a topic that carries exactly one registered type, with that type's wire name.
+    pub(crate) fn sole_route(&self, topic: &str) -> Option<(&str, &TypeRoute)> {
+        let types = self.routes.get(topic)?;
+        if types.len() != 1 {
+            return None;
+        }
+        types.iter().next().map(|(t, r)| (t.as_str(), r))
+    }
+
+    /// Resolves every route's metric series in `metrics`.
+    pub(crate) fn bind_metrics(&mut self, metrics: &Metrics) {
+        for (topic, types) in &mut self.routes {
+            for (event_type, route) in types {
+                route.series = Some(metrics.route_series(topic, event_type));
+            }
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = (&str, &str, &TypeRoute)> {

@@ -1,7 +1,8 @@
 //! Typed internal events. Each struct is one thing that happened; `emit` updates the metrics and
 //! writes the log line, so a signal's name and fields are defined exactly once.
 
-use super::Metrics;
+use super::{Metrics, RouteSeries};
+use prometheus::IntCounter;
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
@@ -23,8 +24,12 @@ pub(crate) struct RecordReceived<'a> {
 }
 
 impl RecordReceived<'_> {
-    pub(crate) fn emit(&self, m: &Metrics) {
-        m.received.with_label_values(&[self.at.topic]).inc();
+    /// `received` is the topic's series when the dispatcher has it at hand.
+    pub(crate) fn emit(&self, m: &Metrics, received: Option<&IntCounter>) {
+        match received {
+            Some(counter) => counter.inc(),
+            None => m.received.with_label_values(&[self.at.topic]).inc(),
+        }
     }
 }
 
@@ -69,17 +74,13 @@ impl RecordSkipped<'_> {
     }
 }
 
-pub(crate) struct HandlerCalled<'a> {
-    pub(crate) at: At<'a>,
-    pub(crate) event_type: &'a str,
+pub(crate) struct HandlerCalled {
     pub(crate) duration: Duration,
 }
 
-impl HandlerCalled<'_> {
-    pub(crate) fn emit(&self, m: &Metrics) {
-        m.handler_duration
-            .with_label_values(&[self.at.topic, self.event_type])
-            .observe(self.duration.as_secs_f64());
+impl HandlerCalled {
+    pub(crate) fn emit(&self, series: &RouteSeries) {
+        series.duration.observe(self.duration.as_secs_f64());
     }
 }
 
@@ -92,16 +93,14 @@ pub(crate) struct HandlerSucceeded<'a> {
 }
 
 impl HandlerSucceeded<'_> {
-    pub(crate) fn emit(&self, m: &Metrics) {
+    pub(crate) fn emit(&self, series: &RouteSeries) {
         let At {
             topic,
             partition,
             offset,
         } = self.at;
-        m.handled
-            .with_label_values(&[topic, self.event_type, "success"])
-            .inc();
-        debug!(topic, partition, offset, event_id = %self.event_id, handler = self.handler, attempt = self.attempt, "Handled.");
+        series.succeeded.inc();
+        debug!(topic, partition, offset, event_id = %self.event_id, event_type = self.event_type, handler = self.handler, attempt = self.attempt, "Handled.");
     }
 }
 

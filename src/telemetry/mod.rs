@@ -10,3 +10,4 @@ pub(crate) mod trace;
 
 pub use health::{Health, HealthStatus};
 pub use metrics::Metrics;
+pub(crate) use metrics::RouteSeries;

@@ -19,16 +19,20 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
-/// Records waiting between the poll thread and the engine. Small: the engine's in-flight
+/// Records cross from the poll thread to the engine in batches of up to this many: one hand-off
+/// (and at most one wake-up of the engine) per batch rather than per record. A batch is sent as
+/// soon as librdkafka has nothing more ready, so batching adds no latency.
+const BATCH: usize = 128;
+/// Batches waiting between the poll thread and the engine. Small: the engine's in-flight
 /// limits, not this buffer, bound memory; librdkafka keeps its own prefetch queue.
-const HANDOFF_CAPACITY: usize = 512;
+const HANDOFF_BATCHES: usize = 4;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long the poll thread may stop polling behind a full hand-off queue before it pauses the
 /// assignment and polls again: far below librdkafka's `max.poll.interval.ms` (300 s).
@@ -181,6 +185,9 @@ fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
 
 pub(crate) type WeirConsumer = BaseConsumer<WeirContext>;
 
+/// Records polled together, each with the rebalance epoch it was polled in.
+type Batch = Vec<(u64, Inbound)>;
+
 /// Creates the consumer and its poll thread, subscribed to `topics`.
 pub(crate) fn start(
     config: rdkafka::ClientConfig,
@@ -206,7 +213,7 @@ pub(crate) fn start(
     consumer
         .subscribe(&names)
         .map_err(|e| BusError::Transport(format!("subscribe to {names:?}: {e}")))?;
-    let (records_tx, records) = mpsc::channel(HANDOFF_CAPACITY);
+    let (records_tx, records) = mpsc::channel(HANDOFF_BATCHES);
     let closing = Arc::new(AtomicBool::new(false));
     let thread = {
         let consumer = consumer.clone();
@@ -219,6 +226,7 @@ pub(crate) fn start(
     Ok(KafkaSource {
         consumer,
         records,
+        received: Vec::new().into_iter(),
         control,
         revoked_at: HashMap::new(),
         closing,
@@ -231,26 +239,22 @@ pub(crate) fn start(
 /// stops by itself (no pause: pausing discards prefetched records). If that lasts longer than
 /// [`STALL_BEFORE_PAUSE`], it pauses the assignment and goes on polling, so rebalances are served
 /// and `max.poll.interval.ms` is never exceeded however slow the handlers are.
-fn poll_loop(
-    consumer: Arc<WeirConsumer>,
-    records: mpsc::Sender<(u64, Inbound)>,
-    closing: Arc<AtomicBool>,
-) {
-    let mut held: VecDeque<(u64, Inbound)> = VecDeque::new();
+fn poll_loop(consumer: Arc<WeirConsumer>, records: mpsc::Sender<Batch>, closing: Arc<AtomicBool>) {
+    // Polled records not handed over yet: the batch being filled, or a full one waiting for room.
+    let mut held: Batch = Vec::with_capacity(BATCH);
+    let mut full = false;
     let mut stalled_since: Option<Instant> = None;
     let mut paused: Option<TopicPartitionList> = None;
+    let mut names: Vec<Arc<str>> = Vec::new();
     while !closing.load(Ordering::SeqCst) {
-        while let Some(item) = held.pop_front() {
-            match records.try_send(item) {
-                Ok(()) => {}
-                Err(TrySendError::Full(item)) => {
-                    held.push_front(item);
-                    break;
-                }
+        if full {
+            match records.try_send(std::mem::replace(&mut held, Vec::with_capacity(BATCH))) {
+                Ok(()) => full = false,
+                Err(TrySendError::Full(batch)) => held = batch,
                 Err(TrySendError::Closed(_)) => return close(consumer, records),
             }
         }
-        if held.is_empty() {
+        if !full {
             stalled_since = None;
             if let Some(tpl) = paused.take() {
                 let _ = consumer.resume(&tpl);
@@ -270,16 +274,20 @@ fn poll_loop(
                 continue;
             }
         }
-        let wait = if held.is_empty() {
+        // An empty batch waits for records; a started one only takes what is ready now.
+        let wait = if full {
+            STALL_NAP
+        } else if held.is_empty() {
             POLL_INTERVAL
         } else {
-            STALL_NAP
+            Duration::ZERO
         };
         match consumer.poll(wait) {
-            None => {}
+            None => full = !held.is_empty(),
             Some(Ok(message)) => {
                 let epoch = consumer.context().epoch.load(Ordering::SeqCst);
-                held.push_back((epoch, to_inbound(&message)));
+                held.push((epoch, to_inbound(&message, &mut names)));
+                full = full || held.len() >= BATCH;
             }
             // The context's error callback has logged it already (throttled).
             Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
@@ -290,12 +298,21 @@ fn poll_loop(
 
 /// Dropping the last handle closes the consumer: it leaves the group, so its partitions move to
 /// the other members at once instead of after the session timeout.
-fn close(consumer: Arc<WeirConsumer>, records: mpsc::Sender<(u64, Inbound)>) {
+fn close(consumer: Arc<WeirConsumer>, records: mpsc::Sender<Batch>) {
     drop(records);
     drop(consumer);
 }
 
-fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
+/// `names` keeps one shared copy of each topic name, so a record's topic is not an allocation.
+fn to_inbound(message: &BorrowedMessage<'_>, names: &mut Vec<Arc<str>>) -> Inbound {
+    let topic = match names.iter().find(|n| ***n == *message.topic()) {
+        Some(name) => name.clone(),
+        None => {
+            let name: Arc<str> = Arc::from(message.topic());
+            names.push(name.clone());
+            name
+        }
+    };
     let headers = message
         .headers()
         .map(|hs| {
@@ -305,7 +322,7 @@ fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
         })
         .unwrap_or_default();
     Inbound {
-        topic: message.topic().to_owned(),
+        topic,
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
@@ -318,7 +335,9 @@ fn to_inbound(message: &BorrowedMessage<'_>) -> Inbound {
 /// The engine's view of the Kafka consumer.
 pub(crate) struct KafkaSource {
     consumer: Arc<WeirConsumer>,
-    records: mpsc::Receiver<(u64, Inbound)>,
+    records: mpsc::Receiver<Batch>,
+    /// The rest of the last batch received.
+    received: std::vec::IntoIter<(u64, Inbound)>,
     control: mpsc::UnboundedReceiver<Control>,
     /// Epoch at which each partition was last revoked: records of it polled before then were
     /// never started and will be fetched again from the committed offset, so they are dropped.
@@ -354,30 +373,69 @@ impl Drop for KafkaSource {
     }
 }
 
+impl KafkaSource {
+    fn control_event(&mut self, control: Control) -> SourceEvent {
+        match control {
+            Control::Revoked {
+                partitions,
+                epoch,
+                done,
+            } => {
+                for tp in &partitions {
+                    self.revoked_at.insert(tp.clone(), epoch);
+                }
+                SourceEvent::Revoked { partitions, done }
+            }
+            Control::Assigned(partitions) => SourceEvent::Assigned(partitions),
+        }
+    }
+
+    /// The next record of the current batch that was not polled before its partition's revoke.
+    fn next_received(&mut self) -> Option<Inbound> {
+        for (epoch, inbound) in self.received.by_ref() {
+            let stale = !self.revoked_at.is_empty() && {
+                let tp = (inbound.topic.to_string(), inbound.partition);
+                self.revoked_at
+                    .get(&tp)
+                    .is_some_and(|revoked| epoch < *revoked)
+            };
+            if !stale {
+                return Some(inbound);
+            }
+        }
+        None
+    }
+}
+
 impl Source for KafkaSource {
     async fn next(&mut self, want_records: bool) -> Option<SourceEvent> {
         loop {
-            tokio::select! {
-                biased;
-                control = self.control.recv() => match control? {
-                    Control::Revoked { partitions, epoch, done } => {
-                        for tp in &partitions {
-                            self.revoked_at.insert(tp.clone(), epoch);
-                        }
-                        return Some(SourceEvent::Revoked { partitions, done });
-                    }
-                    Control::Assigned(partitions) => return Some(SourceEvent::Assigned(partitions)),
-                },
-                record = self.records.recv(), if want_records => {
-                    let (epoch, inbound) = record?;
-                    let tp = (inbound.topic.clone(), inbound.partition);
-                    if self.revoked_at.get(&tp).is_some_and(|revoked| epoch < *revoked) {
-                        continue;
-                    }
+            // Rebalances first, so no record of a revoked partition is taken after its revoke.
+            match self.control.try_recv() {
+                Ok(control) => return Some(self.control_event(control)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if want_records {
+                if let Some(inbound) = self.next_received() {
                     return Some(SourceEvent::Record(inbound));
                 }
             }
+            tokio::select! {
+                biased;
+                control = self.control.recv() => return Some(self.control_event(control?)),
+                batch = self.records.recv(), if want_records => {
+                    self.received = batch?.into_iter();
+                }
+            }
         }
+    }
+
+    fn try_record(&mut self) -> Option<Inbound> {
+        if !self.control.is_empty() {
+            return None;
+        }
+        self.next_received()
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {
