@@ -12,7 +12,8 @@
 //!
 //! Each handler records the event it handled (see `ServiceSettings::record_file`). Customer
 //! events carry a test hook: `details.simulate = "transient"` fails the first attempt
-//! retryably; `"permanent"` fails acknowledged; `"panic"` panics.
+//! retryably; `"permanent"` fails acknowledged; `"panic"` panics; `"hang"` never completes (a
+//! handler stuck on a dead dependency, for the flow-control tests).
 
 mod api;
 pub(crate) mod resources;
@@ -99,13 +100,24 @@ fn recording<T: 'static>(r: &Recorder) -> impl Fn(T, Ctx) -> Done + Clone + Send
     move |_, ctx| std::future::ready(r.record(&ctx))
 }
 
+/// A customer handler's future: done at once, or (`simulate = "hang"`) never.
+type MaybeHung = futures_util::future::Either<Done, std::future::Pending<Result<(), HandlerError>>>;
+
 /// A customer handler: obeys the `simulate` hook, then records.
 fn customer<T: 'static>(
     r: &Recorder,
     details: fn(&T) -> &serde_json::Value,
-) -> impl Fn(T, Ctx) -> Done + Clone + Send + Sync + 'static {
+) -> impl Fn(T, Ctx) -> MaybeHung + Clone + Send + Sync + 'static {
     let r = r.clone();
-    move |e, ctx| std::future::ready(simulate(details(&e), &ctx).and_then(|()| r.record(&ctx)))
+    move |e, ctx| {
+        let details = details(&e);
+        if details.get("simulate").and_then(|v| v.as_str()) == Some("hang") {
+            return futures_util::future::Either::Right(std::future::pending());
+        }
+        futures_util::future::Either::Left(std::future::ready(
+            simulate(details, &ctx).and_then(|()| r.record(&ctx)),
+        ))
+    }
 }
 
 /// The router of the reference service: the recording handlers, and with a database the
