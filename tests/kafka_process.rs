@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::process::{
-    http_get, wait_until, Handled, RecordFile, ServeOptions, TestDir, WeirProcess,
+    http_get, wait_until, Handled, RecordFile, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML,
 };
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
@@ -51,21 +51,7 @@ fn broker_with_topics(broker: Tansu, extra: &[&str]) -> Tansu {
     broker
 }
 
-/// librdkafka settings of every `weir serve` here: a short session timeout, so a killed member
-/// leaves the group in seconds rather than librdkafka's default 45 s; and a shorter rebalance
-/// timeout (`max.poll.interval.ms`, sent in JoinGroup), so a rebalance waiting for a member that
-/// will not rejoin gives up in 20 s rather than 5 minutes (it must stay above the poll thread's
-/// 10 s `STALL_BEFORE_PAUSE`). (Once in ~12 full runs Tansu kept
-/// the survivor of `rebalance_moves_partitions_without_loss` revoked and unassigned for over
-/// 2 minutes after the other member left during a rebalance.)
-const CONSUMER_TOML: &str = r#"
-[kafka.consumer]
-"session.timeout.ms" = "3000"
-"heartbeat.interval.ms" = "500"
-"max.poll.interval.ms" = "20000"
-"#;
-
-/// `weir serve` settings shared by the tests: [`CONSUMER_TOML`], a 5 s drain, a revoke timeout
+/// `weir serve` settings shared by the tests: [`FAST_GROUP_TOML`], a 5 s drain, a revoke timeout
 /// below the rebalance timeout, and frequent commits (so the window of handled-but-uncommitted
 /// records a crash replays stays small).
 fn serve_options(broker: &Tansu, group: &str, record_file: &std::path::Path) -> ServeOptions {
@@ -76,7 +62,7 @@ fn serve_options(broker: &Tansu, group: &str, record_file: &std::path::Path) -> 
         )
         .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
         .env("WEIR_CONSUMER__COMMIT_INTERVAL", "10ms")
-        .config(CONSUMER_TOML)
+        .config(FAST_GROUP_TOML)
 }
 
 /// A bus for the test's own publishing.
@@ -679,7 +665,7 @@ async fn rebalance_moves_partitions_without_loss() {
     // librdkafka's group-protocol debug log, so a failure shows what the group did.
     let options = |file: &RecordFile| {
         serve_options(&broker, &group, file.path())
-            .config(&format!("{CONSUMER_TOML}\"debug\" = \"cgrp\"\n"))
+            .config(&format!("{FAST_GROUP_TOML}\"debug\" = \"cgrp\"\n"))
             .env("RUST_LOG", "info,librdkafka=debug")
     };
     let mut a = WeirProcess::serve(dir.path(), "serve-a", &options(&file_a));

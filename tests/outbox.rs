@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::process::{TestDir, WeirProcess};
+use support::process::{eventually, TestDir, WeirProcess};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -157,25 +157,6 @@ async fn count(pool: &PgPool, condition: &str) -> i64 {
     .fetch_one(pool)
     .await
     .expect("count query")
-}
-
-/// Polls an async condition every 50 ms until it holds; panics after `timeout` naming `what`
-/// and the last value seen.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 async fn wait_published(pool: &PgPool, total: i64, timeout: Duration) {

@@ -12,27 +12,17 @@ use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::process::{ServeOptions, TestDir, WeirProcess};
+use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
 use weir::dead_letter_headers as dlh;
 use weir::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 
 const PARTITIONS: i32 = 4;
 /// Overall deadline for side effects to complete.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Short group timeouts, so a killed member's partitions move on in seconds (see
-/// tests/kafka_process.rs for why each is set).
-const CONSUMER_TOML: &str = r#"
-[kafka.consumer]
-"session.timeout.ms" = "3000"
-"heartbeat.interval.ms" = "500"
-"max.poll.interval.ms" = "20000"
-"#;
 
 // --- helpers -------------------------------------------------------------------------------
 
@@ -98,7 +88,7 @@ impl Rig {
         .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
         .env("WEIR_RETRY__MAXIMUM_INTERVAL", "500ms")
         .env("WEIR_RETRY__MAXIMUM_ATTEMPTS", "40")
-        .config(CONSUMER_TOML)
+        .config(FAST_GROUP_TOML)
     }
 
     fn serve(&self, name: &str, options: &ServeOptions) -> WeirProcess {
@@ -112,25 +102,6 @@ impl Rig {
         })
         .await;
         format!("http://{addr}")
-    }
-}
-
-/// Polls an async condition every 50 ms until it holds; panics after `timeout` naming `what`
-/// and the last value seen.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
     }
 }
 

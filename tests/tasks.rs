@@ -16,14 +16,13 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::process::{ServeOptions, TestDir, WeirProcess};
+use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
 use weir::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
@@ -33,14 +32,6 @@ const PARTITIONS: i32 = 4;
 const PATIENCE: Duration = Duration::from_secs(120);
 /// Webhook secret of the services here.
 const SECRET: &str = "test-webhook-secret";
-
-/// Short group timeouts, as in tests/kafka_process.rs: a killed member leaves in seconds.
-const CONSUMER_TOML: &str = r#"
-[kafka.consumer]
-"session.timeout.ms" = "3000"
-"heartbeat.interval.ms" = "500"
-"max.poll.interval.ms" = "20000"
-"#;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -83,7 +74,7 @@ fn options(broker: &Tansu, db: &TestDb, group: &str, dir: &TestDir, name: &str) 
     .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
     .env("WEIR_TASKS__WEBHOOK_SECRET", SECRET)
     .env("WEIR_TASKS__FETCH_TIMEOUT", "5s")
-    .config(CONSUMER_TOML)
+    .config(FAST_GROUP_TOML)
 }
 
 /// A running service and its API's base URL.
@@ -94,7 +85,7 @@ struct Service {
 
 async fn start(dir: &TestDir, name: &str, options: &ServeOptions) -> Service {
     let process = WeirProcess::serve(dir.path(), name, options);
-    let addr = poll(
+    let addr = eventually(
         &format!("{name} to serve"),
         Duration::from_secs(60),
         || async { process.http_addr().ok_or_else(|| process.stderr_tail(2048)) },
@@ -103,25 +94,6 @@ async fn start(dir: &TestDir, name: &str, options: &ServeOptions) -> Service {
     Service {
         process,
         base: format!("http://{addr}"),
-    }
-}
-
-/// Polls an async check every 50 ms until it is `Ok`, for at most `timeout`; panics with the
-/// last `Err` (the state seen last).
-async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
     }
 }
 
@@ -202,7 +174,7 @@ async fn runs(pool: &PgPool, id: Uuid) -> Vec<Run> {
 
 /// Waits until the task has `count` runs, all finished, and the row is final.
 async fn wait_runs(pool: &PgPool, id: Uuid, count: usize, process: &WeirProcess) -> Vec<Run> {
-    poll(
+    eventually(
         &format!("{count} finished runs of task {id}"),
         PATIENCE,
         || async {
@@ -487,7 +459,7 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
     assert_eq!(expected.len(), 50);
 
     let started = Instant::now();
-    poll("all 50 tasks final", PATIENCE, || async {
+    eventually("all 50 tasks final", PATIENCE, || async {
         let (open,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM tasks WHERE status NOT IN ('completed', 'failed')",
         )
@@ -765,7 +737,7 @@ async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_
         .fetch_one(db.pool())
         .await
         .unwrap();
-    poll("three more ticks", Duration::from_secs(30), || async {
+    eventually("three more ticks", Duration::from_secs(30), || async {
         let (ticks,): (i64,) = sqlx::query_as("SELECT count(*) FROM task_schedule_ticks")
             .fetch_one(db.pool())
             .await
@@ -1049,7 +1021,7 @@ async fn a_tick_missed_while_no_replica_ran_fires_once_on_start() {
         "c",
         &replica("c").env("WEIR_TASKS__WEBHOOK_SECRET", ""),
     );
-    poll("c's schedule running", Duration::from_secs(60), || async {
+    eventually("c's schedule running", Duration::from_secs(60), || async {
         (!log_lines(&c, "Task schedule running.").is_empty())
             .then_some(())
             .ok_or_else(|| c.stderr_tail(1024))
@@ -1097,7 +1069,7 @@ async fn a_task_rerequested_while_processing_and_redelivered_after_sigkill_ends_
     )
     .await;
 
-    let seen = poll("processing under way", PATIENCE, || async {
+    let seen = eventually("processing under way", PATIENCE, || async {
         let (status, processed): (String, i64) =
             sqlx::query_as("SELECT status, processed_records FROM tasks WHERE id = $1")
                 .bind(task)

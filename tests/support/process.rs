@@ -363,6 +363,38 @@ pub async fn wait_until<T>(
     }
 }
 
+/// [`wait_until`] for a check that must await (a query, an HTTP call).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// librdkafka settings for `weir serve` processes in tests (pass to [`ServeOptions::config`]):
+/// a short session timeout, so a killed member leaves the group in seconds rather than
+/// librdkafka's default 45 s; and a shorter rebalance timeout (`max.poll.interval.ms`, sent in
+/// JoinGroup), so a rebalance waiting for a member that will not rejoin gives up in 20 s rather
+/// than 5 minutes (it must stay above the poll thread's 10 s stall valve). (Once in ~12 full
+/// runs Tansu 0.6 kept the survivor of a rebalance revoked and unassigned for over 2 minutes
+/// after the other member left during it.)
+pub const FAST_GROUP_TOML: &str = r#"
+[kafka.consumer]
+"session.timeout.ms" = "3000"
+"heartbeat.interval.ms" = "500"
+"max.poll.interval.ms" = "20000"
+"#;
+
 /// One line of the reference service's record file.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub struct Handled {

@@ -203,16 +203,7 @@ pub(crate) async fn update(
 ) -> Result<Option<Row>, weir::OutboxError> {
     let mut tx = pool.begin().await?;
     // Locked, so two concurrent updates are announced in the order they were applied.
-    let Some(row) = sqlx::query(&format!(
-        "{SELECT} AND r.deleted_at IS NULL FOR UPDATE OF r"
-    ))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .as_ref()
-    .map(Row::from_row)
-    .transpose()?
-    else {
+    let Some(row) = lock_live(&mut tx, id).await? else {
         return Ok(None);
     };
     let mut changed = BTreeMap::new();
@@ -239,6 +230,19 @@ pub(crate) async fn update(
     Ok(load(pool, id).await?)
 }
 
+/// The live (not deleted) resource `id`, locked until the transaction ends.
+async fn lock_live(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<Row>, sqlx::Error> {
+    sqlx::query(&format!(
+        "{SELECT} AND r.deleted_at IS NULL FOR UPDATE OF r"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?
+    .as_ref()
+    .map(Row::from_row)
+    .transpose()
+}
+
 fn tags_of(value: &serde_json::Value) -> Vec<String> {
     value
         .as_array()
@@ -255,16 +259,7 @@ fn tags_of(value: &serde_json::Value) -> Vec<String> {
 /// such live resource.
 pub(crate) async fn delete(pool: &PgPool, id: Uuid) -> Result<bool, weir::OutboxError> {
     let mut tx = pool.begin().await?;
-    let Some(row) = sqlx::query(&format!(
-        "{SELECT} AND r.deleted_at IS NULL FOR UPDATE OF r"
-    ))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .as_ref()
-    .map(Row::from_row)
-    .transpose()?
-    else {
+    let Some(row) = lock_live(&mut tx, id).await? else {
         return Ok(false);
     };
     sqlx::query("UPDATE resources SET deleted_at = now(), updated_at = now() WHERE id = $1")
