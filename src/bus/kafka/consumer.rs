@@ -159,6 +159,12 @@ impl ConsumerContext for WeirContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 self.health.set_joined(true);
+                // The group coordinator just answered: a broker is up. Without this, readiness
+                // waited for the first statistics (statistics.interval.ms) even while records
+                // were already being handled.
+                if !self.health.status().broker_up {
+                    self.broker_up(true);
+                }
                 let _ = self.control.send(Control::Assigned(partitions(tpl)));
             }
             Rebalance::Error(error) => tracing::warn!(%error, "Rebalance error."),
