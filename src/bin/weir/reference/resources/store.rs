@@ -278,6 +278,18 @@ pub(crate) fn new_file_path(id: Uuid) -> String {
     format!("{}/{id}", &id[id.len() - 2..])
 }
 
+/// The resource id a stored file is named by (see [`new_file_path`]): 32 hex digits, nothing
+/// else, so thumbnails and temporary files are not taken for uploads.
+pub(crate) fn file_id(name: &str) -> Option<Uuid> {
+    (name.len() == 32)
+        .then(|| Uuid::try_parse(name).ok())
+        .flatten()
+}
+
+/// What marks a temporary file (`<name>.tmp-<uuid>`, see [`temp_beside`]); the storage sweep
+/// removes old ones.
+pub(crate) const TEMP_MARKER: &str = ".tmp-";
+
 /// A resource's thumbnail, beside its file.
 pub(crate) fn thumbnail_path(file_path: &str) -> String {
     format!("{file_path}.thumb.png")
@@ -298,7 +310,7 @@ pub(crate) fn resolve(dir: &Path, relative: &str) -> Result<PathBuf, EffectError
 /// A temporary name beside `path`, unique to this writer.
 fn temp_beside(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", Uuid::new_v4().simple()));
+    name.push(format!("{TEMP_MARKER}{}", Uuid::new_v4().simple()));
     path.with_file_name(name)
 }
 

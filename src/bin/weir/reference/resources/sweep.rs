@@ -8,6 +8,7 @@
 //! replica sharing the directory (an upload commits its row seconds after its file is in place).
 //! It runs when the service starts and then every `sweep_after`.
 
+use super::store::{file_id, TEMP_MARKER};
 use super::Services;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -46,21 +47,14 @@ fn scan(dir: &Path, cutoff: SystemTime) -> std::io::Result<Leftovers> {
             }
             let name = file.file_name();
             let name = name.to_string_lossy();
-            if name.contains(".tmp-") {
+            if name.contains(TEMP_MARKER) {
                 found.temps.push(file.path());
-            } else if let Some(id) = upload_id(&name) {
+            } else if let Some(id) = file_id(&name) {
                 found.uploads.push((id, file.path()));
             }
         }
     }
     Ok(found)
-}
-
-/// The resource id an upload's file is named by (32 hex digits, nothing else).
-fn upload_id(name: &str) -> Option<Uuid> {
-    (name.len() == 32)
-        .then(|| Uuid::try_parse(name).ok())
-        .flatten()
 }
 
 /// What one sweep removed.
@@ -186,9 +180,16 @@ mod tests {
     #[test]
     fn only_a_bare_32_digit_id_names_an_upload() {
         let id = Uuid::new_v4();
-        assert_eq!(upload_id(&id.simple().to_string()), Some(id));
-        assert_eq!(upload_id(&id.to_string()), None, "hyphenated is not ours");
-        assert_eq!(upload_id(&format!("{}.thumb.png", id.simple())), None);
-        assert_eq!(upload_id("not-an-id"), None);
+        let stored = crate::reference::resources::store::new_file_path(id);
+        let name = stored.rsplit('/').next().unwrap();
+        assert_eq!(
+            file_id(name),
+            Some(id),
+            "what new_file_path writes is recognised"
+        );
+        assert_eq!(file_id(&id.to_string()), None, "hyphenated is not ours");
+        assert_eq!(file_id(&format!("{name}.thumb.png")), None);
+        assert_eq!(file_id(&format!("{name}{TEMP_MARKER}1234")), None);
+        assert_eq!(file_id("not-an-id"), None);
     }
 }
