@@ -166,3 +166,94 @@ async fn trace_context_survives_a_real_broker() {
     let (root, traceparent, spans) = publish_and_handle(bus, "traced", &t).await;
     assert_one_trace(&root, &traceparent, &spans);
 }
+
+/// Collects what a `fmt` layer writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// At the service's default level (`info`, JSON) no per-record span is built, so each line
+/// about a record must carry where the record is, its event and its trace by itself.
+#[tokio::test]
+async fn a_failed_records_log_lines_carry_its_place_event_id_and_trace_id_at_info() {
+    use tracing_subscriber::Layer as _;
+    let captured = Captured::default();
+    let layer = tracing_subscriber::fmt::layer()
+        .json()
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_writer(captured.clone())
+        .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+
+    let bus = MemoryBus::default();
+    bus.create_topic("logged", 1);
+    let (tx, mut called) = mpsc::unbounded_channel::<()>();
+    let router = Router::new().on_with(
+        move |_: CustomerCreated, _ctx: Ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                Err::<(), _>(HandlerError::acknowledged("customer cannot be created"))
+            }
+        },
+        HandlerOptions::new().topic("logged").name("create"),
+    );
+    let subscription = bus
+        .subscribe(router, ConsumerConfig::new("logged-group"))
+        .expect("subscribe");
+    let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let envelope = Envelope::new(CustomerCreated::new("c-9", serde_json::json!({})));
+    let record = weir::OutboundRecord {
+        topic: "logged".to_owned(),
+        key: Some(b"c-9".to_vec()),
+        value: Some(envelope.to_structured().unwrap()),
+        headers: weir::Headers::new()
+            .with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE)
+            .with("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01")),
+    };
+    weir::Publisher::publish_record(&bus, record)
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(30), called.recv())
+        .await
+        .expect("handled in time");
+    // Stopping drains the record: its dead letter is published and logged before this returns.
+    subscription.stop().await.expect("stop");
+
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    for message in ["Handler failed for good.", "Record dead-lettered."] {
+        let line = lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in\n{text}"));
+        let fields = &line["fields"];
+        assert_eq!(fields["topic"], "logged", "{line}");
+        assert_eq!(fields["partition"], 0, "{line}");
+        assert_eq!(fields["offset"], 0, "{line}");
+        assert_eq!(fields["group"], "logged-group", "{line}");
+        assert_eq!(fields["event_id"], envelope.meta.id.to_string(), "{line}");
+        assert_eq!(fields["trace_id"], trace_id, "{line}");
+        assert!(line.get("span").is_none(), "no span at info: {line}");
+    }
+}

@@ -69,16 +69,23 @@ pub(crate) async fn publish(
     publisher: &dyn Publisher,
     metrics: &Metrics,
     record: OutboundRecord,
-    reason: &'static str,
+    failure: &Failure,
     source: &Inbound,
     stop: &CancellationToken,
 ) -> bool {
+    let reason = failure.kind.as_str();
+    let group = record
+        .headers
+        .get_str(header::CONSUMER_GROUP)
+        .unwrap_or_default();
     let mut backoff = Duration::from_millis(100);
     loop {
         match publisher.publish_record(record.clone()).await {
             Ok(_) => {
                 DeadLettered {
                     at: source.at(),
+                    group,
+                    event_id: failure.event_id,
                     dead_letter_topic: &record.topic,
                     reason,
                 }
@@ -88,6 +95,8 @@ pub(crate) async fn publish(
             Err(error) => {
                 DeadLetterFailed {
                     at: source.at(),
+                    group,
+                    event_id: failure.event_id,
                     dead_letter_topic: &record.topic,
                     error: &error,
                 }

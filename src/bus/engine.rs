@@ -312,7 +312,7 @@ impl<S: Source> Engine<S> {
                             &*publisher,
                             dispatcher.metrics(),
                             record,
-                            failure.kind.as_str(),
+                            failure,
                             &rec,
                             &stop,
                         )

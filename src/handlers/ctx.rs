@@ -46,6 +46,8 @@ pub(crate) struct RecordInfo {
     pub(crate) record: Arc<Inbound>,
     pub(crate) event: EventMeta,
     pub(crate) trace: Option<TraceContext>,
+    /// Whether its handler calls get a `handle` span (see `telemetry::trace::wants_children`).
+    pub(crate) child_spans: bool,
 }
 
 /// What a handler knows about the record it is handling, besides the event itself.
@@ -80,6 +82,7 @@ impl Ctx {
             }),
             event,
             trace: None,
+            child_spans: false,
         };
         Self::new(Arc::new(info), 1, Arc::from("detached"))
     }

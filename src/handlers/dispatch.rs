@@ -42,6 +42,7 @@ impl Inbound {
             topic: &self.topic,
             partition: self.partition,
             offset: self.offset,
+            headers: &self.headers,
         }
     }
 }
@@ -76,6 +77,8 @@ pub(crate) struct Failure {
     pub(crate) attempts: u32,
     /// The handler that failed; `None` for decode failures (no handler ran).
     pub(crate) handler: Option<Arc<str>>,
+    /// The event's id, for the dead-letter log line; `None` if decoding did not get that far.
+    pub(crate) event_id: Option<uuid::Uuid>,
 }
 
 /// What became of a record.
@@ -151,8 +154,13 @@ impl Dispatcher {
         span: &tracing::Span,
     ) -> Outcome {
         RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
-        let decoded = {
+        // Child spans only where a subscriber records the record's span (and its trace is
+        // sampled): at the default level there is none, and building them was most of the cost.
+        let children = trace::wants_children(span);
+        let decoded = if children {
             let _decode = trace::decode_span().entered();
+            self.decode(rec, span)
+        } else {
             self.decode(rec, span)
         };
         let (route, meta, event) = match decoded {
@@ -163,6 +171,7 @@ impl Dispatcher {
             record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
             event: meta,
+            child_spans: children,
         });
         let resolved;
         let series = match &route.series {
@@ -215,7 +224,7 @@ impl Dispatcher {
             }
         }
         let raw = decode_envelope(rec.value.as_deref(), &rec.headers, &self.router.limits)
-            .map_err(|e| self.decode_failure(rec, e))?;
+            .map_err(|e| self.decode_failure(rec, None, e))?;
         let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
             return Err(match self.router.on_unhandled {
                 UnhandledPolicy::Skip => {
@@ -230,6 +239,7 @@ impl Dispatcher {
                 }
                 UnhandledPolicy::DeadLetter => self.decode_failure(
                     rec,
+                    Some(raw.meta.id),
                     DecodeError::UnknownEventType {
                         event_type: raw.meta.event_type,
                     },
@@ -237,13 +247,20 @@ impl Dispatcher {
             });
         };
         trace::record_event(span, &raw.meta.id, &raw.meta.event_type);
-        let event = (route.decode)(&raw).map_err(|e| self.decode_failure(rec, e))?;
+        let event =
+            (route.decode)(&raw).map_err(|e| self.decode_failure(rec, Some(raw.meta.id), e))?;
         Ok((route, raw.meta, event))
     }
 
-    fn decode_failure(&self, rec: &Inbound, error: DecodeError) -> Outcome {
+    fn decode_failure(
+        &self,
+        rec: &Inbound,
+        event_id: Option<uuid::Uuid>,
+        error: DecodeError,
+    ) -> Outcome {
         DecodeFailed {
             at: rec.at(),
+            event_id,
             kind: error.kind(),
             error: &error,
         }
@@ -254,6 +271,7 @@ impl Dispatcher {
             message: error.to_string(),
             attempts: 0,
             handler: None,
+            event_id,
         }])
     }
 
@@ -299,16 +317,20 @@ impl Dispatcher {
                             message: error.to_string(),
                             attempts: attempt - 1,
                             handler: Some(handler.name.clone()),
+                            event_id: Some(event_id),
                         }))
                     }
                 },
             };
             let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
             let started = Instant::now();
-            let result = self
-                .call_once(handler, event, ctx)
-                .instrument(trace::handle_span(&handler.name, attempt))
-                .await;
+            let call = self.call_once(handler, event, ctx);
+            let result = if info.child_spans {
+                call.instrument(trace::handle_span(&handler.name, attempt))
+                    .await
+            } else {
+                call.await
+            };
             HandlerCalled {
                 duration: started.elapsed(),
             }
@@ -316,6 +338,7 @@ impl Dispatcher {
             let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
                 HandlerGaveUp {
                     at,
+                    group: &self.group,
                     event_id,
                     event_type,
                     handler: &handler.name,
@@ -331,6 +354,7 @@ impl Dispatcher {
                     message,
                     attempts: attempt,
                     handler: Some(handler.name.clone()),
+                    event_id: Some(event_id),
                 }))
             };
             let error = match result {
@@ -352,6 +376,7 @@ impl Dispatcher {
                 RetryDecision::RetryAfter(delay) => {
                     HandlerRetrying {
                         at,
+                        group: &self.group,
                         event_id,
                         event_type,
                         handler: &handler.name,

@@ -1,18 +1,33 @@
 //! Typed internal events. Each struct is one thing that happened; `emit` updates the metrics and
 //! writes the log line, so a signal's name and fields are defined exactly once.
 
+use super::trace::{log_trace_id, LogTraceId};
 use super::{Metrics, RouteSeries};
+use crate::contracts::Headers;
 use prometheus::IntCounter;
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
-/// Where a record is, for log fields.
+/// Where a record is, for log fields. Every line about a record carries these (and its event
+/// id once known) as fields of its own: the record's span is not built at the default level.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct At<'a> {
     pub(crate) topic: &'a str,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
+    /// The record's headers, read for its trace id only when a line is written.
+    pub(crate) headers: &'a Headers,
+}
+
+impl<'a> At<'a> {
+    fn trace_id(&self) -> Option<tracing::field::DisplayValue<LogTraceId<'a>>> {
+        log_trace_id(self.headers).map(tracing::field::display)
+    }
+}
+
+fn shown<T: std::fmt::Display>(value: Option<T>) -> Option<tracing::field::DisplayValue<T>> {
+    value.map(tracing::field::display)
 }
 
 /// The `event_type` label for records whose type is not a registered one: the wire value is
@@ -35,6 +50,8 @@ impl RecordReceived<'_> {
 
 pub(crate) struct DecodeFailed<'a> {
     pub(crate) at: At<'a>,
+    /// Known when the envelope decoded and only the payload did not.
+    pub(crate) event_id: Option<Uuid>,
     pub(crate) kind: &'static str,
     pub(crate) error: &'a dyn std::fmt::Display,
 }
@@ -45,11 +62,13 @@ impl DecodeFailed<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         m.handled
             .with_label_values(&[topic, UNKNOWN_TYPE, "decode_error"])
             .inc();
-        warn!(topic, partition, offset, kind = self.kind, error = %self.error, "Record could not be decoded; dead-lettering.");
+        warn!(topic, partition, offset, event_id = shown(self.event_id), trace_id = self.at.trace_id(),
+              kind = self.kind, error = %self.error, "Record could not be decoded; dead-lettering.");
     }
 }
 
@@ -66,11 +85,21 @@ impl RecordSkipped<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         m.handled
             .with_label_values(&[topic, self.event_type, "skipped"])
             .inc();
-        debug!(topic, partition, offset, event_id = ?self.event_id, event_type = self.event_type, reason = self.reason, "Record skipped.");
+        debug!(
+            topic,
+            partition,
+            offset,
+            event_id = shown(self.event_id),
+            trace_id = self.at.trace_id(),
+            event_type = self.event_type,
+            reason = self.reason,
+            "Record skipped."
+        );
     }
 }
 
@@ -98,14 +127,17 @@ impl HandlerSucceeded<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         series.succeeded.inc();
-        debug!(topic, partition, offset, event_id = %self.event_id, event_type = self.event_type, handler = self.handler, attempt = self.attempt, "Handled.");
+        debug!(topic, partition, offset, event_id = %self.event_id, trace_id = self.at.trace_id(),
+               event_type = self.event_type, handler = self.handler, attempt = self.attempt, "Handled.");
     }
 }
 
 pub(crate) struct HandlerRetrying<'a> {
     pub(crate) at: At<'a>,
+    pub(crate) group: &'a str,
     pub(crate) event_id: Uuid,
     pub(crate) event_type: &'a str,
     pub(crate) handler: &'a str,
@@ -120,17 +152,19 @@ impl HandlerRetrying<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         m.handled
             .with_label_values(&[topic, self.event_type, "retried"])
             .inc();
-        warn!(topic, partition, offset, event_id = %self.event_id, handler = self.handler, attempt = self.attempt,
-              delay_ms = self.delay.as_millis() as u64, error = %self.error, "Handler failed; retrying.");
+        warn!(topic, partition, offset, group = self.group, event_id = %self.event_id, event_type = self.event_type,
+              trace_id = self.at.trace_id(), handler = self.handler, attempt = self.attempt, delay_ms = self.delay.as_millis() as u64, error = %self.error, "Handler failed; retrying.");
     }
 }
 
 pub(crate) struct HandlerGaveUp<'a> {
     pub(crate) at: At<'a>,
+    pub(crate) group: &'a str,
     pub(crate) event_id: Uuid,
     pub(crate) event_type: &'a str,
     pub(crate) handler: &'a str,
@@ -146,6 +180,7 @@ impl HandlerGaveUp<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         let outcome = if self.dropped {
             "skipped"
@@ -155,13 +190,16 @@ impl HandlerGaveUp<'_> {
         m.handled
             .with_label_values(&[topic, self.event_type, outcome])
             .inc();
-        warn!(topic, partition, offset, event_id = %self.event_id, handler = self.handler, attempts = self.attempts,
-              kind = self.kind, dropped = self.dropped, error = self.error, "Handler failed for good.");
+        warn!(topic, partition, offset, group = self.group, event_id = %self.event_id, event_type = self.event_type,
+              trace_id = self.at.trace_id(), handler = self.handler, attempts = self.attempts, kind = self.kind, dropped = self.dropped, error = self.error, "Handler failed for good.");
     }
 }
 
 pub(crate) struct DeadLettered<'a> {
     pub(crate) at: At<'a>,
+    pub(crate) group: &'a str,
+    /// `None` when the record could not be decoded far enough to know it.
+    pub(crate) event_id: Option<Uuid>,
     pub(crate) dead_letter_topic: &'a str,
     pub(crate) reason: &'static str,
 }
@@ -172,6 +210,7 @@ impl DeadLettered<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         m.dead_letters
             .with_label_values(&[topic, self.reason])
@@ -180,6 +219,9 @@ impl DeadLettered<'_> {
             topic,
             partition,
             offset,
+            group = self.group,
+            event_id = shown(self.event_id),
+            trace_id = self.at.trace_id(),
             dead_letter_topic = self.dead_letter_topic,
             reason = self.reason,
             "Record dead-lettered."
@@ -189,6 +231,8 @@ impl DeadLettered<'_> {
 
 pub(crate) struct DeadLetterFailed<'a> {
     pub(crate) at: At<'a>,
+    pub(crate) group: &'a str,
+    pub(crate) event_id: Option<Uuid>,
     pub(crate) dead_letter_topic: &'a str,
     pub(crate) error: &'a dyn std::fmt::Display,
 }
@@ -199,8 +243,10 @@ impl DeadLetterFailed<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
-        error!(topic, partition, offset, dead_letter_topic = self.dead_letter_topic, error = %self.error,
+        error!(topic, partition, offset, group = self.group, event_id = shown(self.event_id),
+               trace_id = self.at.trace_id(), dead_letter_topic = self.dead_letter_topic, error = %self.error,
                "Could not publish to the dead-letter topic; will retry and not commit past this record.");
     }
 }

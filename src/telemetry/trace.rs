@@ -2,14 +2,26 @@
 //! continues the producer's trace out; and the reverse when publishing.
 //!
 //! Only the OpenTelemetry *API* is used here. With no tracer installed (no OTLP endpoint), spans
-//! are plain `tracing` spans, injection is skipped, and the incoming trace id still reaches the
-//! logs through the span's `trace_id` field.
+//! are plain `tracing` spans and injection is skipped.
+//!
+//! The per-record spans (`process`, `decode`, `handle`) are at `debug` level under the target
+//! [`RECORD_SPANS`]: a subscriber that logs at `info` (the service's default) never builds them,
+//! because formatting a dozen span fields per record, for log lines that are almost never
+//! written, cost more than the rest of the framework's work on a record (`weir bench`). A
+//! tracer is given them by a filter of its own (the binary enables this target for its OTLP
+//! layer), so traces still show producer → process → handle. Log lines about a record carry
+//! its topic, partition, offset, event id and trace id as fields of their own (see
+//! [`log_trace_id`]), so they need no span; `RUST_LOG=info,weir::record=debug` puts the spans
+//! back into the logs as well.
 
 use crate::contracts::Headers;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use std::str::FromStr;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// The target of the per-record spans, for filters: `weir::record=debug` enables them.
+pub(crate) const RECORD_SPANS: &str = "weir::record";
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
@@ -65,7 +77,8 @@ pub(crate) fn inject_current(headers: &mut Headers) {
 }
 
 /// The span of one record's processing (OpenTelemetry messaging conventions, `process`
-/// operation), a child of the producer's span when the record carried one.
+/// operation), a child of the producer's span when the record carried one. Disabled (and then
+/// nearly free: no field is evaluated) unless a subscriber enables [`RECORD_SPANS`] at `debug`.
 pub(crate) fn process_span(
     topic: &str,
     partition: i32,
@@ -73,7 +86,8 @@ pub(crate) fn process_span(
     group: &str,
     headers: &Headers,
 ) -> Span {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
+        target: RECORD_SPANS,
         "process",
         "otel.name" = %format_args!("{topic} process"),
         "otel.kind" = "consumer",
@@ -87,6 +101,9 @@ pub(crate) fn process_span(
         "cloudevents.event_type" = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
+    if span.is_disabled() {
+        return span;
+    }
     let remote = remote_context(headers);
     if let Some(parent) = &remote {
         // Fails only when no OpenTelemetry layer is installed; then there is nothing to link.
@@ -108,20 +125,69 @@ pub(crate) fn process_span(
     span
 }
 
+/// Whether a record's child spans (`decode`, `handle`) are worth building: its `process` span
+/// is enabled, and a tracer that samples did not drop its trace (a trace the sampler dropped,
+/// say one whose producer sent it unsampled, is exported by nobody).
+pub(crate) fn wants_children(process: &Span) -> bool {
+    if process.is_disabled() {
+        return false;
+    }
+    let context = process.context();
+    let span = context.span();
+    let sc = span.span_context();
+    // Not valid: no tracer, only a log subscriber that asked for the spans; it gets them all.
+    !sc.is_valid() || sc.is_sampled()
+}
+
 /// Records the decoded event's identity on the process span.
 pub(crate) fn record_event(span: &Span, event_id: &uuid::Uuid, event_type: &str) {
+    if span.is_disabled() {
+        return;
+    }
     span.record("messaging.message.id", tracing::field::display(event_id));
     span.record("cloudevents.event_type", event_type);
 }
 
 /// The span of decoding one record (envelope, route, payload).
 pub(crate) fn decode_span() -> Span {
-    tracing::info_span!("decode", "otel.name" = "decode")
+    tracing::debug_span!(target: RECORD_SPANS, "decode", "otel.name" = "decode")
 }
 
 /// The span of one handler call.
 pub(crate) fn handle_span(handler: &str, attempt: u32) -> Span {
-    tracing::info_span!("handle", "otel.name" = %format_args!("handle {handler}"), handler, attempt)
+    tracing::debug_span!(target: RECORD_SPANS, "handle", "otel.name" = %format_args!("handle {handler}"), handler, attempt)
+}
+
+/// A record's trace id for its log lines: the producer's (`traceparent`), or else the one the
+/// record's span started, when a tracer runs. Read only when a line is written.
+pub(crate) fn log_trace_id(headers: &Headers) -> Option<LogTraceId<'_>> {
+    let from_header = headers.get_str(TRACEPARENT).and_then(|parent| {
+        let mut parts = parent.split('-');
+        let (_, trace) = (parts.next()?, parts.next()?);
+        (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace)
+    });
+    if let Some(trace) = from_header {
+        return Some(LogTraceId::Header(trace));
+    }
+    let context = Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| LogTraceId::Span(sc.trace_id()))
+}
+
+/// A trace id as 32 hex digits, borrowed from the header when it came from one.
+pub(crate) enum LogTraceId<'a> {
+    Header(&'a str),
+    Span(TraceId),
+}
+
+impl std::fmt::Display for LogTraceId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Header(id) => f.write_str(id),
+            Self::Span(id) => write!(f, "{id:032x}"),
+        }
+    }
 }
 
 /// The span of one publish (OpenTelemetry `send` operation); its context goes into the headers.

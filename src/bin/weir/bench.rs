@@ -13,7 +13,13 @@
 //! - W-cpu-*: a ~50 µs CPU-bound handler (`cpu_bound`), `partition` vs `key` order.
 //! - In-process: A1 and W over records already in memory (Weir's memory bus vs a loop over a
 //!   `Vec`), which isolates the framework's own cost from the client and the broker.
+//!
+//! The bench logs through the service's own subscriber (JSON) at the service's default level,
+//! `info`, unless `RUST_LOG` says otherwise: W and W-mem are what `weir serve` pays per record.
+//! W and W-mem also run a second time with the log filter switched to `error`, in the same
+//! rounds: the framework's cost without its logging.
 
+use crate::telemetry::Telemetry;
 use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -67,7 +73,9 @@ pub(crate) struct BenchArgs {
     /// what the prefetch queue holds (raise it with `--kafka queued.max.messages.kbytes=...`).
     #[arg(long, value_name = "SECONDS")]
     prefetch: Option<u64>,
-    /// Only run these arm groups (comma-separated: base, io, cpu, mem).
+    /// Only run these arm groups (comma-separated: base, io, cpu, mem). For instruction counts
+    /// under callgrind, one in-process arm alone: mem-a1, mem-w, mem-w-error, or mem-setup (the
+    /// records prepared and published, no arm run), whose count is subtracted from the others.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Internal: drain `--records` records of this existing topic with Weir and report the
@@ -109,6 +117,7 @@ async fn drain(args: &BenchArgs, topic: &str) -> anyhow::Result<()> {
 }
 
 const KEYS: usize = 1_000;
+const IO_PARTITIONS: usize = 4;
 const IO_LATENCY: Duration = Duration::from_millis(10);
 const CPU_WORK: Duration = Duration::from_micros(50);
 
@@ -120,14 +129,14 @@ struct Run {
 }
 
 struct Arm {
-    name: &'static str,
+    name: String,
     runs: Vec<Run>,
 }
 
 impl Arm {
-    fn new(name: &'static str) -> Self {
+    fn new(name: impl Into<String>) -> Self {
         Self {
-            name,
+            name: name.into(),
             runs: Vec::new(),
         }
     }
@@ -444,10 +453,10 @@ async fn weir_arm<B: Bus>(
 
 fn print_arms(arms: &[&Arm]) {
     println!(
-        "{:<22} {:>12} {:>10} {:>10} {:>14}  runs (msgs/s)",
+        "{:<32} {:>10} {:>10} {:>10} {:>14}  runs (msgs/s)",
         "arm", "msgs/s", "p50", "p99", "peak RSS +MiB"
     );
-    for arm in arms {
+    for arm in arms.iter().filter(|a| !a.runs.is_empty()) {
         let fmt_d = |d: Option<Duration>| {
             d.map_or("-".to_owned(), |d| {
                 format!("{:.2}ms", d.as_secs_f64() * 1e3)
@@ -466,7 +475,7 @@ fn print_arms(arms: &[&Arm]) {
             .map_or("-".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0));
         let runs: Vec<String> = arm.runs.iter().map(|r| format!("{:.0}", r.rate)).collect();
         println!(
-            "{:<22} {:>12.0} {:>10} {:>10} {:>14}  {}",
+            "{:<32} {:>10.0} {:>10} {:>10} {:>14}  {}",
             arm.name,
             arm.median_rate(),
             fmt_d(mid.and_then(|r| r.p50)),
@@ -477,18 +486,174 @@ fn print_arms(arms: &[&Arm]) {
     }
 }
 
-fn goal(name: &str, value: f64, target: f64, relation: &str) {
-    let met = value >= target;
-    println!(
-        "  {name:<48} {value:>8.2} (goal {relation} {target}) {}",
-        if met { "met" } else { "NOT met" }
-    );
+/// `value / of`, the ratio of two arms' medians, if both ran.
+fn ratio(value: &Arm, of: &Arm) -> Option<f64> {
+    (!value.runs.is_empty() && !of.runs.is_empty()).then(|| value.median_rate() / of.median_rate())
 }
 
-pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+fn goal(name: &str, value: Option<f64>, target: f64) {
+    if let Some(value) = value {
+        let met = if value >= target { "met" } else { "NOT met" };
+        println!("  {name:<58} {value:>8.2} (goal >= {target}) {met}");
+    }
+}
+
+fn info(name: &str, value: Option<f64>) {
+    if let Some(value) = value {
+        println!("  {name:<58} {value:>8.2}");
+    }
+}
+
+/// Runs `arm` with the log filter switched to `error`, then restores the process's own.
+async fn at_error_level<T>(
+    telemetry: &Telemetry,
+    arm: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    telemetry.set_log_filter(Some("error"))?;
+    let result = arm.await;
+    telemetry.set_log_filter(None)?;
+    result
+}
+
+pub(crate) async fn run(args: BenchArgs, telemetry: &Telemetry) -> anyhow::Result<()> {
     if let Some(topic) = &args.drain_topic {
         return drain(&args, topic).await;
     }
+    let wants = |group: &str| args.only.is_empty() || args.only.iter().any(|o| o == group);
+    let level = telemetry.log_filter().to_owned();
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut report = Report::new(&level);
+    if wants("base") || wants("io") || wants("cpu") || args.backlog.is_some() {
+        kafka_arms(&args, telemetry, &run_id, &mut report).await?;
+    } else {
+        println!(
+            "weir bench: {} in-process records, {} rounds",
+            args.records, args.rounds
+        );
+    }
+    in_process_arms(&args, telemetry, &run_id, &mut report).await?;
+    report.print();
+    if let Some(output) = report.backlog {
+        println!();
+        print!("{output}");
+    }
+    Ok(())
+}
+
+/// Every arm's runs, printed together at the end.
+struct Report {
+    level: String,
+    a0: Arm,
+    a1: Arm,
+    w: Arm,
+    w_error: Arm,
+    io_p: Arm,
+    io_k: Arm,
+    cpu_p: Arm,
+    cpu_k: Arm,
+    a1_mem: Arm,
+    w_mem: Arm,
+    w_mem_error: Arm,
+    /// W's consumer settings, for the in-flight bound.
+    max_in_flight: usize,
+    backlog: Option<String>,
+}
+
+impl Report {
+    fn new(level: &str) -> Self {
+        Self {
+            level: level.to_owned(),
+            a0: Arm::new("A0 raw loop"),
+            a1: Arm::new("A1 typed at-least-once"),
+            w: Arm::new(format!("W weir no-op [{level}]")),
+            w_error: Arm::new("W weir no-op [error]"),
+            io_p: Arm::new(format!("W-io-partition [{level}]")),
+            io_k: Arm::new(format!("W-io-key [{level}]")),
+            cpu_p: Arm::new(format!("W-cpu-partition [{level}]")),
+            cpu_k: Arm::new(format!("W-cpu-key [{level}]")),
+            a1_mem: Arm::new("A1-mem hand loop"),
+            w_mem: Arm::new(format!("W-mem weir no-op [{level}]")),
+            w_mem_error: Arm::new("W-mem weir no-op [error]"),
+            max_in_flight: ConsumerConfig::new("bench").max_in_flight,
+            backlog: None,
+        }
+    }
+
+    fn print(&self) {
+        println!();
+        print_arms(&[
+            &self.a0,
+            &self.a1,
+            &self.w,
+            &self.w_error,
+            &self.io_p,
+            &self.io_k,
+            &self.cpu_p,
+            &self.cpu_k,
+            &self.a1_mem,
+            &self.w_mem,
+            &self.w_mem_error,
+        ]);
+        let level = &self.level;
+        println!();
+        println!("ratios (medians); [{level}] is the log level `weir serve` runs at by default (or RUST_LOG's), [error] the framework without its logging");
+        goal(
+            &format!("W [{level}] / A1 (broker)"),
+            ratio(&self.w, &self.a1),
+            0.95,
+        );
+        info(
+            "W [error] / A1 (broker, framework only)",
+            ratio(&self.w_error, &self.a1),
+        );
+        goal(
+            &format!("W-mem [{level}] / A1-mem (in process)"),
+            ratio(&self.w_mem, &self.a1_mem),
+            0.8,
+        );
+        info(
+            "W-mem [error] / A1-mem (in process, framework only)",
+            ratio(&self.w_mem_error, &self.a1_mem),
+        );
+        // Partition order runs one record per partition at a time: 4 partitions / 10 ms.
+        let partition_bound = IO_PARTITIONS as f64 / IO_LATENCY.as_secs_f64();
+        goal(
+            &format!(
+                "W-io-partition / its bound ({IO_PARTITIONS} partitions / {} ms)",
+                IO_LATENCY.as_millis()
+            ),
+            (!self.io_p.runs.is_empty()).then(|| self.io_p.median_rate() / partition_bound),
+            0.9,
+        );
+        // At most `max_in_flight` records run at once, and with key order at most one per key.
+        let concurrency = self.max_in_flight.min(KEYS);
+        let in_flight_bound = concurrency as f64 / IO_LATENCY.as_secs_f64();
+        goal(
+            &format!(
+                "W-io-key / in-flight bound ({concurrency} / {} ms)",
+                IO_LATENCY.as_millis()
+            ),
+            (!self.io_k.runs.is_empty()).then(|| self.io_k.median_rate() / in_flight_bound),
+            0.8,
+        );
+        goal(
+            "W-cpu-key / W-cpu-partition",
+            ratio(&self.cpu_k, &self.cpu_p),
+            0.9,
+        );
+        info("W-io-key / W-io-partition", ratio(&self.io_k, &self.io_p));
+        info("A0 (client ceiling) / A1", ratio(&self.a0, &self.a1));
+    }
+}
+
+/// The arms that read from Kafka (the embedded mock cluster or `--brokers`), and the backlog.
+async fn kafka_arms(
+    args: &BenchArgs,
+    telemetry: &Telemetry,
+    run_id: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let wants = |group: &str| args.only.is_empty() || args.only.iter().any(|o| o == group);
     /// Bytes per partition the mock cluster keeps before deleting old records (measured: about
     /// 11,500 bench records of ~440 bytes on the wire).
     const MOCK_RETENTION_BYTES: usize = 5 * 1024 * 1024;
@@ -498,25 +663,25 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "--backlog needs --brokers: the mock cluster keeps about 5 MB per partition"
         );
         anyhow::ensure!(
-            args.records * 440 / 8 < MOCK_RETENTION_BYTES && args.io_records * 440 / 4 < MOCK_RETENTION_BYTES,
+            args.records * 440 / 8 < MOCK_RETENTION_BYTES && args.io_records * 440 / IO_PARTITIONS < MOCK_RETENTION_BYTES,
             "the mock cluster keeps about 5 MB per partition: use at most ~90,000 --records and ~45,000 --io-records, or --brokers"
         );
     }
     let target = match &args.brokers {
         Some(brokers) => Target {
-            kafka: kafka_config(&args, brokers.clone()),
+            kafka: kafka_config(args, brokers.clone()),
             mock: None,
         },
         None => {
             let mock = MockCluster::new(1).context("cannot start the embedded mock cluster")?;
             Target {
-                kafka: kafka_config(&args, mock.bootstrap_servers()),
+                kafka: kafka_config(args, mock.bootstrap_servers()),
                 mock: Some(mock),
             }
         }
     };
     println!(
-        "weir bench: {} records (8 partitions), {} I/O records (4 partitions), {} rounds, broker: {}",
+        "weir bench: {} records (8 partitions), {} I/O records ({IO_PARTITIONS} partitions), {} rounds, broker: {}",
         args.records,
         args.io_records,
         args.rounds,
@@ -531,14 +696,14 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "machine: {} cores",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "machine: {} cores; log filter: {} (JSON lines, as `weir serve`)",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        report.level
     );
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
     let main_topic = format!("bench-{run_id}");
     let io_topic = format!("bench-io-{run_id}");
     target.create_topic(&main_topic, 8).await?;
-    target.create_topic(&io_topic, 4).await?;
+    target.create_topic(&io_topic, IO_PARTITIONS as i32).await?;
     prefill(&target.kafka, &main_topic, args.records).await?;
     prefill(&target.kafka, &io_topic, args.io_records).await?;
     let bus = KafkaBus::new(target.kafka.clone())?;
@@ -551,31 +716,26 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or(c.max_in_flight_per_partition);
         c
     };
-    let wants = |group: &str| args.only.is_empty() || args.only.iter().any(|o| o == group);
+    report.max_in_flight = consumer(ProcessingOrder::Key).max_in_flight;
 
     // 1. Framework overhead against the client's ceiling and a hand-written loop.
-    let (mut a0, mut a1, mut w) = (
-        Arm::new("A0 raw loop"),
-        Arm::new("A1 typed at-least-once"),
-        Arm::new("W weir no-op"),
-    );
     let warmup = args.prefetch.map(Duration::from_secs);
     for round in 0..args.rounds {
         if !wants("base") {
             break;
         }
-        eprintln!("round {}/{}: A0, A1, W", round + 1, args.rounds);
+        eprintln!("round {}/{}: A0, A1, W, W [error]", round + 1, args.rounds);
         let (kafka, topic, n) = (target.kafka.clone(), main_topic.clone(), args.records);
-        a0.runs.push(
+        report.a0.runs.push(
             tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, false, warmup))
                 .await??,
         );
         let (kafka, topic) = (target.kafka.clone(), main_topic.clone());
-        a1.runs.push(
+        report.a1.runs.push(
             tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, true, warmup))
                 .await??,
         );
-        w.runs.push(
+        let noop = || {
             weir_arm(
                 &bus,
                 &main_topic,
@@ -584,13 +744,16 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 consumer(ProcessingOrder::Key),
                 warmup,
             )
-            .await?,
-        );
+        };
+        report.w.runs.push(noop().await?);
+        report
+            .w_error
+            .runs
+            .push(at_error_level(telemetry, noop()).await?);
     }
 
     // 2. I/O-bound handlers: one record per partition at a time vs per key.
-    let (mut io_p, mut io_k) = (Arm::new("W-io-partition"), Arm::new("W-io-key"));
-    let io_partition_n = (args.io_records / 4).max(1);
+    let io_partition_n = (args.io_records / IO_PARTITIONS).max(1);
     for round in 0..args.rounds {
         if !wants("io") {
             break;
@@ -600,7 +763,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             round + 1,
             args.rounds
         );
-        io_p.runs.push(
+        report.io_p.runs.push(
             weir_arm(
                 &bus,
                 &io_topic,
@@ -611,7 +774,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )
             .await?,
         );
-        io_k.runs.push(
+        report.io_k.runs.push(
             weir_arm(
                 &bus,
                 &io_topic,
@@ -625,7 +788,6 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     // 3. CPU-bound handlers.
-    let (mut cpu_p, mut cpu_k) = (Arm::new("W-cpu-partition"), Arm::new("W-cpu-key"));
     let cpu_n = args.records.min(50_000);
     for round in 0..args.rounds {
         if !wants("cpu") {
@@ -636,7 +798,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             round + 1,
             args.rounds
         );
-        cpu_p.runs.push(
+        report.cpu_p.runs.push(
             weir_arm(
                 &bus,
                 &main_topic,
@@ -647,7 +809,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             )
             .await?,
         );
-        cpu_k.runs.push(
+        report.cpu_k.runs.push(
             weir_arm(
                 &bus,
                 &main_topic,
@@ -660,111 +822,13 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    // 4. In-process: records already in memory, so only the framework's own work is timed.
-    let (mut a1_mem, mut w_mem) = (Arm::new("A1-mem hand loop"), Arm::new("W-mem weir no-op"));
-    let mem_n = args.records;
-    let memory = MemoryBus::new(MemoryConfig {
-        default_partitions: 8,
-        capacity_per_partition: mem_n,
-        ..MemoryConfig::default()
-    });
-    let encoded: Vec<(String, Vec<u8>)> = (0..mem_n)
-        .map(|i| {
-            let e = payload(i);
-            (e.key(), e.to_structured().expect("serializable"))
-        })
-        .collect();
-    for round in 0..args.rounds {
-        if !wants("mem") {
-            break;
-        }
-        eprintln!("round {}/{}: A1-mem, W-mem", round + 1, args.rounds);
-        // A topic per round: the memory bus drops records every reading group has committed.
-        let mem_topic = format!("bench-mem-{run_id}-{round}");
-        memory.create_topic(&mem_topic, 8);
-        for (key, value) in &encoded {
-            let record = weir::OutboundRecord {
-                topic: mem_topic.clone(),
-                key: Some(key.clone().into_bytes()),
-                value: Some(value.clone()),
-                headers: weir::Headers::new().with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
-            };
-            weir::Publisher::publish_record(&memory, record).await?;
-        }
-        let rss = reset_peak_rss();
-        let started = Instant::now();
-        let mut positions = std::collections::HashMap::new();
-        for (i, (_, value)) in encoded.iter().enumerate() {
-            let event: CloudEventIn = serde_json::from_slice(value)?;
-            std::hint::black_box(&event);
-            positions.insert(i % 8, i + 1);
-        }
-        a1_mem.runs.push(Run {
-            rate: mem_n as f64 / started.elapsed().as_secs_f64().max(1e-9),
-            p50: None,
-            p99: None,
-            rss_growth_kib: peak_growth(rss),
-        });
-        w_mem.runs.push(
-            weir_arm(
-                &memory,
-                &mem_topic,
-                mem_n,
-                Work::Noop,
-                consumer(ProcessingOrder::Key),
-                None,
-            )
-            .await?,
-        );
-    }
-
-    println!();
-    print_arms(&[&a0, &a1, &w, &io_p, &io_k, &cpu_p, &cpu_k, &a1_mem, &w_mem]);
-    println!();
-    println!("ratios (medians)");
-    goal(
-        "W / A1 (broker)",
-        w.median_rate() / a1.median_rate(),
-        0.95,
-        ">=",
-    );
-    goal(
-        "W-mem / A1-mem (in-process, framework cost)",
-        w_mem.median_rate() / a1_mem.median_rate(),
-        0.95,
-        ">=",
-    );
-    goal(
-        "W-io-key / W-io-partition",
-        io_k.median_rate() / io_p.median_rate(),
-        50.0,
-        ">=",
-    );
-    // At most `max_in_flight` records run at once, and with key order at most one per key.
-    let concurrency = consumer(ProcessingOrder::Key).max_in_flight.min(KEYS);
-    let in_flight_bound = concurrency as f64 / IO_LATENCY.as_secs_f64();
-    let bound_name = format!(
-        "W-io-key / in-flight bound ({concurrency} / {} ms)",
-        IO_LATENCY.as_millis()
-    );
-    goal(&bound_name, io_k.median_rate() / in_flight_bound, 0.8, ">=");
-    goal(
-        "W-cpu-key / W-cpu-partition",
-        cpu_k.median_rate() / cpu_p.median_rate(),
-        0.9,
-        ">=",
-    );
-    println!(
-        "  A0 (client ceiling) / A1: {:.2}",
-        a0.median_rate() / a1.median_rate()
-    );
-
     if let Some(backlog) = args.backlog {
         let topic = format!("bench-backlog-{run_id}");
         target.create_topic(&topic, 8).await?;
         prefill(&target.kafka, &topic, backlog).await?;
         // Drain in a fresh process, so its peak RSS is Weir's alone and not what this one's
-        // pre-filling producer left on the heap.
+        // pre-filling producer left on the heap. It inherits RUST_LOG, so it logs at this
+        // process's level.
         let output = tokio::process::Command::new(std::env::current_exe()?)
             .args([
                 "bench",
@@ -783,8 +847,99 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .output()
             .await?;
         anyhow::ensure!(output.status.success(), "the drain process failed");
-        println!();
-        print!("{}", String::from_utf8_lossy(&output.stdout));
+        report.backlog = Some(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    Ok(())
+}
+
+/// In process: records already in memory, so only the framework's own work is timed.
+async fn in_process_arms(
+    args: &BenchArgs,
+    telemetry: &Telemetry,
+    run_id: &str,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let only = |group: &str| args.only.iter().any(|o| o == group);
+    let all = args.only.is_empty() || only("mem");
+    let setup_only = only("mem-setup");
+    if !(all || setup_only || only("mem-a1") || only("mem-w") || only("mem-w-error")) {
+        return Ok(());
+    }
+    let wants = |arm: &str| all || only(arm);
+    let mem_n = args.records;
+    let memory = MemoryBus::new(MemoryConfig {
+        default_partitions: 8,
+        capacity_per_partition: mem_n,
+        ..MemoryConfig::default()
+    });
+    let encoded: Vec<(String, Vec<u8>)> = (0..mem_n)
+        .map(|i| {
+            let e = payload(i);
+            (e.key(), e.to_structured().expect("serializable"))
+        })
+        .collect();
+    let consumer = || {
+        let mut c = ConsumerConfig::new(format!("bench-{}", uuid::Uuid::new_v4().simple()));
+        c.max_in_flight = args.max_in_flight.unwrap_or(c.max_in_flight);
+        c.max_in_flight_per_partition = args
+            .max_in_flight_per_partition
+            .unwrap_or(c.max_in_flight_per_partition);
+        c
+    };
+    for round in 0..args.rounds {
+        eprintln!(
+            "round {}/{}: A1-mem, W-mem, W-mem [error]",
+            round + 1,
+            args.rounds
+        );
+        // A topic per W arm and round: the memory bus drops records every reading group has
+        // committed. Both are filled whichever arms run, so `mem-setup` does the same work.
+        let topics = [
+            format!("bench-mem-{run_id}-{round}"),
+            format!("bench-mem-error-{run_id}-{round}"),
+        ];
+        for topic in &topics {
+            memory.create_topic(topic, 8);
+            for (key, value) in &encoded {
+                let record = weir::OutboundRecord {
+                    topic: topic.clone(),
+                    key: Some(key.clone().into_bytes()),
+                    value: Some(value.clone()),
+                    headers: weir::Headers::new()
+                        .with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
+                };
+                weir::Publisher::publish_record(&memory, record).await?;
+            }
+        }
+        if wants("mem-a1") {
+            let rss = reset_peak_rss();
+            let started = Instant::now();
+            let mut positions = std::collections::HashMap::new();
+            for (i, (_, value)) in encoded.iter().enumerate() {
+                let event: CloudEventIn = serde_json::from_slice(value)?;
+                std::hint::black_box(&event);
+                positions.insert(i % 8, i + 1);
+            }
+            report.a1_mem.runs.push(Run {
+                rate: mem_n as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                p50: None,
+                p99: None,
+                rss_growth_kib: peak_growth(rss),
+            });
+        }
+        if wants("mem-w") {
+            report
+                .w_mem
+                .runs
+                .push(weir_arm(&memory, &topics[0], mem_n, Work::Noop, consumer(), None).await?);
+        }
+        if wants("mem-w-error") {
+            let arm = weir_arm(&memory, &topics[1], mem_n, Work::Noop, consumer(), None);
+            report
+                .w_mem_error
+                .runs
+                .push(at_error_level(telemetry, arm).await?);
+        }
     }
     Ok(())
 }

@@ -62,8 +62,10 @@ async fn main() -> anyhow::Result<()> {
             publish::run(settings, args).await
         }
         Command::Bench(args) => {
-            let _telemetry = telemetry::init(false)?;
-            bench::run(args).await
+            // The service's own subscriber (JSON, `info` unless RUST_LOG says otherwise), so
+            // the bench measures what `weir serve` runs with.
+            let telemetry = telemetry::init(true)?;
+            bench::run(args, &telemetry).await
         }
         Command::BenchUploads(args) => {
             let _telemetry = telemetry::init(false)?;

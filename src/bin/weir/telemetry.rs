@@ -3,6 +3,11 @@
 //! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, with `OTEL_EXPORTER_OTLP_PROTOCOL` choosing
 //! `grpc` or `http/protobuf` (the OTLP default) and `OTEL_SERVICE_NAME` naming the service.
 //! Jaeger ingests OTLP directly (ports 4317 and 4318), so no Jaeger-specific exporter is needed.
+//!
+//! Each output has a filter of its own. The logs follow `RUST_LOG`; the tracer also gets Weir's
+//! per-record spans (`process`, `decode`, `handle`, at `debug` under `weir::record`), which the
+//! logs at `info` do not build: a trace still shows producer → process → handle, and a service
+//! without an OTLP endpoint pays nothing for them.
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
@@ -11,12 +16,33 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{reload, EnvFilter, Layer};
+
+/// The target of Weir's per-record spans (the library's `trace::RECORD_SPANS`).
+const RECORD_SPANS: &str = "weir::record";
+
+type SetLogFilter = Box<dyn Fn(&str) -> anyhow::Result<()> + Send + Sync>;
 
 /// Keeps the exporter alive; dropping it flushes the spans still buffered, so short commands
 /// (`publish`, `demo`) export theirs too.
 pub(crate) struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// The log filter in force at start: `RUST_LOG`, or the default.
+    log_filter: String,
+    set_log_filter: SetLogFilter,
+}
+
+impl Telemetry {
+    /// The log filter the process started with.
+    pub(crate) fn log_filter(&self) -> &str {
+        &self.log_filter
+    }
+
+    /// Replaces the log filter (`weir bench` runs some arms at `error`); `None` restores the
+    /// one the process started with.
+    pub(crate) fn set_log_filter(&self, directives: Option<&str>) -> anyhow::Result<()> {
+        (self.set_log_filter)(directives.unwrap_or(&self.log_filter))
+    }
 }
 
 impl Drop for Telemetry {
@@ -65,13 +91,16 @@ fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
 
 /// Installs the global subscriber. `json` for services, compact text for people.
 pub(crate) fn init(json: bool) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(if json {
-            "info"
-        } else {
-            "warn,weir=info,librdkafka=error"
-        })
-    });
+    let default = if json {
+        "info"
+    } else {
+        "warn,weir=info,librdkafka=error"
+    };
+    let log_filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty() && EnvFilter::try_new(v).is_ok())
+        .unwrap_or_else(|| default.to_owned());
+    let (filter, reload) = reload::Layer::new(EnvFilter::new(&log_filter));
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -85,14 +114,26 @@ pub(crate) fn init(json: bool) -> anyhow::Result<Telemetry> {
         fmt.compact().boxed()
     };
     let provider = tracer_provider()?;
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("weir")));
+    let otel = provider.as_ref().map(|p| {
+        let spans = EnvFilter::new(format!("{log_filter},{RECORD_SPANS}=debug"));
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("weir"))
+            .with_filter(spans)
+    });
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()
         .context("cannot install the log subscriber")?;
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        log_filter,
+        set_log_filter: Box::new(move |directives| {
+            let filter = EnvFilter::try_new(directives)
+                .with_context(|| format!("invalid log filter {directives:?}"))?;
+            reload
+                .reload(filter)
+                .context("cannot change the log filter")
+        }),
+    })
 }
