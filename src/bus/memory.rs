@@ -9,7 +9,7 @@
 //! `publish_timeout` and then fails with [`PublishError::QueueFull`]. Nothing is dropped.
 //! One subscription per group at a time (no in-memory rebalancing).
 
-use super::engine::{Engine, Source, SourceEvent, Tp};
+use super::engine::{Engine, PartitionKey, Source, SourceEvent, Tp};
 use super::publish::PublishFuture;
 use super::{
     Bus, BusError, ConsumerConfig, Delivery, OutboundRecord, PublishError, Publisher, Subscription,
@@ -358,6 +358,7 @@ impl Bus for MemoryBus {
             positions: HashMap::new(),
             stored: HashMap::new(),
             cursor: 0,
+            closed: HashSet::new(),
         };
         let metrics = self.inner.metrics.clone();
         let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
@@ -388,11 +389,14 @@ struct MemorySource {
     positions: HashMap<(usize, usize), i64>,
     stored: HashMap<Tp, i64>,
     cursor: usize,
+    /// Partitions the engine takes records of only while its pool has room.
+    closed: HashSet<PartitionKey>,
 }
 
 impl MemorySource {
-    /// The next record of the first partition with one, round-robin across partitions.
-    fn try_next(&mut self) -> Option<Inbound> {
+    /// The next record of the first partition with one that the engine takes records of,
+    /// round-robin across partitions.
+    fn try_next(&mut self, pool_open: bool) -> Option<Inbound> {
         let state = self.inner.lock();
         let counts: Vec<usize> = self
             .topics
@@ -408,6 +412,12 @@ impl MemorySource {
                 ti += 1;
             }
             let (topic, p) = (&self.topics[ti], at);
+            if !pool_open
+                && !self.closed.is_empty()
+                && self.closed.contains(&(topic.clone(), p as i32))
+            {
+                continue;
+            }
             let log = &state.topics[&**topic][p];
             let position = *self.positions.entry((ti, p)).or_insert_with(|| {
                 let committed = state
@@ -436,14 +446,10 @@ impl MemorySource {
 }
 
 impl Source for MemorySource {
-    async fn next(&mut self, want_records: bool) -> Option<SourceEvent> {
-        if !want_records {
-            // No control events in memory: wait until the engine has room again.
-            std::future::pending::<()>().await;
-        }
+    async fn next(&mut self, pool_open: bool) -> Option<SourceEvent> {
         loop {
             self.changes.borrow_and_update();
-            if let Some(rec) = self.try_next() {
+            if let Some(rec) = self.try_next(pool_open) {
                 return Some(SourceEvent::Record(rec));
             }
             if self.changes.changed().await.is_err() {
@@ -452,17 +458,25 @@ impl Source for MemorySource {
         }
     }
 
-    fn try_record(&mut self) -> Option<Inbound> {
-        self.try_next()
+    fn try_record(&mut self, pool_open: bool) -> Option<Inbound> {
+        self.try_next(pool_open)
+    }
+
+    fn set_open(&mut self, tp: &PartitionKey, open: bool) {
+        if open {
+            self.closed.remove(tp);
+        } else {
+            self.closed.insert(tp.clone());
+        }
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {
         self.stored.insert(tp.clone(), next_offset);
     }
 
-    async fn commit(&mut self, _sync: bool) -> Result<(), BusError> {
+    async fn commit(&mut self, _sync: bool) -> Option<Result<(), BusError>> {
         if self.stored.is_empty() {
-            return Ok(());
+            return None;
         }
         let mut state = self.inner.lock();
         for ((topic, partition), offset) in self.stored.drain() {
@@ -473,7 +487,7 @@ impl Source for MemorySource {
         }
         drop(state);
         self.inner.bump();
-        Ok(())
+        Some(Ok(()))
     }
 }
 
