@@ -650,6 +650,10 @@ impl<S: Source> Engine<S> {
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
                 self.in_flight -= state.in_flight;
+                // Partitions start open: if it comes back, the source must agree.
+                if !state.open {
+                    self.source.set_open(tp, true);
+                }
             }
         }
         self.reshare();
