@@ -455,17 +455,19 @@ impl<S: Source> Engine<S> {
             };
             Completion { is_final, ..done }
         };
-        let task = async move {
+        let mut task = Box::pin(task.instrument(span));
+        // Only a spawned record can be aborted: one that finishes in its inline poll below
+        // never needs the abort token (registering with it costs a lock per record).
+        let abortable = |task| async move {
             tokio::select! {
                 biased;
                 _ = abort.cancelled() => aborted,
                 done = task => done,
             }
         };
-        let mut task = Box::pin(task.instrument(span));
         if self.inline_cooldown > 0 {
             self.inline_cooldown -= 1;
-            self.tasks.spawn(task);
+            self.tasks.spawn(abortable(task));
             return;
         }
         // Poll once here first: a handler that does not wait (a no-op, a cache hit, a cheap
@@ -482,7 +484,7 @@ impl<S: Source> Engine<S> {
         match polled {
             std::task::Poll::Ready(done) => self.finished_inline.push(done),
             std::task::Poll::Pending => {
-                self.tasks.spawn(task);
+                self.tasks.spawn(abortable(task));
             }
         }
     }
