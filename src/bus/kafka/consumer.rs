@@ -334,6 +334,8 @@ struct Feed {
     /// Polled and not handed over yet.
     held: Vec<Inbound>,
     queued: Arc<AtomicUsize>,
+    /// Split again after a record of it came through the main queue.
+    resplit: bool,
 }
 
 /// Polls the main queue and each partition with room in its hand-off; sleeps when nothing
@@ -366,6 +368,15 @@ fn poll_loop(
                         .iter_mut()
                         .find(|f| f.tp.1 == inbound.partition && f.tp.0 == inbound.topic)
                     {
+                        if feed.queue.is_some() && !feed.resplit {
+                            // librdkafka may point the partition back at the main queue when
+                            // its fetching starts, after the split: split it again (once).
+                            // The old handle goes first: dropping it unhooks the wake-up
+                            // of the (same) underlying queue.
+                            feed.resplit = true;
+                            feed.queue = None;
+                            feed.queue = split(&consumer, &feed.tp, &poller);
+                        }
                         feed.held.push(inbound);
                     }
                     moved = true;
@@ -442,22 +453,34 @@ fn apply_changes(
                     {
                         continue;
                     }
-                    let queue = consumer
-                        .split_partition_queue(&topic, partition)
-                        .map(|mut q| {
-                            q.set_nonempty_callback(wake(poller));
-                            q
-                        });
+                    let tp = (Arc::from(topic.as_str()), partition);
                     feeds.push(Feed {
-                        tp: (Arc::from(topic.as_str()), partition),
-                        queue,
+                        queue: split(consumer, &tp, poller),
+                        tp,
                         held: Vec::with_capacity(BATCH),
                         queued: Arc::new(AtomicUsize::new(0)),
+                        resplit: false,
                     });
                 }
             }
         }
     }
+}
+
+/// The partition's own queue, waking the poll thread when it gets records.
+fn split(
+    consumer: &Arc<WeirConsumer>,
+    tp: &PartitionKey,
+    poller: &Arc<OnceLock<std::thread::Thread>>,
+) -> Option<PartitionQueue<WeirContext>> {
+    let queue = consumer.split_partition_queue(&tp.0, tp.1).map(|mut q| {
+        q.set_nonempty_callback(wake(poller));
+        q
+    });
+    if queue.is_none() {
+        tracing::warn!(topic = %tp.0, partition = tp.1, "Could not give the partition a queue of its own; its records come through the main queue.");
+    }
+    queue
 }
 
 /// Dropping the last handle closes the consumer: it leaves the group, so its partitions move to

@@ -161,9 +161,20 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contracts::TaskCreated;
+    use crate::contracts::{Event, EventType};
     use crate::handlers::Ctx;
     use crate::MemoryBus;
+
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct Ping {}
+
+    impl Event for Ping {
+        const TYPE: EventType = EventType::new("test.ping");
+        const TOPIC: &'static str = "pings";
+        fn key(&self) -> String {
+            String::new()
+        }
+    }
 
     fn client() -> rdkafka::ClientConfig {
         let mut config = rdkafka::ClientConfig::new();
@@ -181,14 +192,14 @@ mod tests {
         let health = Health::default();
         let source = consumer::start(
             client(),
-            &["tasks".to_owned()],
+            &["pings".to_owned()],
             metrics.clone(),
             health.clone(),
             |e| BusError::Transport(e.to_string()),
         )
         .expect("the consumer starts");
         source.panic_poll_thread();
-        let router = Router::new().on(|_: TaskCreated, _: Ctx| async { Ok(()) });
+        let router = Router::new().on(|_: Ping, _: Ctx| async { Ok(()) });
         let dispatcher = Arc::new(Dispatcher::new(router, metrics, "weir-test"));
         let subscription = run(
             source,

@@ -400,7 +400,9 @@ async fn a_panic_in_the_dead_letter_path_still_completes_the_record_and_the_part
     let records = dead_letters.records.lock().unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(
-        records[0].headers.get(dead_letter::header::ERROR_KIND),
+        records[0]
+            .headers
+            .get(crate::bus::dead_letter::header::ERROR_KIND),
         Some(&b"panic"[..]),
         "dead-lettered with kind panic"
     );
