@@ -64,6 +64,7 @@ pub(crate) type Tp = (String, i32);
 pub(crate) type PartitionKey = (Arc<str>, i32);
 
 /// What a source hands the engine.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // The memory bus does not rebalance.
 pub(crate) enum SourceEvent {
     Record(Inbound),
     /// These partitions are being taken away; reply on `done` once their work has ended and
