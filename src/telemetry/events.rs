@@ -251,6 +251,41 @@ impl DeadLetterFailed<'_> {
     }
 }
 
+/// A record's task panicked outside the handler's own catch (building or publishing a dead
+/// letter, say).
+pub(crate) struct RecordTaskPanicked<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) error: &'a str,
+    /// The record is being dead-lettered with kind `panic`; if false, that panicked too and the
+    /// record is committed past without a dead letter.
+    pub(crate) dead_lettering: bool,
+}
+
+impl RecordTaskPanicked<'_> {
+    pub(crate) fn emit(&self) {
+        let At {
+            topic,
+            partition,
+            offset,
+            ..
+        } = self.at;
+        let trace_id = self.at.trace_id();
+        if self.dead_lettering {
+            error!(
+                topic,
+                partition,
+                offset,
+                trace_id,
+                error = self.error,
+                "Record task panicked; dead-lettering the record with kind panic."
+            );
+        } else {
+            error!(topic, partition, offset, trace_id, error = self.error,
+                   "Dead-lettering a panicked record panicked too; committing past it so the partition moves on.");
+        }
+    }
+}
+
 pub(crate) struct InFlight(pub(crate) usize);
 
 impl InFlight {
@@ -310,6 +345,7 @@ impl Published<'_> {
     }
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct ConsumerLag<'a> {
     pub(crate) topic: &'a str,
     pub(crate) partition: i32,
@@ -317,6 +353,7 @@ pub(crate) struct ConsumerLag<'a> {
     pub(crate) lag: Option<i64>,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl ConsumerLag<'_> {
     pub(crate) fn emit(&self, m: &Metrics) {
         let partition = self.partition.to_string();
@@ -334,11 +371,13 @@ impl ConsumerLag<'_> {
     }
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct BrokerReachability {
     pub(crate) up: bool,
     pub(crate) was_up: bool,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl BrokerReachability {
     pub(crate) fn emit(&self) {
         match (self.was_up, self.up) {
@@ -351,11 +390,13 @@ impl BrokerReachability {
 
 /// Lets one log line per key through, then at most one per `every`, counting the rest, so a
 /// broker outage (librdkafka raises "all brokers down" about every 50 ms) cannot flood the logs.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct Throttle {
     every: Duration,
     seen: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl Throttle {
     pub(crate) fn new(every: Duration) -> Self {
         Self {
@@ -386,12 +427,14 @@ impl Throttle {
     }
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct KafkaClientError<'a> {
     pub(crate) error: &'a dyn std::fmt::Display,
     pub(crate) reason: &'a str,
     pub(crate) suppressed: u64,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl KafkaClientError<'_> {
     pub(crate) fn emit(&self) {
         warn!(error = %self.error, reason = self.reason, suppressed = self.suppressed,
