@@ -1,6 +1,13 @@
 //! The `weir` binary: the reference service (`serve`), the manual trigger (`publish`) and the
 //! demo on an embedded broker (`demo`, also what plain `cargo run` does).
 
+/// mimalloc rather than glibc's malloc: every record's buffers are allocated on the thread that
+/// reads them and freed on the one that handles them, and glibc's malloc spent more
+/// instructions on that than the rest of the framework (BENCHMARKS.md, "Instructions per
+/// record"). A library user picks their own allocator; this is the service's choice.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod config;
 mod db;
