@@ -81,9 +81,13 @@ impl Log {
     }
 }
 
+/// The maps read on every record use foldhash: SipHash over a topic name, several times per
+/// record, cost a tenth of a no-op record (callgrind, `scripts/bench-instructions.sh`).
+type FastHash = foldhash::fast::RandomState;
+
 #[derive(Default)]
 struct State {
-    topics: HashMap<String, Vec<Log>>,
+    topics: HashMap<String, Vec<Log>, FastHash>,
     /// (group, topic, partition) → next offset to consume.
     committed: HashMap<(String, String, i32), i64>,
     /// Groups that consume each topic, for retention.
@@ -112,7 +116,7 @@ impl Group {
     fn target(
         &self,
         member: u64,
-        state_topics: &HashMap<String, Vec<Log>>,
+        state_topics: &HashMap<String, Vec<Log>, FastHash>,
     ) -> Vec<(Arc<str>, i32)> {
         let Some(topics) = self.members.get(&member) else {
             return Vec::new();
@@ -428,11 +432,11 @@ impl Bus for MemoryBus {
             group: config.group_id.clone(),
             member,
             topics: topic_names,
-            positions: HashMap::new(),
+            positions: HashMap::default(),
             stored: HashMap::new(),
             cursor: 0,
-            closed: HashSet::new(),
-            owned: HashSet::new(),
+            closed: HashSet::default(),
+            owned: HashSet::default(),
             settled: None,
             assignments: self.inner.lock().assignments.clone(),
             releasing: None,
@@ -464,13 +468,13 @@ struct MemorySource {
     member: u64,
     topics: Vec<Arc<str>>,
     /// The next offset to read, per (topic index, partition), for owned partitions.
-    positions: HashMap<(usize, usize), i64>,
+    positions: HashMap<(usize, usize), i64, FastHash>,
     stored: HashMap<Tp, i64>,
     cursor: usize,
     /// Partitions the engine takes records of only while its pool has room.
-    closed: HashSet<PartitionKey>,
+    closed: HashSet<PartitionKey, FastHash>,
     /// Partitions this member consumes: (topic index, partition).
-    owned: HashSet<(usize, usize)>,
+    owned: HashSet<(usize, usize), FastHash>,
     /// The [`State::assignments`] count whose assignment this member has fully taken; `None`
     /// until then, so the group is checked again on every change.
     settled: Option<u64>,
