@@ -552,17 +552,22 @@ impl KafkaSource {
         self.closing.store(true, Ordering::SeqCst);
         self.poller.unpark();
         let thread = self.thread.take();
-        drop(self);
-        move || match thread.map(std::thread::JoinHandle::join) {
-            Some(Err(panic)) => Err(BusError::Task(format!(
-                "the Kafka poll thread panicked: {}",
-                panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default()
-            ))),
-            _ => Ok(()),
+        move || {
+            // Dropped here, on the blocking pool, not in the async caller: when the poll thread
+            // has already let go of the consumer, this is its last reference, and closing it
+            // runs the revoke callback, which blocks (a panic inside a runtime thread).
+            drop(self);
+            match thread.map(std::thread::JoinHandle::join) {
+                Some(Err(panic)) => Err(BusError::Task(format!(
+                    "the Kafka poll thread panicked: {}",
+                    panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default()
+                ))),
+                _ => Ok(()),
+            }
         }
     }
 
