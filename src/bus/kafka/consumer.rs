@@ -552,10 +552,12 @@ impl KafkaSource {
         self.closing.store(true, Ordering::SeqCst);
         self.poller.unpark();
         let thread = self.thread.take();
+        // Nobody answers a revoke any more: closing the consumer must not wait for the engine.
+        self.control.close();
         move || {
             // Dropped here, on the blocking pool, not in the async caller: when the poll thread
             // has already let go of the consumer, this is its last reference, and closing it
-            // runs the revoke callback, which blocks (a panic inside a runtime thread).
+            // runs the revoke callback (a panic inside a runtime thread when it blocked there).
             drop(self);
             match thread.map(std::thread::JoinHandle::join) {
                 Some(Err(panic)) => Err(BusError::Task(format!(
