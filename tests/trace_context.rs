@@ -258,3 +258,80 @@ async fn a_failed_records_log_lines_carry_its_place_event_id_and_trace_id_at_inf
         assert!(line.get("span").is_none(), "no span at info: {line}");
     }
 }
+
+/// Names of the spans a subscriber was asked to build.
+#[derive(Clone, Default)]
+struct SpanNames(std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanNames {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _id: &tracing::span::Id,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        self.0.lock().unwrap().push(attrs.metadata().name());
+    }
+}
+
+/// Handles one record carrying `traceparent` under a tracer (the SDK's default sampler, which
+/// follows the parent) and returns the spans built for it.
+async fn spans_built_for(traceparent: String) -> Vec<&'static str> {
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(InMemorySpanExporter::default())
+        .build();
+    let names = SpanNames::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("weir-test")))
+        .with(names.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let bus = MemoryBus::default();
+    bus.create_topic("sampled", 1);
+    let (tx, mut called) = mpsc::unbounded_channel::<()>();
+    let router = Router::new().on_with(
+        move |_: CustomerCreated, _ctx: Ctx| {
+            let tx = tx.clone();
+            async move { tx.send(()).map_err(HandlerError::acknowledged) }
+        },
+        HandlerOptions::new().topic("sampled"),
+    );
+    let subscription = bus
+        .subscribe(router, ConsumerConfig::new("sampled-group"))
+        .expect("subscribe");
+    let envelope = Envelope::new(CustomerCreated::new("c-5", serde_json::json!({})));
+    let record = weir::OutboundRecord {
+        topic: "sampled".to_owned(),
+        key: Some(b"c-5".to_vec()),
+        value: Some(envelope.to_structured().unwrap()),
+        headers: weir::Headers::new()
+            .with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE)
+            .with("traceparent", traceparent),
+    };
+    weir::Publisher::publish_record(&bus, record)
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(30), called.recv())
+        .await
+        .expect("handled in time");
+    subscription.stop().await.expect("stop");
+    let built = names.0.lock().unwrap().clone();
+    built
+}
+
+/// With a tracer, a record of a trace its producer did not sample keeps its `process` span
+/// (which carries the context on to what its handler publishes) but gets no child spans that
+/// nobody would export; a sampled one gets them all.
+#[tokio::test]
+async fn only_sampled_traces_get_decode_and_handle_spans() {
+    let trace_id = format!("{:032x}", uuid::Uuid::new_v4().as_u128());
+    let sampled = spans_built_for(format!("00-{trace_id}-00f067aa0ba902b7-01")).await;
+    for name in ["process", "decode", "handle"] {
+        assert!(sampled.contains(&name), "{name} missing from {sampled:?}");
+    }
+    let unsampled = spans_built_for(format!("00-{trace_id}-00f067aa0ba902b7-00")).await;
+    assert!(unsampled.contains(&"process"), "{unsampled:?}");
+    assert!(
+        !unsampled.contains(&"decode") && !unsampled.contains(&"handle"),
+        "{unsampled:?}"
+    );
+}
