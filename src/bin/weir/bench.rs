@@ -495,7 +495,7 @@ fn ratio(value: &Arm, of: &Arm) -> Option<f64> {
 fn goal(name: &str, value: Option<f64>, target: f64) {
     if let Some(value) = value {
         let met = if value >= target { "met" } else { "NOT met" };
-        println!("  {name:<58} {value:>8.2} (goal >= {target}) {met}");
+        println!("  {name:<58} {value:>8.3} (goal >= {target}) {met}");
     }
 }
 
