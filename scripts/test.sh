@@ -194,15 +194,18 @@ export WEIR_TEST_PROMTOOL
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+# The default build (the binary) plus the test kit, which the handler API tests use.
+FEATURES=testing
 
-step "cargo test --all-targets $*"
-cargo test --all-targets "$@"
+step "cargo clippy --all-targets --features $FEATURES -- -D warnings"
+cargo clippy --all-targets --features "$FEATURES" -- -D warnings
+
+step "cargo test --all-targets --features $FEATURES $*"
+cargo test --all-targets --features "$FEATURES" "$@"
 
 if [ "$#" -eq 0 ]; then
-  step "cargo test --doc"
-  cargo test --doc
+  step "cargo test --doc --features $FEATURES"
+  cargo test --doc --features "$FEATURES"
 fi
 
 step "done"
