@@ -155,6 +155,19 @@ impl Dispatcher {
         stop: &CancellationToken,
         span: &tracing::Span,
     ) -> Outcome {
+        let outcome = self.dispatch_record(rec, stop, span).await;
+        if let Some(observer) = &self.router.observer {
+            observer.outcome(rec, &outcome);
+        }
+        outcome
+    }
+
+    async fn dispatch_record(
+        &self,
+        rec: &Arc<Inbound>,
+        stop: &CancellationToken,
+        span: &tracing::Span,
+    ) -> Outcome {
         RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
         // Child spans only where a subscriber records the record's span (and its trace is
         // sampled): at the default level there is none, and building them was most of the cost.
@@ -337,6 +350,9 @@ impl Dispatcher {
                 duration: started.elapsed(),
             }
             .emit(series);
+            if let Some(observer) = &self.router.observer {
+                observer.call(&info.record, &handler.name, attempt, started);
+            }
             let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
                 HandlerGaveUp {
                     at,

@@ -30,6 +30,8 @@ pub(crate) struct Telemetry {
     set_log_filter: SetLogFilter,
 }
 
+// Only `weir bench` switches the filter; without the `bench` feature nothing calls these.
+#[cfg_attr(not(feature = "bench"), allow(dead_code))]
 impl Telemetry {
     /// The log filter the process started with.
     pub(crate) fn log_filter(&self) -> &str {
