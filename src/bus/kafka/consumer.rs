@@ -302,7 +302,7 @@ pub(crate) fn start(
             .map_err(|e| BusError::Transport(format!("cannot start the poll thread: {e}")))?
     };
     Ok(KafkaSource {
-        consumer,
+        consumer: OffRuntime(Some(consumer)),
         handoff,
         buffered: Vec::new(),
         cursor: 0,
@@ -526,9 +526,33 @@ struct Buffered {
     batches: VecDeque<(std::vec::IntoIter<Inbound>, Arc<AtomicUsize>)>,
 }
 
+/// The engine's handle on the consumer. The drop of the last handle closes the consumer, which
+/// can run the rebalance callback, which blocks: that must never happen on a runtime thread,
+/// so a handle dropped there hands its `Arc` to a thread of its own.
+struct OffRuntime(Option<Arc<WeirConsumer>>);
+
+impl std::ops::Deref for OffRuntime {
+    type Target = Arc<WeirConsumer>;
+    fn deref(&self) -> &Arc<WeirConsumer> {
+        self.0.as_ref().expect("taken only when closing")
+    }
+}
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("weir-kafka-close".to_owned())
+                    .spawn(move || drop(consumer));
+            }
+        }
+    }
+}
+
 /// The engine's view of the Kafka consumer.
 pub(crate) struct KafkaSource {
-    consumer: Arc<WeirConsumer>,
+    consumer: OffRuntime,
     handoff: mpsc::UnboundedReceiver<Handoff>,
     /// Records handed over and not yet taken, per partition.
     buffered: Vec<Buffered>,
@@ -548,27 +572,26 @@ pub(crate) struct KafkaSource {
 impl KafkaSource {
     /// Stops the poll thread and waits for the consumer to leave the group. Fails if the poll
     /// thread panicked: the subscription then did not end cleanly, whatever the engine saw.
+    /// Run the returned closure off the runtime (`spawn_blocking`): it waits, and the consumer
+    /// may be closed in it.
     pub(crate) fn close(mut self) -> impl FnOnce() -> Result<(), BusError> + Send {
         self.closing.store(true, Ordering::SeqCst);
         self.poller.unpark();
         let thread = self.thread.take();
-        // Nobody answers a revoke any more: closing the consumer must not wait for the engine.
-        self.control.close();
-        move || {
-            // Dropped here, on the blocking pool, not in the async caller: when the poll thread
-            // has already let go of the consumer, this is its last reference, and closing it
-            // runs the revoke callback (a panic inside a runtime thread when it blocked there).
-            drop(self);
-            match thread.map(std::thread::JoinHandle::join) {
-                Some(Err(panic)) => Err(BusError::Task(format!(
-                    "the Kafka poll thread panicked: {}",
-                    panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default()
-                ))),
-                _ => Ok(()),
+        let consumer = self.consumer.0.take();
+        drop(self);
+        move || match thread.map(std::thread::JoinHandle::join) {
+            Some(Err(panic)) => Err(BusError::Task(format!(
+                "the Kafka poll thread panicked: {}",
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            ))),
+            _ => {
+                drop(consumer);
+                Ok(())
             }
         }
     }
