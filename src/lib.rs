@@ -34,6 +34,9 @@
 //! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `outbox`: the transactional [`OutboxWriter`] and [`OutboxRelay`], the idempotent [`inbox`],
 //!   and the embedded PostgreSQL [`migrate`] runner (depends on contracts and [`Publisher`] only).
+//! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
+//!   document of a [`Router`], and the breaking-change rules `weir schema check` applies
+//!   (depends on contracts and handlers only).
 
 #![forbid(unsafe_code)]
 
@@ -42,6 +45,8 @@ mod bus;
 mod contracts;
 mod handlers;
 mod outbox;
+#[cfg(feature = "schema")]
+pub mod schema;
 mod telemetry;
 
 pub use admin::{admin_router, serve_admin};

@@ -17,6 +17,7 @@ pub const RESOURCE_TOPIC: &str = "resource-events";
 
 /// What started a task's processing (seed 000's four triggers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TriggeredBy {
     /// The HTTP API, when the task is created or by `POST /tasks/{id}/process`.
@@ -31,6 +32,7 @@ pub enum TriggeredBy {
 
 /// The fields both task events carry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskFields {
     /// The task (and the record key).
     pub task_id: Uuid,
@@ -69,10 +71,12 @@ impl TaskFields {
 
 /// `task.created`: a task row was written; processing should start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskCreated(pub TaskFields);
 
 /// `task.processing_requested`: a trigger asks for (re)processing of an existing task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskProcessingRequested(pub TaskFields);
 
 impl TaskCreated {
@@ -92,6 +96,7 @@ impl TaskProcessingRequested {
 impl Event for TaskCreated {
     const TYPE: EventType = EventType::new("task.created");
     const TOPIC: &'static str = TASK_TOPIC;
+    crate::data_schema!();
     fn key(&self) -> String {
         self.0.task_id.to_string()
     }
@@ -100,6 +105,7 @@ impl Event for TaskCreated {
 impl Event for TaskProcessingRequested {
     const TYPE: EventType = EventType::new("task.processing_requested");
     const TOPIC: &'static str = TASK_TOPIC;
+    crate::data_schema!();
     fn key(&self) -> String {
         self.0.task_id.to_string()
     }
@@ -107,6 +113,7 @@ impl Event for TaskProcessingRequested {
 
 /// `customer.created`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CustomerCreated {
     /// The customer (and the record key).
     pub customer_id: String,
@@ -116,6 +123,7 @@ pub struct CustomerCreated {
 
 /// `customer.updated`: `details` holds the new values of the changed attributes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CustomerUpdated {
     /// The customer (and the record key).
     pub customer_id: String,
@@ -125,6 +133,7 @@ pub struct CustomerUpdated {
 
 /// `customer.deleted`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CustomerDeleted {
     /// The customer (and the record key).
     pub customer_id: String,
@@ -147,6 +156,7 @@ macro_rules! customer_event {
         impl Event for $ty {
             const TYPE: EventType = EventType::new($name);
             const TOPIC: &'static str = CUSTOMER_TOPIC;
+            crate::data_schema!();
             fn key(&self) -> String {
                 self.customer_id.clone()
             }
@@ -159,6 +169,7 @@ customer_event!(CustomerDeleted, "customer.deleted");
 
 /// `resource.created`: a file was stored; its side effects (hashes, thumbnail, index) are due.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceCreated {
     /// The resource (and the record key).
     pub resource_id: Uuid,
@@ -172,6 +183,7 @@ pub struct ResourceCreated {
 
 /// `resource.updated`: some attributes changed (rename, retag).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceUpdated {
     /// The resource (and the record key).
     pub resource_id: Uuid,
@@ -187,6 +199,7 @@ pub struct ResourceUpdated {
 
 /// `resource.deleted`: the resource is gone; derived data must go too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceDeleted {
     /// The resource (and the record key).
     pub resource_id: Uuid,
@@ -241,6 +254,7 @@ macro_rules! resource_event {
         impl Event for $ty {
             const TYPE: EventType = EventType::new($name);
             const TOPIC: &'static str = RESOURCE_TOPIC;
+            crate::data_schema!();
             fn key(&self) -> String {
                 self.resource_id.to_string()
             }
