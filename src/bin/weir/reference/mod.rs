@@ -19,12 +19,14 @@ mod api;
 pub(crate) mod resources;
 pub(crate) mod tasks;
 
+use crate::config::Settings;
 pub(crate) use api::Services;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use weir::schema::AsyncApi;
 use weir::{
     Ctx, CustomerCreated, CustomerDeleted, CustomerUpdated, HandlerError, HandlerOptions,
     ResourceCreated, ResourceDeleted, ResourceUpdated, Router, TaskCreated,
@@ -143,6 +145,37 @@ pub(crate) fn spawn_background(
     let mut jobs = tasks::spawn_background(services, stop.clone());
     jobs.extend(resources::spawn_background(services, stop));
     jobs
+}
+
+/// The service's contracts as an AsyncAPI document: its whole router (built, never run: the
+/// database pool it holds is lazy and never connects) and the events its API publishes through
+/// the outbox.
+pub(crate) fn contract(settings: &Arc<Settings>) -> anyhow::Result<weir::schema::Document> {
+    let url = settings
+        .database
+        .url
+        .as_deref()
+        .unwrap_or("postgres://localhost/weir");
+    let services = Services {
+        pool: sqlx::postgres::PgPoolOptions::new().connect_lazy(url)?,
+        settings: settings.clone(),
+    };
+    let router = router(&Recorder::default(), Some(&services));
+    let dead_letters = settings.consumer.dead_letter.clone();
+    let api = AsyncApi::new("Weir reference service", env!("CARGO_PKG_VERSION"))
+        .description(
+            "Resources: uploads whose side effects (hashes, thumbnails, index) run in event \
+             handlers. Tasks: file processing started by the API, a person, a schedule or a \
+             webhook. Customers: events of the customer service, recorded.",
+        )
+        .consumer_group(settings.consumer.group_id.as_str())
+        .dead_letter_topics(move |topic| dead_letters.topic_for(topic))
+        .publishes::<TaskCreated>()
+        .publishes::<TaskProcessingRequested>()
+        .publishes::<ResourceCreated>()
+        .publishes::<ResourceUpdated>()
+        .publishes::<ResourceDeleted>();
+    Ok(router.asyncapi(&api))
 }
 
 fn recording_router(r: &Recorder) -> Router {
