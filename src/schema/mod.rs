@@ -3,9 +3,9 @@
 //! whether a change to a contract breaks its consumers or producers.
 //!
 //! Teams in other languages read the document; CI compares the current contracts with a saved
-//! one ([`Document::check`]) and fails on a breaking change. The rules follow Weir's decoder
-//! (see [`compat`](self) rules in the README): unknown fields are ignored, a missing field that
-//! is neither an `Option` nor `#[serde(default)]` is rejected, a wrong type or an unknown enum
+//! one ([`Document::check`]) and fails on a breaking change. The rules ([`ChangeKind`], and the
+//! README's table) follow Weir's decoder: unknown fields are ignored, a missing field that is
+//! neither an `Option` nor `#[serde(default)]` is rejected, a wrong type or an unknown enum
 //! value is rejected.
 //!
 //! ```
