@@ -448,3 +448,141 @@ fn dead_letter_message() -> Value {
 fn pointer_escape(name: &str) -> String {
     name.replace('~', "~0").replace('/', "~1")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::JsonSchema;
+    use crate::{Ctx, EventType};
+    use serde::{Deserialize, Serialize};
+
+    /// A contract that declares its schema URI.
+    #[derive(Clone, Serialize, Deserialize, JsonSchema)]
+    struct InvoiceSent {
+        invoice_id: String,
+    }
+
+    impl Event for InvoiceSent {
+        const TYPE: EventType = EventType::new("invoice.sent");
+        const TOPIC: &'static str = "invoices";
+        const DATASCHEMA: Option<&'static str> =
+            Some("https://schemas.example.com/invoice.sent/1.json");
+        crate::data_schema!();
+        fn key(&self) -> String {
+            self.invoice_id.clone()
+        }
+    }
+
+    /// A contract without a schema.
+    #[derive(Clone, Serialize, Deserialize)]
+    struct Opaque {}
+
+    impl Event for Opaque {
+        const TYPE: EventType = EventType::new("opaque.seen");
+        const TOPIC: &'static str = "invoices";
+        fn key(&self) -> String {
+            String::new()
+        }
+    }
+
+    /// A recursive contract: schemars must leave a `$ref` for it.
+    #[derive(Clone, Serialize, Deserialize, JsonSchema)]
+    struct Folder {
+        name: String,
+        children: Vec<Folder>,
+    }
+
+    impl Event for Folder {
+        const TYPE: EventType = EventType::new("folder.moved");
+        const TOPIC: &'static str = "folders";
+        crate::data_schema!();
+        fn key(&self) -> String {
+            self.name.clone()
+        }
+    }
+
+    fn handled<T: Event>(router: Router) -> Router {
+        let options = crate::HandlerOptions::new().name("record");
+        router.on_with(|_: T, _: Ctx| async { Ok(()) }, options)
+    }
+
+    #[test]
+    fn a_declared_dataschema_appears_in_the_message_and_the_standalone_schema() {
+        let doc = handled::<InvoiceSent>(Router::new()).asyncapi(&AsyncApi::new("t", "1"));
+        let uri = "https://schemas.example.com/invoice.sent/1.json";
+        let message = &doc.as_value()["components"]["messages"]["invoice.sent"];
+        assert_eq!(message["payload"]["properties"]["dataschema"]["const"], uri);
+        assert_eq!(message["examples"][0]["payload"]["dataschema"], uri);
+        let schema = doc.data_schema("invoice.sent").unwrap();
+        assert_eq!(schema["$id"], uri);
+        assert_eq!(schema["required"], json!(["invoice_id"]));
+    }
+
+    #[test]
+    fn dead_letter_channels_follow_the_configured_naming_and_carry_the_provenance_headers() {
+        let api = AsyncApi::new("t", "1")
+            .consumer_group("billing")
+            .dead_letter_topics(|topic| format!("dead.{topic}"));
+        let doc = handled::<InvoiceSent>(Router::new()).asyncapi(&api);
+        let doc = doc.as_value();
+        let channel = &doc["channels"]["dead-invoices"];
+        assert_eq!(channel["address"], "dead.invoices");
+        assert_eq!(channel["x-weir-dead-letter-of"], "invoices");
+        let headers = &doc["components"]["messages"][DEAD_LETTER_MESSAGE]["headers"];
+        assert_eq!(headers["required"].as_array().unwrap().len(), 9);
+        assert!(headers["properties"]["weir.original.timestamp"].is_object());
+        assert!(!headers["required"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("weir.original.timestamp")));
+        let receive = &doc["operations"]["receive.invoices.record"];
+        assert_eq!(
+            receive["bindings"]["kafka"]["groupId"]["enum"],
+            json!(["billing"])
+        );
+    }
+
+    #[test]
+    fn a_published_only_topic_has_a_send_operation_and_no_dead_letters() {
+        let doc = Router::new().asyncapi(&AsyncApi::new("t", "1").publishes::<InvoiceSent>());
+        let doc = doc.as_value();
+        assert_eq!(doc["operations"]["send.invoices"]["action"], "send");
+        let channels: Vec<&String> = doc["channels"].as_object().unwrap().keys().collect();
+        assert_eq!(channels, ["invoices"]);
+    }
+
+    #[test]
+    fn an_event_without_a_schema_is_documented_as_any_json() {
+        let doc = handled::<Opaque>(Router::new()).asyncapi(&AsyncApi::new("t", "1"));
+        assert_eq!(
+            doc.as_value()["components"]["schemas"]["opaque.seen"],
+            json!(true)
+        );
+        assert_eq!(
+            doc.data_schema("opaque.seen").unwrap(),
+            json!({"$schema": "http://json-schema.org/draft-07/schema#"})
+        );
+    }
+
+    #[test]
+    fn a_recursive_contract_keeps_its_references_resolvable() {
+        let doc = handled::<Folder>(Router::new()).asyncapi(&AsyncApi::new("t", "1"));
+        let value = doc.as_value();
+        let schema = &value["components"]["schemas"]["folder.moved"];
+        let items = schema["properties"]["children"]["items"]["$ref"]
+            .as_str()
+            .unwrap();
+        assert!(
+            value.pointer(&items[1..]).is_some(),
+            "{items} resolves in the document"
+        );
+        let standalone = doc.data_schema("folder.moved").unwrap();
+        assert!(
+            standalone.pointer(&items[1..]).is_some(),
+            "{items} resolves standalone"
+        );
+        // The example stops at the recursion and still decodes.
+        let example = &value["components"]["messages"]["folder.moved"]["examples"][0]["payload"];
+        assert_eq!(example["subject"], "example");
+    }
+}

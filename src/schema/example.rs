@@ -7,19 +7,38 @@
 use super::compat::resolve;
 use serde_json::{json, Map, Value};
 
-/// Deep enough for any contract; a recursive type stops here with `null`.
+/// Deep enough for any contract; past it, `null`.
 const MAX_DEPTH: usize = 24;
 
 /// An example value of `schema`, whose `$ref`s resolve in `root`.
 pub(crate) fn synthesize(root: &Value, schema: &Value) -> Value {
-    build(root, schema, 0)
+    build(root, schema, &mut Vec::new())
 }
 
-fn build(root: &Value, schema: &Value, depth: usize) -> Value {
-    if depth > MAX_DEPTH {
+/// The `$ref` a schema is, if it is one.
+fn reference(schema: &Value) -> Option<&str> {
+    schema.get("$ref").and_then(Value::as_str)
+}
+
+/// `path` holds the `$ref`s being expanded: a recursive type ends where it would repeat, as an
+/// empty list or a `null` (what `Vec<Self>` and `Option<Box<Self>>` accept).
+fn build(root: &Value, schema: &Value, path: &mut Vec<String>) -> Value {
+    if path.len() > MAX_DEPTH {
         return Value::Null;
     }
-    let schema = resolve(root, schema);
+    let Some(name) = reference(schema) else {
+        return build_resolved(root, schema, path);
+    };
+    if path.iter().any(|p| p == name) {
+        return Value::Null;
+    }
+    path.push(name.to_owned());
+    let value = build_resolved(root, resolve(root, schema), path);
+    path.pop();
+    value
+}
+
+fn build_resolved(root: &Value, schema: &Value, path: &mut Vec<String>) -> Value {
     let Some(object) = schema.as_object() else {
         // `true` (any JSON value) or `false` (nothing): an empty object reads best.
         return json!({});
@@ -36,20 +55,22 @@ fn build(root: &Value, schema: &Value, depth: usize) -> Value {
     }
     for key in ["oneOf", "anyOf"] {
         if let Some(variants) = object.get(key).and_then(Value::as_array) {
-            // The first variant that is not `null`: `Option<T>` shows a `T`.
+            // The first variant that is not `null` (`Option<T>` shows a `T`), unless it would
+            // repeat a type being expanded.
+            let repeats = |v: &Value| reference(v).is_some_and(|r| path.iter().any(|p| p == r));
             let variant = variants
                 .iter()
-                .find(|v| resolve(root, v).get("type") != Some(&json!("null")))
+                .find(|v| resolve(root, v).get("type") != Some(&json!("null")) && !repeats(v))
                 .or(variants.first());
             if let Some(variant) = variant {
-                return build(root, variant, depth + 1);
+                return build(root, variant, path);
             }
         }
     }
     if let Some(parts) = object.get("allOf").and_then(Value::as_array) {
         let mut merged = Map::new();
         for part in parts {
-            if let Value::Object(fields) = build(root, part, depth + 1) {
+            if let Value::Object(fields) = build(root, part, path) {
                 merged.extend(fields);
             }
         }
@@ -70,13 +91,18 @@ fn build(root: &Value, schema: &Value, depth: usize) -> Value {
             let mut fields = Map::new();
             if let Some(properties) = object.get("properties").and_then(Value::as_object) {
                 for (name, property) in properties {
-                    fields.insert(name.clone(), build(root, property, depth + 1));
+                    fields.insert(name.clone(), build(root, property, path));
                 }
             }
             Value::Object(fields)
         }
         Some("array") => match object.get("items") {
-            Some(items) if !items.is_array() => json!([build(root, items, depth + 1)]),
+            Some(items)
+                if !items.is_array()
+                    && !reference(items).is_some_and(|r| path.iter().any(|p| p == r)) =>
+            {
+                json!([build(root, items, path)])
+            }
             _ => json!([]),
         },
         Some("string") => Value::from(string_example(object.get("format").and_then(Value::as_str))),
