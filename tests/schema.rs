@@ -13,10 +13,11 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use uuid::Uuid;
-use weir::{
-    CustomerCreated, CustomerDeleted, CustomerUpdated, DecodeError, Envelope, Event, EventFactory,
-    Headers, ResourceCreated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
+use weir::seeds::{
+    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
+    ResourceUpdated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
 };
+use weir::{DecodeError, Envelope, Event, EventFactory, Headers};
 
 fn weir(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_weir"))
@@ -182,8 +183,8 @@ fn every_example_in_the_document_decodes_into_its_type() {
             "customer.updated" => decodes::<CustomerUpdated>(example),
             "customer.deleted" => decodes::<CustomerDeleted>(example),
             "resource.created" => decodes::<ResourceCreated>(example),
-            "resource.updated" => decodes::<weir::ResourceUpdated>(example),
-            "resource.deleted" => decodes::<weir::ResourceDeleted>(example),
+            "resource.updated" => decodes::<ResourceUpdated>(example),
+            "resource.deleted" => decodes::<ResourceDeleted>(example),
             other => panic!("unexpected message {other}"),
         };
         assert_eq!(result, Ok(()), "{id}: {example}");

@@ -6,7 +6,7 @@ mod envelope;
 mod event;
 mod factory;
 mod headers;
-mod seeds;
+pub mod seeds;
 
 pub(crate) use envelope::{decode_envelope, decode_structured_as, RawEnvelope};
 pub use envelope::{Envelope, EventMeta, CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION};
@@ -14,4 +14,3 @@ pub(crate) use event::EventDescriptor;
 pub use event::{Event, EventType};
 pub use factory::{DecodeError, DecodeLimits, EventFactory};
 pub use headers::Headers;
-pub use seeds::*;

@@ -36,7 +36,7 @@ type DeadLetterNaming = Arc<dyn Fn(&str) -> String + Send + Sync>;
 ///
 /// ```
 /// use weir::schema::AsyncApi;
-/// use weir::ResourceCreated;
+/// use weir::seeds::ResourceCreated;
 /// let api = AsyncApi::new("Resources", "1.2.0")
 ///     .description("Stores files and derives what they need.")
 ///     .consumer_group("resources")

@@ -10,7 +10,8 @@
 //!
 //! ```
 //! use weir::schema::AsyncApi;
-//! use weir::{Ctx, HandlerError, Router, TaskCreated};
+//! use weir::seeds::TaskCreated;
+//! use weir::{Ctx, HandlerError, Router};
 //!
 //! async fn handle(_: TaskCreated, _: Ctx) -> Result<(), HandlerError> { Ok(()) }
 //! let router = Router::new().on(handle);
