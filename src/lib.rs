@@ -95,9 +95,10 @@ pub use contracts::{
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
 };
 pub use handlers::{
-    AckPolicy, AnyEvent, BoxError, Ctx, FromCtx, HandlerError, HandlerExt, HandlerFn,
-    HandlerOptions, HandlerService, IntoHandler, Layered, Request, RetryDecision, RetryPolicy,
-    Router, State, TraceContext, UnhandledPolicy, WithLayer,
+    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError, Ctx,
+    FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions, HandlerService,
+    IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State, TraceContext,
+    UnhandledPolicy, WithLayer,
 };
 #[cfg(feature = "postgres")]
 pub use outbox::{

@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use weir::testing::TestApp;
 use weir::{
-    AnyEvent, Ctx, Event, EventType, HandlerError, HandlerExt, HandlerOptions, HandlerService,
-    Headers, OutboundRecord, Request, RetryPolicy, Router, State,
+    AnyEvent, BatchCtx, BatchResult, BatchWindow, Ctx, Event, EventType, HandlerError, HandlerExt,
+    HandlerOptions, HandlerService, Headers, OutboundRecord, Request, RetryPolicy, Router, State,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,4 +316,133 @@ async fn the_test_kit_reports_exhausted_retries_and_bad_input() {
     assert!(outcome.handlers.is_empty(), "no handler saw the bad record");
     assert_eq!(app.dead_letters(OrderPlaced::TOPIC).len(), 2);
     app.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_with_one_failing_element_dead_letters_exactly_that_element() {
+    let batches = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
+    let reserve_all = {
+        let batches = batches.clone();
+        move |orders: Vec<OrderPlaced>, ctx: BatchCtx| {
+            let batches = batches.clone();
+            async move {
+                assert_eq!(orders.len(), ctx.len(), "one context per event");
+                batches
+                    .lock()
+                    .unwrap()
+                    .push(orders.iter().map(|o| o.order_id.clone()).collect());
+                orders
+                    .iter()
+                    .map(|o| match o.total_cents {
+                        0 => Err(HandlerError::acknowledged(format!(
+                            "order {} is empty",
+                            o.order_id
+                        ))),
+                        _ => Ok(()),
+                    })
+                    .collect::<BatchResult>()
+            }
+        }
+    };
+    let router =
+        Router::new().on_batch(reserve_all, BatchWindow::new(10, Duration::from_millis(50)));
+    let mut app = TestApp::new(router);
+    app.bus().create_topic(OrderPlaced::TOPIC, 1);
+
+    for (i, total) in [5, 7, 0, 9, 3].into_iter().enumerate() {
+        app.publish(order(&format!("o-{i}"), total)).await;
+    }
+    let mut outcomes = Vec::new();
+    for _ in 0..5 {
+        outcomes.push(app.next_outcome().await);
+    }
+    let dead_letters = app.dead_letters(OrderPlaced::TOPIC);
+    let report = app.stop().await;
+
+    let seen = batches.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![vec!["o-0", "o-1", "o-2", "o-3", "o-4"]],
+        "one call for the five ready records, in offset order"
+    );
+    let failed: Vec<i64> = outcomes
+        .iter()
+        .filter(|o| !o.is_success())
+        .map(|o| o.offset)
+        .collect();
+    assert_eq!(failed, vec![2], "exactly the empty order failed");
+    assert!(outcomes
+        .iter()
+        .find(|o| o.offset == 2)
+        .unwrap()
+        .is_dead_lettered_with("acknowledged"));
+    assert_eq!(dead_letters.len(), 1);
+    assert_eq!(dead_letters[0].key.as_deref(), Some(&b"o-2"[..]));
+    assert_eq!(
+        report.committed,
+        vec![(OrderPlaced::TOPIC.to_owned(), 0, 5)],
+        "every element, the dead-lettered one included, is committed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retryable_batch_element_is_retried_alone_in_a_later_batch() {
+    let batches = Arc::new(Mutex::new(Vec::<Vec<(String, u32)>>::new()));
+    let flaky_once = {
+        let batches = batches.clone();
+        move |orders: Vec<OrderPlaced>, ctx: BatchCtx| {
+            let batches = batches.clone();
+            async move {
+                let attempts: Vec<u32> = ctx.contexts().iter().map(|c| c.attempt()).collect();
+                batches.lock().unwrap().push(
+                    orders
+                        .iter()
+                        .zip(&attempts)
+                        .map(|(o, a)| (o.order_id.clone(), *a))
+                        .collect(),
+                );
+                orders
+                    .iter()
+                    .zip(attempts)
+                    .map(|(o, attempt)| match (o.order_id.as_str(), attempt) {
+                        ("o-1", 1) => Err(HandlerError::retryable("stock service busy")),
+                        _ => Ok(()),
+                    })
+                    .collect::<BatchResult>()
+            }
+        }
+    };
+    let policy = RetryPolicy {
+        jitter: 0.0,
+        ..RetryPolicy::default()
+    };
+    let router = Router::new()
+        .retry(policy)
+        .on_batch(flaky_once, BatchWindow::new(10, Duration::from_millis(5)));
+    let mut app = TestApp::new(router);
+    app.bus().create_topic(OrderPlaced::TOPIC, 1);
+
+    for i in 0..3 {
+        app.publish(order(&format!("o-{i}"), 1)).await;
+    }
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(app.next_outcome().await);
+    }
+    app.stop().await;
+
+    assert!(outcomes.iter().all(|o| o.is_success()), "{outcomes:?}");
+    let retried = outcomes.iter().find(|o| o.offset == 1).unwrap();
+    assert_eq!(retried.attempts(), 2);
+    assert_eq!(
+        *batches.lock().unwrap(),
+        vec![
+            vec![
+                ("o-0".to_owned(), 1),
+                ("o-1".to_owned(), 1),
+                ("o-2".to_owned(), 1)
+            ],
+            vec![("o-1".to_owned(), 2)],
+        ]
+    );
 }

@@ -2,6 +2,7 @@
 //! erases types once, and the dispatch pipeline that turns one record into a final outcome.
 //! Depends on `contracts` only: a handler never sees a transport.
 
+mod batch;
 mod ctx;
 mod dispatch;
 mod error;
@@ -10,6 +11,7 @@ mod layer;
 mod retry;
 mod router;
 
+pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
 pub use ctx::{Ctx, TraceContext};
 pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
 pub use error::{BoxError, HandlerError};

@@ -1,6 +1,7 @@
 //! The registry: (topic, event type) → the handlers of that type. Type erasure happens here and
 //! only here; everything downstream works on erased routes.
 
+use super::batch::{BatchHandlerFn, BatchWindow, Batcher};
 use super::layer::{layer_erased, AnyEvent, HandlerService, IntoHandler, Request};
 use super::{BoxError, Ctx, HandlerError, RetryPolicy};
 use crate::contracts::{
@@ -323,6 +324,35 @@ impl<S> Router<S> {
             }),
         });
         self
+    }
+
+    /// Registers a batch handler: `async fn(Vec<T>, ...) -> BatchResult`, called with the
+    /// records of one partition that are ready together, up to the window's size and wait.
+    /// Each element keeps its own outcome, retries, dead letter and offset; see
+    /// [`BatchWindow`](crate::BatchWindow).
+    pub fn on_batch<T: Event, M, H>(self, handler: H, window: BatchWindow) -> Self
+    where
+        H: BatchHandlerFn<T, M, S>,
+        S: Clone + Send + Sync + 'static,
+    {
+        self.on_batch_with(handler, window, HandlerOptions::default())
+    }
+
+    /// A batch handler with options (name, topic, retry policy applied to each element).
+    pub fn on_batch_with<T: Event, M, H>(
+        self,
+        handler: H,
+        window: BatchWindow,
+        options: HandlerOptions,
+    ) -> Self
+    where
+        H: BatchHandlerFn<T, M, S>,
+        S: Clone + Send + Sync + 'static,
+    {
+        let name = options.name.clone().unwrap_or_else(handler_name::<H>);
+        let batcher = Arc::new(Batcher::new(handler, self.state.clone(), window));
+        let element = move |event: T, ctx: Ctx| batcher.clone().submit(event, ctx);
+        self.on_with(element, options.name(name))
     }
 
     /// The retry policy of handlers registered without their own.

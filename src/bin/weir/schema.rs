@@ -2,11 +2,12 @@
 //! CI runs against the saved document (`contracts/asyncapi.yaml`).
 
 use crate::config::Settings;
+use crate::reference::{self, Recorder, Services};
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::sync::Arc;
-use weir::schema::Document;
+use weir::schema::{AsyncApi, Document};
 
 #[derive(Debug, Args)]
 pub(crate) struct SchemaArgs {
@@ -43,8 +44,29 @@ enum Format {
     Json,
 }
 
+/// The reference service's document: its whole router (built, never run: the database pool the
+/// handlers hold is lazy and never connects), the consumer group and dead-letter topics of the
+/// configuration, and what the service says it publishes.
+fn document(settings: &Settings) -> anyhow::Result<Document> {
+    let url = settings
+        .database
+        .url
+        .as_deref()
+        .unwrap_or("postgres://localhost/weir");
+    let services = Services {
+        pool: sqlx::postgres::PgPoolOptions::new().connect_lazy(url)?,
+        settings: Arc::new(settings.reference()),
+    };
+    let router = reference::router(&Recorder::default(), Some(&services));
+    let dead_letters = settings.consumer.dead_letter.clone();
+    let api = AsyncApi::new("Weir reference service", env!("CARGO_PKG_VERSION"))
+        .consumer_group(settings.consumer.group_id.as_str())
+        .dead_letter_topics(move |topic| dead_letters.topic_for(topic));
+    Ok(router.asyncapi(&reference::describe(api)))
+}
+
 pub(crate) fn run(settings: Settings, args: SchemaArgs) -> anyhow::Result<()> {
-    let document = crate::reference::contract(&Arc::new(settings))?;
+    let document = document(&settings)?;
     match args.command {
         SchemaCommand::Asyncapi { format } => {
             let text = match format {

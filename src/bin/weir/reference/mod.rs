@@ -19,8 +19,7 @@ mod api;
 pub(crate) mod resources;
 pub(crate) mod tasks;
 
-use crate::config::Settings;
-pub(crate) use api::Services;
+pub(crate) use api::{ReferenceSettings, Services};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -147,35 +146,19 @@ pub(crate) fn spawn_background(
     jobs
 }
 
-/// The service's contracts as an AsyncAPI document: its whole router (built, never run: the
-/// database pool it holds is lazy and never connects) and the events its API publishes through
-/// the outbox.
-pub(crate) fn contract(settings: &Arc<Settings>) -> anyhow::Result<weir::schema::Document> {
-    let url = settings
-        .database
-        .url
-        .as_deref()
-        .unwrap_or("postgres://localhost/weir");
-    let services = Services {
-        pool: sqlx::postgres::PgPoolOptions::new().connect_lazy(url)?,
-        settings: settings.clone(),
-    };
-    let router = router(&Recorder::default(), Some(&services));
-    let dead_letters = settings.consumer.dead_letter.clone();
-    let api = AsyncApi::new("Weir reference service", env!("CARGO_PKG_VERSION"))
-        .description(
-            "Resources: uploads whose side effects (hashes, thumbnails, index) run in event \
-             handlers. Tasks: file processing started by the API, a person, a schedule or a \
-             webhook. Customers: events of the customer service, recorded.",
-        )
-        .consumer_group(settings.consumer.group_id.as_str())
-        .dead_letter_topics(move |topic| dead_letters.topic_for(topic))
-        .publishes::<TaskCreated>()
-        .publishes::<TaskProcessingRequested>()
-        .publishes::<ResourceCreated>()
-        .publishes::<ResourceUpdated>()
-        .publishes::<ResourceDeleted>();
-    Ok(router.asyncapi(&api))
+/// What the service says about itself in its contract document, beyond its router: what it
+/// is, and the events its API publishes through the outbox.
+pub(crate) fn describe(api: AsyncApi) -> AsyncApi {
+    api.description(
+        "Resources: uploads whose side effects (hashes, thumbnails, index) run in event \
+         handlers. Tasks: file processing started by the API, a person, a schedule or a \
+         webhook. Customers: events of the customer service, recorded.",
+    )
+    .publishes::<TaskCreated>()
+    .publishes::<TaskProcessingRequested>()
+    .publishes::<ResourceCreated>()
+    .publishes::<ResourceUpdated>()
+    .publishes::<ResourceDeleted>()
 }
 
 fn recording_router(r: &Recorder) -> Router {
