@@ -56,11 +56,14 @@
 //!   idempotent `inbox`, and the embedded PostgreSQL `migrate` runner.
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
+//! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
+//!   document of a [`Router`], and the breaking-change rules `weir schema check` applies
+//!   (depends on contracts and handlers only).
 //!
 //! # Features
 //! `default = ["cli", "bench"]` builds the `weir` binary and its reference service. A service
 //! using Weir as a library turns the defaults off and picks: `kafka`, `postgres`, `admin`,
-//! `otlp`, `testing`, and rdkafka's `ssl`, `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
+//! `otlp`, `testing`, `schema`, and rdkafka's `ssl`, `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
 
 #![forbid(unsafe_code)]
 
@@ -71,6 +74,8 @@ mod contracts;
 mod handlers;
 #[cfg(feature = "postgres")]
 mod outbox;
+#[cfg(feature = "schema")]
+pub mod schema;
 mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;

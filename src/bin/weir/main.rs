@@ -16,6 +16,7 @@ mod demo;
 mod outbox_relay;
 mod publish;
 mod reference;
+mod schema;
 mod serve;
 mod telemetry;
 #[cfg(feature = "bench")]
@@ -58,6 +59,8 @@ enum Command {
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
     OutboxRelay,
+    /// The service's contracts as documents (AsyncAPI 3.0, JSON Schema) and the check CI runs.
+    Schema(schema::SchemaArgs),
 }
 
 #[tokio::main]
@@ -101,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             outbox_relay::run(settings, stop).await
+        }
+        Command::Schema(args) => {
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            schema::run(settings, args)
         }
     }
 }
