@@ -5,6 +5,9 @@ mod bench;
 mod config;
 mod db;
 mod demo;
+mod dlq;
+mod inspect;
+mod kafka_read;
 mod outbox_relay;
 mod publish;
 mod reference;
@@ -45,6 +48,11 @@ enum Command {
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
     OutboxRelay,
+    /// Inspect and redrive dead-letter topics: list, show, replay.
+    Dlq(dlq::DlqArgs),
+    /// One look at a consumer group: members, committed offsets and lag, dead letters, parked
+    /// records and the outbox.
+    Inspect(inspect::InspectArgs),
 }
 
 #[tokio::main]
@@ -82,6 +90,16 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             outbox_relay::run(settings).await
+        }
+        Command::Dlq(args) => {
+            let _telemetry = telemetry::init(false)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            dlq::run(settings.kafka, args).await
+        }
+        Command::Inspect(args) => {
+            let _telemetry = telemetry::init(false)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            inspect::run(settings, args).await
         }
     }
 }
