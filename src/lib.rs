@@ -33,7 +33,9 @@
 //!   every metric and log line goes through.
 //! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `outbox`: the transactional [`OutboxWriter`] and [`OutboxRelay`], the idempotent [`inbox`],
-//!   and the embedded PostgreSQL [`migrate`] runner (depends on contracts and [`Publisher`] only).
+//!   and the embedded PostgreSQL [`migrate`] runner (depends on contracts and [`Publisher`] only);
+//!   durable retries: the [`ParkedStore`] records are parked in and the [`ParkedWorker`] that
+//!   retries them (it calls handlers through the dispatcher, and dead-letters like the engine).
 
 #![forbid(unsafe_code)]
 
@@ -52,15 +54,16 @@ pub use bus::{
 };
 pub use contracts::*;
 pub use handlers::{
-    AckPolicy, BoxError, Ctx, HandlerError, HandlerFn, HandlerOptions, RetryDecision, RetryPolicy,
-    Router, TraceContext, UnhandledPolicy,
+    AckPolicy, BoxError, Ctx, DurableRetry, HandlerError, HandlerFn, HandlerOptions, RetryDecision,
+    RetryPolicy, Router, TraceContext, UnhandledPolicy,
 };
 pub use outbox::{
     create_task, inbox, migrate, purge_inbox, InboxFuture, InboxTx, Migration, NewTask,
-    OutboxError, OutboxRelay, OutboxWriter, RelayConfig, OUTBOX_CHANNEL, OUTBOX_MIGRATIONS,
-    TASK_MIGRATIONS,
+    OutboxError, OutboxRelay, OutboxWriter, ParkedStore, ParkedWorker, ParkedWorkerConfig,
+    RelayConfig, OUTBOX_CHANNEL, OUTBOX_MIGRATIONS, TASK_MIGRATIONS,
 };
 pub use telemetry::outbox::OutboxMetrics;
+pub use telemetry::parked::ParkedMetrics;
 pub use telemetry::{Health, HealthStatus, Metrics};
 
 /// Names of the headers Weir adds to dead-letter records (documented in the README).

@@ -6,12 +6,14 @@ mod ctx;
 mod dispatch;
 mod error;
 mod handler;
+mod parking;
 mod retry;
 mod router;
 
 pub use ctx::{Ctx, TraceContext};
-pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
+pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome, ParkedAttempt};
 pub use error::{BoxError, HandlerError};
 pub use handler::HandlerFn;
-pub use retry::{RetryDecision, RetryPolicy};
+pub(crate) use parking::{ParkFuture, Parking};
+pub use retry::{DurableRetry, RetryDecision, RetryPolicy};
 pub use router::{AckPolicy, HandlerOptions, Router, UnhandledPolicy};

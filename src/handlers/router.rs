@@ -150,6 +150,8 @@ pub struct Router {
     pub(crate) on_unhandled: UnhandledPolicy,
     pub(crate) on_acknowledged: AckPolicy,
     pub(crate) limits: DecodeLimits,
+    /// Where records go for durable retries (`ParkedStore::attach`); `None`: no durable stage.
+    pub(crate) parking: Option<Arc<dyn super::Parking>>,
 }
 
 impl Default for Router {
@@ -178,6 +180,7 @@ impl Router {
             on_unhandled: UnhandledPolicy::default(),
             on_acknowledged: AckPolicy::default(),
             limits: DecodeLimits::default(),
+            parking: None,
         }
     }
 
@@ -268,6 +271,15 @@ impl Router {
     /// The topics that have at least one handler: what a consumer subscribes to.
     pub fn topics(&self) -> Vec<String> {
         self.routes.keys().cloned().collect()
+    }
+
+    /// The handler registered under `name` for any event type of `topic`.
+    pub(crate) fn handler(&self, topic: &str, name: &str) -> Option<&Route> {
+        self.routes
+            .get(topic)?
+            .values()
+            .flat_map(|r| r.handlers.iter())
+            .find(|h| &*h.name == name)
     }
 
     pub(crate) fn route(&self, topic: &str, event_type: &str) -> Option<&TypeRoute> {

@@ -13,6 +13,7 @@
 mod claim;
 mod inbox;
 mod migrate;
+mod parked;
 mod relay;
 mod row;
 mod tasks;
@@ -20,6 +21,7 @@ mod writer;
 
 pub use inbox::{inbox, purge_inbox, InboxFuture, InboxTx};
 pub use migrate::{migrate, Migration, OUTBOX_MIGRATIONS, TASK_MIGRATIONS};
+pub use parked::{ParkedStore, ParkedWorker, ParkedWorkerConfig};
 pub use relay::{OutboxRelay, RelayConfig, OUTBOX_CHANNEL};
 pub use tasks::{create_task, NewTask};
 pub use writer::OutboxWriter;

@@ -6,6 +6,7 @@ pub(crate) mod events;
 mod health;
 mod metrics;
 pub(crate) mod outbox;
+pub(crate) mod parked;
 pub(crate) mod trace;
 
 pub use health::{Health, HealthStatus};

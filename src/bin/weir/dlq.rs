@@ -611,7 +611,13 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<()> {
                 continue;
             }
             if !guarded.contains(&planned.topic) {
-                guard(&client, &planned.topic)?;
+                if let Err(e) = guard(&client, &planned.topic) {
+                    failure = Some(e.context(format!(
+                        "publishing {}/{} offset {} to {}",
+                        record.topic, record.partition, record.offset, planned.topic
+                    )));
+                    break;
+                }
                 guarded.insert(planned.topic.clone());
             }
             if let Some((interval, next_at)) = &mut pace {

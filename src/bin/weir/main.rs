@@ -11,6 +11,7 @@ mod kafka_read;
 mod outbox_relay;
 mod publish;
 mod reference;
+mod retry_worker;
 mod serve;
 mod telemetry;
 mod upload_bench;
@@ -48,6 +49,9 @@ enum Command {
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
     OutboxRelay,
+    /// Retry parked records (durable retries) until SIGTERM/SIGINT; `serve` runs one too unless
+    /// service.retry_worker = false.
+    RetryWorker,
     /// Inspect and redrive dead-letter topics: list, show, replay.
     Dlq(dlq::DlqArgs),
     /// One look at a consumer group: members, committed offsets and lag, dead letters, parked
@@ -90,6 +94,11 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             outbox_relay::run(settings).await
+        }
+        Command::RetryWorker => {
+            let _telemetry = telemetry::init(true)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            retry_worker::run(settings).await
         }
         Command::Dlq(args) => {
             let _telemetry = telemetry::init(false)?;
