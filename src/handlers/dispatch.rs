@@ -3,7 +3,9 @@
 //! buses feed it records and act on what it returns.
 
 use super::ctx::RecordInfo;
-use super::retry::{DurableRetry, RetryDecision};
+#[cfg(feature = "postgres")]
+use super::retry::DurableRetry;
+use super::retry::RetryDecision;
 use super::router::{ErasedEvent, Route, TypeRoute};
 use super::Parking;
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
@@ -90,6 +92,7 @@ pub(crate) enum Outcome {
 }
 
 /// What one durable attempt of a parked record came to.
+#[cfg(feature = "postgres")]
 #[derive(Debug)]
 pub(crate) enum ParkedAttempt {
     Succeeded,
@@ -538,6 +541,7 @@ impl Dispatcher {
 
     /// One durable attempt of a parked record, for the parked-record worker: the named handler
     /// alone, called once as attempt `attempt`.
+    #[cfg(feature = "postgres")]
     pub(crate) async fn call_parked(
         &self,
         handler_name: &str,
@@ -614,6 +618,7 @@ impl Dispatcher {
     }
 
     /// The durable stage of a handler's policy, if it has one.
+    #[cfg(feature = "postgres")]
     pub(crate) fn durable(&self, topic: &str, handler: &str) -> Option<DurableRetry> {
         let policy = self
             .router

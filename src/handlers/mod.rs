@@ -11,9 +11,13 @@ mod retry;
 mod router;
 
 pub use ctx::{Ctx, TraceContext};
-pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome, ParkedAttempt};
+#[cfg(feature = "postgres")]
+pub(crate) use dispatch::ParkedAttempt;
+pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
 pub use error::{BoxError, HandlerError};
 pub use handler::HandlerFn;
-pub(crate) use parking::{ParkFuture, Parking};
+#[cfg(feature = "postgres")]
+pub(crate) use parking::ParkFuture;
+pub(crate) use parking::Parking;
 pub use retry::{DurableRetry, RetryDecision, RetryPolicy};
 pub use router::{AckPolicy, HandlerOptions, Router, UnhandledPolicy};

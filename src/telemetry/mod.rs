@@ -5,7 +5,11 @@
 pub(crate) mod events;
 mod health;
 mod metrics;
+#[cfg(feature = "otlp")]
+pub(crate) mod otlp;
+#[cfg(feature = "postgres")]
 pub(crate) mod outbox;
+#[cfg(feature = "postgres")]
 pub(crate) mod parked;
 pub(crate) mod trace;
 
