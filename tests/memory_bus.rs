@@ -184,7 +184,8 @@ async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops() {
 #[tokio::test]
 async fn dropping_a_subscription_stops_it_and_it_leaves_its_group() {
     use semantics::{numbered, publish, record, recv, seq_of, subscribe, Ends, Mode};
-    use weir::{Ctx, CustomerCreated, HandlerOptions, Router};
+    use weir::seeds::CustomerCreated;
+    use weir::{Ctx, HandlerOptions, Router};
     let h = MemoryHarness::new();
     let bus = h.bus();
     let topic = h.name("dropped");
