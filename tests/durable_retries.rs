@@ -402,3 +402,74 @@ async fn a_new_owner_parks_a_key_behind_what_the_previous_owner_parked() {
     subscription.stop().await.unwrap();
     db.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_keys_hold_their_later_records_across_a_rebalance_to_a_second_replica() {
+    let db = TestDb::migrated().await;
+    let bus = bus();
+    let log = Log::default();
+    let outage = Arc::new(AtomicBool::new(true));
+    // Eight failing keys, so both partitions have some.
+    let bad: Vec<String> = (0..8).map(|i| format!("bad-{i}")).collect();
+    let failing = {
+        let outage = outage.clone();
+        move |o: &OrderPlaced| o.order_id.starts_with("bad-") && outage.load(Ordering::SeqCst)
+    };
+    for key in &bad {
+        publish(&bus, key, 0).await;
+    }
+    let first = ParkedStore::new(db.pool().clone(), "shop");
+    let a = subscribe(&bus, router(&log, failing.clone(), 1000), &first);
+    committed_to_the_end(&bus, "shop").await;
+    assert_eq!(parked_rows(&db, "shop").await, 8);
+
+    // A second replica joins: one partition moves to it, and it must learn what was parked there.
+    let second = ParkedStore::new(db.pool().clone(), "shop");
+    let b = subscribe(&bus, router(&log, failing.clone(), 1000), &second);
+    for seq in 1..4 {
+        for key in &bad {
+            publish(&bus, key, seq).await;
+        }
+        publish(&bus, &format!("ok-{seq}"), seq).await;
+    }
+    committed_to_the_end(&bus, "shop").await;
+    assert_eq!(
+        parked_rows(&db, "shop").await,
+        32,
+        "every later record parked behind"
+    );
+    for key in &bad {
+        assert_eq!(
+            log.calls_of(key),
+            [(0, 1), (0, 2)],
+            "{key}: only its first record was tried"
+        );
+    }
+
+    outage.store(false, Ordering::SeqCst);
+    let (worker, _) = worker(&bus, &second, router(&log, failing, 1000));
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop).await }
+    });
+    eventually("every bad key handled", PATIENCE, || {
+        let done = bad.iter().all(|k| log.handled_of(k).len() >= 4);
+        async move {
+            if done {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        }
+    })
+    .await;
+    for key in &bad {
+        assert_eq!(log.handled_of(key), [0, 1, 2, 3], "{key} in offset order");
+    }
+    stop.cancel();
+    running.await.unwrap();
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.close().await;
+}
