@@ -253,7 +253,7 @@ async fn database_state(
     };
     let parked = if table_exists("weir_parked").await? {
         let (records, keys, age): (i64, i64, Option<f64>) = sqlx::query_as(
-            "SELECT count(*), count(DISTINCT (topic, partition, key)), \
+            "SELECT count(*), count(DISTINCT (handler, topic, partition, key)), \
              EXTRACT(EPOCH FROM now() - min(parked_at))::float8 \
              FROM weir_parked WHERE group_id = $1",
         )
