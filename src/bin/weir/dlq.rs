@@ -522,6 +522,22 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<()> {
         };
         starts.insert(*p, start);
     }
+    // The replay covers what is in the topic now. Replayed records that fail again are
+    // dead-lettered behind this end while the replay runs; reading on would replay them again
+    // at once, in a loop. (A lower bound on brokers that under-report the end: what lies past it
+    // is left for the next replay, never replayed twice.)
+    let mut ends = BTreeMap::new();
+    for p in &partitions {
+        let (low, high) = client.watermarks(&args.topic, *p)?;
+        let start = match starts[p] {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        if start >= high {
+            starts.remove(p);
+        }
+        ends.insert(*p, high);
+    }
     let already = if args.dry_run {
         HashSet::new()
     } else {
@@ -564,6 +580,11 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<()> {
         let mut reader = client.reader(&args.topic, &starts)?;
         while let Some(record) = reader.next().await? {
             let next = ((record.topic.clone(), record.partition), record.offset + 1);
+            if record.offset >= ends[&record.partition] {
+                // Dead-lettered after the replay started (see above).
+                reader.close(record.partition);
+                continue;
+            }
             if let Some(Position::Offset(last)) = args.to {
                 if record.offset > last {
                     // Past the range in this partition: nothing more to read there.
