@@ -8,7 +8,9 @@
 # What it sets up (idempotent; fast when everything is already there):
 #   - Tansu 0.6.0, the Kafka-compatible broker the integration tests start
 #     (cargo install, ~15 minutes the first time); WEIR_TANSU_BIN=<its path>
-#   - a virtualenv in .tmp/venv with confluent-kafka and rotel; WEIR_TEST_PYTHON, WEIR_TEST_ROTEL
+#   - a virtualenv in .tmp/venv with confluent-kafka, rotel and jsonschema; WEIR_TEST_PYTHON,
+#     WEIR_TEST_ROTEL
+#   - @asyncapi/parser (npm) in .tmp/asyncapi, for the contract document; WEIR_TEST_ASYNCAPI_NODE_PATH
 #   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
 set -euo pipefail
 
@@ -100,6 +102,36 @@ WEIR_TEST_ROTEL=$("$VENV/bin/python" -c "import os, rotel; print(os.path.join(os
 export WEIR_TEST_ROTEL
 echo "WEIR_TEST_ROTEL=$WEIR_TEST_ROTEL"
 
+# jsonschema: validates real encoded events against each contract's data schema.
+JSONSCHEMA_VERSION=4.26.0
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; import jsonschema; sys.exit(m.version('jsonschema') != sys.argv[1])" "$JSONSCHEMA_VERSION" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "jsonschema==$JSONSCHEMA_VERSION" \
+    || die "pip install jsonschema failed"
+fi
+
+# --- The official AsyncAPI parser, for the contract document ----------------
+ASYNCAPI_PARSER_VERSION=3.6.3
+step "@asyncapi/parser $ASYNCAPI_PARSER_VERSION (npm, .tmp/asyncapi)"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  command -v apt-get >/dev/null || die "node and npm are needed (the AsyncAPI parser) and apt-get is not available"
+  echo "Installing node and npm with apt-get"
+  apt-get install -y -qq nodejs npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } \
+    || die "apt-get install nodejs npm failed"
+fi
+ASYNCAPI_DIR="$ROOT/.tmp/asyncapi"
+asyncapi_parser_ok() {
+  node -e 'const p = require(process.argv[1] + "/node_modules/@asyncapi/parser/package.json"); process.exit(p.version === process.argv[2] ? 0 : 1)' \
+    "$ASYNCAPI_DIR" "$ASYNCAPI_PARSER_VERSION" 2>/dev/null
+}
+if ! asyncapi_parser_ok; then
+  mkdir -p "$ASYNCAPI_DIR"
+  npm install --prefix "$ASYNCAPI_DIR" --no-audit --no-fund --loglevel=error \
+    "@asyncapi/parser@$ASYNCAPI_PARSER_VERSION" >/dev/null || die "npm install @asyncapi/parser failed"
+  asyncapi_parser_ok || die "@asyncapi/parser $ASYNCAPI_PARSER_VERSION not found in $ASYNCAPI_DIR after npm install"
+fi
+export WEIR_TEST_ASYNCAPI_NODE_PATH="$ASYNCAPI_DIR/node_modules"
+echo "WEIR_TEST_ASYNCAPI_NODE_PATH=$WEIR_TEST_ASYNCAPI_NODE_PATH"
+
 # --- PostgreSQL -------------------------------------------------------------
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
@@ -190,19 +222,64 @@ WEIR_TEST_PROMTOOL=$(command -v promtool || echo "$ROOT/.tmp/tools/bin/promtool"
 [[ -x "$WEIR_TEST_PROMTOOL" ]] || die "promtool not found after scripts/check-chart.sh"
 export WEIR_TEST_PROMTOOL
 
+# --- Tools for the library checks -------------------------------------------
+CARGO_HACK_VERSION=0.6.39
+step "cargo-hack $CARGO_HACK_VERSION and the C libraries of rdkafka's optional features"
+if [[ "$(cargo hack --version 2>/dev/null | awk '{print $2}')" != "$CARGO_HACK_VERSION" ]]; then
+  cargo install cargo-hack --version "$CARGO_HACK_VERSION" --locked \
+    || die "cargo install cargo-hack $CARGO_HACK_VERSION failed"
+fi
+# `gssapi` links libsasl2; `cmake-build` builds librdkafka with CMake, which also finds libcurl.
+RDKAFKA_SYSTEM_PACKAGES=(cmake libsasl2-dev libcurl4-openssl-dev)
+missing=()
+for package in "${RDKAFKA_SYSTEM_PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+fi
+
 # --- Rust -------------------------------------------------------------------
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+# The library's boundary: the core builds alone, every feature builds alone, the docs are
+# clean, and a service outside the crate (examples/orders-service) builds and passes its
+# tests with default-features = false.
+# Skipped when arguments pick tests (`scripts/test.sh --test tasks`): they take minutes.
+if [ "$#" -eq 0 ]; then
+  step "cargo check --no-default-features"
+  cargo check --no-default-features
+  step "cargo hack check --each-feature --no-dev-deps"
+  cargo hack check --each-feature --no-dev-deps
+  step "cargo doc --no-deps (warnings are errors)"
+  RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+  step "examples/orders-service: clippy and tests"
+  cargo clippy -p orders-service --all-targets -- -D warnings
+  cargo test -p orders-service
+fi
 
-step "cargo test --all-targets $*"
-cargo test --all-targets "$@"
+# The default build (the binary) plus the test kit, which the handler API tests use.
+FEATURES=testing
+
+# The saved contract document: still valid AsyncAPI, and the current contracts break none of it.
+# A breaking edit to a contract fails here until it ships under a new event type, or the
+# document is deliberately updated (weir schema asyncapi > contracts/asyncapi.yaml).
+step "contracts: weir schema check --baseline contracts/asyncapi.yaml"
+NODE_PATH="$WEIR_TEST_ASYNCAPI_NODE_PATH" node "$ROOT/scripts/validate-asyncapi.mjs" "$ROOT/contracts/asyncapi.yaml"
+cargo run --quiet --features "$FEATURES" -- schema check --baseline "$ROOT/contracts/asyncapi.yaml"
+
+step "cargo clippy --all-targets --features $FEATURES -- -D warnings"
+cargo clippy --all-targets --features "$FEATURES" -- -D warnings
+
+step "cargo test --all-targets --features $FEATURES $*"
+cargo test --all-targets --features "$FEATURES" "$@"
 
 if [ "$#" -eq 0 ]; then
-  step "cargo test --doc"
-  cargo test --doc
+  step "cargo test --doc --features $FEATURES"
+  cargo test --doc --features "$FEATURES"
 fi
 
 step "done"

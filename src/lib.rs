@@ -46,7 +46,7 @@
 //!   in [`seeds`].
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`).
-//! - `handlers`: [`HandlerFn`], [`Ctx`], `State`, [`HandlerError`], the [`RetryPolicy`], the
+//! - `handlers`: [`HandlerFn`], [`Ctx`], [`State`], [`HandlerError`], the [`RetryPolicy`], the
 //!   [`Router`] (where types are erased, and layers applied) and the dispatch pipeline that takes
 //!   one record to a final outcome. A handler never sees a transport.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
@@ -57,12 +57,15 @@
 //!   `ParkedStore` records are parked in and the `ParkedWorker` that retries them (it calls
 //!   handlers through the dispatcher, and dead-letters like the engine).
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
-//! - `testing` (feature `testing`): run a router on the memory bus inside a test.
+//! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
+//! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
+//!   document of a [`Router`], and the breaking-change rules `weir schema check` applies
+//!   (depends on contracts and handlers only).
 //!
 //! # Features
 //! `default = ["cli", "bench"]` builds the `weir` binary and its reference service. A service
 //! using Weir as a library turns the defaults off and picks: `kafka`, `postgres`, `admin`,
-//! `otlp`, `testing`, and rdkafka's `ssl`, `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
+//! `otlp`, `testing`, `schema`, and rdkafka's `ssl`, `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
 
 #![forbid(unsafe_code)]
 
@@ -73,7 +76,11 @@ mod contracts;
 mod handlers;
 #[cfg(feature = "postgres")]
 mod outbox;
+#[cfg(feature = "schema")]
+pub mod schema;
 mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(feature = "admin")]
 pub use admin::{admin_router, serve_admin};
@@ -90,8 +97,10 @@ pub use contracts::{
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
 };
 pub use handlers::{
-    AckPolicy, BoxError, Ctx, DurableRetry, HandlerError, HandlerFn, HandlerOptions, RetryDecision,
-    RetryPolicy, Router, TraceContext, UnhandledPolicy,
+    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError, Ctx,
+    DurableRetry, FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions,
+    HandlerService, IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State,
+    TraceContext, UnhandledPolicy, WithLayer,
 };
 #[cfg(feature = "postgres")]
 pub use outbox::{

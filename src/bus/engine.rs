@@ -375,19 +375,18 @@ impl<S: Source> Engine<S> {
         }
     }
 
-    /// One record of a partition left the engine (finished, or dropped unstarted).
+    /// Records of a partition left the engine (finished, or dropped unstarted).
     fn release(&mut self, tp: &PartitionKey, count: usize) {
-        let share = self.share;
-        let Some(state) = self.partitions.get_mut(tp) else {
-            return;
-        };
-        let before = state.in_flight;
-        state.in_flight -= count;
-        self.reserved -= before.max(share) - state.in_flight.max(share);
-        self.in_flight -= count;
-        if !state.open && state.in_flight < share {
-            state.open = true;
-            self.source.set_open(tp, true);
+        if let Some(state) = self.partitions.get_mut(tp) {
+            release(
+                state,
+                tp,
+                count,
+                self.share,
+                &mut self.reserved,
+                &mut self.in_flight,
+                &mut self.source,
+            );
         }
     }
 
@@ -533,11 +532,16 @@ impl<S: Source> Engine<S> {
         } else if !state.revoking {
             self.unfinished += 1;
         }
-        self.release(&done.tp, 1);
+        release(
+            state,
+            &done.tp,
+            1,
+            self.share,
+            &mut self.reserved,
+            &mut self.in_flight,
+            &mut self.source,
+        );
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
-        let Some(state) = self.partitions.get_mut(&done.tp) else {
-            return;
-        };
         if !start_next {
             if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
                 state.lanes.entry(lane).or_default().push_front(rec);
@@ -716,6 +720,28 @@ impl<S: Source> Engine<S> {
             },
             self.source,
         )
+    }
+}
+
+/// `count` records of `state`'s partition left the engine: its in-flight count, the engine's
+/// totals, and the source's flow for it. A free function, so callers that already hold the
+/// partition's state do not look it up again.
+fn release<S: Source>(
+    state: &mut PartitionState,
+    tp: &PartitionKey,
+    count: usize,
+    share: usize,
+    reserved: &mut usize,
+    in_flight: &mut usize,
+    source: &mut S,
+) {
+    let before = state.in_flight;
+    state.in_flight -= count;
+    *reserved -= before.max(share) - state.in_flight.max(share);
+    *in_flight -= count;
+    if !state.open && state.in_flight < share {
+        state.open = true;
+        source.set_open(tp, true);
     }
 }
 

@@ -2,22 +2,28 @@
 //! erases types once, and the dispatch pipeline that turns one record into a final outcome.
 //! Depends on `contracts` only: a handler never sees a transport.
 
+mod batch;
 mod ctx;
 mod dispatch;
 mod error;
 mod handler;
+mod layer;
 mod parking;
 mod retry;
 mod router;
 
+pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
 pub use ctx::{Ctx, TraceContext};
 #[cfg(feature = "postgres")]
 pub(crate) use dispatch::ParkedAttempt;
 pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
 pub use error::{BoxError, HandlerError};
-pub use handler::HandlerFn;
+pub use handler::{FromCtx, HandlerFn, State};
+pub use layer::{AnyEvent, HandlerExt, HandlerService, IntoHandler, Layered, Request, WithLayer};
 #[cfg(feature = "postgres")]
 pub(crate) use parking::ParkFuture;
 pub(crate) use parking::Parking;
 pub use retry::{DurableRetry, RetryDecision, RetryPolicy};
+#[cfg(feature = "testing")]
+pub(crate) use router::Observe;
 pub use router::{AckPolicy, HandlerOptions, Router, UnhandledPolicy};

@@ -107,7 +107,7 @@ impl ParkedStore {
     }
 }
 
-impl Router {
+impl<S> Router<S> {
     /// Gives this router's handlers a durable retry stage in `store`: a handler whose
     /// [`RetryPolicy::durable`](crate::RetryPolicy::durable) is set parks records there once its
     /// in-place attempts are spent, and every handler parks a record behind its key's parked

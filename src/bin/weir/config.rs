@@ -2,6 +2,7 @@
 //! `WEIR_BROKERS` and `WEIR_GROUP_ID` are shorthands; any other key is reachable as
 //! `WEIR_<SECTION>__<KEY>` (e.g. `WEIR_CONSUMER__MAX_IN_FLIGHT=64`).
 
+use crate::reference::ReferenceSettings;
 use anyhow::Context as _;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -92,12 +93,23 @@ impl Default for HttpSettings {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct DatabaseSettings {
     /// `postgres://user:password@host:5432/db`; required by the commands that use the database.
+    /// Read from `WEIR_DATABASE__URL`, else `[database] url` in the file, else `DATABASE_URL`
+    /// (the name sqlx and most platforms use).
     pub(crate) url: Option<String>,
     /// Pool size; the relay needs two (one holds LISTEN).
     pub(crate) max_connections: u32,
     /// Apply pending migrations when `serve` or `outbox-relay` starts (otherwise run
     /// `weir migrate` first, as the Helm chart's migration job does).
     pub(crate) migrate_on_start: bool,
+}
+
+impl DatabaseSettings {
+    /// Falls back to `DATABASE_URL` when no Weir setting named a database.
+    fn url_from_env(&mut self, database_url: Option<String>) {
+        if self.url.is_none() {
+            self.url = database_url.filter(|url| !url.trim().is_empty());
+        }
+    }
 }
 
 impl Default for DatabaseSettings {
@@ -207,13 +219,71 @@ impl Settings {
             figment = figment.merge(Serialized::default("kafka.brokers", brokers));
         }
         // Figment's message names the key and where it came from (file or variable).
-        figment.extract().context("invalid configuration")
+        let mut settings: Settings = figment.extract().context("invalid configuration")?;
+        settings
+            .database
+            .url_from_env(std::env::var("DATABASE_URL").ok());
+        Ok(settings)
+    }
+
+    /// What the reference service reads, handed down to it.
+    pub(crate) fn reference(&self) -> ReferenceSettings {
+        ReferenceSettings {
+            storage: self.storage.clone(),
+            tasks: self.tasks.clone(),
+            max_attempts: self.retry.maximum_attempts,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn database_url_falls_back_to_the_common_variable_after_weirs_own() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "postgres://platform/db");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                settings.database.url.as_deref(),
+                Some("postgres://platform/db")
+            );
+
+            jail.create_file("weir.toml", "[database]\nurl = \"postgres://file/db\"\n")?;
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.database.url.as_deref(), Some("postgres://file/db"));
+
+            jail.set_env("WEIR_DATABASE__URL", "postgres://weir/db");
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.database.url.as_deref(), Some("postgres://weir/db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_task_settings_from_the_environment_and_refuses_a_bad_schedule() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WEIR_TASKS__SCHEDULE", "*/2 * * * * *");
+            jail.set_env("WEIR_TASKS__WEBHOOK_SECRET", "abc");
+            jail.set_env("WEIR_TASKS__PENDING_AFTER", "90s");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.tasks.schedule.as_deref(), Some("*/2 * * * * *"));
+            assert_eq!(settings.tasks.webhook_secret.as_deref(), Some("abc"));
+            assert_eq!(
+                settings.tasks.pending_after,
+                std::time::Duration::from_secs(90)
+            );
+            jail.set_env("WEIR_TASKS__SCHEDULE", "every day");
+            let error = Settings::load(None, None).unwrap_err();
+            assert!(format!("{error:#}").contains("cron"), "{error:#}");
+            Ok(())
+        });
+    }
 
     #[test]
     fn reads_sections_and_ignores_foreign_weir_variables() {

@@ -35,14 +35,14 @@ pub(crate) fn worker(
 }
 
 pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
-    let settings = Arc::new(settings);
+    let stop_requested = crate::stop_on_signal()?;
     let pool = crate::db::connect(&settings.database).await?;
     if settings.database.migrate_on_start {
         weir::migrate(&pool, &crate::db::migrations()).await?;
     }
     let services = Services {
         pool: pool.clone(),
-        settings: settings.clone(),
+        settings: Arc::new(settings.reference()),
     };
     let metrics = Metrics::new();
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
@@ -68,7 +68,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(group = %settings.consumer.group_id, %admin_addr, "Retrying parked records.");
     let signal = stop.clone();
     tokio::spawn(async move {
-        crate::shutdown_signal().await;
+        stop_requested.cancelled().await;
         tracing::info!("Shutdown requested; finishing the round in flight.");
         signal.cancel();
     });

@@ -163,22 +163,4 @@ mod tests {
         assert!(!text.contains("s3cr3t-value"), "{text}");
         assert!(text.contains("***"), "{text}");
     }
-
-    #[test]
-    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
-    fn reads_task_settings_from_the_environment_and_refuses_a_bad_schedule() {
-        figment::Jail::expect_with(|jail| {
-            jail.set_env("WEIR_TASKS__SCHEDULE", "*/2 * * * * *");
-            jail.set_env("WEIR_TASKS__WEBHOOK_SECRET", "abc");
-            jail.set_env("WEIR_TASKS__PENDING_AFTER", "90s");
-            let settings = crate::config::Settings::load(None, None).map_err(|e| e.to_string())?;
-            assert_eq!(settings.tasks.schedule.as_deref(), Some("*/2 * * * * *"));
-            assert_eq!(settings.tasks.webhook_secret.as_deref(), Some("abc"));
-            assert_eq!(settings.tasks.pending_after, Duration::from_secs(90));
-            jail.set_env("WEIR_TASKS__SCHEDULE", "every day");
-            let error = crate::config::Settings::load(None, None).unwrap_err();
-            assert!(format!("{error:#}").contains("cron"), "{error:#}");
-            Ok(())
-        });
-    }
 }
