@@ -239,6 +239,7 @@ impl RecordTaskPanicked<'_> {
 
 /// A partition's hand-off to the engine stayed full for a while (its handlers are not keeping
 /// up, so its fetching has stopped at librdkafka's prefetch limit), or has room again.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct PartitionHeldBack<'a> {
     pub(crate) topic: &'a str,
     pub(crate) partition: i32,
@@ -246,6 +247,7 @@ pub(crate) struct PartitionHeldBack<'a> {
 }
 
 impl PartitionHeldBack<'_> {
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
     pub(crate) fn emit(&self) {
         let (topic, partition) = (self.topic, self.partition);
         if self.held {
