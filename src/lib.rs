@@ -53,7 +53,9 @@
 //!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and, with the
 //!   `kafka` feature, the `KafkaBus` (the only rdkafka user).
 //! - `outbox` (feature `postgres`): the transactional `OutboxWriter` and `OutboxRelay`, the
-//!   idempotent `inbox`, and the embedded PostgreSQL `migrate` runner.
+//!   idempotent `inbox`, the embedded PostgreSQL `migrate` runner, and durable retries: the
+//!   `ParkedStore` records are parked in and the `ParkedWorker` that retries them (it calls
+//!   handlers through the dispatcher, and dead-letters like the engine).
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
 //! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
@@ -96,17 +98,20 @@ pub use contracts::{
 };
 pub use handlers::{
     AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError, Ctx,
-    FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions, HandlerService,
-    IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State, TraceContext,
-    UnhandledPolicy, WithLayer,
+    DurableRetry, FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions,
+    HandlerService, IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State,
+    TraceContext, UnhandledPolicy, WithLayer,
 };
 #[cfg(feature = "postgres")]
 pub use outbox::{
     inbox, migrate, purge_inbox, InboxFuture, InboxTx, Migration, OutboxError, OutboxRelay,
-    OutboxWriter, RelayConfig, OUTBOX_CHANNEL, OUTBOX_MIGRATIONS,
+    OutboxWriter, ParkedStore, ParkedWorker, ParkedWorkerConfig, RelayConfig, OUTBOX_CHANNEL,
+    OUTBOX_MIGRATIONS,
 };
 #[cfg(feature = "postgres")]
 pub use telemetry::outbox::OutboxMetrics;
+#[cfg(feature = "postgres")]
+pub use telemetry::parked::ParkedMetrics;
 pub use telemetry::{Health, HealthStatus, Metrics};
 
 /// OTLP trace export from the standard `OTEL_*` variables.

@@ -15,6 +15,29 @@ pub(crate) mod header {
         ATTEMPTS, CONSUMER_GROUP, ERROR_KIND, ERROR_MESSAGE, ERROR_REASON, HANDLER,
         ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_TIMESTAMP, ORIGINAL_TOPIC,
     };
+    /// `weir.replay.count`: how many times `weir dlq replay` has republished this record.
+    pub const REPLAY_COUNT: &str = "weir.replay.count";
+    /// `weir.replay.id`: the replay that republished this record.
+    pub const REPLAY_ID: &str = "weir.replay.id";
+    /// `weir.replay.source`: the dead letter it was republished from, `topic:partition:offset`.
+    /// A resumed replay finds what it already published by this header, so it never publishes
+    /// a record twice within one replay id.
+    pub const REPLAY_SOURCE: &str = "weir.replay.source";
+
+    /// The headers that describe a failure. A replay removes them: the republished record is the
+    /// original one again, and a new failure writes fresh ones.
+    pub const FAILURE: [&str; 10] = [
+        ORIGINAL_TOPIC,
+        ORIGINAL_PARTITION,
+        ORIGINAL_OFFSET,
+        ORIGINAL_TIMESTAMP,
+        CONSUMER_GROUP,
+        ERROR_KIND,
+        ERROR_REASON,
+        ERROR_MESSAGE,
+        ATTEMPTS,
+        HANDLER,
+    ];
 }
 
 pub(crate) fn record(

@@ -655,6 +655,7 @@ impl<S: Source> Engine<S> {
         }
         // The source commits when the engine answers: every position must be with it by then.
         self.store_positions(|_| true);
+        self.dispatcher.forget_parked(revoked);
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
                 self.in_flight -= state.in_flight;

@@ -3,7 +3,7 @@
 //! from and go to. Only `kafka` imports rdkafka.
 
 mod config;
-mod dead_letter;
+pub(crate) mod dead_letter;
 mod engine;
 #[cfg(feature = "kafka")]
 mod kafka;

@@ -3,13 +3,16 @@
 //! buses feed it records and act on what it returns.
 
 use super::ctx::RecordInfo;
+#[cfg(feature = "postgres")]
+use super::retry::DurableRetry;
 use super::retry::RetryDecision;
 use super::router::{ErasedEvent, Route, TypeRoute};
+use super::Parking;
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
 use crate::contracts::{decode_envelope, DecodeError, EventMeta, Headers};
 use crate::telemetry::events::{
-    At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded,
-    RecordReceived, RecordSkipped, UNKNOWN_TYPE,
+    At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded, ParkFailed,
+    RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
 use crate::telemetry::{trace, Metrics, RouteSeries};
 use futures_util::FutureExt;
@@ -92,6 +95,21 @@ pub(crate) enum Outcome {
     Abandoned,
 }
 
+/// What one durable attempt of a parked record came to.
+#[cfg(feature = "postgres")]
+#[derive(Debug)]
+pub(crate) enum ParkedAttempt {
+    Succeeded,
+    /// Failed `Retryable`: try again later, or dead-letter with this failure after the last
+    /// durable attempt.
+    Retryable(Failure),
+    /// Failed for good (acknowledged, panic, undecodable): dead-letter now.
+    Final(Failure),
+}
+
+/// The error recorded for a record parked only because its key had parked records.
+const BEHIND: &str = "parked behind an earlier record of its key";
+
 enum HandlerResult {
     Final(Option<Failure>),
     Abandoned,
@@ -132,6 +150,14 @@ impl Dispatcher {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Forgets the parked keys of partitions this consumer gave up: owning one again learns them
+    /// again from the store, which another owner may have added to meanwhile.
+    pub(crate) fn forget_parked(&self, partitions: &[(String, i32)]) {
+        if let Some(parking) = &self.router.parking {
+            parking.forget(partitions);
+        }
     }
 
     /// Handles one record to a final outcome, or abandons it when `stop` fires during a backoff.
@@ -182,6 +208,11 @@ impl Dispatcher {
             Ok(decoded) => decoded,
             Err(outcome) => return outcome,
         };
+        if let Some(parking) = &self.router.parking {
+            if !self.learn_parked(&**parking, rec, stop).await {
+                return Outcome::Abandoned;
+            }
+        }
         let info = Arc::new(RecordInfo {
             record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
@@ -318,6 +349,24 @@ impl Dispatcher {
         let event_type = info.event.event_type.as_str();
         let event_id = info.event.id;
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
+        if let Some(parking) = &self.router.parking {
+            // Checked whatever the policy says: a key parked under an earlier configuration
+            // still holds its later records.
+            if parking.is_parked(&handler.name, &info.record) {
+                let Some(still) = self
+                    .confirm_parked(&**parking, &handler.name, &info.record, stop)
+                    .await
+                else {
+                    return HandlerResult::Abandoned;
+                };
+                if still {
+                    let now = std::time::Duration::ZERO;
+                    return self
+                        .park(&**parking, handler, info, 0, BEHIND, now, stop)
+                        .await;
+                }
+            }
+        }
         let mut attempt = 1;
         let mut first = Some(event);
         loop {
@@ -419,10 +468,207 @@ impl Dispatcher {
                     );
                 }
                 RetryDecision::Exhausted => {
-                    return give_up(DeadLetterKind::RetriesExhausted, error_chain(&error), false)
+                    if let (Some(parking), Some(durable)) = (&self.router.parking, &policy.durable)
+                    {
+                        let (error, delay) = (error_chain(&error), durable.delay(1));
+                        return self
+                            .park(&**parking, handler, info, attempt, &error, delay, stop)
+                            .await;
+                    }
+                    return give_up(DeadLetterKind::RetriesExhausted, error_chain(&error), false);
                 }
             }
         }
+    }
+
+    /// Learns the parked keys of the record's partition (once per ownership), retrying until the
+    /// store answers: handling a record of a partition whose parked keys are unknown could let
+    /// it overtake a parked record of its key. `false` if `stop` fired first.
+    async fn learn_parked(
+        &self,
+        parking: &dyn Parking,
+        rec: &Inbound,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            match parking.learn(&rec.topic, rec.partition).await {
+                Ok(()) => return true,
+                Err(error) => ParkFailed {
+                    at: rec.at(),
+                    what: "learn the partition's parked keys",
+                    error: &error,
+                }
+                .emit(),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(std::time::Duration::from_secs(10)),
+                _ = stop.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Whether the key still has parked records, retrying until the store answers; `None` if
+    /// `stop` fired first.
+    async fn confirm_parked(
+        &self,
+        parking: &dyn Parking,
+        handler: &str,
+        rec: &Inbound,
+        stop: &CancellationToken,
+    ) -> Option<bool> {
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            match parking.confirm(handler, rec).await {
+                Ok(still) => return Some(still),
+                Err(error) => ParkFailed {
+                    at: rec.at(),
+                    what: "check the key's parked records",
+                    error: &error,
+                }
+                .emit(),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(std::time::Duration::from_secs(10)),
+                _ = stop.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Parks the record for `handler`, retrying until the store has it: only then is this
+    /// handler's outcome final and the offset committable.
+    #[allow(clippy::too_many_arguments)]
+    async fn park(
+        &self,
+        parking: &dyn Parking,
+        handler: &Route,
+        info: &Arc<RecordInfo>,
+        attempts: u32,
+        error: &str,
+        delay: std::time::Duration,
+        stop: &CancellationToken,
+    ) -> HandlerResult {
+        let rec = &info.record;
+        let mut backoff = std::time::Duration::from_millis(100);
+        loop {
+            match parking
+                .park(&handler.name, rec, attempts, error, delay)
+                .await
+            {
+                Ok(()) => {
+                    RecordParked {
+                        at: rec.at(),
+                        event_id: info.event.id,
+                        event_type: &info.event.event_type,
+                        handler: &handler.name,
+                        attempts,
+                        behind: error == BEHIND,
+                        error,
+                    }
+                    .emit(&self.metrics);
+                    return HandlerResult::Final(None);
+                }
+                Err(e) => ParkFailed {
+                    at: rec.at(),
+                    what: "park the record",
+                    error: &e,
+                }
+                .emit(),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(std::time::Duration::from_secs(10)),
+                _ = stop.cancelled() => return HandlerResult::Abandoned,
+            }
+        }
+    }
+
+    /// One durable attempt of a parked record, for the parked-record worker: the named handler
+    /// alone, called once as attempt `attempt`.
+    #[cfg(feature = "postgres")]
+    pub(crate) async fn call_parked(
+        &self,
+        handler_name: &str,
+        rec: Arc<Inbound>,
+        attempt: u32,
+    ) -> ParkedAttempt {
+        let failure = |kind: DeadLetterKind, detail: &'static str, message: String| Failure {
+            kind,
+            detail,
+            message,
+            attempts: attempt,
+            handler: Some(Arc::from(handler_name)),
+        };
+        let limits = &self.router.limits;
+        let raw = match decode_envelope(rec.value.as_deref(), &rec.headers, limits) {
+            Ok(raw) => raw,
+            Err(e) => {
+                return ParkedAttempt::Final(failure(
+                    DeadLetterKind::Decode,
+                    e.kind(),
+                    e.to_string(),
+                ))
+            }
+        };
+        let Some(route) = self.router.route(&rec.topic, &raw.meta.event_type) else {
+            let e = DecodeError::UnknownEventType {
+                event_type: raw.meta.event_type.clone(),
+            };
+            return ParkedAttempt::Final(failure(DeadLetterKind::Decode, e.kind(), e.to_string()));
+        };
+        let Some(handler) = route.handlers.iter().find(|h| &*h.name == handler_name) else {
+            return ParkedAttempt::Final(failure(
+                DeadLetterKind::Acknowledged,
+                "unknown_handler",
+                format!(
+                    "no handler named {handler_name} for {} on {}",
+                    raw.meta.event_type, rec.topic
+                ),
+            ));
+        };
+        let event = match (route.decode)(&raw) {
+            Ok(event) => event,
+            Err(e) => {
+                return ParkedAttempt::Final(failure(
+                    DeadLetterKind::Decode,
+                    e.kind(),
+                    e.to_string(),
+                ))
+            }
+        };
+        let info = Arc::new(RecordInfo {
+            record: rec.clone(),
+            trace: TraceContext::from_headers(&rec.headers),
+            event: raw.meta,
+        });
+        let ctx = Ctx::new(info, attempt, handler.name.clone());
+        let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
+        match self.call_once(handler, event, ctx).await {
+            Ok(Ok(())) => ParkedAttempt::Succeeded,
+            Err(panic) => ParkedAttempt::Final(failure(DeadLetterKind::Panic, "panic", panic)),
+            Ok(Err(error)) => match policy.decide(1, &error) {
+                RetryDecision::Permanent => ParkedAttempt::Final(failure(
+                    DeadLetterKind::Acknowledged,
+                    DeadLetterKind::Acknowledged.as_str(),
+                    error_chain(&error),
+                )),
+                _ => ParkedAttempt::Retryable(failure(
+                    DeadLetterKind::RetriesExhausted,
+                    DeadLetterKind::RetriesExhausted.as_str(),
+                    error_chain(&error),
+                )),
+            },
+        }
+    }
+
+    /// The durable stage of a handler's policy, if it has one.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn durable(&self, topic: &str, handler: &str) -> Option<DurableRetry> {
+        let policy = self
+            .router
+            .handler(topic, handler)
+            .and_then(|h| h.retry.as_ref())
+            .unwrap_or(&self.router.default_retry);
+        policy.durable.clone()
     }
 
     /// One call, with its timeout; a panic (while building or polling the future) becomes `Err`.

@@ -8,16 +8,22 @@ mod dispatch;
 mod error;
 mod handler;
 mod layer;
+mod parking;
 mod retry;
 mod router;
 
 pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
 pub use ctx::{Ctx, TraceContext};
+#[cfg(feature = "postgres")]
+pub(crate) use dispatch::ParkedAttempt;
 pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
 pub use error::{BoxError, HandlerError};
 pub use handler::{FromCtx, HandlerFn, State};
 pub use layer::{AnyEvent, HandlerExt, HandlerService, IntoHandler, Layered, Request, WithLayer};
-pub use retry::{RetryDecision, RetryPolicy};
+#[cfg(feature = "postgres")]
+pub(crate) use parking::ParkFuture;
+pub(crate) use parking::Parking;
+pub use retry::{DurableRetry, RetryDecision, RetryPolicy};
 #[cfg(feature = "testing")]
 pub(crate) use router::Observe;
 pub use router::{AckPolicy, HandlerOptions, Router, UnhandledPolicy};

@@ -30,6 +30,56 @@ pub struct RetryPolicy {
     pub jitter: f64,
     /// Kinds (see [`HandlerError::with_kind`]) that are never retried even when `Retryable`.
     pub non_retryable_kinds: Vec<String>,
+    /// The durable stage (PostgreSQL, see [`DurableRetry`]): when set, and the subscription has
+    /// a parked-record store, a record still failing `Retryable` after `maximum_attempts` is
+    /// parked instead of dead-lettered, and the partition moves on.
+    pub durable: Option<DurableRetry>,
+}
+
+/// Durable retries: after the in-place attempts, a record is parked in the database and retried
+/// by the parked-record worker, `initial_interval` after parking, then backing off up to
+/// `maximum_interval`, for `maximum_attempts` more calls; then it is dead-lettered. Meanwhile
+/// every later record of its key (for that handler and consumer group) is parked behind it, so
+/// each key's records are still handled in offset order; other keys flow.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DurableRetry {
+    /// Delay before the first durable attempt.
+    #[serde(with = "humantime_serde")]
+    pub initial_interval: Duration,
+    /// Factor applied to the delay after each further failure.
+    pub backoff_coefficient: f64,
+    /// Upper bound of any one delay.
+    #[serde(with = "humantime_serde")]
+    pub maximum_interval: Duration,
+    /// Durable calls before the record is dead-lettered (at least 1).
+    pub maximum_attempts: u32,
+}
+
+impl Default for DurableRetry {
+    /// 1 min, doubling, at most 1 h apart, 10 attempts: about 8.5 hours before a dead letter.
+    fn default() -> Self {
+        Self {
+            initial_interval: Duration::from_secs(60),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_secs(3600),
+            maximum_attempts: 10,
+        }
+    }
+}
+
+impl DurableRetry {
+    /// The delay before durable attempt `n` (counted from 1).
+    pub fn delay(&self, n: u32) -> Duration {
+        let exponent = n.saturating_sub(1).min(64) as i32;
+        let secs = self.initial_interval.as_secs_f64() * self.backoff_coefficient.powi(exponent);
+        let max = self.maximum_interval.as_secs_f64();
+        if secs.is_finite() && secs < max {
+            Duration::from_secs_f64(secs.max(0.0))
+        } else {
+            self.maximum_interval
+        }
+    }
 }
 
 impl Default for RetryPolicy {
@@ -43,6 +93,7 @@ impl Default for RetryPolicy {
             maximum_attempts: 5,
             jitter: 0.2,
             non_retryable_kinds: Vec::new(),
+            durable: None,
         }
     }
 }
@@ -121,7 +172,20 @@ mod tests {
             maximum_attempts: attempts,
             jitter: 0.0,
             non_retryable_kinds: vec!["bad_request".into()],
+            durable: None,
         }
+    }
+
+    #[test]
+    fn durable_delays_back_off_up_to_their_maximum() {
+        let d = DurableRetry {
+            initial_interval: Duration::from_secs(60),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_secs(300),
+            maximum_attempts: 5,
+        };
+        let delays: Vec<_> = (1..=5).map(|n| d.delay(n).as_secs()).collect();
+        assert_eq!(delays, vec![60, 120, 240, 300, 300]);
     }
 
     #[test]

@@ -168,6 +168,8 @@ pub struct Router<S = ()> {
     pub(crate) on_unhandled: UnhandledPolicy,
     pub(crate) on_acknowledged: AckPolicy,
     pub(crate) limits: DecodeLimits,
+    /// Where records go for durable retries (`Router::durable_retries`); `None`: no durable stage.
+    pub(crate) parking: Option<Arc<dyn super::Parking>>,
     /// Sees every call and outcome; set by `weir::testing` only.
     pub(crate) observer: Option<Arc<dyn Observe>>,
     state: S,
@@ -223,6 +225,7 @@ impl<S> Router<S> {
             on_unhandled: UnhandledPolicy::default(),
             on_acknowledged: AckPolicy::default(),
             limits: DecodeLimits::default(),
+            parking: None,
             observer: None,
             state,
         }
@@ -236,6 +239,7 @@ impl<S> Router<S> {
             on_unhandled: self.on_unhandled,
             on_acknowledged: self.on_acknowledged,
             limits: self.limits,
+            parking: self.parking,
             observer: self.observer,
             state: (),
         }
@@ -382,6 +386,16 @@ impl<S> Router<S> {
     /// The topics that have at least one handler: what a consumer subscribes to.
     pub fn topics(&self) -> Vec<String> {
         self.routes.keys().cloned().collect()
+    }
+
+    /// The handler registered under `name` for any event type of `topic`.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn handler(&self, topic: &str, name: &str) -> Option<&Route> {
+        self.routes
+            .get(topic)?
+            .values()
+            .flat_map(|r| r.handlers.iter())
+            .find(|h| &*h.name == name)
     }
 
     pub(crate) fn route(&self, topic: &str, event_type: &str) -> Option<&TypeRoute> {

@@ -43,7 +43,8 @@ impl Migration {
     }
 }
 
-/// Weir's own tables: `weir_outbox` (with its NOTIFY trigger) and `weir_inbox`.
+/// Weir's own tables: `weir_outbox` (with its NOTIFY trigger), `weir_inbox` and `weir_parked`
+/// (durable retries).
 pub const OUTBOX_MIGRATIONS: &[Migration] = &[
     Migration::new(
         "weir/0001_outbox",
@@ -52,6 +53,10 @@ pub const OUTBOX_MIGRATIONS: &[Migration] = &[
     Migration::new(
         "weir/0002_inbox",
         include_str!("migrations/weir_0002_inbox.sql"),
+    ),
+    Migration::new(
+        "weir/0003_parked",
+        include_str!("migrations/weir_0003_parked.sql"),
     ),
 ];
 

@@ -13,12 +13,14 @@
 mod claim;
 mod inbox;
 mod migrate;
+mod parked;
 mod relay;
 mod row;
 mod writer;
 
 pub use inbox::{inbox, purge_inbox, InboxFuture, InboxTx};
 pub use migrate::{migrate, Migration, OUTBOX_MIGRATIONS};
+pub use parked::{ParkedStore, ParkedWorker, ParkedWorkerConfig};
 pub use relay::{OutboxRelay, RelayConfig, OUTBOX_CHANNEL};
 pub use writer::OutboxWriter;
 

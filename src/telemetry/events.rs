@@ -466,3 +466,61 @@ impl KafkaClientError<'_> {
               "Kafka client error; retrying.");
     }
 }
+
+/// A record was parked for a durable retry (after its in-place attempts, or behind an earlier
+/// parked record of its key): its offset may move on.
+pub(crate) struct RecordParked<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) event_id: Uuid,
+    pub(crate) event_type: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) attempts: u32,
+    /// Parked only because its key had parked records (the handler was not called).
+    pub(crate) behind: bool,
+    pub(crate) error: &'a str,
+}
+
+impl RecordParked<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        m.handled
+            .with_label_values(&[topic, self.event_type, "parked"])
+            .inc();
+        if self.behind {
+            info!(topic, partition, offset, event_id = %self.event_id, handler = self.handler,
+                  "Key has parked records; parked this one behind them.");
+        } else {
+            warn!(topic, partition, offset, event_id = %self.event_id, handler = self.handler,
+                  attempts = self.attempts, error = self.error, "Handler still failing; parked the record for durable retries.");
+        }
+    }
+}
+
+/// The parked-record store did not answer; the record waits and the store is asked again.
+pub(crate) struct ParkFailed<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) what: &'static str,
+    pub(crate) error: &'a str,
+}
+
+impl ParkFailed<'_> {
+    pub(crate) fn emit(&self) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        warn!(
+            topic,
+            partition,
+            offset,
+            error = self.error,
+            "Could not {}; retrying.",
+            self.what
+        );
+    }
+}

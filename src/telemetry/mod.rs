@@ -9,6 +9,8 @@ mod metrics;
 pub(crate) mod otlp;
 #[cfg(feature = "postgres")]
 pub(crate) mod outbox;
+#[cfg(feature = "postgres")]
+pub(crate) mod parked;
 pub(crate) mod trace;
 
 pub use health::{Health, HealthStatus};

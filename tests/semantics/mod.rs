@@ -241,6 +241,7 @@ pub fn exact_retry(initial: Duration, coefficient: f64, maximum_attempts: u32) -
         maximum_attempts,
         jitter: 0.0,
         non_retryable_kinds: Vec::new(),
+        durable: None,
     }
 }
 

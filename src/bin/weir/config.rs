@@ -153,6 +153,9 @@ pub(crate) struct ServiceSettings {
     /// Run the outbox relay inside `serve` (with a database), so one process is the whole
     /// service. Turn it off when relays run as their own deployment (the Helm chart does).
     pub(crate) relay: bool,
+    /// Run the parked-record worker inside `serve` when durable retries are on (`[retry.durable]`
+    /// and a database). Turn it off when `weir retry-worker` runs on its own.
+    pub(crate) retry_worker: bool,
 }
 
 impl Default for ServiceSettings {
@@ -160,6 +163,7 @@ impl Default for ServiceSettings {
         Self {
             record_file: None,
             relay: true,
+            retry_worker: true,
         }
     }
 }

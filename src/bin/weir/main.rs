@@ -13,9 +13,13 @@ mod bench;
 mod config;
 mod db;
 mod demo;
+mod dlq;
+mod inspect;
+mod kafka_read;
 mod outbox_relay;
 mod publish;
 mod reference;
+mod retry_worker;
 mod schema;
 mod serve;
 mod telemetry;
@@ -59,6 +63,14 @@ enum Command {
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
     OutboxRelay,
+    /// Retry parked records (durable retries) until SIGTERM/SIGINT; `serve` runs one too unless
+    /// service.retry_worker = false.
+    RetryWorker,
+    /// Inspect and redrive dead-letter topics: list, show, replay.
+    Dlq(dlq::DlqArgs),
+    /// One look at a consumer group: members, committed offsets and lag, dead letters, parked
+    /// records and the outbox.
+    Inspect(inspect::InspectArgs),
     /// The service's contracts as documents (AsyncAPI 3.0, JSON Schema) and the check CI runs.
     Schema(schema::SchemaArgs),
 }
@@ -108,6 +120,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Schema(args) => {
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             schema::run(settings, args)
+        }
+        Command::RetryWorker => {
+            let _telemetry = telemetry::init(true)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            retry_worker::run(settings).await
+        }
+        Command::Dlq(args) => {
+            let _telemetry = telemetry::init(false)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            dlq::run(settings.kafka, args).await
+        }
+        Command::Inspect(args) => {
+            let _telemetry = telemetry::init(false)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            inspect::run(settings, args).await
         }
     }
 }

@@ -11,7 +11,7 @@ use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use weir::{Bus, KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
+use weir::{Bus, KafkaBus, Metrics, OutboxMetrics, OutboxRelay, ParkedStore};
 
 /// Serves until `stop_requested` is cancelled (by a signal). A stop requested while the service
 /// is still starting (connecting, migrating, joining the group) ends it cleanly too.
@@ -56,9 +56,23 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let metrics = Metrics::new();
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
-    let router = reference::router(&recorder, services.as_ref())
+    let mut router = reference::router(&recorder, services.as_ref())
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
+    // Durable retries need the database: without one, [retry.durable] has nowhere to park and
+    // records are dead-lettered after the in-place attempts as usual.
+    let parked = match (&services, &settings.retry.durable) {
+        (Some(services), Some(_)) => {
+            let store = ParkedStore::new(services.pool.clone(), &settings.consumer.group_id);
+            router = router.durable_retries(&store);
+            Some(store)
+        }
+        (None, Some(_)) => {
+            tracing::warn!("[retry.durable] is set but no database is configured; records are dead-lettered after the in-place attempts.");
+            None
+        }
+        _ => None,
+    };
     let topics = router.topics();
     let subscription = bus.subscribe(router, settings.consumer.clone())?;
 
@@ -95,6 +109,11 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
             }
         }));
         jobs.extend(reference::spawn_background(services, stop.clone()));
+        if let (Some(store), true) = (parked, settings.service.retry_worker) {
+            let worker = crate::retry_worker::worker(&settings, services, store, &bus, &metrics)?;
+            let stop = stop.clone();
+            jobs.push(tokio::spawn(async move { worker.run(stop).await }));
+        }
         if settings.service.relay {
             let relay = OutboxRelay::new(
                 services.pool.clone(),

@@ -13,7 +13,8 @@
 //! Each handler records the event it handled (see `ServiceSettings::record_file`). Customer
 //! events carry a test hook: `details.simulate = "transient"` fails the first attempt
 //! retryably; `"permanent"` fails acknowledged; `"panic"` panics; `"hang"` never completes (a
-//! handler stuck on a dead dependency, for the flow-control tests).
+//! handler stuck on a dead dependency, for the flow-control tests); `"outage"` fails retryably
+//! until `details.until` (RFC 3339), a dependency down for a while (durable-retry tests).
 
 mod api;
 pub(crate) mod resources;
@@ -88,6 +89,16 @@ fn simulate(details: &serde_json::Value, ctx: &Ctx) -> Result<(), HandlerError> 
             Err(HandlerError::retryable("simulated transient failure"))
         }
         Some("permanent") => Err(HandlerError::acknowledged("simulated permanent failure")),
+        // An outage of the customer's dependency until `details.until` (RFC 3339).
+        Some("outage")
+            if details
+                .get("until")
+                .and_then(|u| u.as_str())
+                .and_then(|u| chrono::DateTime::parse_from_rfc3339(u).ok())
+                .is_some_and(|until| chrono::Utc::now() < until) =>
+        {
+            Err(HandlerError::retryable("simulated outage"))
+        }
         Some("panic") => panic!("simulated panic"),
         _ => Ok(()),
     }

@@ -1,0 +1,80 @@
+//! `weir retry-worker`: retries parked records (durable retries) until SIGTERM or SIGINT, with
+//! the reference service's handlers. `weir serve` runs the same worker inside unless
+//! `service.retry_worker = false`; run as many as you like (a key is retried by one at a time).
+
+use crate::config::Settings;
+use crate::reference::{self, Recorder, Services};
+use anyhow::Context as _;
+use axum::routing::get;
+use std::future::IntoFuture as _;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use weir::{KafkaBus, Metrics, ParkedMetrics, ParkedStore, ParkedWorker};
+
+/// The worker for the reference service's handlers (the router `serve` consumes with).
+pub(crate) fn worker(
+    settings: &Settings,
+    services: &Services,
+    store: ParkedStore,
+    bus: &KafkaBus,
+    metrics: &Metrics,
+) -> anyhow::Result<ParkedWorker> {
+    let recorder = Recorder::open(settings.service.record_file.as_deref())
+        .context("cannot open service.record_file")?;
+    let router = reference::router(&recorder, Some(services))
+        .retry(settings.retry.clone())
+        .unhandled(settings.unhandled);
+    Ok(ParkedWorker::new(
+        store,
+        router,
+        Arc::new(bus.clone()),
+        settings.consumer.dead_letter.clone(),
+        metrics.clone(),
+        ParkedMetrics::new(metrics.registry())?,
+    ))
+}
+
+pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+    let stop_requested = crate::stop_on_signal()?;
+    let pool = crate::db::connect(&settings.database).await?;
+    if settings.database.migrate_on_start {
+        weir::migrate(&pool, &crate::db::migrations()).await?;
+    }
+    let services = Services {
+        pool: pool.clone(),
+        settings: Arc::new(settings.reference()),
+    };
+    let metrics = Metrics::new();
+    let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
+    let store = ParkedStore::new(pool.clone(), &settings.consumer.group_id);
+    let worker = worker(&settings, &services, store, &bus, &metrics)?;
+
+    let listener = tokio::net::TcpListener::bind(settings.admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
+    let admin_addr = listener.local_addr()?;
+    let routes = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+        .route("/healthz", get(|| std::future::ready("ok")));
+    let stop = CancellationToken::new();
+    let admin = tokio::spawn(
+        axum::serve(listener, routes)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    tracing::info!(group = %settings.consumer.group_id, %admin_addr, "Retrying parked records.");
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        stop_requested.cancelled().await;
+        tracing::info!("Shutdown requested; finishing the round in flight.");
+        signal.cancel();
+    });
+    worker.run(stop.clone()).await;
+    stop.cancel();
+    let _ = admin.await;
+    pool.close().await;
+    Ok(())
+}
