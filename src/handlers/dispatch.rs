@@ -597,6 +597,7 @@ impl Dispatcher {
             message,
             attempts: attempt,
             handler: Some(Arc::from(handler_name)),
+            event_id: None,
         };
         let limits = &self.router.limits;
         let raw = match decode_envelope(rec.value.as_deref(), &rec.headers, limits) {
@@ -639,6 +640,7 @@ impl Dispatcher {
             record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
             event: raw.meta,
+            child_spans: false,
         });
         let ctx = Ctx::new(info, attempt, handler.name.clone());
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);

@@ -438,7 +438,7 @@ impl ParkedWorker {
             &*self.dead_letters,
             &self.metrics,
             record,
-            failure.kind.as_str(),
+            &failure,
             &rec,
             stop,
         )

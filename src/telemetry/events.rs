@@ -486,16 +486,18 @@ impl RecordParked<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         m.handled
             .with_label_values(&[topic, self.event_type, "parked"])
             .inc();
         if self.behind {
-            info!(topic, partition, offset, event_id = %self.event_id, handler = self.handler,
-                  "Key has parked records; parked this one behind them.");
+            info!(topic, partition, offset, event_id = %self.event_id, trace_id = self.at.trace_id(),
+                  handler = self.handler, "Key has parked records; parked this one behind them.");
         } else {
-            warn!(topic, partition, offset, event_id = %self.event_id, handler = self.handler,
-                  attempts = self.attempts, error = self.error, "Handler still failing; parked the record for durable retries.");
+            warn!(topic, partition, offset, event_id = %self.event_id, trace_id = self.at.trace_id(),
+                  handler = self.handler, attempts = self.attempts, error = self.error,
+                  "Handler still failing; parked the record for durable retries.");
         }
     }
 }
@@ -513,6 +515,7 @@ impl ParkFailed<'_> {
             topic,
             partition,
             offset,
+            ..
         } = self.at;
         warn!(
             topic,
