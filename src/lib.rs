@@ -34,6 +34,9 @@
 //! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `outbox`: the transactional [`OutboxWriter`] and [`OutboxRelay`], the idempotent [`inbox`],
 //!   and the embedded PostgreSQL [`migrate`] runner (depends on contracts and [`Publisher`] only).
+//! - `temporal` (feature `temporal`): a handler that starts a Temporal workflow per event, with
+//!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
+//!   contracts and handlers only).
 
 #![forbid(unsafe_code)]
 
@@ -43,6 +46,8 @@ mod contracts;
 mod handlers;
 mod outbox;
 mod telemetry;
+#[cfg(feature = "temporal")]
+pub mod temporal;
 
 pub use admin::{admin_router, serve_admin};
 pub use bus::{
