@@ -7,12 +7,13 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use weir::{ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
 
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
 /// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
 /// the service; a typo in the TOML file, by contrast, is an error.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "brokers",
     "group_id",
     "kafka",
@@ -26,6 +27,7 @@ const SECTIONS: [&str; 13] = [
     "http",
     "storage",
     "tasks",
+    "temporal",
 ];
 
 /// librdkafka property maps, read from the environment verbatim: their names contain dots (which
@@ -68,6 +70,72 @@ pub(crate) struct Settings {
     pub(crate) storage: crate::reference::resources::StorageSettings,
     /// Task processing and its triggers (`[tasks]`).
     pub(crate) tasks: crate::reference::tasks::TaskSettings,
+    /// Temporal, for task processing as a workflow (`[temporal]`, `WEIR_TEMPORAL__ADDRESS`).
+    pub(crate) temporal: TemporalSettings,
+}
+
+/// Where task processing runs when it runs on Temporal, and the activities' retry policy.
+/// Without `address`, tasks are processed inline by the Kafka handler.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TemporalSettings {
+    /// The Temporal frontend, `host:port` or `http://host:port`. None: no Temporal.
+    pub(crate) address: Option<String>,
+    /// The namespace the task workflows run in.
+    pub(crate) namespace: String,
+    /// The task queue the handlers start workflows on and the worker polls.
+    pub(crate) task_queue: String,
+    /// Bounds connecting to the server; a start that cannot connect is retried by the consumer.
+    #[serde(with = "humantime_serde")]
+    pub(crate) connect_timeout: Duration,
+    /// The file activity's retry policy: first retry after this long...
+    #[serde(with = "humantime_serde")]
+    pub(crate) initial_interval: Duration,
+    /// ...each next one this many times longer...
+    pub(crate) backoff_coefficient: f64,
+    /// ...at most this long apart...
+    #[serde(with = "humantime_serde")]
+    pub(crate) maximum_interval: Duration,
+    /// ...and at most this many attempts in all (0: unlimited).
+    pub(crate) maximum_attempts: u32,
+    /// One attempt of an activity may run this long.
+    #[serde(with = "humantime_serde")]
+    pub(crate) start_to_close: Duration,
+    /// An attempt that has not heartbeated for this long is presumed lost (its worker died) and
+    /// retried from its last heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub(crate) heartbeat_timeout: Duration,
+    /// Records per file activity: the workflow's progress (its query) advances per chunk.
+    pub(crate) chunk_records: u64,
+    /// Run the worker inside `weir serve` (when `address` is set). Turn it off when workers run
+    /// as their own deployment (`weir worker`).
+    pub(crate) worker_in_serve: bool,
+}
+
+impl Default for TemporalSettings {
+    fn default() -> Self {
+        Self {
+            address: None,
+            namespace: "default".into(),
+            task_queue: "weir-tasks".into(),
+            connect_timeout: Duration::from_secs(5),
+            initial_interval: Duration::from_secs(1),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_secs(5 * 60),
+            maximum_attempts: 3,
+            start_to_close: Duration::from_secs(30 * 60),
+            heartbeat_timeout: Duration::from_secs(30),
+            chunk_records: 10_000,
+            worker_in_serve: true,
+        }
+    }
+}
+
+impl TemporalSettings {
+    /// The address, if Temporal is configured.
+    pub(crate) fn address(&self) -> Option<&str> {
+        self.address.as_deref().filter(|a| !a.trim().is_empty())
+    }
 }
 
 /// The reference service's HTTP API. It runs only when a database is configured: every route
@@ -166,6 +234,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             storage: Default::default(),
             tasks: Default::default(),
+            temporal: Default::default(),
         }
     }
 }

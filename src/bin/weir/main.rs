@@ -11,6 +11,7 @@ mod reference;
 mod serve;
 mod telemetry;
 mod upload_bench;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ enum Command {
     Migrate,
     /// Publish committed outbox rows until SIGTERM/SIGINT.
     OutboxRelay,
+    /// Run the Temporal worker of task processing alone until SIGTERM/SIGINT (needs
+    /// [temporal] address and [database] url).
+    Worker,
 }
 
 #[tokio::main]
@@ -82,6 +86,11 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             outbox_relay::run(settings).await
+        }
+        Command::Worker => {
+            let _telemetry = telemetry::init(true)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            worker::run(settings).await
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Without a database it consumes the seed topics with the recording handlers only. With one
 //! (`[database] url`) it is the whole service: the resource and task handlers, the HTTP API, the
-//! schedule and (unless `service.relay = false`) the outbox relay.
+//! schedule, (unless `service.relay = false`) the outbox relay, and with `[temporal] address`
+//! (unless `temporal.worker_in_serve = false`) the Temporal worker of task processing.
 
 use crate::config::Settings;
 use crate::reference::{self, Recorder, Services};
@@ -32,7 +33,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let metrics = Metrics::new();
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
-    let router = reference::router(&recorder, services.as_ref())
+    let router = reference::router(&recorder, services.as_ref())?
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
     let topics = router.topics();
@@ -57,7 +58,11 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }));
     let mut http_addr = None;
+    let mut worker = None;
     if let Some(services) = &services {
+        if settings.temporal.address().is_some() && settings.temporal.worker_in_serve {
+            worker = Some(crate::worker::spawn(services, stop.clone())?);
+        }
         let listener = tokio::net::TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
@@ -100,6 +105,9 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     stop.cancel();
     for job in jobs {
         let _ = job.await;
+    }
+    if let Some(worker) = worker {
+        crate::worker::join(worker).await;
     }
     if let Some(services) = services {
         services.pool.close().await;

@@ -8,7 +8,10 @@
 //!   every trigger asks for processing (a `task.processing_requested` through the outbox);
 //! - `process`: the handler of `task.created` and `task.processing_requested`;
 //! - `source`: opening and streaming the file (`file://`, a path, `http://`);
-//! - `parse`: record formats (CSV, JSON lines) and the validation rule of each entity type.
+//! - `parse`: record formats (CSV, JSON lines) and the validation rule of each entity type;
+//! - `temporal` (feature `temporal`): the same processing as a Temporal workflow, started by
+//!   the handlers when `[temporal] address` is set; its activities reuse `process`, `source`
+//!   and `parse`.
 //!
 //! The triggers never import `process`: they write an event, and the handler runs wherever the
 //! consumer group puts the task's key, the way seed 000 keeps the engine out of the API.
@@ -19,6 +22,8 @@ mod process;
 mod schedule;
 mod source;
 pub(crate) mod store;
+#[cfg(feature = "temporal")]
+pub(crate) mod temporal;
 mod webhook;
 
 use super::api::Services;
@@ -111,8 +116,22 @@ pub(crate) fn routes(services: &Services) -> axum::Router {
     api::routes(services).merge(webhook::routes(services))
 }
 
-/// Registers the processing handler for both events that start it.
-pub(crate) fn handlers(router: weir::Router, services: &Services) -> weir::Router {
+/// Registers the processing handler for both events that start it: with `[temporal] address`,
+/// handlers that start `TaskProcessingWorkflow`; without, the inline processor.
+pub(crate) fn handlers(router: weir::Router, services: &Services) -> anyhow::Result<weir::Router> {
+    if services.settings.temporal.address().is_some() {
+        #[cfg(feature = "temporal")]
+        return temporal::handlers(router, &services.settings);
+        #[cfg(not(feature = "temporal"))]
+        anyhow::bail!(
+            "[temporal] address is set, but this weir was built without the `temporal` feature"
+        );
+    }
+    Ok(inline_handlers(router, services))
+}
+
+/// The inline processor on both events (no Temporal).
+fn inline_handlers(router: weir::Router, services: &Services) -> weir::Router {
     let processor = process::Processor::new(services);
     let created = processor.clone();
     router
