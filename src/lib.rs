@@ -7,66 +7,110 @@
 //! when its record's outcome is final.
 //!
 //! ```no_run
-//! use weir::{Bus, ConsumerConfig, Ctx, HandlerError, MemoryBus, Router, TaskCreated};
+//! use serde::{Deserialize, Serialize};
+//! use weir::{Bus, ConsumerConfig, Ctx, Event, EventType, HandlerError, MemoryBus, Router};
 //!
-//! async fn start_processing(task: TaskCreated, ctx: Ctx) -> Result<(), HandlerError> {
-//!     tracing::info!(task = %task.0.task_id, attempt = ctx.attempt(), "processing");
+//! /// An event contract: the payload of a CloudEvent, its type name and its topic.
+//! #[derive(Debug, Clone, Serialize, Deserialize)]
+//! struct OrderPlaced {
+//!     order_id: String,
+//!     total_cents: u64,
+//! }
+//!
+//! impl Event for OrderPlaced {
+//!     const TYPE: EventType = EventType::new("order.placed");
+//!     const TOPIC: &'static str = "orders";
+//!     fn key(&self) -> String {
+//!         self.order_id.clone()
+//!     }
+//! }
+//!
+//! async fn reserve_stock(order: OrderPlaced, ctx: Ctx) -> Result<(), HandlerError> {
+//!     tracing::info!(order = %order.order_id, attempt = ctx.attempt(), "reserving stock");
 //!     Ok(())
 //! }
 //!
 //! # async fn run() -> Result<(), weir::BusError> {
 //! let bus = MemoryBus::default();
-//! let subscription = bus.subscribe(Router::new().on(start_processing), ConsumerConfig::new("tasks"))?;
+//! let subscription = bus.subscribe(Router::new().on(reserve_stock), ConsumerConfig::new("stock"))?;
 //! subscription.stop().await?;
 //! # Ok(()) }
 //! ```
 //!
 //! # Layout
+//! Dependencies point one way: `contracts` ← `telemetry` ← `handlers` ← `bus` ← `outbox`;
+//! `admin`, `testing` and `temporal` sit beside `bus` and use only what is below them.
+//!
 //! - `contracts`: the [`Event`] trait, the CloudEvents [`Envelope`], [`EventFactory`] and its
-//!   [`DecodeError`], and the seed services' events (tasks, customers, resources).
-//! - `handlers`: [`HandlerFn`], [`Ctx`], [`HandlerError`], the [`RetryPolicy`], the [`Router`]
-//!   (where types are erased) and the dispatch pipeline that takes one record to a final outcome.
-//! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
-//!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and the
-//!   [`KafkaBus`] (the only rdkafka user).
+//!   [`DecodeError`]. Depends on nothing else of Weir. The reference service's own events are
+//!   in [`seeds`].
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
-//!   every metric and log line goes through.
-//! - `admin`: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
-//! - `outbox`: the transactional [`OutboxWriter`] and [`OutboxRelay`], the idempotent [`inbox`],
-//!   and the embedded PostgreSQL [`migrate`] runner (depends on contracts and [`Publisher`] only).
-//! - `temporal` (feature `temporal`): a handler that starts a Temporal workflow per event, with
+//!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`).
+//! - `handlers`: [`HandlerFn`], [`Ctx`], `State`, [`HandlerError`], the [`RetryPolicy`], the
+//!   [`Router`] (where types are erased, and layers applied) and the dispatch pipeline that takes
+//!   one record to a final outcome. A handler never sees a transport.
+//! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
+//!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and, with the
+//!   `kafka` feature, the `KafkaBus` (the only rdkafka user).
+//! - `outbox` (feature `postgres`): the transactional `OutboxWriter` and `OutboxRelay`, the
+//!   idempotent `inbox`, and the embedded PostgreSQL `migrate` runner.
+//! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! - `testing` (feature `testing`): run a router on the memory bus inside a test.
+//! - [`temporal`] (feature `temporal`): a handler that starts a Temporal workflow per event, with
 //!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
 //!   contracts and handlers only).
+//!
+//! # Features
+//! `default = ["cli", "bench"]` builds the `weir` binary and its reference service. A service
+//! using Weir as a library turns the defaults off and picks: `kafka`, `postgres`, `admin`,
+//! `otlp`, `testing`, `temporal` (its build needs `protoc`), and rdkafka's `ssl`,
+//! `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "admin")]
 mod admin;
 mod bus;
 mod contracts;
 mod handlers;
+#[cfg(feature = "postgres")]
 mod outbox;
 mod telemetry;
 #[cfg(feature = "temporal")]
 pub mod temporal;
 
+#[cfg(feature = "admin")]
 pub use admin::{admin_router, serve_admin};
 pub use bus::{
-    Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, KafkaBus, KafkaConfig, MemoryBus,
-    MemoryConfig, OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport,
-    StoredRecord, Subscription,
+    Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
+    OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport, StoredRecord,
+    Subscription,
 };
-pub use contracts::*;
+#[cfg(feature = "kafka")]
+pub use bus::{KafkaBus, KafkaConfig};
+pub use contracts::seeds;
+pub use contracts::{
+    DecodeError, DecodeLimits, Envelope, Event, EventFactory, EventMeta, EventType, Headers,
+    CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
+};
 pub use handlers::{
     AckPolicy, BoxError, Ctx, HandlerError, HandlerFn, HandlerOptions, RetryDecision, RetryPolicy,
     Router, TraceContext, UnhandledPolicy,
 };
+#[cfg(feature = "postgres")]
 pub use outbox::{
-    create_task, inbox, migrate, purge_inbox, InboxFuture, InboxTx, Migration, NewTask,
-    OutboxError, OutboxRelay, OutboxWriter, RelayConfig, OUTBOX_CHANNEL, OUTBOX_MIGRATIONS,
-    TASK_MIGRATIONS,
+    inbox, migrate, purge_inbox, InboxFuture, InboxTx, Migration, OutboxError, OutboxRelay,
+    OutboxWriter, RelayConfig, OUTBOX_CHANNEL, OUTBOX_MIGRATIONS,
 };
+#[cfg(feature = "postgres")]
 pub use telemetry::outbox::OutboxMetrics;
 pub use telemetry::{Health, HealthStatus, Metrics};
+
+/// OTLP trace export from the standard `OTEL_*` variables.
+#[cfg(feature = "otlp")]
+pub mod otlp {
+    pub use crate::telemetry::otlp::{tracer_provider_from_env, OtlpError};
+}
 
 /// Names of the headers Weir adds to dead-letter records (documented in the README).
 pub mod dead_letter_headers {

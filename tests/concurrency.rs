@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
+use weir::seeds::{CustomerCreated, CustomerUpdated};
 use weir::{
-    Bus, ConsumerConfig, Ctx, CustomerCreated, CustomerUpdated, Envelope, HandlerError,
-    HandlerOptions, MemoryBus, MemoryConfig, ProcessingOrder, PublishExt, Router, StopReport,
+    Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, MemoryBus, MemoryConfig,
+    ProcessingOrder, PublishExt, Router, StopReport,
 };
 
 /// Counts calls running at once, overall and per partition, and remembers the maxima.

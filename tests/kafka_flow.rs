@@ -11,9 +11,10 @@ use std::time::Duration;
 use support::broker::Tansu;
 use support::process::wait_until;
 use tokio::sync::Notify;
+use weir::seeds::CustomerCreated;
 use weir::{
-    Bus, ConsumerConfig, Ctx, CustomerCreated, Envelope, HandlerOptions, KafkaBus, KafkaConfig,
-    Metrics, OutboundRecord, Publisher, Router,
+    Bus, ConsumerConfig, Ctx, Envelope, HandlerOptions, KafkaBus, KafkaConfig, Metrics,
+    OutboundRecord, Publisher, Router,
 };
 
 fn counter(metrics: &Metrics, series: &str) -> f64 {

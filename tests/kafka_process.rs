@@ -23,11 +23,11 @@ use support::process::{
 };
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
-use weir::{
-    CustomerCreated, CustomerUpdated, Envelope, Headers, KafkaBus, KafkaConfig, OutboundRecord,
-    PublishExt, Publisher, ResourceCreated, TaskCreated, TaskFields, TriggeredBy, CUSTOMER_TOPIC,
-    RESOURCE_TOPIC, TASK_TOPIC,
+use weir::seeds::{
+    CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
+    CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC,
 };
+use weir::{Envelope, Headers, KafkaBus, KafkaConfig, OutboundRecord, PublishExt, Publisher};
 
 /// The reference service's topics.
 const TOPICS: [&str; 3] = [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC];

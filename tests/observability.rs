@@ -11,9 +11,10 @@ use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::process::{wait_until, RecordFile, ServeOptions, TestDir, WeirProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::seeds::{CustomerCreated, CustomerDeleted, CustomerUpdated};
 use weir::{
-    Bus, ConsumerConfig, Ctx, CustomerCreated, CustomerDeleted, CustomerUpdated, Envelope, Event,
-    Headers, KafkaBus, KafkaConfig, MemoryBus, OutboundRecord, PublishExt, Publisher, Router,
+    Bus, ConsumerConfig, Ctx, Envelope, Event, Headers, KafkaBus, KafkaConfig, MemoryBus,
+    OutboundRecord, PublishExt, Publisher, Router,
 };
 
 const TOPICS: [&str; 3] = ["task-events", "customer-events", "resource-events"];

@@ -22,11 +22,12 @@ use support::process::{eventually, TestDir, WeirProcess};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use weir::seeds::{TaskCreated, TaskFields, TriggeredBy};
 use weir::{
     inbox, Bus, ConsumerConfig, Ctx, Delivery, Envelope, Event, EventFactory, EventType,
-    HandlerError, HandlerOptions, Headers, InboxTx, KafkaBus, KafkaConfig, Migration, NewTask,
+    HandlerError, HandlerOptions, Headers, InboxTx, KafkaBus, KafkaConfig, Migration,
     OutboundRecord, OutboxMetrics, OutboxRelay, OutboxWriter, PublishError, PublishExt, Publisher,
-    RelayConfig, Router, TaskCreated,
+    RelayConfig, Router,
 };
 
 const TOPIC: &str = "outbox-numbered";
@@ -648,9 +649,15 @@ async fn a_row_inserted_with_plain_sql_is_published_like_one_from_the_writer_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_created_task_reaches_a_handler_through_the_outbox_and_the_relay() {
+async fn a_row_and_its_event_written_in_one_transaction_reach_a_handler_through_the_relay() {
     let db = TestDb::migrated().await;
-    let broker = broker_with_topics(false, &[weir::TASK_TOPIC]).await;
+    sqlx::raw_sql(
+        "CREATE TABLE tasks (id uuid PRIMARY KEY, tenant_id text NOT NULL, status text NOT NULL)",
+    )
+    .execute(db.pool())
+    .await
+    .expect("the service's own table");
+    let broker = broker_with_topics(false, &[weir::seeds::TASK_TOPIC]).await;
     let bus = kafka_bus(&broker.brokers(), Duration::from_secs(10));
     let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
     let subscription = bus
@@ -667,17 +674,26 @@ async fn a_created_task_reaches_a_handler_through_the_outbox_and_the_relay() {
         .expect("subscribe");
     let relay = start_relay(db.pool(), bus.clone(), fast_config());
 
-    let task_id = weir::create_task(
-        db.pool(),
-        NewTask {
-            tenant_id: "tenant-1".into(),
-            environment_id: "prod".into(),
-            file_url: "file:///data/customers.csv".into(),
-            entity_type: "customer".into(),
-        },
-    )
-    .await
-    .expect("create task");
+    // The service's write and its event, in one transaction: the outbox pattern.
+    let task_id = Uuid::now_v7();
+    let mut tx = db.pool().begin().await.expect("begin");
+    sqlx::query("INSERT INTO tasks (id, tenant_id, status) VALUES ($1, 'tenant-1', 'pending')")
+        .bind(task_id)
+        .execute(&mut *tx)
+        .await
+        .expect("insert the task");
+    let event = TaskCreated::new(TaskFields::new(
+        task_id,
+        "tenant-1",
+        "prod",
+        "file:///data/customers.csv",
+        "customer",
+        TriggeredBy::Api,
+    ));
+    OutboxWriter::write(&mut tx, &Envelope::new(event))
+        .await
+        .expect("write the event");
+    tx.commit().await.expect("commit");
     let (task, event_id) = tokio::time::timeout(Duration::from_secs(60), received.recv())
         .await
         .expect("the handler receives the task within a minute")
@@ -933,7 +949,7 @@ async fn a_failing_inbox_handler_rolls_back_its_writes_and_its_inbox_entry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_migration_runners_apply_each_migration_exactly_once() {
     let db = TestDb::new().await;
-    let all = [weir::OUTBOX_MIGRATIONS, weir::TASK_MIGRATIONS].concat();
+    let all = weir::OUTBOX_MIGRATIONS.to_vec();
     let runs = futures_util::future::join_all((0..4).map(|_| {
         let pool = db.pool().clone();
         let all = all.clone();

@@ -18,7 +18,7 @@ use support::broker::{unique, Tansu};
 use support::db::TestDb;
 use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
 use weir::dead_letter_headers as dlh;
-use weir::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
+use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 
 const PARTITIONS: i32 = 4;
 /// Overall deadline for side effects to complete.

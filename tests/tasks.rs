@@ -25,7 +25,7 @@ use support::db::TestDb;
 use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
-use weir::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
+use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 
 const PARTITIONS: i32 = 4;
 /// Overall deadline for anything the service does asynchronously.

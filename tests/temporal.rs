@@ -24,8 +24,9 @@ use support::db::TestDb;
 use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
 use support::temporal::TemporalDev;
 use uuid::Uuid;
+use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 use weir::temporal::{StartOutcome, Temporal, WorkflowRequest};
-use weir::{Ctx, EventMeta, HandlerError, CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
+use weir::{Ctx, EventMeta, HandlerError};
 
 const PARTITIONS: i32 = 2;
 /// Overall deadline for anything asynchronous.

@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
+use weir::seeds::CustomerCreated;
 use weir::{
-    Bus, ConsumerConfig, Ctx, CustomerCreated, Envelope, HandlerError, HandlerOptions, KafkaBus,
-    KafkaConfig, MemoryBus, Router,
+    Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, KafkaBus, KafkaConfig,
+    MemoryBus, Router,
 };
 
 struct Tracing {

@@ -42,6 +42,7 @@ use tracing::Instrument;
 pub(crate) type Tp = (String, i32);
 
 /// What a source hands the engine.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // The memory bus does not rebalance.
 pub(crate) enum SourceEvent {
     Record(Inbound),
     /// These partitions are being taken away; reply on `done` once their work is drained and

@@ -5,6 +5,7 @@
 mod config;
 mod dead_letter;
 mod engine;
+#[cfg(feature = "kafka")]
 mod kafka;
 mod memory;
 mod offsets;
@@ -16,9 +17,11 @@ pub(crate) mod dead_letter_header_names {
 }
 
 pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
+#[cfg(feature = "kafka")]
 pub use kafka::{KafkaBus, KafkaConfig};
 pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
 /// The record Weir publishes for an event; the outbox stores exactly this.
+#[cfg(feature = "postgres")]
 pub(crate) use publish::encode;
 pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher};
 

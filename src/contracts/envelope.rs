@@ -341,7 +341,8 @@ fn parse_time(t: &str) -> Result<DateTime<Utc>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CustomerCreated, EventFactory};
+    use crate::seeds::CustomerCreated;
+    use crate::EventFactory;
 
     fn limits() -> DecodeLimits {
         DecodeLimits::default()

@@ -4,7 +4,7 @@ use std::fmt;
 /// The name of an event type, such as `task.created`.
 ///
 /// A newtype over a `'static` string so call sites name types through constants
-/// (`TaskCreated::TYPE`) and a typo is a compile error rather than a silently unhandled event.
+/// (`OrderPlaced::TYPE`) and a typo is a compile error rather than a silently unhandled event.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EventType(&'static str);
 

@@ -127,10 +127,18 @@ impl Default for DecodeLimits {
 /// Decodes records into one event type `T`.
 ///
 /// ```
-/// use weir::{EventFactory, Envelope, Headers, CustomerCreated};
-/// let event = CustomerCreated::new("c-1", serde_json::json!({"name": "Ada"}));
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct OrderPlaced { order_id: String, total_cents: u64 }
+/// # impl weir::Event for OrderPlaced {
+/// #     const TYPE: weir::EventType = weir::EventType::new("order.placed");
+/// #     const TOPIC: &'static str = "orders";
+/// #     fn key(&self) -> String { self.order_id.clone() }
+/// # }
+/// use weir::{EventFactory, Envelope, Headers};
+/// let event = OrderPlaced { order_id: "o-1".into(), total_cents: 4_200 };
 /// let bytes = Envelope::new(event.clone()).to_structured().unwrap();
-/// let decoded = EventFactory::<CustomerCreated>::new()
+/// let decoded = EventFactory::<OrderPlaced>::new()
 ///     .decode(Some(&bytes), &Headers::new())
 ///     .unwrap();
 /// assert_eq!(decoded.data, event);

@@ -5,11 +5,10 @@ mod envelope;
 mod event;
 mod factory;
 mod headers;
-mod seeds;
+pub mod seeds;
 
 pub(crate) use envelope::{decode_envelope, decode_structured_as, RawEnvelope};
 pub use envelope::{Envelope, EventMeta, CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION};
 pub use event::{Event, EventType};
 pub use factory::{DecodeError, DecodeLimits, EventFactory};
 pub use headers::Headers;
-pub use seeds::*;

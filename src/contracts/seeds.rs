@@ -1,6 +1,9 @@
-//! The seed services' domain events, as real contracts: task processing (seed 000), customers,
-//! and resource side effects (seed 004). Each has a convenience constructor so producers never
-//! assemble an event by hand.
+//! The reference service's events, as real contracts: task processing, customers and resource
+//! side effects. They are what the `weir` binary consumes and publishes, and what its tests and
+//! contract documents use; a service of your own defines its own events (see [`Event`]).
+//!
+//! Not re-exported at the crate root: `weir::seeds::TaskCreated`. Each has a convenience
+//! constructor so producers never assemble an event by hand.
 
 use super::{Event, EventType};
 use serde::{Deserialize, Serialize};
@@ -15,7 +18,7 @@ pub const CUSTOMER_TOPIC: &str = "customer-events";
 /// Topic of resource events.
 pub const RESOURCE_TOPIC: &str = "resource-events";
 
-/// What started a task's processing (seed 000's four triggers).
+/// What started a task's processing: the four triggers of the reference service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggeredBy {

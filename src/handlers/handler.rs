@@ -6,7 +6,7 @@ use std::future::Future;
 ///
 /// Register one with [`Router::on`](crate::Router::on); the router erases the type, so users
 /// never box anything. State goes in by closure capture:
-/// `router.on(move |e: TaskCreated, ctx| handle(db.clone(), e, ctx))`.
+/// `router.on(move |e: OrderPlaced, ctx| handle(db.clone(), e, ctx))`.
 pub trait HandlerFn<T>: Clone + Send + Sync + 'static {
     /// The future the handler returns.
     type Future: Future<Output = Result<(), HandlerError>> + Send + 'static;

@@ -136,13 +136,21 @@ pub(crate) struct TypeRoute {
 /// dead-letter record, naming it in the `weir.handler` header so it can be replayed alone.
 ///
 /// ```
-/// use weir::{Ctx, HandlerError, Router, TaskCreated};
-/// async fn start_processing(task: TaskCreated, ctx: Ctx) -> Result<(), HandlerError> {
-///     println!("task {} at offset {}", task.0.task_id, ctx.offset());
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct OrderPlaced { order_id: String, total_cents: u64 }
+/// # impl weir::Event for OrderPlaced {
+/// #     const TYPE: weir::EventType = weir::EventType::new("order.placed");
+/// #     const TOPIC: &'static str = "orders";
+/// #     fn key(&self) -> String { self.order_id.clone() }
+/// # }
+/// use weir::{Ctx, HandlerError, Router};
+/// async fn reserve_stock(order: OrderPlaced, ctx: Ctx) -> Result<(), HandlerError> {
+///     println!("order {} at offset {}", order.order_id, ctx.offset());
 ///     Ok(())
 /// }
-/// let router = Router::new().on(start_processing);
-/// assert_eq!(router.topics(), vec!["task-events".to_owned()]);
+/// let router = Router::new().on(reserve_stock);
+/// assert_eq!(router.topics(), vec!["orders".to_owned()]);
 /// ```
 pub struct Router {
     routes: BTreeMap<String, BTreeMap<String, TypeRoute>>,
@@ -326,7 +334,7 @@ fn handler_name<H>() -> String {
 mod tests {
     use super::*;
 
-    async fn handle_task(_: crate::TaskCreated, _: Ctx) -> Result<(), HandlerError> {
+    async fn handle_task(_: crate::seeds::TaskCreated, _: Ctx) -> Result<(), HandlerError> {
         Ok(())
     }
 
@@ -337,7 +345,7 @@ mod tests {
     #[test]
     fn default_handler_names_are_short() {
         assert_eq!(named(&handle_task), "handle_task");
-        let closure = |_: crate::TaskCreated, _: Ctx| async { Ok(()) };
+        let closure = |_: crate::seeds::TaskCreated, _: Ctx| async { Ok(()) };
         assert_eq!(
             named(&closure),
             "default_handler_names_are_short::{{closure}}"
@@ -350,8 +358,8 @@ mod tests {
         #[derive(Clone, serde::Serialize, serde::Deserialize)]
         struct OtherTaskCreated {}
         impl Event for OtherTaskCreated {
-            const TYPE: crate::EventType = crate::TaskCreated::TYPE;
-            const TOPIC: &'static str = crate::TaskCreated::TOPIC;
+            const TYPE: crate::EventType = crate::seeds::TaskCreated::TYPE;
+            const TOPIC: &'static str = crate::seeds::TaskCreated::TOPIC;
             fn key(&self) -> String {
                 String::new()
             }

@@ -61,11 +61,19 @@ pub type InboxFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + S
 /// readable one with [`Router::on_with`](crate::Router::on_with).
 ///
 /// ```no_run
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct OrderPlaced { order_id: String, total_cents: u64 }
+/// # impl weir::Event for OrderPlaced {
+/// #     const TYPE: weir::EventType = weir::EventType::new("order.placed");
+/// #     const TOPIC: &'static str = "orders";
+/// #     fn key(&self) -> String { self.order_id.clone() }
+/// # }
 /// # fn example(pool: sqlx::PgPool) {
-/// use weir::{inbox, Ctx, HandlerError, InboxTx, Router, TaskCreated};
-/// let router = Router::new().on(inbox(pool, "tasks", |task: TaskCreated, _ctx: Ctx, mut tx: InboxTx| async move {
-///     sqlx::query("UPDATE tasks SET status = 'processing' WHERE id = $1")
-///         .bind(task.0.task_id)
+/// use weir::{inbox, Ctx, HandlerError, InboxTx, Router};
+/// let router = Router::new().on(inbox(pool, "stock", |order: OrderPlaced, _ctx: Ctx, mut tx: InboxTx| async move {
+///     sqlx::query("UPDATE stock SET reserved = reserved + 1 WHERE order_id = $1")
+///         .bind(order.order_id)
 ///         .execute(&mut *tx)
 ///         .await
 ///         .map_err(HandlerError::retryable)?;

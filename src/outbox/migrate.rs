@@ -55,12 +55,6 @@ pub const OUTBOX_MIGRATIONS: &[Migration] = &[
     ),
 ];
 
-/// The reference service's tables (seed 000's `tasks`). Apply after [`OUTBOX_MIGRATIONS`].
-pub const TASK_MIGRATIONS: &[Migration] = &[Migration::new(
-    "reference/0001_tasks",
-    include_str!("migrations/reference_0001_tasks.sql"),
-)];
-
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS weir_migrations (
     id         text        PRIMARY KEY,
     checksum   text        NOT NULL,
@@ -142,11 +136,7 @@ mod tests {
 
     #[test]
     fn every_embedded_migration_has_a_unique_id() {
-        let all: Vec<Migration> = OUTBOX_MIGRATIONS
-            .iter()
-            .chain(TASK_MIGRATIONS)
-            .copied()
-            .collect();
+        let all: Vec<Migration> = OUTBOX_MIGRATIONS.to_vec();
         assert!(check_unique(&all).is_ok());
         assert!(check_unique(&[all[0], all[0]]).is_err());
     }

@@ -15,13 +15,11 @@ mod inbox;
 mod migrate;
 mod relay;
 mod row;
-mod tasks;
 mod writer;
 
 pub use inbox::{inbox, purge_inbox, InboxFuture, InboxTx};
-pub use migrate::{migrate, Migration, OUTBOX_MIGRATIONS, TASK_MIGRATIONS};
+pub use migrate::{migrate, Migration, OUTBOX_MIGRATIONS};
 pub use relay::{OutboxRelay, RelayConfig, OUTBOX_CHANNEL};
-pub use tasks::{create_task, NewTask};
 pub use writer::OutboxWriter;
 
 /// Why an outbox, inbox or migration operation failed.

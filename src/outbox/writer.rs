@@ -18,10 +18,18 @@ const INSERT: &str = "INSERT INTO weir_outbox (id, topic, key, event_type, paylo
 /// Writes events to the outbox table, inside a transaction the caller owns.
 ///
 /// ```no_run
-/// # async fn example(pool: sqlx::PgPool, task: weir::TaskCreated) -> Result<(), weir::OutboxError> {
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # struct OrderPlaced { order_id: String, total_cents: u64 }
+/// # impl weir::Event for OrderPlaced {
+/// #     const TYPE: weir::EventType = weir::EventType::new("order.placed");
+/// #     const TOPIC: &'static str = "orders";
+/// #     fn key(&self) -> String { self.order_id.clone() }
+/// # }
+/// # async fn example(pool: sqlx::PgPool, order: OrderPlaced) -> Result<(), weir::OutboxError> {
 /// let mut tx = pool.begin().await?;
 /// // ... the service's own writes on `&mut *tx` ...
-/// weir::OutboxWriter::write(&mut tx, &weir::Envelope::new(task)).await?;
+/// weir::OutboxWriter::write(&mut tx, &weir::Envelope::new(order)).await?;
 /// tx.commit().await?; // only now can the relay see (and publish) the event
 /// # Ok(()) }
 /// ```

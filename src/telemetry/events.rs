@@ -285,6 +285,7 @@ impl Published<'_> {
     }
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct ConsumerLag<'a> {
     pub(crate) topic: &'a str,
     pub(crate) partition: i32,
@@ -292,6 +293,7 @@ pub(crate) struct ConsumerLag<'a> {
     pub(crate) lag: Option<i64>,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl ConsumerLag<'_> {
     pub(crate) fn emit(&self, m: &Metrics) {
         let partition = self.partition.to_string();
@@ -309,11 +311,13 @@ impl ConsumerLag<'_> {
     }
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct BrokerReachability {
     pub(crate) up: bool,
     pub(crate) was_up: bool,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl BrokerReachability {
     pub(crate) fn emit(&self) {
         match (self.was_up, self.up) {
@@ -326,11 +330,13 @@ impl BrokerReachability {
 
 /// Lets one log line per key through, then at most one per `every`, counting the rest, so a
 /// broker outage (librdkafka raises "all brokers down" about every 50 ms) cannot flood the logs.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct Throttle {
     every: Duration,
     seen: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl Throttle {
     pub(crate) fn new(every: Duration) -> Self {
         Self {
@@ -361,12 +367,14 @@ impl Throttle {
     }
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 pub(crate) struct KafkaClientError<'a> {
     pub(crate) error: &'a dyn std::fmt::Display,
     pub(crate) reason: &'a str,
     pub(crate) suppressed: u64,
 }
 
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
 impl KafkaClientError<'_> {
     pub(crate) fn emit(&self) {
         warn!(error = %self.error, reason = self.reason, suppressed = self.suppressed,

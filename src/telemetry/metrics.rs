@@ -16,6 +16,7 @@ pub struct Metrics {
     pub(crate) handler_duration: HistogramVec,
     pub(crate) dead_letters: IntCounterVec,
     pub(crate) in_flight: IntGauge,
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Set from librdkafka statistics.
     pub(crate) consumer_lag: IntGaugeVec,
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,

@@ -5,6 +5,9 @@
 pub(crate) mod events;
 mod health;
 mod metrics;
+#[cfg(feature = "otlp")]
+pub(crate) mod otlp;
+#[cfg(feature = "postgres")]
 pub(crate) mod outbox;
 pub(crate) mod trace;
 

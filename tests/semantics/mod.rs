@@ -28,12 +28,14 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
+use weir::seeds::{
+    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
+    ResourceUpdated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
+};
 use weir::{
-    Bus, ConsumerConfig, Ctx, CustomerCreated, CustomerDeleted, CustomerUpdated, DecodeLimits,
-    Delivery, Envelope, Event, HandlerError, HandlerOptions, Headers, Metrics, OutboundRecord,
-    ProcessingOrder, Publisher, ResourceCreated, ResourceDeleted, ResourceUpdated, RetryPolicy,
-    Router, StopReport, StoredRecord, Subscription, TaskCreated, TaskFields,
-    TaskProcessingRequested, TriggeredBy, UnhandledPolicy, CLOUDEVENTS_CONTENT_TYPE,
+    Bus, ConsumerConfig, Ctx, DecodeLimits, Delivery, Envelope, Event, HandlerError,
+    HandlerOptions, Headers, Metrics, OutboundRecord, ProcessingOrder, Publisher, RetryPolicy,
+    Router, StopReport, StoredRecord, Subscription, UnhandledPolicy, CLOUDEVENTS_CONTENT_TYPE,
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use weir::seeds::CustomerCreated;
 use weir::{
-    Bus, ConsumerConfig, Ctx, CustomerCreated, Envelope, HandlerError, HandlerOptions, KafkaBus,
-    KafkaConfig, MemoryBus, MemoryConfig, ProcessingOrder, RetryPolicy, Router,
+    Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, KafkaBus, KafkaConfig,
+    MemoryBus, MemoryConfig, ProcessingOrder, RetryPolicy, Router,
 };
 
 #[derive(Debug, clap::Args)]

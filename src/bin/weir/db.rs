@@ -12,7 +12,7 @@ use weir::Migration;
 pub(crate) fn migrations() -> Vec<Migration> {
     [
         weir::OUTBOX_MIGRATIONS,
-        weir::TASK_MIGRATIONS,
+        crate::reference::tasks::TABLE,
         crate::reference::resources::MIGRATIONS,
         crate::reference::tasks::MIGRATIONS,
     ]

@@ -6,10 +6,12 @@ use crate::reference::{self, Recorder};
 use anyhow::Context as _;
 use rdkafka::mocking::MockCluster;
 use std::time::Duration;
+use weir::seeds::{
+    CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
+};
 use weir::{
-    Bus, ConsumerConfig, CustomerCreated, CustomerUpdated, Envelope, Event, Headers, KafkaBus,
-    KafkaConfig, OutboundRecord, PublishExt, Publisher, ResourceCreated, RetryPolicy, TaskCreated,
-    TaskFields, TriggeredBy,
+    Bus, ConsumerConfig, Envelope, Event, Headers, KafkaBus, KafkaConfig, OutboundRecord,
+    PublishExt, Publisher, RetryPolicy,
 };
 
 const TOPICS: [&str; 3] = [

@@ -11,8 +11,9 @@
 use crate::config::Settings;
 use anyhow::Context as _;
 use chrono::Utc;
+use weir::seeds::TriggeredBy;
 use weir::{
-    Envelope, EventMeta, Headers, KafkaBus, KafkaConfig, OutboundRecord, Publisher, TriggeredBy,
+    Envelope, EventMeta, Headers, KafkaBus, KafkaConfig, OutboundRecord, Publisher,
     CLOUDEVENTS_CONTENT_TYPE,
 };
 

@@ -6,9 +6,7 @@
 
 use anyhow::Context as _;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -27,40 +25,6 @@ impl Drop for Telemetry {
             }
         }
     }
-}
-
-fn env_set(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
-}
-
-fn tracer_provider() -> anyhow::Result<Option<SdkTracerProvider>> {
-    if !env_set("OTEL_EXPORTER_OTLP_ENDPOINT") && !env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-        return Ok(None);
-    }
-    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
-        .unwrap_or_else(|_| "http/protobuf".to_owned());
-    let exporter = match protocol.as_str() {
-        "grpc" => SpanExporter::builder().with_tonic().build(),
-        "http/protobuf" => SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .build(),
-        other => anyhow::bail!(
-            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?} is not supported; use grpc or http/protobuf"
-        ),
-    }
-    .context("cannot create the OTLP span exporter")?;
-    let mut resource = Resource::builder();
-    if !env_set("OTEL_SERVICE_NAME") {
-        resource = resource.with_service_name("weir");
-    }
-    Ok(Some(
-        SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource.build())
-            .build(),
-    ))
 }
 
 /// Installs the global subscriber. `json` for services, compact text for people.
@@ -84,7 +48,7 @@ pub(crate) fn init(json: bool) -> anyhow::Result<Telemetry> {
     } else {
         fmt.compact().boxed()
     };
-    let provider = tracer_provider()?;
+    let provider = weir::otlp::tracer_provider_from_env("weir")?;
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("weir")));

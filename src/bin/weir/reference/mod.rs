@@ -25,11 +25,11 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use weir::{
-    Ctx, CustomerCreated, CustomerDeleted, CustomerUpdated, HandlerError, HandlerOptions,
-    ResourceCreated, ResourceDeleted, ResourceUpdated, Router, TaskCreated,
-    TaskProcessingRequested,
+use weir::seeds::{
+    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
+    ResourceUpdated, TaskCreated, TaskProcessingRequested,
 };
+use weir::{Ctx, HandlerError, HandlerOptions, Router};
 
 /// Where handled events are written, one JSON line each, before the handler returns.
 #[derive(Clone, Default)]

@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio::io::AsyncReadExt as _;
 use uuid::Uuid;
-use weir::ResourceDeleted;
+use weir::seeds::ResourceDeleted;
 
 /// Names are indexed whole and split at punctuation too, so `q3-report.txt` is found by
 /// `report`. Weights rank name hits above content hits.

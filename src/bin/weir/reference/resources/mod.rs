@@ -29,9 +29,8 @@ use super::api::Services;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use uuid::Uuid;
-use weir::{
-    Ctx, HandlerError, HandlerOptions, Migration, ResourceCreated, ResourceDeleted, ResourceUpdated,
-};
+use weir::seeds::{ResourceCreated, ResourceDeleted, ResourceUpdated};
+use weir::{Ctx, HandlerError, HandlerOptions, Migration};
 
 /// The schema of `resources` and its search index.
 pub(crate) const MIGRATIONS: &[Migration] = &[Migration::new(

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 use uuid::Uuid;
-use weir::{Envelope, OutboxWriter, ResourceCreated};
+use weir::seeds::ResourceCreated;
+use weir::{Envelope, OutboxWriter};
 
 /// A resource row, with whether (and when) its index entry was written.
 #[derive(Debug, Clone)]

@@ -1,9 +1,10 @@
 //! The task API: create a task, read it, ask for its processing again.
 //!
 //! None of it processes anything: creating writes the row and `task.created` in one
-//! transaction (`weir::create_task`), and `POST /tasks/{id}/process` writes
+//! transaction (`create::create_task`), and `POST /tasks/{id}/process` writes
 //! `task.processing_requested` through the outbox (the API trigger).
 
+use super::create::{create_task, NewTask};
 use super::parse::EntityType;
 use super::source::Location;
 use super::store::{self, TaskView};
@@ -17,7 +18,7 @@ use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
 use uuid::Uuid;
-use weir::{NewTask, TriggeredBy};
+use weir::seeds::TriggeredBy;
 
 pub(super) fn routes(services: &Services) -> axum::Router {
     axum::Router::new()
@@ -71,7 +72,7 @@ async fn create(
             ));
         }
     }
-    let id = weir::create_task(
+    let id = create_task(
         &services.pool,
         NewTask {
             tenant_id: body.tenant_id,

@@ -17,6 +17,7 @@
 //! consumer group puts the task's key, the way seed 000 keeps the engine out of the API.
 
 mod api;
+mod create;
 mod parse;
 mod process;
 mod schedule;
@@ -31,9 +32,16 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use weir::{HandlerOptions, Migration, TaskCreated, TaskProcessingRequested};
+use weir::seeds::{TaskCreated, TaskProcessingRequested};
+use weir::{HandlerOptions, Migration};
 
-/// The schema of task progress (`reference/0003_...`), after `weir::TASK_MIGRATIONS`.
+/// The `tasks` table, before the resources' tables (the order it was always applied in).
+pub(crate) const TABLE: &[Migration] = &[Migration::new(
+    "reference/0001_tasks",
+    include_str!("../migrations/reference_0001_tasks.sql"),
+)];
+
+/// The schema of task progress (`reference/0003_...`), after [`TABLE`].
 pub(crate) const MIGRATIONS: &[Migration] = &[Migration::new(
     "reference/0003_tasks_progress",
     include_str!("../migrations/reference_0003_tasks_progress.sql"),

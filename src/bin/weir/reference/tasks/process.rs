@@ -26,7 +26,8 @@ use crate::reference::Services;
 use sqlx::PgPool;
 use std::sync::Arc;
 use uuid::Uuid;
-use weir::{Ctx, HandlerError, TaskFields};
+use weir::seeds::TaskFields;
+use weir::{Ctx, HandlerError};
 
 /// What the handler holds: the pool, an HTTP client, the settings.
 #[derive(Clone)]

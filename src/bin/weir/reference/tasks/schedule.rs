@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use weir::TriggeredBy;
+use weir::seeds::TriggeredBy;
 
 /// Ticks older than this are deleted (the latest one always stays).
 const KEEP_TICKS: Duration = Duration::from_secs(24 * 3600);

@@ -5,7 +5,8 @@ use serde::Serialize;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
-use weir::{Envelope, OutboxError, OutboxWriter, TaskFields, TaskProcessingRequested, TriggeredBy};
+use weir::seeds::{TaskFields, TaskProcessingRequested, TriggeredBy};
+use weir::{Envelope, OutboxError, OutboxWriter};
 
 /// `GET /tasks/{id}`.
 #[derive(Debug, Clone, Serialize)]

@@ -31,7 +31,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 use std::time::Duration;
 use uuid::Uuid;
-use weir::TriggeredBy;
+use weir::seeds::TriggeredBy;
 
 /// The header carrying the signing time (Unix seconds).
 pub(crate) const TIMESTAMP_HEADER: &str = "x-weir-timestamp";

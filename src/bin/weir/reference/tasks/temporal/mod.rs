@@ -21,8 +21,9 @@ use crate::config::Settings;
 use crate::reference::tasks::store::trigger_name;
 use models::{ActivityPolicy, TaskRunInput};
 pub(crate) use registry::spawn_worker;
+use weir::seeds::{TaskCreated, TaskFields, TaskProcessingRequested};
 use weir::temporal::{Temporal, WorkflowRequest};
-use weir::{Ctx, HandlerOptions, RetryPolicy, TaskCreated, TaskFields, TaskProcessingRequested};
+use weir::{Ctx, HandlerOptions, RetryPolicy};
 use workflow::TaskProcessingWorkflow;
 
 /// The workflow id of the run that event `event_id` asks for on task `task_id`.

@@ -1,30 +1,27 @@
-//! The reference path of seed 000: creating a task writes its row and its `task.created` event
-//! in one transaction, so a task exists if and only if its event will be published.
-//!
-//! Kept next to the outbox as its worked example until the reference service has a store of its
-//! own; the `tasks` table comes from [`TASK_MIGRATIONS`](super::TASK_MIGRATIONS).
+//! Creating a task writes its row and its `task.created` event in one transaction, so a task
+//! exists if and only if its event will be published: the outbox's worked example.
 
-use super::{OutboxError, OutboxWriter};
-use crate::contracts::{Envelope, TaskCreated, TaskFields, TriggeredBy};
 use sqlx::PgPool;
 use uuid::Uuid;
+use weir::seeds::{TaskCreated, TaskFields, TriggeredBy};
+use weir::{Envelope, OutboxError, OutboxWriter};
 
 /// What a client says when it creates a task; the id and status are the service's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewTask {
+pub(crate) struct NewTask {
     /// Owning tenant.
-    pub tenant_id: String,
+    pub(crate) tenant_id: String,
     /// Environment within the tenant.
-    pub environment_id: String,
+    pub(crate) environment_id: String,
     /// Where the file to process is.
-    pub file_url: String,
+    pub(crate) file_url: String,
     /// What kind of records the file holds.
-    pub entity_type: String,
+    pub(crate) entity_type: String,
 }
 
 /// Inserts a `pending` task and its `task.created` event (through the outbox) in one
 /// transaction; returns the task id, which is also the event's key.
-pub async fn create_task(pool: &PgPool, task: NewTask) -> Result<Uuid, OutboxError> {
+pub(crate) async fn create_task(pool: &PgPool, task: NewTask) -> Result<Uuid, OutboxError> {
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await?;
     sqlx::query(
