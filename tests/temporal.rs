@@ -430,6 +430,57 @@ async fn the_adapter_starts_once_per_event_and_maps_refusals_and_outages() {
     assert!(matches!(error, HandlerError::Retryable { .. }), "{error}");
 }
 
+/// Signal-with-start: two requests for one entity make one workflow that received two
+/// signals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_with_start_makes_one_workflow_per_entity_and_signals_it_per_request() {
+    let server = shared_temporal().await;
+    let queue = unique("signals");
+    let temporal = Temporal::new(&server.address(), "default", &queue).expect("client");
+    let id = format!("WeirSignalProbe-{}", Uuid::new_v4());
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let outcome = temporal
+            .signal_with_start(
+                temporalio_client::UntypedWorkflow::new("WeirSignalProbe"),
+                WorkflowRequest::new(temporalio_common::data_converters::RawValue::empty()).id(&id),
+                temporalio_client::UntypedSignal::new("request"),
+                temporalio_common::data_converters::RawValue::empty(),
+                &ctx_for(Uuid::new_v4()),
+            )
+            .await
+            .expect("signal-with-start");
+        match outcome {
+            StartOutcome::Started {
+                workflow_id,
+                run_id,
+            } => {
+                assert_eq!(workflow_id, id);
+                runs.push(run_id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        runs[0], runs[1],
+        "the second request went to the running workflow"
+    );
+    let listed = server
+        .list(&format!("WorkflowId = \"{id}\""))
+        .expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let history = server
+        .cli(&["workflow", "show", "--workflow-id", &id, "-o", "json"])
+        .expect("history");
+    assert_eq!(
+        history
+            .matches("EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED")
+            .count(),
+        2,
+        "{history}"
+    );
+}
+
 /// API, manual, schedule and webhook each lead to exactly one completed workflow per event,
 /// with exact counts; the record of an event published a second time (what a redelivery after
 /// a crash before the commit looks like to the handler) starts no second workflow.

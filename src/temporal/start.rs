@@ -134,33 +134,46 @@ impl Temporal {
             let signal = signal();
             let (request, signal_input) = map(event, &ctx);
             async move {
-                let client = temporal
-                    .client()
-                    .await
-                    .map_err(super::TemporalError::into_handler_error)?;
-                // One workflow per entity: the record key names it, unless the request does.
-                let workflow_id = request.id.clone().unwrap_or_else(|| match ctx.key_str() {
-                    Some(key) => format!("{}-{key}", workflow.name()),
-                    None => default_id(workflow.name(), &ctx),
-                });
-                let options = temporal.options(&request, &workflow_id, &ctx, false);
-                let result = client
-                    .signal_with_start_workflow(
-                        workflow,
-                        request.input,
-                        signal,
-                        signal_input,
-                        options,
-                    )
-                    .await;
-                finish(
-                    &workflow_id,
-                    &ctx,
-                    result.map(|h| h.run_id().map(str::to_owned)),
-                )
-                .map(|_| ())
+                temporal
+                    .signal_with_start(workflow, request, signal, signal_input, &ctx)
+                    .await?;
+                Ok(())
             }
         }
+    }
+
+    /// Signals `signal` to the workflow `request` names, starting it first if it is not
+    /// running: the call behind [`signals_with_start`](Self::signals_with_start). Without an
+    /// id in the request, the workflow is `<workflow type>-<record key>`: one per entity.
+    /// [`StartOutcome::Started`] names the run that received the signal, new or not.
+    pub async fn signal_with_start<W, S>(
+        &self,
+        workflow: W,
+        request: WorkflowRequest<W::Input>,
+        signal: S,
+        signal_input: S::Input,
+        ctx: &Ctx,
+    ) -> Result<StartOutcome, HandlerError>
+    where
+        W: HasWorkflowDefinition,
+        W::Input: Send,
+        S: SignalDefinition<Workflow = W::Run>,
+        S::Input: Send,
+    {
+        let client = self
+            .client()
+            .await
+            .map_err(super::TemporalError::into_handler_error)?;
+        let workflow_id = request.id.clone().unwrap_or_else(|| match ctx.key_str() {
+            Some(key) => format!("{}-{key}", workflow.name()),
+            None => default_id(workflow.name(), ctx),
+        });
+        let options = self.options(&request, &workflow_id, ctx, false);
+        let result = client
+            .signal_with_start_workflow(workflow, request.input, signal, signal_input, options)
+            .await
+            .map(|handle| handle.run_id().map(str::to_owned));
+        finish(&workflow_id, ctx, result)
     }
 
     /// Starts `workflow` as `request` says, for the record of `ctx`: the adapter's one call,
