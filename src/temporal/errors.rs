@@ -130,7 +130,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_failure_is_retried_and_a_bad_address_is_not() {
+    fn a_bad_address_is_acknowledged_not_retried() {
         let bad = TemporalError::InvalidAddress {
             address: "::".into(),
             reason: "not a URL".into(),

@@ -291,6 +291,68 @@ fn trace_header(trace: &TraceContext) -> Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::contracts::EventMeta;
+    use uuid::Uuid;
+
+    #[test]
+    fn a_start_carries_the_records_trace_in_its_header_and_memo_and_rejects_duplicates() {
+        let trace = TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: None,
+        };
+        let event = EventMeta {
+            id: Uuid::new_v4(),
+            event_type: "order.placed".into(),
+            source: "/orders".into(),
+            time: None,
+            subject: None,
+            dataschema: None,
+        };
+        let ctx = Ctx::detached("orders", event).with_trace(trace);
+        let temporal = Temporal::new("127.0.0.1:7233", "default", "orders").unwrap();
+        let request = WorkflowRequest::new(()).memo("order_id", "o-1");
+        let options = temporal.options(&request, "Fulfil-1", &ctx, true);
+        assert_eq!(options.task_queue, "orders");
+        assert_eq!(options.workflow_id, "Fulfil-1");
+        assert_eq!(
+            options.id_reuse_policy,
+            WorkflowIdReusePolicy::RejectDuplicate
+        );
+        assert_eq!(options.id_conflict_policy, WorkflowIdConflictPolicy::Fail);
+        let header = options.header.expect("a trace header");
+        let carried: serde_json::Value =
+            serde_json::from_slice(&header.fields[TRACE_HEADER].data).unwrap();
+        assert_eq!(
+            carried["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        let memo = options.memo.expect("a memo");
+        for key in [
+            "traceparent",
+            "weir.event_id",
+            "weir.event_type",
+            "order_id",
+        ] {
+            assert!(memo.get(key).is_some(), "memo {key}");
+        }
+    }
+
+    #[test]
+    fn without_a_trace_there_is_no_trace_header() {
+        let event = EventMeta {
+            id: Uuid::new_v4(),
+            event_type: "order.placed".into(),
+            source: "/orders".into(),
+            time: None,
+            subject: None,
+            dataschema: None,
+        };
+        let ctx = Ctx::detached("orders", event);
+        let temporal = Temporal::new("127.0.0.1:7233", "default", "orders").unwrap();
+        let options = temporal.options(&WorkflowRequest::new(()), "Fulfil-2", &ctx, true);
+        assert!(options.header.is_none());
+        assert!(options.memo.expect("memo").get("traceparent").is_none());
+    }
 
     #[test]
     fn the_trace_header_carries_traceparent_and_tracestate_as_json() {
