@@ -209,27 +209,32 @@ async fn one_workflow_per_event(
     task: Uuid,
     status: &str,
 ) -> HashMap<String, String> {
-    eventually(
-        &format!("one {status} workflow per event of task {task}"),
-        PATIENCE,
-        || async {
-            let events = processing_events(pool, task).await;
-            let expected: BTreeSet<String> =
-                events.iter().map(|e| format!("task-{task}-{e}")).collect();
-            let listed = workflows(server, task)?;
-            let ids: BTreeSet<String> = listed.keys().cloned().collect();
-            assert!(
-                ids.is_subset(&expected),
-                "a workflow for no event: {ids:?} vs {expected:?}"
-            );
-            if ids == expected && listed.values().all(|s| s == status) {
-                Ok(listed)
-            } else {
-                Err(format!("{listed:?} vs events {expected:?}"))
+    // Each check runs the CLI: poll every half second, not at `eventually`'s pace.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let events = processing_events(pool, task).await;
+        let expected: BTreeSet<String> =
+            events.iter().map(|e| format!("task-{task}-{e}")).collect();
+        let last = match workflows(server, task) {
+            Ok(listed) => {
+                let ids: BTreeSet<String> = listed.keys().cloned().collect();
+                assert!(
+                    ids.is_subset(&expected),
+                    "a workflow for no event: {ids:?} vs {expected:?}"
+                );
+                if ids == expected && listed.values().all(|s| s == status) {
+                    return listed;
+                }
+                format!("{listed:?} vs events {expected:?}")
             }
-        },
-    )
-    .await
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for one {status} workflow per event of task {task}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Customers CSV: `good` valid rows and `bad` invalid ones, interleaved.

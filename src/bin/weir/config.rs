@@ -309,4 +309,34 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_temporal_settings_with_their_defaults_and_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                settings.temporal.address(),
+                None,
+                "no Temporal unless configured"
+            );
+            assert_eq!(settings.temporal.namespace, "default");
+            assert_eq!(settings.temporal.task_queue, "weir-tasks");
+            assert_eq!(settings.temporal.initial_interval, Duration::from_secs(1));
+            assert_eq!(settings.temporal.backoff_coefficient, 2.0);
+            assert_eq!(settings.temporal.maximum_interval, Duration::from_secs(300));
+            assert_eq!(settings.temporal.maximum_attempts, 3);
+            assert_eq!(settings.temporal.start_to_close, Duration::from_secs(1800));
+            jail.set_env("WEIR_TEMPORAL__ADDRESS", "temporal:7233");
+            jail.set_env("WEIR_TEMPORAL__NAMESPACE", "tasks");
+            jail.set_env("WEIR_TEMPORAL__TASK_QUEUE", "q");
+            jail.set_env("WEIR_TEMPORAL__MAXIMUM_ATTEMPTS", "5");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.temporal.address(), Some("temporal:7233"));
+            assert_eq!(settings.temporal.namespace, "tasks");
+            assert_eq!(settings.temporal.task_queue, "q");
+            assert_eq!(settings.temporal.maximum_attempts, 5);
+            Ok(())
+        });
+    }
 }
