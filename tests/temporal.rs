@@ -255,7 +255,8 @@ fn customers_csv(good: usize, bad: usize) -> String {
 }
 
 /// Files over HTTP: `/files/<name>` serves the file; `/flaky<n>/<name>` answers 503 to the
-/// first `n` requests; `/down/<name>` always 503. Every request's time is kept.
+/// first `n` requests; `/down/<name>` always 503; `/slow/<name>` streams it 100 lines per
+/// 100 ms. Every request's time is kept.
 #[derive(Clone)]
 struct FileServer {
     dir: PathBuf,
@@ -279,10 +280,30 @@ async fn serve_file(
     if failing {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    match tokio::fs::read(server.dir.join(&name)).await {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "text/csv")], bytes).into_response(),
-        Err(_) => StatusCode::NOT_FOUND.into_response(),
+    let Ok(bytes) = tokio::fs::read(server.dir.join(&name)).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    if kind != "slow" {
+        return ([(header::CONTENT_TYPE, "text/csv")], bytes).into_response();
     }
+    // A slow source: 100 lines per 100 ms, so a run of a few thousand records takes seconds
+    // whatever the machine's speed.
+    let lines: Vec<bytes::Bytes> = bytes
+        .split_inclusive(|b| *b == b'\n')
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| bytes::Bytes::from(chunk.concat()))
+        .collect();
+    let stream = futures_util::stream::unfold(lines.into_iter(), |mut rest| async move {
+        let next = rest.next()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Some((Ok::<_, std::io::Error>(next), rest))
+    });
+    (
+        [(header::CONTENT_TYPE, "text/csv")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn file_server(dir: &Path) -> (String, FileServer) {
@@ -626,40 +647,49 @@ async fn a_worker_killed_mid_file_resumes_from_its_heartbeat_and_the_counts_are_
     let broker = broker().await;
     let dir = TestDir::new("weir-temporal-kill");
     let queue = unique("kill");
-    // Progress (and a heartbeat) after every record: slow enough to be caught mid-file; a lost
-    // attempt is noticed after 3 s without heartbeats.
+    // The file comes from a slow server (4 s for the whole file), progress and a heartbeat
+    // after every 50 records; a lost attempt is noticed after 2 s without heartbeats (the SDK
+    // sends one per 1.6 s at most).
     let service_options = options(&broker, &db, &dir, &server.address(), &queue)
-        .env("WEIR_TASKS__PROGRESS_EVERY", "1")
-        .env("WEIR_TEMPORAL__HEARTBEAT_TIMEOUT", "3s")
+        .env("WEIR_TASKS__PROGRESS_EVERY", "50")
+        .env("WEIR_TEMPORAL__HEARTBEAT_TIMEOUT", "2s")
         .env("WEIR_TEMPORAL__WORKER_IN_SERVE", "false");
     let service = start(&dir, "serve", &service_options).await;
     let mut first = worker(&dir, "worker-1", &service_options);
     let client = reqwest::Client::new();
     let (good, bad) = (3_500, 500);
-    let file = dir.join("big.csv");
-    std::fs::write(&file, customers_csv(good, bad)).unwrap();
-    let task = create_task(
-        &client,
-        &service.base,
-        &file.display().to_string(),
-        "customers",
-    )
-    .await;
+    std::fs::write(dir.join("big.csv"), customers_csv(good, bad)).unwrap();
+    let (files, _) = file_server(dir.path()).await;
+    let slow = format!("{files}/slow/big.csv");
+    let task = create_task(&client, &service.base, &slow, "customers").await;
 
-    let seen = eventually("processing under way", PATIENCE, || async {
-        let (status, processed): (String, i64) =
-            sqlx::query_as("SELECT status, processed_records FROM tasks WHERE id = $1")
-                .bind(task)
-                .fetch_one(db.pool())
-                .await
-                .unwrap();
-        // Far enough for the SDK to have sent a heartbeat past the first (it throttles them to
-        // one per 80% of the heartbeat timeout).
-        (status == "processing" && processed >= 2_000)
-            .then_some(processed)
-            .ok_or(format!("{status} {processed}\n{}", first.stderr_tail(1000)))
+    // Killed once the server holds a heartbeat from well into the file.
+    let event = eventually("the creation event", PATIENCE, || async {
+        let events = processing_events(db.pool(), task).await;
+        events
+            .into_iter()
+            .next()
+            .ok_or_else(|| "none yet".to_owned())
     })
     .await;
+    let id = format!("task-{task}-{event}");
+    let deadline = Instant::now() + PATIENCE;
+    let beat = loop {
+        let described = server.cli_json(&["workflow", "describe", "--workflow-id", &id]);
+        let lines = described
+            .as_ref()
+            .ok()
+            .and_then(|d| d["pendingActivities"][0]["heartbeatDetails"][0]["lines"].as_u64());
+        if let Some(lines) = lines.filter(|l| *l >= 1_000) {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat past line 1000: {described:?}\n{}",
+            first.stderr_tail(1000)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     first.kill_and_wait().await;
     let (processed_at_kill,): (i64,) =
         sqlx::query_as("SELECT processed_records FROM tasks WHERE id = $1")
@@ -669,7 +699,7 @@ async fn a_worker_killed_mid_file_resumes_from_its_heartbeat_and_the_counts_are_
             .unwrap();
     assert!(
         processed_at_kill < (good + bad) as i64,
-        "killed mid-file ({seen} then {processed_at_kill})"
+        "killed mid-file (heartbeat at line {beat}, {processed_at_kill} processed)"
     );
 
     let second = worker(&dir, "worker-2", &service_options);
@@ -678,20 +708,23 @@ async fn a_worker_killed_mid_file_resumes_from_its_heartbeat_and_the_counts_are_
     let resumed = log_lines(&second, "Resuming a chunk from its last heartbeat.");
     assert_eq!(resumed.len(), 1, "{}", second.stderr_tail(3000));
     let from = resumed[0]["fields"]["lines"].as_u64().unwrap_or(0);
-    assert!(from > 0, "resumed from line {from}");
+    assert!(
+        from >= beat && from < (good + bad + 1) as u64,
+        "resumed from line {from}; the server had a heartbeat at line {beat}"
+    );
     println!(
-        "kill: {} records, killed at {processed_at_kill}, resumed at line {from}",
+        "kill: {} records, heartbeat seen at line {beat}, {processed_at_kill} processed at the \
+         kill, resumed at line {from}",
         good + bad
     );
 
-    let listed = one_workflow_per_event(server, db.pool(), task, COMPLETED).await;
-    let (id, _) = listed.iter().next().unwrap();
+    one_workflow_per_event(server, db.pool(), task, COMPLETED).await;
     let progress = server
         .cli_json(&[
             "workflow",
             "query",
             "--workflow-id",
-            id,
+            &id,
             "--name",
             "progress",
         ])
