@@ -219,15 +219,50 @@ WEIR_TEST_PROMTOOL=$(command -v promtool || echo "$ROOT/.tmp/tools/bin/promtool"
 [[ -x "$WEIR_TEST_PROMTOOL" ]] || die "promtool not found after scripts/check-chart.sh"
 export WEIR_TEST_PROMTOOL
 
+# --- Tools for the library checks -------------------------------------------
+CARGO_HACK_VERSION=0.6.39
+step "cargo-hack $CARGO_HACK_VERSION and the C libraries of rdkafka's optional features"
+if [[ "$(cargo hack --version 2>/dev/null | awk '{print $2}')" != "$CARGO_HACK_VERSION" ]]; then
+  cargo install cargo-hack --version "$CARGO_HACK_VERSION" --locked \
+    || die "cargo install cargo-hack $CARGO_HACK_VERSION failed"
+fi
+# `gssapi` links libsasl2; `cmake-build` builds librdkafka with CMake, which also finds libcurl.
+RDKAFKA_SYSTEM_PACKAGES=(cmake libsasl2-dev libcurl4-openssl-dev)
+missing=()
+for package in "${RDKAFKA_SYSTEM_PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+fi
+
 # --- Rust -------------------------------------------------------------------
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets -- -D warnings
+# The library's boundary: the core builds alone, every feature builds alone, the docs are
+# clean, and a service outside the crate (examples/orders-service) builds and passes its
+# tests with default-features = false.
+step "cargo check --no-default-features"
+cargo check --no-default-features
+step "cargo hack check --each-feature --no-dev-deps"
+cargo hack check --each-feature --no-dev-deps
+step "cargo doc --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
+step "examples/orders-service: clippy and tests"
+cargo clippy -p orders-service --all-targets -- -D warnings
+cargo test -p orders-service
 
-step "cargo clippy --all-targets --features temporal -- -D warnings"
-cargo clippy --all-targets --features temporal -- -D warnings
+# The default build (the binary) plus the test kit, which the handler API tests use.
+FEATURES=testing
+
+step "cargo clippy --all-targets --features $FEATURES -- -D warnings"
+cargo clippy --all-targets --features "$FEATURES" -- -D warnings
+
+step "cargo clippy --all-targets --features $FEATURES,temporal -- -D warnings"
+cargo clippy --all-targets --features "$FEATURES,temporal" -- -D warnings
 
 # tests/temporal.rs needs the feature: `--test temporal` runs it alone, with the feature.
 TEMPORAL_ONLY=
@@ -238,22 +273,21 @@ for ((i = 1; i < $#; i++)); do
   fi
 done
 
-if [[ -z "$TEMPORAL_ONLY" ]]; then
-  step "cargo test --all-targets $*"
-  cargo test --all-targets "$@"
-fi
-
 if [[ -n "$TEMPORAL_ONLY" ]]; then
-  step "cargo test --features temporal $*"
-  cargo test --features temporal "$@"
-elif [[ "$#" -eq 0 ]]; then
-  step "cargo test --features temporal --test temporal"
-  cargo test --features temporal --test temporal
+  step "cargo test --features $FEATURES,temporal $*"
+  cargo test --features "$FEATURES,temporal" "$@"
+else
+  step "cargo test --all-targets --features $FEATURES $*"
+  cargo test --all-targets --features "$FEATURES" "$@"
+  if [[ "$#" -eq 0 ]]; then
+    step "cargo test --features temporal --test temporal"
+    cargo test --features temporal --test temporal
+  fi
 fi
 
 if [ "$#" -eq 0 ]; then
-  step "cargo test --doc"
-  cargo test --doc
+  step "cargo test --doc --features $FEATURES"
+  cargo test --doc --features "$FEATURES"
 fi
 
 step "done"

@@ -46,7 +46,7 @@
 //!   in [`seeds`].
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`).
-//! - `handlers`: [`HandlerFn`], [`Ctx`], `State`, [`HandlerError`], the [`RetryPolicy`], the
+//! - `handlers`: [`HandlerFn`], [`Ctx`], [`State`], [`HandlerError`], the [`RetryPolicy`], the
 //!   [`Router`] (where types are erased, and layers applied) and the dispatch pipeline that takes
 //!   one record to a final outcome. A handler never sees a transport.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
@@ -55,7 +55,7 @@
 //! - `outbox` (feature `postgres`): the transactional `OutboxWriter` and `OutboxRelay`, the
 //!   idempotent `inbox`, and the embedded PostgreSQL `migrate` runner.
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
-//! - `testing` (feature `testing`): run a router on the memory bus inside a test.
+//! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
 //! - [`temporal`] (feature `temporal`): a handler that starts a Temporal workflow per event, with
 //!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
 //!   contracts and handlers only).
@@ -78,6 +78,8 @@ mod outbox;
 mod telemetry;
 #[cfg(feature = "temporal")]
 pub mod temporal;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[cfg(feature = "admin")]
 pub use admin::{admin_router, serve_admin};
@@ -94,8 +96,10 @@ pub use contracts::{
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
 };
 pub use handlers::{
-    AckPolicy, BoxError, Ctx, HandlerError, HandlerFn, HandlerOptions, RetryDecision, RetryPolicy,
-    Router, TraceContext, UnhandledPolicy,
+    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError, Ctx,
+    FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions, HandlerService,
+    IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State, TraceContext,
+    UnhandledPolicy, WithLayer,
 };
 #[cfg(feature = "postgres")]
 pub use outbox::{

@@ -334,7 +334,12 @@ impl Publisher for MemoryBus {
 }
 
 impl Bus for MemoryBus {
-    fn subscribe(&self, router: Router, config: ConsumerConfig) -> Result<Subscription, BusError> {
+    fn subscribe<S>(
+        &self,
+        router: Router<S>,
+        config: ConsumerConfig,
+    ) -> Result<Subscription, BusError> {
+        let router = router.into_stateless();
         config.validate()?;
         let topics = router.topics();
         if topics.is_empty() {

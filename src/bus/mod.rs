@@ -120,5 +120,11 @@ impl Subscription {
 pub trait Bus: Publisher + Clone + Send + Sync + 'static {
     /// Starts consuming the router's topics as a member of `config.group_id`. Must be called
     /// inside a Tokio runtime; processing runs on spawned tasks until the subscription stops.
-    fn subscribe(&self, router: Router, config: ConsumerConfig) -> Result<Subscription, BusError>;
+    ///
+    /// The router's state, if it has one, is already inside its handlers.
+    fn subscribe<S>(
+        &self,
+        router: Router<S>,
+        config: ConsumerConfig,
+    ) -> Result<Subscription, BusError>;
 }

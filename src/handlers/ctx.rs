@@ -100,6 +100,11 @@ impl Ctx {
         &self.record.record.topic
     }
 
+    /// The topic, shared rather than copied.
+    pub(crate) fn topic_shared(&self) -> Arc<str> {
+        self.record.record.topic.clone()
+    }
+
     /// Its partition.
     pub fn partition(&self) -> i32 {
         self.record.record.partition

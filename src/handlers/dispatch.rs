@@ -150,6 +150,19 @@ impl Dispatcher {
         stop: &CancellationToken,
         span: &tracing::Span,
     ) -> Outcome {
+        let outcome = self.dispatch_record(rec, stop, span).await;
+        if let Some(observer) = &self.router.observer {
+            observer.outcome(rec, &outcome);
+        }
+        outcome
+    }
+
+    async fn dispatch_record(
+        &self,
+        rec: &Arc<Inbound>,
+        stop: &CancellationToken,
+        span: &tracing::Span,
+    ) -> Outcome {
         RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
         let decoded = {
             let _decode = trace::decode_span().entered();
@@ -313,6 +326,9 @@ impl Dispatcher {
                 duration: started.elapsed(),
             }
             .emit(series);
+            if let Some(observer) = &self.router.observer {
+                observer.call(&info.record, &handler.name, attempt, started);
+            }
             let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
                 HandlerGaveUp {
                     at,

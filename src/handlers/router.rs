@@ -1,7 +1,9 @@
 //! The registry: (topic, event type) → the handlers of that type. Type erasure happens here and
 //! only here; everything downstream works on erased routes.
 
-use super::{Ctx, HandlerError, HandlerFn, RetryPolicy};
+use super::batch::{BatchHandlerFn, BatchWindow, Batcher};
+use super::layer::{layer_erased, AnyEvent, HandlerService, IntoHandler, Request};
+use super::{BoxError, Ctx, HandlerError, RetryPolicy};
 use crate::contracts::{
     decode_structured_as, DecodeError, DecodeLimits, Event, EventFactory, EventMeta, Headers,
     RawEnvelope,
@@ -24,7 +26,8 @@ type DecodeOnePass = Box<
         + Sync,
 >;
 /// Takes the event by value: the handler owns it without a copy when nothing else holds it.
-type Call = Box<dyn Fn(ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
+pub(crate) type Call =
+    Arc<dyn Fn(ErasedEvent, Ctx) -> BoxFuture<Result<(), HandlerError>> + Send + Sync>;
 
 /// What to do with a record whose event type has no handler on its topic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -152,12 +155,37 @@ pub(crate) struct TypeRoute {
 /// let router = Router::new().on(reserve_stock);
 /// assert_eq!(router.topics(), vec!["orders".to_owned()]);
 /// ```
-pub struct Router {
+///
+/// State and layers work as in axum: [`Router::with_state`] gives handlers a [`State<S>`]
+/// argument, and [`Router::layer`] (every route) or [`HandlerExt::layer`](crate::HandlerExt::layer)
+/// (one route) wrap handlers in any `tower::Layer`.
+///
+/// [`State<S>`]: crate::State
+pub struct Router<S = ()> {
     routes: BTreeMap<String, BTreeMap<String, TypeRoute>>,
     pub(crate) default_retry: RetryPolicy,
     pub(crate) on_unhandled: UnhandledPolicy,
     pub(crate) on_acknowledged: AckPolicy,
     pub(crate) limits: DecodeLimits,
+    /// Sees every call and outcome; set by `weir::testing` only.
+    pub(crate) observer: Option<Arc<dyn Observe>>,
+    state: S,
+}
+
+/// What a test harness learns from the dispatcher: each handler call as it ends, and each
+/// record's outcome once it is final.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
+pub(crate) trait Observe: Send + Sync {
+    /// A call of `handler` on `rec` that started at `started` has just returned.
+    fn call(
+        &self,
+        rec: &super::Inbound,
+        handler: &str,
+        attempt: u32,
+        started: tokio::time::Instant,
+    );
+    /// The record's outcome.
+    fn outcome(&self, rec: &super::Inbound, outcome: &super::Outcome);
 }
 
 impl Default for Router {
@@ -166,7 +194,7 @@ impl Default for Router {
     }
 }
 
-impl std::fmt::Debug for Router {
+impl<S> std::fmt::Debug for Router<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut map = f.debug_map();
         for (topic, ty, route) in self.iter() {
@@ -178,20 +206,67 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// An empty router with the default retry policy.
+    /// An empty router with the default retry policy and no state.
     pub fn new() -> Self {
+        Router::with_state(())
+    }
+}
+
+impl<S> Router<S> {
+    /// An empty router whose handlers can take `State<S>`: a clone of `state` goes into each
+    /// call. Give the state first, then register the handlers that use it.
+    pub fn with_state(state: S) -> Self {
         Self {
             routes: BTreeMap::new(),
             default_retry: RetryPolicy::default(),
             on_unhandled: UnhandledPolicy::default(),
             on_acknowledged: AckPolicy::default(),
             limits: DecodeLimits::default(),
+            observer: None,
+            state,
         }
     }
 
-    /// Registers a handler for its event type on that type's topic.
-    pub fn on<T: Event, H: HandlerFn<T>>(self, handler: H) -> Self {
+    /// The same routes without the state: every handler already holds its copy.
+    pub(crate) fn into_stateless(self) -> Router {
+        Router {
+            routes: self.routes,
+            default_retry: self.default_retry,
+            on_unhandled: self.on_unhandled,
+            on_acknowledged: self.on_acknowledged,
+            limits: self.limits,
+            observer: self.observer,
+            state: (),
+        }
+    }
+
+    /// Registers a handler for its event type on that type's topic: any `async fn(T, ...)`
+    /// whose other arguments are `Ctx`, `State<S>` or [`FromCtx`](crate::FromCtx) types, or
+    /// such a handler with layers.
+    pub fn on<T: Event, M, H: IntoHandler<T, M, S>>(self, handler: H) -> Self {
         self.on_with(handler, HandlerOptions::default())
+    }
+
+    /// Wraps every handler registered so far in `layer`, a `tower::Layer` over a handler's
+    /// service of [`AnyEvent`]s (the route decodes the event before; the layer can
+    /// [`downcast_ref`](AnyEvent::downcast_ref) it). As in axum, handlers registered after this
+    /// call are not wrapped, and the last layer added runs first.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<HandlerService<AnyEvent>>,
+        L::Service:
+            tower::Service<Request<AnyEvent>, Response = ()> + Clone + Send + Sync + 'static,
+        <L::Service as tower::Service<Request<AnyEvent>>>::Error: Into<BoxError>,
+        <L::Service as tower::Service<Request<AnyEvent>>>::Future: Send + 'static,
+    {
+        for types in self.routes.values_mut() {
+            for route in types.values_mut() {
+                for handler in &mut route.handlers {
+                    handler.call = layer_erased(handler.call.clone(), &layer);
+                }
+            }
+        }
+        self
     }
 
     /// Registers a handler with options (name, topic, retry policy, timeout).
@@ -199,7 +274,7 @@ impl Router {
     /// # Panics
     /// If another Rust type is already registered for the same topic and event type: one wire
     /// type has one contract, and mixing two would make decoding depend on registration order.
-    pub fn on_with<T: Event, H: HandlerFn<T>>(
+    pub fn on_with<T: Event, M, H: IntoHandler<T, M, S>>(
         mut self,
         handler: H,
         options: HandlerOptions,
@@ -231,22 +306,52 @@ impl Router {
             entry.type_name,
             std::any::type_name::<T>()
         );
-        let name: Arc<str> = Arc::from(options.name.unwrap_or_else(handler_name::<H>));
+        let name: Arc<str> = Arc::from(options.name.unwrap_or_else(|| handler.name()));
+        let service = handler.into_service(&self.state);
         entry.handlers.push(Route {
             name,
             retry: options.retry,
             timeout: options.timeout,
             on_acknowledged: options.on_acknowledged,
             cpu_bound: options.cpu_bound,
-            call: Box::new(move |event, ctx| {
+            call: Arc::new(move |event, ctx| {
                 let event = event
                     .downcast::<T>()
                     .map(Arc::unwrap_or_clone)
                     .unwrap_or_else(|_| unreachable!("the route decoded this event as T"));
-                Box::pin(handler.call(event, ctx))
+                service.call_once(event, ctx)
             }),
         });
         self
+    }
+
+    /// Registers a batch handler: `async fn(Vec<T>, ...) -> BatchResult`, called with the
+    /// records of one partition that are ready together, up to the window's size and wait.
+    /// Each element keeps its own outcome, retries, dead letter and offset; see
+    /// [`BatchWindow`](crate::BatchWindow).
+    pub fn on_batch<T: Event, M, H>(self, handler: H, window: BatchWindow) -> Self
+    where
+        H: BatchHandlerFn<T, M, S>,
+        S: Clone + Send + Sync + 'static,
+    {
+        self.on_batch_with(handler, window, HandlerOptions::default())
+    }
+
+    /// A batch handler with options (name, topic, retry policy applied to each element).
+    pub fn on_batch_with<T: Event, M, H>(
+        self,
+        handler: H,
+        window: BatchWindow,
+        options: HandlerOptions,
+    ) -> Self
+    where
+        H: BatchHandlerFn<T, M, S>,
+        S: Clone + Send + Sync + 'static,
+    {
+        let name = options.name.clone().unwrap_or_else(handler_name::<H>);
+        let batcher = Arc::new(Batcher::new(handler, self.state.clone(), window));
+        let element = move |event: T, ctx: Ctx| batcher.clone().submit(event, ctx);
+        self.on_with(element, options.name(name))
     }
 
     /// The retry policy of handlers registered without their own.
@@ -311,7 +416,7 @@ impl Router {
 
 /// A readable default name: the function's own name, or `function::{{closure}}` for closures,
 /// without module paths or generic arguments.
-fn handler_name<H>() -> String {
+pub(crate) fn handler_name<H>() -> String {
     let mut plain = String::new();
     let mut depth = 0usize;
     for c in std::any::type_name::<H>().chars() {
@@ -338,7 +443,7 @@ mod tests {
         Ok(())
     }
 
-    fn named<T, H: HandlerFn<T>>(_: &H) -> String {
+    fn named<T, M, H: super::super::HandlerFn<T, M>>(_: &H) -> String {
         handler_name::<H>()
     }
 

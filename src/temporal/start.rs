@@ -87,8 +87,9 @@ impl Temporal {
     ///     WorkflowRequest::new(event.0.customer_id)
     /// }))
     /// ```
-    pub fn starts<E, W, F, M>(&self, workflow: F, map: M) -> impl HandlerFn<E>
+    pub fn starts<E, W, F, M, S>(&self, workflow: F, map: M) -> impl HandlerFn<E, (Ctx,), S>
     where
+        S: Send + Sync + 'static,
         E: Event,
         W: HasWorkflowDefinition + Send + 'static,
         W::Input: Send,
@@ -111,13 +112,14 @@ impl Temporal {
     /// `S` to the workflow its request's id names, which is started first if it is not running
     /// (one workflow per entity, many requests). A redelivered record signals again, so the
     /// signal's input should carry the event id for the workflow to ignore repeats.
-    pub fn signals_with_start<E, W, S, F, G, M>(
+    pub fn signals_with_start<E, W, S, F, G, M, St>(
         &self,
         workflow: F,
         signal: G,
         map: M,
-    ) -> impl HandlerFn<E>
+    ) -> impl HandlerFn<E, (Ctx,), St>
     where
+        St: Send + Sync + 'static,
         E: Event,
         W: HasWorkflowDefinition + Send + 'static,
         W::Input: Send,

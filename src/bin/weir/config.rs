@@ -2,12 +2,12 @@
 //! `WEIR_BROKERS` and `WEIR_GROUP_ID` are shorthands; any other key is reachable as
 //! `WEIR_<SECTION>__<KEY>` (e.g. `WEIR_CONSUMER__MAX_IN_FLIGHT=64`).
 
+use crate::reference::ReferenceSettings;
 use anyhow::Context as _;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use weir::{ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
 
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
@@ -71,71 +71,7 @@ pub(crate) struct Settings {
     /// Task processing and its triggers (`[tasks]`).
     pub(crate) tasks: crate::reference::tasks::TaskSettings,
     /// Temporal, for task processing as a workflow (`[temporal]`, `WEIR_TEMPORAL__ADDRESS`).
-    pub(crate) temporal: TemporalSettings,
-}
-
-/// Where task processing runs when it runs on Temporal, and the activities' retry policy.
-/// Without `address`, tasks are processed inline by the Kafka handler.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct TemporalSettings {
-    /// The Temporal frontend, `host:port` or `http://host:port`. None: no Temporal.
-    pub(crate) address: Option<String>,
-    /// The namespace the task workflows run in.
-    pub(crate) namespace: String,
-    /// The task queue the handlers start workflows on and the worker polls.
-    pub(crate) task_queue: String,
-    /// Bounds connecting to the server; a start that cannot connect is retried by the consumer.
-    #[serde(with = "humantime_serde")]
-    pub(crate) connect_timeout: Duration,
-    /// The file activity's retry policy: first retry after this long...
-    #[serde(with = "humantime_serde")]
-    pub(crate) initial_interval: Duration,
-    /// ...each next one this many times longer...
-    pub(crate) backoff_coefficient: f64,
-    /// ...at most this long apart...
-    #[serde(with = "humantime_serde")]
-    pub(crate) maximum_interval: Duration,
-    /// ...and at most this many attempts in all (0: unlimited).
-    pub(crate) maximum_attempts: u32,
-    /// One attempt of an activity may run this long.
-    #[serde(with = "humantime_serde")]
-    pub(crate) start_to_close: Duration,
-    /// An attempt that has not heartbeated for this long is presumed lost (its worker died) and
-    /// retried from its last heartbeat.
-    #[serde(with = "humantime_serde")]
-    pub(crate) heartbeat_timeout: Duration,
-    /// Records per file activity: the workflow's progress (its query) advances per chunk.
-    pub(crate) chunk_records: u64,
-    /// Run the worker inside `weir serve` (when `address` is set). Turn it off when workers run
-    /// as their own deployment (`weir worker`).
-    pub(crate) worker_in_serve: bool,
-}
-
-impl Default for TemporalSettings {
-    fn default() -> Self {
-        Self {
-            address: None,
-            namespace: "default".into(),
-            task_queue: "weir-tasks".into(),
-            connect_timeout: Duration::from_secs(5),
-            initial_interval: Duration::from_secs(1),
-            backoff_coefficient: 2.0,
-            maximum_interval: Duration::from_secs(5 * 60),
-            maximum_attempts: 3,
-            start_to_close: Duration::from_secs(30 * 60),
-            heartbeat_timeout: Duration::from_secs(30),
-            chunk_records: 10_000,
-            worker_in_serve: true,
-        }
-    }
-}
-
-impl TemporalSettings {
-    /// The address, if Temporal is configured.
-    pub(crate) fn address(&self) -> Option<&str> {
-        self.address.as_deref().filter(|a| !a.trim().is_empty())
-    }
+    pub(crate) temporal: crate::reference::tasks::TemporalSettings,
 }
 
 /// The reference service's HTTP API. It runs only when a database is configured: every route
@@ -160,12 +96,23 @@ impl Default for HttpSettings {
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct DatabaseSettings {
     /// `postgres://user:password@host:5432/db`; required by the commands that use the database.
+    /// Read from `WEIR_DATABASE__URL`, else `[database] url` in the file, else `DATABASE_URL`
+    /// (the name sqlx and most platforms use).
     pub(crate) url: Option<String>,
     /// Pool size; the relay needs two (one holds LISTEN).
     pub(crate) max_connections: u32,
     /// Apply pending migrations when `serve` or `outbox-relay` starts (otherwise run
     /// `weir migrate` first, as the Helm chart's migration job does).
     pub(crate) migrate_on_start: bool,
+}
+
+impl DatabaseSettings {
+    /// Falls back to `DATABASE_URL` when no Weir setting named a database.
+    fn url_from_env(&mut self, database_url: Option<String>) {
+        if self.url.is_none() {
+            self.url = database_url.filter(|url| !url.trim().is_empty());
+        }
+    }
 }
 
 impl Default for DatabaseSettings {
@@ -272,13 +219,74 @@ impl Settings {
             figment = figment.merge(Serialized::default("kafka.brokers", brokers));
         }
         // Figment's message names the key and where it came from (file or variable).
-        figment.extract().context("invalid configuration")
+        let mut settings: Settings = figment.extract().context("invalid configuration")?;
+        settings
+            .database
+            .url_from_env(std::env::var("DATABASE_URL").ok());
+        Ok(settings)
+    }
+
+    /// What the reference service reads, handed down to it.
+    pub(crate) fn reference(&self) -> ReferenceSettings {
+        ReferenceSettings {
+            storage: self.storage.clone(),
+            tasks: self.tasks.clone(),
+            max_attempts: self.retry.maximum_attempts,
+            retry: self.retry.clone(),
+            temporal: self.temporal.clone(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn database_url_falls_back_to_the_common_variable_after_weirs_own() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "postgres://platform/db");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                settings.database.url.as_deref(),
+                Some("postgres://platform/db")
+            );
+
+            jail.create_file("weir.toml", "[database]\nurl = \"postgres://file/db\"\n")?;
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.database.url.as_deref(), Some("postgres://file/db"));
+
+            jail.set_env("WEIR_DATABASE__URL", "postgres://weir/db");
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.database.url.as_deref(), Some("postgres://weir/db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_task_settings_from_the_environment_and_refuses_a_bad_schedule() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WEIR_TASKS__SCHEDULE", "*/2 * * * * *");
+            jail.set_env("WEIR_TASKS__WEBHOOK_SECRET", "abc");
+            jail.set_env("WEIR_TASKS__PENDING_AFTER", "90s");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.tasks.schedule.as_deref(), Some("*/2 * * * * *"));
+            assert_eq!(settings.tasks.webhook_secret.as_deref(), Some("abc"));
+            assert_eq!(
+                settings.tasks.pending_after,
+                std::time::Duration::from_secs(90)
+            );
+            jail.set_env("WEIR_TASKS__SCHEDULE", "every day");
+            let error = Settings::load(None, None).unwrap_err();
+            assert!(format!("{error:#}").contains("cron"), "{error:#}");
+            Ok(())
+        });
+    }
 
     #[test]
     fn reads_sections_and_ignores_foreign_weir_variables() {

@@ -1,6 +1,7 @@
 //! The `weir` binary: the reference service (`serve`), the manual trigger (`publish`) and the
 //! demo on an embedded broker (`demo`, also what plain `cargo run` does).
 
+#[cfg(feature = "bench")]
 mod bench;
 mod config;
 mod db;
@@ -10,11 +11,14 @@ mod publish;
 mod reference;
 mod serve;
 mod telemetry;
+#[cfg(feature = "bench")]
 mod upload_bench;
 mod worker;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
 
 /// Typed Kafka consumers: the Weir reference service and tools.
 #[derive(Debug, Parser)]
@@ -39,8 +43,10 @@ enum Command {
     /// Run the reference service on an embedded mock broker with a sample stream (the default).
     Demo,
     /// Measure Weir against hand-written rdkafka loops (embedded mock broker by default).
+    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
-    /// Measure seed 004: upload latency with side effects in the request vs in event handlers.
+    /// Measure upload latency with resource side effects in the request vs in event handlers.
+    #[cfg(feature = "bench")]
     BenchUploads(upload_bench::UploadBenchArgs),
     /// Apply pending database migrations (outbox, inbox, the reference service's tables).
     Migrate,
@@ -56,19 +62,22 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Demo) {
         Command::Serve => {
+            let stop = stop_on_signal()?;
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            serve::run(settings).await
+            serve::run(settings, stop).await
         }
         Command::Publish(args) => {
             let _telemetry = telemetry::init(false)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             publish::run(settings, args).await
         }
+        #[cfg(feature = "bench")]
         Command::Bench(args) => {
             let _telemetry = telemetry::init(false)?;
             bench::run(args).await
         }
+        #[cfg(feature = "bench")]
         Command::BenchUploads(args) => {
             let _telemetry = telemetry::init(false)?;
             upload_bench::run(args).await
@@ -83,30 +92,43 @@ async fn main() -> anyhow::Result<()> {
             db::migrate(&settings.database).await
         }
         Command::OutboxRelay => {
+            let stop = stop_on_signal()?;
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            outbox_relay::run(settings).await
+            outbox_relay::run(settings, stop).await
         }
         Command::Worker => {
+            let stop = stop_on_signal()?;
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
-            worker::run(settings).await
+            worker::run(settings, stop).await
         }
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes' stop signal) or SIGINT (Ctrl-C).
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// A token cancelled on SIGTERM (Kubernetes' stop signal) or SIGINT (Ctrl-C). The handlers are
+/// installed before this returns, so a stop that arrives while a command is still starting is
+/// a clean stop (exit 0), not a kill by signal: call it first.
+pub(crate) fn stop_on_signal() -> anyhow::Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler cannot fail on Unix");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            cancel.cancel();
+        });
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        cancel.cancel();
+    });
+    Ok(token)
 }

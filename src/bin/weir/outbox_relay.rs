@@ -8,11 +8,26 @@ use std::future::IntoFuture as _;
 use tokio_util::sync::CancellationToken;
 use weir::{KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
 
-pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
-    let pool = crate::db::connect(&settings.database).await?;
-    if settings.database.migrate_on_start {
-        weir::migrate(&pool, &crate::db::migrations()).await?;
-    }
+/// Relays until `stop_requested` is cancelled; a stop during start-up (connecting, migrating)
+/// exits cleanly.
+pub(crate) async fn run(
+    settings: Settings,
+    stop_requested: CancellationToken,
+) -> anyhow::Result<()> {
+    let connect = async {
+        let pool = crate::db::connect(&settings.database).await?;
+        if settings.database.migrate_on_start {
+            weir::migrate(&pool, &crate::db::migrations()).await?;
+        }
+        anyhow::Ok(pool)
+    };
+    let pool = tokio::select! {
+        pool = connect => pool?,
+        () = stop_requested.cancelled() => {
+            tracing::info!("Stop requested during start-up; exiting.");
+            return Ok(());
+        }
+    };
     let metrics = Metrics::new();
     let outbox_metrics = OutboxMetrics::new(metrics.registry())?;
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
@@ -40,7 +55,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(brokers = %settings.kafka.brokers, %admin_addr, config = ?settings.outbox, "Relaying the outbox.");
     let signal = stop.clone();
     tokio::spawn(async move {
-        crate::shutdown_signal().await;
+        stop_requested.cancelled().await;
         tracing::info!("Shutdown requested; finishing the round in flight.");
         signal.cancel();
     });

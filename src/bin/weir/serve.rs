@@ -14,7 +14,33 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use weir::{Bus, KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
 
-pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Serves until `stop_requested` is cancelled (by a signal). A stop requested while the service
+/// is still starting (connecting, migrating, joining the group) ends it cleanly too.
+pub(crate) async fn run(
+    settings: Settings,
+    stop_requested: CancellationToken,
+) -> anyhow::Result<()> {
+    let running = tokio::select! {
+        running = start(settings) => running?,
+        () = stop_requested.cancelled() => {
+            tracing::info!("Stop requested during start-up; exiting.");
+            return Ok(());
+        }
+    };
+    running.serve(stop_requested).await
+}
+
+/// A started service: the consumer, and the jobs that stop after it has drained.
+struct Running {
+    subscription: weir::Subscription,
+    services: Option<Services>,
+    jobs: Vec<JoinHandle<()>>,
+    /// The Temporal worker's thread, when it runs here.
+    worker: Option<crate::worker::WorkerThread>,
+    stop: CancellationToken,
+}
+
+async fn start(settings: Settings) -> anyhow::Result<Running> {
     let settings = Arc::new(settings);
     let recorder = Recorder::open(settings.service.record_file.as_deref())
         .context("cannot open service.record_file")?;
@@ -26,7 +52,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
             }
             Some(Services {
                 pool,
-                settings: settings.clone(),
+                settings: Arc::new(settings.reference()),
             })
         }
         None => None,
@@ -95,24 +121,43 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         http_addr = http_addr.map(|a| a.to_string()),
         "Serving."
     );
-    let token = subscription.shutdown_token();
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        tracing::info!("Shutdown requested; draining in-flight work.");
-        token.cancel();
-    });
-    let report = subscription.join().await;
-    stop.cancel();
-    for job in jobs {
-        let _ = job.await;
+    Ok(Running {
+        subscription,
+        services,
+        jobs,
+        worker,
+        stop,
+    })
+}
+
+impl Running {
+    async fn serve(self, stop_requested: CancellationToken) -> anyhow::Result<()> {
+        let Running {
+            subscription,
+            services,
+            jobs,
+            worker,
+            stop,
+        } = self;
+        let token = subscription.shutdown_token();
+        tokio::spawn(async move {
+            stop_requested.cancelled().await;
+            tracing::info!("Shutdown requested; draining in-flight work.");
+            token.cancel();
+        });
+        let report = subscription.join().await;
+        stop.cancel();
+        for job in jobs {
+            let _ = job.await;
+        }
+        if let Some(worker) = worker {
+            crate::worker::join(worker).await;
+        }
+        if let Some(services) = services {
+            services.pool.close().await;
+        }
+        let report = report?;
+        tracing::info!(committed = ?report.committed, abandoned = report.abandoned, "Stopped.");
+        Ok(())
     }
-    if let Some(worker) = worker {
-        crate::worker::join(worker).await;
-    }
-    if let Some(services) = services {
-        services.pool.close().await;
-    }
-    let report = report?;
-    tracing::info!(committed = ?report.committed, abandoned = report.abandoned, "Stopped.");
-    Ok(())
 }

@@ -235,7 +235,7 @@ async fn run_arm(
         )
         .await?;
     weir::migrate(&pool, &crate::db::migrations()).await?;
-    let mut settings = Settings::default();
+    let mut settings = Settings::default().reference();
     settings.storage.dir = storage.to_owned();
     settings.storage.inline_side_effects = inline;
     let services = Services {

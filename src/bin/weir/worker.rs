@@ -34,7 +34,7 @@ pub(crate) async fn join(worker: WorkerThread) {
 
 /// `weir worker`: needs `[database] url` (the activities write the task rows) and
 /// `[temporal] address`; runs until SIGTERM/SIGINT.
-pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+pub(crate) async fn run(settings: Settings, stop: CancellationToken) -> anyhow::Result<()> {
     anyhow::ensure!(
         settings.temporal.address().is_some(),
         "weir worker needs [temporal] address (WEIR_TEMPORAL__ADDRESS)"
@@ -49,18 +49,15 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let services = Services {
         pool,
-        settings: Arc::new(settings),
+        settings: Arc::new(settings.reference()),
     };
-    let stop = CancellationToken::new();
     let worker = spawn(&services, stop.clone())?;
-    let signal = stop.clone();
+    let announce = stop.clone();
     tokio::spawn(async move {
-        crate::shutdown_signal().await;
+        announce.cancelled().await;
         tracing::info!("Shutdown requested; stopping the worker.");
-        signal.cancel();
     });
     join(worker).await;
-    stop.cancel();
     services.pool.close().await;
     Ok(())
 }

@@ -102,7 +102,12 @@ impl Publisher for KafkaBus {
 }
 
 impl Bus for KafkaBus {
-    fn subscribe(&self, router: Router, config: ConsumerConfig) -> Result<Subscription, BusError> {
+    fn subscribe<S>(
+        &self,
+        router: Router<S>,
+        config: ConsumerConfig,
+    ) -> Result<Subscription, BusError> {
+        let router = router.into_stateless();
         config.validate()?;
         let topics = router.topics();
         if topics.is_empty() {

@@ -19,7 +19,7 @@ mod api;
 pub(crate) mod resources;
 pub(crate) mod tasks;
 
-pub(crate) use api::Services;
+pub(crate) use api::{ReferenceSettings, Services};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;

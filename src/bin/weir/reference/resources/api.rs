@@ -13,7 +13,7 @@
 //! removed on any failure up to the commit of its row.
 
 use super::store::{self, Incoming, NewResource};
-use super::{image, index, Services};
+use super::{index, Services};
 use crate::reference::api::ApiError;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -25,7 +25,7 @@ use futures_util::StreamExt as _;
 use serde::Deserialize;
 use uuid::Uuid;
 
-/// What uploads may be, besides [`image::IMAGE_TYPES`].
+/// What uploads may be, besides [`IMAGE_TYPES`](super::IMAGE_TYPES).
 const OTHER_TYPES: [&str; 7] = [
     "text/plain",
     "text/csv",
@@ -59,7 +59,7 @@ fn accepted_type(raw: Option<&str>) -> Result<String, ApiError> {
         .and_then(|t| t.split(';').next())
         .map(|t| t.trim().to_ascii_lowercase())
         .unwrap_or_default();
-    if image::is_image(&media) || OTHER_TYPES.contains(&media.as_str()) {
+    if super::is_image(&media) || OTHER_TYPES.contains(&media.as_str()) {
         Ok(media)
     } else {
         let shown = if media.is_empty() { "none" } else { &media };
@@ -68,7 +68,7 @@ fn accepted_type(raw: Option<&str>) -> Result<String, ApiError> {
             "unsupported_media_type",
             format!(
                 "content type {shown} is not accepted; use one of {}, {}",
-                image::IMAGE_TYPES.join(", "),
+                super::IMAGE_TYPES.join(", "),
                 OTHER_TYPES.join(", ")
             ),
         ))

@@ -12,14 +12,6 @@ use std::io::BufReader;
 use std::path::Path;
 use uuid::Uuid;
 
-/// The image types uploads accept, which the image side effect handles.
-pub(crate) const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
-
-/// Whether the image side effect applies to this content type.
-pub(crate) fn is_image(content_type: &str) -> bool {
-    IMAGE_TYPES.contains(&content_type)
-}
-
 /// What decoding an image yields.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Measured {
@@ -47,7 +39,7 @@ pub(crate) async fn run(services: &Services, id: Uuid) -> Result<(), EffectError
     let Some(row) = store::live(&services.pool, id).await? else {
         return Ok(());
     };
-    if !is_image(&row.content_type) {
+    if !super::is_image(&row.content_type) {
         return Ok(());
     }
     let storage = &services.settings.storage;

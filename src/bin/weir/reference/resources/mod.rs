@@ -39,6 +39,14 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration::new(
 )];
 
 /// Where uploaded files live and how uploads are handled (`[storage]`, `WEIR_STORAGE__...`).
+/// The image types uploads accept, which the image side effect handles.
+pub(crate) const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
+/// Whether the image side effect applies to this content type.
+pub(crate) fn is_image(content_type: &str) -> bool {
+    IMAGE_TYPES.contains(&content_type)
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct StorageSettings {

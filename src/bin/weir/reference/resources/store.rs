@@ -81,7 +81,7 @@ impl Row {
     /// What the API shows: the row and the state of each side effect.
     pub(crate) fn view(&self) -> View {
         let done = |yes: bool| if yes { "done" } else { "pending" };
-        let image = if !super::image::is_image(&self.content_type) {
+        let image = if !super::is_image(&self.content_type) {
             "not_applicable"
         } else if self.image_error.is_some() {
             "failed"

@@ -88,6 +88,70 @@ impl Default for TaskSettings {
     }
 }
 
+/// Where task processing runs when it runs on Temporal, and the activities' retry policy.
+/// Without `address`, tasks are processed inline by the Kafka handler.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TemporalSettings {
+    /// The Temporal frontend, `host:port` or `http://host:port`. None: no Temporal.
+    pub(crate) address: Option<String>,
+    /// The namespace the task workflows run in.
+    pub(crate) namespace: String,
+    /// The task queue the handlers start workflows on and the worker polls.
+    pub(crate) task_queue: String,
+    /// Bounds connecting to the server; a start that cannot connect is retried by the consumer.
+    #[serde(with = "humantime_serde")]
+    pub(crate) connect_timeout: Duration,
+    /// The file activity's retry policy: first retry after this long...
+    #[serde(with = "humantime_serde")]
+    pub(crate) initial_interval: Duration,
+    /// ...each next one this many times longer...
+    pub(crate) backoff_coefficient: f64,
+    /// ...at most this long apart...
+    #[serde(with = "humantime_serde")]
+    pub(crate) maximum_interval: Duration,
+    /// ...and at most this many attempts in all (0: unlimited).
+    pub(crate) maximum_attempts: u32,
+    /// One attempt of an activity may run this long.
+    #[serde(with = "humantime_serde")]
+    pub(crate) start_to_close: Duration,
+    /// An attempt that has not heartbeated for this long is presumed lost (its worker died) and
+    /// retried from its last heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub(crate) heartbeat_timeout: Duration,
+    /// Records per file activity: the workflow's progress (its query) advances per chunk.
+    pub(crate) chunk_records: u64,
+    /// Run the worker inside `weir serve` (when `address` is set). Turn it off when workers run
+    /// as their own deployment (`weir worker`).
+    pub(crate) worker_in_serve: bool,
+}
+
+impl Default for TemporalSettings {
+    fn default() -> Self {
+        Self {
+            address: None,
+            namespace: "default".into(),
+            task_queue: "weir-tasks".into(),
+            connect_timeout: Duration::from_secs(5),
+            initial_interval: Duration::from_secs(1),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_secs(5 * 60),
+            maximum_attempts: 3,
+            start_to_close: Duration::from_secs(30 * 60),
+            heartbeat_timeout: Duration::from_secs(30),
+            chunk_records: 10_000,
+            worker_in_serve: true,
+        }
+    }
+}
+
+impl TemporalSettings {
+    /// The address, if Temporal is configured.
+    pub(crate) fn address(&self) -> Option<&str> {
+        self.address.as_deref().filter(|a| !a.trim().is_empty())
+    }
+}
+
 /// Refuses a schedule cron cannot parse, so a typo stops the service at start.
 fn valid_schedule<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let schedule = Option::<String>::deserialize(d)?.filter(|s| !s.trim().is_empty());
@@ -181,23 +245,5 @@ mod tests {
         assert!(text.contains("webhook_secret: Some"), "{text}");
         assert!(!text.contains("s3cr3t-value"), "{text}");
         assert!(text.contains("***"), "{text}");
-    }
-
-    #[test]
-    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
-    fn reads_task_settings_from_the_environment_and_refuses_a_bad_schedule() {
-        figment::Jail::expect_with(|jail| {
-            jail.set_env("WEIR_TASKS__SCHEDULE", "*/2 * * * * *");
-            jail.set_env("WEIR_TASKS__WEBHOOK_SECRET", "abc");
-            jail.set_env("WEIR_TASKS__PENDING_AFTER", "90s");
-            let settings = crate::config::Settings::load(None, None).map_err(|e| e.to_string())?;
-            assert_eq!(settings.tasks.schedule.as_deref(), Some("*/2 * * * * *"));
-            assert_eq!(settings.tasks.webhook_secret.as_deref(), Some("abc"));
-            assert_eq!(settings.tasks.pending_after, Duration::from_secs(90));
-            jail.set_env("WEIR_TASKS__SCHEDULE", "every day");
-            let error = crate::config::Settings::load(None, None).unwrap_err();
-            assert!(format!("{error:#}").contains("cron"), "{error:#}");
-            Ok(())
-        });
     }
 }

@@ -105,7 +105,7 @@ impl Processor {
             pool: services.pool.clone(),
             client,
             settings: Arc::new(settings.tasks.clone()),
-            max_attempts: settings.retry.maximum_attempts,
+            max_attempts: settings.max_attempts,
         }
     }
 

@@ -17,8 +17,8 @@ mod models;
 mod registry;
 mod workflow;
 
-use crate::config::Settings;
 use crate::reference::tasks::store::trigger_name;
+use crate::reference::ReferenceSettings;
 use models::{ActivityPolicy, TaskRunInput};
 pub(crate) use registry::spawn_worker;
 use weir::seeds::{TaskCreated, TaskFields, TaskProcessingRequested};
@@ -36,7 +36,10 @@ pub(crate) fn workflow_id(task_id: uuid::Uuid, event_id: uuid::Uuid) -> String {
 /// Their retry policy is the service's with no attempt limit: a start fails retryably only
 /// while Temporal is unreachable or overloaded, and then the record must wait for it, not be
 /// dead-lettered (a refused start is `Acknowledged` and dead-lettered at once).
-pub(crate) fn handlers(router: weir::Router, all: &Settings) -> anyhow::Result<weir::Router> {
+pub(crate) fn handlers(
+    router: weir::Router,
+    all: &ReferenceSettings,
+) -> anyhow::Result<weir::Router> {
     let settings = &all.temporal;
     let retry = RetryPolicy {
         maximum_attempts: 0,
