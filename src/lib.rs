@@ -59,11 +59,14 @@
 //! - [`temporal`] (feature `temporal`): a handler that starts a Temporal workflow per event, with
 //!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
 //!   contracts and handlers only).
+//! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
+//!   document of a [`Router`], and the breaking-change rules `weir schema check` applies
+//!   (depends on contracts and handlers only).
 //!
 //! # Features
 //! `default = ["cli", "bench"]` builds the `weir` binary and its reference service. A service
 //! using Weir as a library turns the defaults off and picks: `kafka`, `postgres`, `admin`,
-//! `otlp`, `testing`, `temporal` (its build needs `protoc`), and rdkafka's `ssl`,
+//! `otlp`, `testing`, `schema`, `temporal` (its build needs `protoc`), and rdkafka's `ssl`,
 //! `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
 
 #![forbid(unsafe_code)]
@@ -75,6 +78,8 @@ mod contracts;
 mod handlers;
 #[cfg(feature = "postgres")]
 mod outbox;
+#[cfg(feature = "schema")]
+pub mod schema;
 mod telemetry;
 #[cfg(feature = "temporal")]
 pub mod temporal;

@@ -200,3 +200,11 @@ async fn handles_every_event_exactly_once_in_key_order() {
 async fn stop_lets_running_handlers_finish_and_commits_them() {
     semantics::stop_lets_running_handlers_finish_and_commits_them(&KafkaHarness::new()).await;
 }
+
+#[tokio::test]
+async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops() {
+    semantics::a_group_shares_the_partitions_and_moves_them_when_a_member_stops(
+        &KafkaHarness::new(),
+    )
+    .await;
+}

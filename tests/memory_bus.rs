@@ -172,3 +172,62 @@ async fn handles_every_event_exactly_once_in_key_order() {
 async fn stop_lets_running_handlers_finish_and_commits_them() {
     semantics::stop_lets_running_handlers_finish_and_commits_them(&MemoryHarness::new()).await;
 }
+
+#[tokio::test]
+async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops() {
+    semantics::a_group_shares_the_partitions_and_moves_them_when_a_member_stops(
+        &MemoryHarness::new(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_a_subscription_stops_it_and_it_leaves_its_group() {
+    use semantics::{numbered, publish, record, recv, seq_of, subscribe, Ends, Mode};
+    use weir::seeds::CustomerCreated;
+    use weir::{Ctx, HandlerOptions, Router};
+    let h = MemoryHarness::new();
+    let bus = h.bus();
+    let topic = h.name("dropped");
+    let group = h.name("dropped-group");
+    h.create_topic(&topic, 1).await;
+    let (tx, mut handled) = tokio::sync::mpsc::unbounded_channel::<(usize, u64)>();
+    let member = |id: usize| {
+        let tx = tx.clone();
+        Router::new().on_with(
+            move |event: CustomerCreated, _: Ctx| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((id, seq_of(&event.details)));
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().topic(&topic),
+        )
+    };
+    let mut ends = Ends::default();
+    let dropped = subscribe(&h, &bus, member(0), &group, |c| c);
+    publish(
+        &bus,
+        record(&topic, &numbered("k", 0), Mode::Structured),
+        &mut ends,
+    )
+    .await;
+    assert_eq!(recv(&mut handled, h.patience(), "record 0").await, (0, 0));
+    drop(dropped);
+    // Had the dropped member kept running, it would keep the group's only partition.
+    let next = subscribe(&h, &bus, member(1), &group, |c| c);
+    publish(
+        &bus,
+        record(&topic, &numbered("k", 1), Mode::Structured),
+        &mut ends,
+    )
+    .await;
+    assert_eq!(
+        recv(&mut handled, h.patience(), "record 1").await,
+        (1, 1),
+        "record 1 went to the member that joined, and record 0 was not redelivered"
+    );
+    semantics::wait_committed(&h, &group, &topic, &ends).await;
+    semantics::stop(next).await;
+}

@@ -9,28 +9,12 @@ use crate::telemetry::Metrics;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Header names, in one place.
+/// Header names, in one place (they are a contract: see `contracts::dead_letter`).
 pub(crate) mod header {
-    /// `weir.original.topic`
-    pub const ORIGINAL_TOPIC: &str = "weir.original.topic";
-    /// `weir.original.partition`
-    pub const ORIGINAL_PARTITION: &str = "weir.original.partition";
-    /// `weir.original.offset`
-    pub const ORIGINAL_OFFSET: &str = "weir.original.offset";
-    /// `weir.original.timestamp`
-    pub const ORIGINAL_TIMESTAMP: &str = "weir.original.timestamp";
-    /// `weir.consumer.group`
-    pub const CONSUMER_GROUP: &str = "weir.consumer.group";
-    /// `weir.error.kind`
-    pub const ERROR_KIND: &str = "weir.error.kind";
-    /// `weir.error.reason`
-    pub const ERROR_REASON: &str = "weir.error.reason";
-    /// `weir.error.message`
-    pub const ERROR_MESSAGE: &str = "weir.error.message";
-    /// `weir.attempts`
-    pub const ATTEMPTS: &str = "weir.attempts";
-    /// `weir.handler`
-    pub const HANDLER: &str = "weir.handler";
+    pub use crate::contracts::dead_letter::{
+        ATTEMPTS, CONSUMER_GROUP, ERROR_KIND, ERROR_MESSAGE, ERROR_REASON, HANDLER,
+        ORIGINAL_OFFSET, ORIGINAL_PARTITION, ORIGINAL_TIMESTAMP, ORIGINAL_TOPIC,
+    };
 }
 
 pub(crate) fn record(

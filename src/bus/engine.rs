@@ -5,14 +5,30 @@
 //! the broker. Records finish out of order (keys run concurrently), so each partition's
 //! [`OffsetTracker`] releases only the highest contiguous finished offset.
 //!
-//! Scheduling: each record joins a *lane* — its partition (`Partition` order), its partition and
-//! key (`Key` order), or none (`Unordered`). A lane runs one record at a time; the rest wait in it
-//! in offset order. At most `max_in_flight_per_partition` records of a partition run at once
-//! (lane heads beyond that wait for a slot, oldest first), and at most `max_in_flight` records
-//! are fetched and not final: at that limit the engine stops taking records, the source's
-//! bounded hand-off queue fills, and the client stops fetching. Partitions are deliberately not
-//! paused for this: pausing a librdkafka partition discards its prefetched records, and measured
-//! with `weir bench` that re-fetching cut throughput by an order of magnitude.
+//! Flow, per partition: each assigned partition has a *share* of `max_in_flight` (the limit
+//! divided by the partitions assigned) that nobody else can take. A partition below its share
+//! is always admitted from; above it, it borrows from what the other partitions leave unused,
+//! while the total of `max(in flight, share)` over partitions stays within `max_in_flight`. A
+//! partition the engine is not admitting from is closed at the source ([`Source::set_open`]):
+//! its own bounded hand-off fills and its fetching stops by itself, while the other partitions'
+//! records keep flowing. So a slow or large partition never holds another's records behind it.
+//! Partitions are deliberately not paused at the client for this: pausing a librdkafka
+//! partition discards its prefetched records, and measured with `weir bench` that re-fetching
+//! cut throughput by an order of magnitude.
+//!
+//! Scheduling inside a partition: each record joins a *lane* — its partition (`Partition`
+//! order), its partition and key (`Key` order), or none (`Unordered`). A lane runs one record at
+//! a time; the rest wait in it in offset order. At most `max_in_flight_per_partition` records of
+//! a partition run at once (lane heads beyond that wait for a slot, oldest first).
+//!
+//! Cancellation, per partition: each partition has a stop token (ends its retry backoffs and
+//! dead-letter retries; the record is then not final and is redelivered) and an abort token,
+//! which drops its running record futures at their next poll, as vector's Kafka source aborts a
+//! revoked partition's task. A revoke first stops the partition's backoffs, lets its running
+//! handlers finish until `revoke_timeout`, then aborts the rest and waits until every one of
+//! them has ended before it answers the source: nothing of a revoked partition runs once the
+//! source gives it up. A panic anywhere in a record's task ends the record with a final
+//! outcome (dead-lettered with kind `panic`), so no panic leaves a partition stuck.
 //!
 //! Per-record cost, measured with `weir bench` and callgrind: keying a record allocates nothing
 //! (shared topic names, lanes keyed by a hash), positions reach the source once per commit, not
@@ -25,14 +41,17 @@
 
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 use super::offsets::OffsetTracker;
-use super::{dead_letter, BusError, Publisher};
-use crate::handlers::{Dispatcher, Inbound, Outcome};
-use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced};
+use super::{BusError, Publisher};
+use crate::handlers::{Dispatcher, Inbound};
+use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
 use crate::telemetry::{trace, Health};
+use futures_util::FutureExt as _;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::BuildHasher as _;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use task::{dead_letter_panic, handle, panic_message};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -41,12 +60,15 @@ use tracing::Instrument;
 
 pub(crate) type Tp = (String, i32);
 
+/// A partition as the engine keys it: the topic shared, so keying a record costs no allocation.
+pub(crate) type PartitionKey = (Arc<str>, i32);
+
 /// What a source hands the engine.
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // The memory bus does not rebalance.
 pub(crate) enum SourceEvent {
     Record(Inbound),
-    /// These partitions are being taken away; reply on `done` once their work is drained and
-    /// their offsets stored, so the source can commit before giving them up.
+    /// These partitions are being taken away; reply on `done` once their work has ended and
+    /// their offsets are stored, so the source can commit before giving them up.
     Revoked {
         partitions: Vec<Tp>,
         done: oneshot::Sender<()>,
@@ -56,21 +78,26 @@ pub(crate) enum SourceEvent {
 
 /// Where records come from and where positions go. Implemented by each bus.
 pub(crate) trait Source: Send + 'static {
-    /// The next event; `None` when the source is closed. Must be cancel-safe. When
-    /// `want_records` is false (the in-flight limit is reached) only control events
-    /// (rebalances) may be returned.
-    fn next(&mut self, want_records: bool) -> impl Future<Output = Option<SourceEvent>> + Send;
-    /// A record that is ready now, without waiting, if no control event is pending: lets the
-    /// engine take a burst of records per turn of its loop instead of one.
-    fn try_record(&mut self) -> Option<Inbound>;
+    /// The next event; `None` when the source is closed. Must be cancel-safe. Records come only
+    /// from partitions that are open ([`set_open`](Self::set_open)), or from any partition when
+    /// `pool_open` is true (the engine has room beyond the partitions' shares); control events
+    /// (rebalances) come whatever the flow.
+    fn next(&mut self, pool_open: bool) -> impl Future<Output = Option<SourceEvent>> + Send;
+    /// A record that is ready now, without waiting, if no control event is pending, under the
+    /// same flow rule as [`next`](Self::next): lets the engine take a burst of records per turn
+    /// of its loop instead of one.
+    fn try_record(&mut self, pool_open: bool) -> Option<Inbound>;
+    /// Whether the engine takes records of `tp` whatever the pool (the partition is below its
+    /// share). Called only when that changes. Partitions start open.
+    fn set_open(&mut self, tp: &PartitionKey, open: bool);
     /// Remembers `next_offset` as the partition's position to commit.
     fn store(&mut self, tp: &Tp, next_offset: i64);
-    /// Commits stored positions; `sync` waits for the broker.
-    fn commit(&mut self, sync: bool) -> impl Future<Output = Result<(), BusError>> + Send;
+    /// Commits stored positions; `sync` waits for the broker. Returns the broker's answer when
+    /// the source has it now, to be counted by the engine; `None` when there was nothing to
+    /// commit or when the source counts the answer itself once the broker gives it (Kafka's
+    /// commit callback).
+    fn commit(&mut self, sync: bool) -> impl Future<Output = Option<Result<(), BusError>>> + Send;
 }
-
-/// A partition as the engine keys it: the topic shared, so keying a record costs no allocation.
-type PartitionKey = (Arc<str>, i32);
 
 /// A lane within a partition: a hash of the record's key (`Key` order) or 0 (`Partition`
 /// order). Two keys whose hashes collide share a lane; that only serializes them, which keeps
@@ -99,6 +126,16 @@ struct PartitionState {
     /// The tracker's position advanced since it was last handed to the source. Positions are
     /// handed over in batches, before each commit, not once per record.
     unstored: bool,
+    /// Ends the partition's retry backoffs and dead-letter retries (a child of the engine's
+    /// stop token): at a revoke, and at stop.
+    stop: CancellationToken,
+    /// Drops the partition's running record futures: at a revoke's deadline.
+    abort: CancellationToken,
+    /// Being revoked: records that end unfinished now are redelivered to the new owner, not
+    /// abandoned by this subscription.
+    revoking: bool,
+    /// Whether the source was last told this partition is below its share.
+    open: bool,
 }
 
 struct Completion {
@@ -125,6 +162,11 @@ pub(crate) struct Engine<S: Source> {
     partitions: HashMap<PartitionKey, PartitionState, FastHash>,
     tasks: JoinSet<Completion>,
     in_flight: usize,
+    /// Sum over partitions of `max(in_flight, share)`: at most `max_in_flight`, so every
+    /// partition can always reach its share.
+    reserved: usize,
+    /// Each partition's part of `max_in_flight`.
+    share: usize,
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
@@ -161,6 +203,7 @@ impl<S: Source> Engine<S> {
         health: Health,
     ) -> Self {
         let naming = Arc::new((config.group_id.clone(), config.dead_letter.clone()));
+        let share = config.max_in_flight;
         Self {
             source,
             dispatcher,
@@ -171,6 +214,8 @@ impl<S: Source> Engine<S> {
             partitions: HashMap::default(),
             tasks: JoinSet::new(),
             in_flight: 0,
+            reserved: 0,
+            share,
             generations: 0,
             unfinished: 0,
             naming,
@@ -186,7 +231,7 @@ impl<S: Source> Engine<S> {
         let mut commit_tick = tokio::time::interval(self.config.commit_interval);
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let room = self.in_flight < self.config.max_in_flight;
+            let pool_open = self.pool_open();
             tokio::select! {
                 // Biased, and the commit tick before the busy branches: under load a completion or
                 // a record is always ready, and a tick polled last would never win.
@@ -194,7 +239,7 @@ impl<S: Source> Engine<S> {
                 _ = self.stop.cancelled() => break,
                 _ = commit_tick.tick() => self.commit(false).await,
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
-                event = self.source.next(room) => match event {
+                event = self.source.next(pool_open) => match event {
                     None => break,
                     Some(SourceEvent::Record(rec)) => {
                         self.admit(rec);
@@ -207,6 +252,9 @@ impl<S: Source> Engine<S> {
                     }
                     Some(SourceEvent::Assigned(partitions)) => {
                         Rebalanced { kind: "assign", partitions: &partitions }.emit(self.dispatcher.metrics());
+                        for tp in &partitions {
+                            self.add_partition(partition_key(tp));
+                        }
                     }
                 },
             }
@@ -215,18 +263,63 @@ impl<S: Source> Engine<S> {
         self.drain().await
     }
 
+    /// Whether records may be taken beyond the partitions' shares.
+    fn pool_open(&self) -> bool {
+        self.reserved < self.config.max_in_flight
+    }
+
     /// Takes the records the source has ready, while there is room: one turn of the loop (and
     /// its polls of the stop token, the commit tick and the task set) per burst, not per record.
     fn admit_ready(&mut self) {
         for _ in 0..BURST {
-            if self.in_flight >= self.config.max_in_flight {
-                break;
-            }
-            let Some(rec) = self.source.try_record() else {
+            let Some(rec) = self.source.try_record(self.pool_open()) else {
                 break;
             };
             self.admit(rec);
             self.settle_inline();
+        }
+    }
+
+    /// Adds the partition's state (with a fresh generation) if it is new; a new partition
+    /// changes every partition's share.
+    fn add_partition(&mut self, key: PartitionKey) {
+        if !self.partitions.contains_key(&key) {
+            self.generations += 1;
+            let stop = self.stop.child_token();
+            self.partitions.insert(
+                key.clone(),
+                PartitionState {
+                    tracker: OffsetTracker::default(),
+                    generation: self.generations,
+                    in_flight: 0,
+                    running: 0,
+                    lanes: HashMap::default(),
+                    ready: VecDeque::new(),
+                    last_admitted: None,
+                    unstored: false,
+                    stop,
+                    abort: CancellationToken::new(),
+                    revoking: false,
+                    open: true,
+                },
+            );
+            self.reshare();
+        }
+    }
+
+    /// Recomputes the shares after the set of partitions changed, and tells the source which
+    /// partitions are below theirs.
+    fn reshare(&mut self) {
+        self.share = (self.config.max_in_flight / self.partitions.len().max(1)).max(1);
+        let share = self.share;
+        self.reserved = 0;
+        for (tp, state) in self.partitions.iter_mut() {
+            self.reserved += state.in_flight.max(share);
+            let open = state.in_flight < share;
+            if open != state.open {
+                state.open = open;
+                self.source.set_open(tp, open);
+            }
         }
     }
 
@@ -236,23 +329,14 @@ impl<S: Source> Engine<S> {
             ProcessingOrder::Key => Some(self.lane_hasher.hash_one(rec.key.as_deref())),
             ProcessingOrder::Unordered => None,
         };
-        let generations = &mut self.generations;
-        let state = self
-            .partitions
-            .entry((rec.topic.clone(), rec.partition))
-            .or_insert_with(|| {
-                *generations += 1;
-                PartitionState {
-                    tracker: OffsetTracker::default(),
-                    generation: *generations,
-                    in_flight: 0,
-                    running: 0,
-                    lanes: HashMap::default(),
-                    ready: VecDeque::new(),
-                    last_admitted: None,
-                    unstored: false,
-                }
-            });
+        let key = (rec.topic.clone(), rec.partition);
+        if !self.partitions.contains_key(&key) {
+            self.add_partition(key.clone());
+        }
+        let share = self.share;
+        let Some(state) = self.partitions.get_mut(&key) else {
+            return;
+        };
         if state.last_admitted.is_some_and(|last| rec.offset <= last) {
             tracing::debug!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, "Record already admitted; ignoring the repeat.");
             return;
@@ -260,17 +344,50 @@ impl<S: Source> Engine<S> {
         state.last_admitted = Some(rec.offset);
         state.tracker.begin(rec.offset);
         state.in_flight += 1;
-        self.in_flight += 1;
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
-        if let Some(lane) = lane {
-            match state.lanes.get_mut(&lane) {
-                Some(waiting) => return waiting.push_back(rec),
+        let borrowed = state.in_flight > share;
+        let close = state.open && state.in_flight >= share;
+        if close {
+            state.open = false;
+        }
+        let free = match lane {
+            Some(lane) => match state.lanes.get_mut(&lane) {
+                Some(waiting) => {
+                    waiting.push_back(rec);
+                    None
+                }
                 None => {
                     state.lanes.insert(lane, VecDeque::new());
+                    Some(rec)
                 }
-            }
+            },
+            None => Some(rec),
+        };
+        if borrowed {
+            self.reserved += 1;
         }
-        self.start(rec, lane);
+        if close {
+            self.source.set_open(&key, false);
+        }
+        self.in_flight += 1;
+        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        if let Some(rec) = free {
+            self.start(rec, lane);
+        }
+    }
+
+    /// Records of a partition left the engine (finished, or dropped unstarted).
+    fn release(&mut self, tp: &PartitionKey, count: usize) {
+        if let Some(state) = self.partitions.get_mut(tp) {
+            release(
+                state,
+                tp,
+                count,
+                self.share,
+                &mut self.reserved,
+                &mut self.in_flight,
+                &mut self.source,
+            );
+        }
     }
 
     /// Runs a record now if its partition has a free slot, else queues it for the next one.
@@ -281,83 +398,95 @@ impl<S: Source> Engine<S> {
         };
         if state.running < limit {
             state.running += 1;
-            let generation = state.generation;
-            self.spawn(rec, lane, generation);
+            let (generation, stop, abort) =
+                (state.generation, state.stop.clone(), state.abort.clone());
+            self.spawn(rec, lane, generation, stop, abort);
         } else {
             state.ready.push_back((rec, lane));
         }
     }
 
-    fn spawn(&mut self, rec: Inbound, lane: Option<Lane>, generation: u64) {
+    fn spawn(
+        &mut self,
+        rec: Inbound,
+        lane: Option<Lane>,
+        generation: u64,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
-        let stop = self.stop.clone();
         // Shared, not copied: only a failing record needs the group and the dead-letter topic.
         let naming = self.naming.clone();
         let span = dispatcher.span(&rec);
         let task_span = span.clone();
+        let rec = Arc::new(rec);
+        let completion = |is_final| Completion {
+            offset: rec.offset,
+            tp: (rec.topic.clone(), rec.partition),
+            generation,
+            lane,
+            is_final,
+        };
+        let aborted = completion(false);
+        let done = completion(true);
         let task = async move {
-            let rec = Arc::new(rec);
-            let is_final = match dispatcher.dispatch(&rec, &stop, &task_span).await {
-                Outcome::Abandoned => false,
-                Outcome::Done(failures) => {
-                    let mut all_published = true;
-                    for failure in &failures {
-                        let record = dead_letter::record(
-                            &rec,
-                            failure,
-                            &naming.0,
-                            naming.1.topic_for(&rec.topic),
-                        );
-                        let published = dead_letter::publish(
-                            &*publisher,
-                            dispatcher.metrics(),
-                            record,
-                            failure.kind.as_str(),
-                            &rec,
-                            &stop,
-                        )
-                        .await;
-                        if !published {
-                            all_published = false;
-                            break;
-                        }
+            let handled = AssertUnwindSafe(handle(
+                &rec,
+                &dispatcher,
+                &*publisher,
+                &naming,
+                &stop,
+                &task_span,
+            ))
+            .catch_unwind()
+            .await;
+            let is_final = match handled {
+                Ok(is_final) => is_final,
+                Err(panic) => {
+                    let message = panic_message(&*panic);
+                    RecordTaskPanicked {
+                        at: rec.at(),
+                        error: &message,
+                        dead_lettering: true,
                     }
-                    all_published
+                    .emit();
+                    dead_letter_panic(&rec, message, &dispatcher, &*publisher, &naming, &stop).await
                 }
             };
-            Completion {
-                offset: rec.offset,
-                tp: (rec.topic.clone(), rec.partition),
-                generation,
-                lane,
-                is_final,
-            }
+            Completion { is_final, ..done }
         };
         let mut task = Box::pin(task.instrument(span));
+        // Only a spawned record can be aborted: one that finishes in its inline poll below
+        // never needs the abort token (registering with it costs a lock per record).
+        let abortable = |task| async move {
+            tokio::select! {
+                biased;
+                _ = abort.cancelled() => aborted,
+                done = task => done,
+            }
+        };
         if self.inline_cooldown > 0 {
             self.inline_cooldown -= 1;
-            self.tasks.spawn(task);
+            self.tasks.spawn(abortable(task));
             return;
         }
         // Poll once here first: a handler that does not wait (a no-op, a cache hit, a cheap
         // transform) finishes without a task, a wake-up and a hand-back, which cost more than
         // the handler. One that waits is spawned as it is; its next poll registers the task's
-        // waker, as the `Future` contract requires of every poll.
+        // waker, as the `Future` contract requires of every poll. The task catches its own
+        // panics, so this poll does not unwind.
         let started = std::time::Instant::now();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let polled =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.as_mut().poll(&mut cx)));
+        let polled = task.as_mut().poll(&mut cx);
         if started.elapsed() > INLINE_BUDGET {
             self.inline_cooldown = INLINE_COOLDOWN;
         }
         match polled {
-            Ok(std::task::Poll::Ready(done)) => self.finished_inline.push(done),
-            Ok(std::task::Poll::Pending) => {
-                self.tasks.spawn(task);
+            std::task::Poll::Ready(done) => self.finished_inline.push(done),
+            std::task::Poll::Pending => {
+                self.tasks.spawn(abortable(task));
             }
-            // Handlers' panics are caught in dispatch; as for a failed task, log it.
-            Err(_) => tracing::error!("Record task failed unexpectedly."),
         }
     }
 
@@ -371,7 +500,7 @@ impl<S: Source> Engine<S> {
     fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {
         match joined {
             Ok(done) => self.complete(done, start_next),
-            // Handlers' panics are caught in dispatch, so this is an abort at shutdown.
+            // Record tasks catch their own panics, so this is an abort at shutdown.
             Err(e) if e.is_cancelled() => {}
             Err(e) => tracing::error!(error = %e, "Record task failed unexpectedly."),
         }
@@ -396,16 +525,23 @@ impl<S: Source> Engine<S> {
             }
         }
         state.running -= 1;
-        state.in_flight -= 1;
-        self.in_flight -= 1;
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
         if done.is_final {
             if state.tracker.complete(done.offset).is_some() {
                 state.unstored = true;
             }
-        } else {
+        } else if !state.revoking {
             self.unfinished += 1;
         }
+        release(
+            state,
+            &done.tp,
+            1,
+            self.share,
+            &mut self.reserved,
+            &mut self.in_flight,
+            &mut self.source,
+        );
+        InFlight(self.in_flight).emit(self.dispatcher.metrics());
         if !start_next {
             if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
                 state.lanes.entry(lane).or_default().push_front(rec);
@@ -424,8 +560,9 @@ impl<S: Source> Engine<S> {
                 break;
             };
             state.running += 1;
-            let generation = state.generation;
-            self.spawn(rec, lane, generation);
+            let (generation, stop, abort) =
+                (state.generation, state.stop.clone(), state.abort.clone());
+            self.spawn(rec, lane, generation, stop, abort);
         }
     }
 
@@ -445,7 +582,7 @@ impl<S: Source> Engine<S> {
     /// Drops the waiting records of matching partitions; returns how many. Their offsets stay
     /// unfinished in the tracker, so nothing at or after them is committed.
     fn drop_waiting(&mut self, matches: impl Fn(&PartitionKey) -> bool) -> usize {
-        let mut dropped = 0;
+        let mut dropped = Vec::new();
         for (tp, state) in self.partitions.iter_mut() {
             if !matches(tp) {
                 continue;
@@ -463,11 +600,16 @@ impl<S: Source> Engine<S> {
                     state.lanes.remove(&lane);
                 }
             }
-            state.in_flight -= here;
-            dropped += here;
+            if here > 0 {
+                dropped.push((tp.clone(), here));
+            }
         }
-        self.in_flight -= dropped;
-        dropped
+        let mut total = 0;
+        for (tp, here) in dropped {
+            self.release(&tp, here);
+            total += here;
+        }
+        total
     }
 
     async fn revoke(&mut self, revoked: &[Tp]) {
@@ -477,22 +619,37 @@ impl<S: Source> Engine<S> {
         }
         .emit(self.dispatcher.metrics());
         let revoked_keys: Vec<PartitionKey> = revoked.iter().map(partition_key).collect();
+        // Records that have not started go to the new owner; so do those waiting for a retry.
         self.drop_waiting(|tp| revoked_keys.contains(tp));
+        for tp in &revoked_keys {
+            if let Some(state) = self.partitions.get_mut(tp) {
+                state.revoking = true;
+                state.stop.cancel();
+            }
+        }
         let deadline = Instant::now() + self.config.revoke_timeout;
         let busy = |engine: &Self| {
             revoked_keys
                 .iter()
-                .any(|tp| engine.partitions.get(tp).is_some_and(|s| s.in_flight > 0))
+                .any(|tp| engine.partitions.get(tp).is_some_and(|s| s.running > 0))
         };
+        let mut aborted = false;
         while busy(self) {
             tokio::select! {
                 Some(joined) = self.tasks.join_next() => {
                     self.joined(joined, true);
                     self.settle_inline();
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; their unfinished records will be redelivered.");
-                    break;
+                _ = tokio::time::sleep_until(deadline), if !aborted => {
+                    tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; cancelling their running handlers, whose records will be redelivered.");
+                    for tp in &revoked_keys {
+                        if let Some(state) = self.partitions.get(tp) {
+                            state.abort.cancel();
+                        }
+                    }
+                    // Each aborted record future is dropped at its next poll and ends its task
+                    // with an unfinished completion; the loop waits for all of them.
+                    aborted = true;
                 }
             }
         }
@@ -501,25 +658,32 @@ impl<S: Source> Engine<S> {
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
                 self.in_flight -= state.in_flight;
+                // Partitions start open: if it comes back, the source must agree.
+                if !state.open {
+                    self.source.set_open(tp, true);
+                }
             }
         }
+        self.reshare();
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
     }
 
     async fn commit(&mut self, sync: bool) {
         self.store_positions(|_| true);
-        let result = self
+        let answer = self
             .source
             .commit(sync)
             .instrument(trace::commit_span(sync))
             .await;
-        OffsetsCommitted {
-            result: result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| e as &dyn std::fmt::Display),
+        if let Some(result) = answer {
+            OffsetsCommitted {
+                result: result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| e as &dyn std::fmt::Display),
+            }
+            .emit(self.dispatcher.metrics());
         }
-        .emit(self.dispatcher.metrics());
     }
 
     async fn drain(mut self) -> (StopReport, S) {
@@ -557,3 +721,29 @@ impl<S: Source> Engine<S> {
         )
     }
 }
+
+/// `count` records of `state`'s partition left the engine: its in-flight count, the engine's
+/// totals, and the source's flow for it. A free function, so callers that already hold the
+/// partition's state do not look it up again.
+fn release<S: Source>(
+    state: &mut PartitionState,
+    tp: &PartitionKey,
+    count: usize,
+    share: usize,
+    reserved: &mut usize,
+    in_flight: &mut usize,
+    source: &mut S,
+) {
+    let before = state.in_flight;
+    state.in_flight -= count;
+    *reserved -= before.max(share) - state.in_flight.max(share);
+    *in_flight -= count;
+    if !state.open && state.in_flight < share {
+        state.open = true;
+        source.set_open(tp, true);
+    }
+}
+
+mod task;
+#[cfg(test)]
+mod tests;

@@ -7,19 +7,26 @@
 //! Bounded: a partition holds at most `capacity_per_partition` records not yet committed by
 //! every group that consumes it; publishing into a full partition waits for room up to
 //! `publish_timeout` and then fails with [`PublishError::QueueFull`]. Nothing is dropped.
-//! One subscription per group at a time (no in-memory rebalancing).
+//!
+//! Consumer groups: subscriptions with the same group share the partitions of their topics
+//! (partition `p` of a topic goes to member `p mod members`, members in joining order). When a
+//! member joins or leaves, the group rebalances the way Kafka's cooperative protocol does: a
+//! member that loses a partition gets a revoke, ends the partition's work, commits and gives
+//! it up, and only then does the member it moves to get it, from the committed position.
 
-use super::engine::{Engine, Source, SourceEvent, Tp};
+use super::engine::{Engine, PartitionKey, Source, SourceEvent, Tp};
 use super::publish::PublishFuture;
 use super::{
     Bus, BusError, ConsumerConfig, Delivery, OutboundRecord, PublishError, Publisher, Subscription,
 };
 use crate::contracts::Headers;
 use crate::handlers::{Dispatcher, Inbound, Router};
+use crate::telemetry::events::OffsetsCommitted;
 use crate::telemetry::{Health, Metrics};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::oneshot;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -81,6 +88,51 @@ struct State {
     committed: HashMap<(String, String, i32), i64>,
     /// Groups that consume each topic, for retention.
     readers: HashMap<String, HashSet<String>>,
+    /// Members and partition owners of each consumer group.
+    groups: HashMap<String, Group>,
+    /// Bumped (under the lock) when a member joins or leaves or a topic is created: the groups'
+    /// assignments may have changed. Read without the lock on every record.
+    assignments: Arc<std::sync::atomic::AtomicU64>,
+    /// The next member id.
+    next_member: u64,
+}
+
+#[derive(Default)]
+struct Group {
+    /// Member id → its topics, in joining order.
+    members: std::collections::BTreeMap<u64, Vec<Arc<str>>>,
+    /// Who consumes each partition now. A partition moving between members has no owner from
+    /// the moment the old one gives it up until the new one takes it.
+    owners: HashMap<(Arc<str>, i32), u64>,
+}
+
+impl Group {
+    /// The partitions `member` should own: of each of its topics, those whose index modulo the
+    /// number of members reading the topic is the member's place among them.
+    fn target(
+        &self,
+        member: u64,
+        state_topics: &HashMap<String, Vec<Log>>,
+    ) -> Vec<(Arc<str>, i32)> {
+        let Some(topics) = self.members.get(&member) else {
+            return Vec::new();
+        };
+        let mut mine = Vec::new();
+        for topic in topics {
+            let readers: Vec<u64> = self
+                .members
+                .iter()
+                .filter(|(_, ts)| ts.contains(topic))
+                .map(|(id, _)| *id)
+                .collect();
+            let place = readers.iter().position(|id| *id == member).unwrap_or(0);
+            let partitions = state_topics.get(&**topic).map_or(0, Vec::len);
+            for p in (place..partitions).step_by(readers.len().max(1)) {
+                mine.push((topic.clone(), p as i32));
+            }
+        }
+        mine
+    }
 }
 
 struct Inner {
@@ -141,6 +193,7 @@ impl MemoryBus {
             .topics
             .entry(topic.to_owned())
             .or_insert_with(|| (0..partitions.max(1)).map(|_| Log::default()).collect());
+        state.changed_assignments();
         drop(state);
         self.inner.bump();
     }
@@ -208,6 +261,13 @@ impl MemoryBus {
     }
 }
 
+impl State {
+    fn changed_assignments(&self) {
+        self.assignments
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
@@ -223,10 +283,14 @@ impl Inner {
     fn try_append(&self, record: &OutboundRecord) -> Result<Delivery, i32> {
         let mut state = self.lock();
         let default_partitions = self.config.default_partitions.max(1);
-        let logs = state
-            .topics
-            .entry(record.topic.clone())
-            .or_insert_with(|| (0..default_partitions).map(|_| Log::default()).collect());
+        if !state.topics.contains_key(&record.topic) {
+            state.topics.insert(
+                record.topic.clone(),
+                (0..default_partitions).map(|_| Log::default()).collect(),
+            );
+            state.changed_assignments();
+        }
+        let logs = state.topics.get_mut(&record.topic).expect("inserted above");
         let partition = match &record.key {
             Some(key) => (murmur2(key) & 0x7fff_ffff) % logs.len() as u32,
             None => fastrand::u32(..logs.len() as u32),
@@ -345,7 +409,8 @@ impl Bus for MemoryBus {
         if topics.is_empty() {
             return Err(BusError::NoHandlers);
         }
-        {
+        let topic_names: Vec<Arc<str>> = topics.iter().map(|t| Arc::from(t.as_str())).collect();
+        let member = {
             let mut state = self.inner.lock();
             for t in &topics {
                 state
@@ -354,20 +419,33 @@ impl Bus for MemoryBus {
                     .or_default()
                     .insert(config.group_id.clone());
             }
-        }
+            let member = state.next_member;
+            state.next_member += 1;
+            let group = state.groups.entry(config.group_id.clone()).or_default();
+            group.members.insert(member, topic_names.clone());
+            state.changed_assignments();
+            member
+        };
+        self.inner.bump();
         let source = MemorySource {
             changes: self.inner.changed.subscribe(),
             inner: self.inner.clone(),
             group: config.group_id.clone(),
-            topics: topics.iter().map(|t| Arc::from(t.as_str())).collect(),
+            member,
+            topics: topic_names,
             positions: HashMap::new(),
             stored: HashMap::new(),
             cursor: 0,
+            closed: HashSet::new(),
+            owned: HashSet::new(),
+            settled: None,
+            assignments: self.inner.lock().assignments.clone(),
+            releasing: None,
         };
         let metrics = self.inner.metrics.clone();
         let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
         let stop = CancellationToken::new();
-        // In memory the "broker" is always there and the group has one member.
+        // In memory the "broker" is always there.
         let health = Health::default();
         health.set_joined(true);
         health.set_broker_up(true);
@@ -388,16 +466,154 @@ struct MemorySource {
     inner: Arc<Inner>,
     changes: watch::Receiver<u64>,
     group: String,
+    member: u64,
     topics: Vec<Arc<str>>,
-    /// The next offset to read, per (topic index, partition).
+    /// The next offset to read, per (topic index, partition), for owned partitions.
     positions: HashMap<(usize, usize), i64>,
     stored: HashMap<Tp, i64>,
     cursor: usize,
+    /// Partitions the engine takes records of only while its pool has room.
+    closed: HashSet<PartitionKey>,
+    /// Partitions this member consumes: (topic index, partition).
+    owned: HashSet<(usize, usize)>,
+    /// The [`State::assignments`] count whose assignment this member has fully taken; `None`
+    /// until then, so the group is checked again on every change.
+    settled: Option<u64>,
+    assignments: Arc<std::sync::atomic::AtomicU64>,
+    /// A revoke the engine has not answered yet: once it has, the partitions are committed
+    /// and given up.
+    releasing: Option<Releasing>,
 }
 
+/// The engine's answer to a revoke, and the partitions (topic index, partition) it revoked.
+type Releasing = (oneshot::Receiver<()>, Vec<(usize, usize)>);
+
 impl MemorySource {
-    /// The next record of the first partition with one, round-robin across partitions.
-    fn try_next(&mut self) -> Option<Inbound> {
+    fn topic_index(&self, topic: &str) -> Option<usize> {
+        self.topics.iter().position(|t| &**t == topic)
+    }
+
+    /// Whether the group's assignment may have changed since this member last took it.
+    fn unsettled(&self) -> bool {
+        self.settled != Some(self.assignments.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The next rebalance step for this member: a revoke of partitions it must give up, or an
+    /// assignment of free partitions it should have.
+    fn rebalance(&mut self) -> Option<SourceEvent> {
+        if self.releasing.is_some() {
+            return None;
+        }
+        let mut guard = self.inner.lock();
+        if !self.unsettled() {
+            return None;
+        }
+        let state = &mut *guard;
+        let seen = state.assignments.load(std::sync::atomic::Ordering::Acquire);
+        let group = state.groups.get_mut(&self.group)?;
+        let target: Vec<(usize, usize)> = group
+            .target(self.member, &state.topics)
+            .into_iter()
+            .filter_map(|(t, p)| Some((self.topic_index(&t)?, p as usize)))
+            .collect();
+        let lose: Vec<(usize, usize)> = self
+            .owned
+            .iter()
+            .filter(|tp| !target.contains(tp))
+            .copied()
+            .collect();
+        if !lose.is_empty() {
+            let (done, answered) = oneshot::channel();
+            let partitions = lose
+                .iter()
+                .map(|(t, p)| (self.topics[*t].to_string(), *p as i32))
+                .collect();
+            self.releasing = Some((answered, lose));
+            return Some(SourceEvent::Revoked { partitions, done });
+        }
+        let mut gained = Vec::new();
+        let mut waiting = false;
+        for (t, p) in &target {
+            if self.owned.contains(&(*t, *p)) {
+                continue;
+            }
+            let key = (self.topics[*t].clone(), *p as i32);
+            match group.owners.get(&key) {
+                Some(_) => waiting = true,
+                None => {
+                    group.owners.insert(key, self.member);
+                    self.owned.insert((*t, *p));
+                    gained.push((self.topics[*t].to_string(), *p as i32));
+                }
+            }
+        }
+        if !waiting {
+            self.settled = Some(seen);
+        }
+        drop(guard);
+        if gained.is_empty() {
+            return None;
+        }
+        // Others may be waiting for what this member took.
+        self.inner.bump();
+        Some(SourceEvent::Assigned(gained))
+    }
+
+    /// Once the engine has answered a revoke: commits the positions it stored and gives the
+    /// partitions up, so their next owner starts where this one ended.
+    fn finish_release(&mut self) {
+        let Some((answered, _)) = &mut self.releasing else {
+            return;
+        };
+        if matches!(
+            answered.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ) {
+            return;
+        }
+        let (_, lost) = self.releasing.take().expect("checked above");
+        let committed = self.commit_stored();
+        let mut state = self.inner.lock();
+        if let Some(group) = state.groups.get_mut(&self.group) {
+            for (t, p) in &lost {
+                group.owners.remove(&(self.topics[*t].clone(), *p as i32));
+            }
+        }
+        drop(state);
+        for tp in &lost {
+            self.owned.remove(tp);
+            self.positions.remove(tp);
+        }
+        self.settled = None;
+        if committed {
+            OffsetsCommitted { result: Ok(()) }.emit(&self.inner.metrics);
+        }
+        self.inner.bump();
+    }
+
+    /// Writes the stored positions as the group's; whether there were any.
+    fn commit_stored(&mut self) -> bool {
+        if self.stored.is_empty() {
+            return false;
+        }
+        let mut state = self.inner.lock();
+        for ((topic, partition), offset) in self.stored.drain() {
+            state
+                .committed
+                .insert((self.group.clone(), topic.clone(), partition), offset);
+            Inner::trim(&mut state, &topic);
+        }
+        drop(state);
+        self.inner.bump();
+        true
+    }
+
+    /// The next record of the first owned partition with one that the engine takes records of,
+    /// round-robin across partitions. None while a rebalance is pending, so it is handled first.
+    fn try_next(&mut self, pool_open: bool) -> Option<Inbound> {
+        if self.releasing.is_some() || self.unsettled() {
+            return None;
+        }
         let state = self.inner.lock();
         let counts: Vec<usize> = self
             .topics
@@ -413,6 +629,15 @@ impl MemorySource {
                 ti += 1;
             }
             let (topic, p) = (&self.topics[ti], at);
+            if !self.owned.contains(&(ti, p)) {
+                continue;
+            }
+            if !pool_open
+                && !self.closed.is_empty()
+                && self.closed.contains(&(topic.clone(), p as i32))
+            {
+                continue;
+            }
             let log = &state.topics[&**topic][p];
             let position = *self.positions.entry((ti, p)).or_insert_with(|| {
                 let committed = state
@@ -440,15 +665,30 @@ impl MemorySource {
     }
 }
 
-impl Source for MemorySource {
-    async fn next(&mut self, want_records: bool) -> Option<SourceEvent> {
-        if !want_records {
-            // No control events in memory: wait until the engine has room again.
-            std::future::pending::<()>().await;
+/// A member that goes away leaves its group: its partitions go to the others. The engine has
+/// made its final commit by then.
+impl Drop for MemorySource {
+    fn drop(&mut self) {
+        let mut state = self.inner.lock();
+        if let Some(group) = state.groups.get_mut(&self.group) {
+            group.members.remove(&self.member);
+            group.owners.retain(|_, owner| *owner != self.member);
         }
+        state.changed_assignments();
+        drop(state);
+        self.inner.bump();
+    }
+}
+
+impl Source for MemorySource {
+    async fn next(&mut self, pool_open: bool) -> Option<SourceEvent> {
         loop {
             self.changes.borrow_and_update();
-            if let Some(rec) = self.try_next() {
+            self.finish_release();
+            if let Some(event) = self.rebalance() {
+                return Some(event);
+            }
+            if let Some(rec) = self.try_next(pool_open) {
                 return Some(SourceEvent::Record(rec));
             }
             if self.changes.changed().await.is_err() {
@@ -457,28 +697,24 @@ impl Source for MemorySource {
         }
     }
 
-    fn try_record(&mut self) -> Option<Inbound> {
-        self.try_next()
+    fn try_record(&mut self, pool_open: bool) -> Option<Inbound> {
+        self.try_next(pool_open)
+    }
+
+    fn set_open(&mut self, tp: &PartitionKey, open: bool) {
+        if open {
+            self.closed.remove(tp);
+        } else {
+            self.closed.insert(tp.clone());
+        }
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {
         self.stored.insert(tp.clone(), next_offset);
     }
 
-    async fn commit(&mut self, _sync: bool) -> Result<(), BusError> {
-        if self.stored.is_empty() {
-            return Ok(());
-        }
-        let mut state = self.inner.lock();
-        for ((topic, partition), offset) in self.stored.drain() {
-            state
-                .committed
-                .insert((self.group.clone(), topic.clone(), partition), offset);
-            Inner::trim(&mut state, &topic);
-        }
-        drop(state);
-        self.inner.bump();
-        Ok(())
+    async fn commit(&mut self, _sync: bool) -> Option<Result<(), BusError>> {
+        self.commit_stored().then_some(Ok(()))
     }
 }
 

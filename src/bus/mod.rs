@@ -73,11 +73,17 @@ impl From<EngineReport> for StopReport {
 }
 
 /// A running subscription: a consumer group member dispatching records to a router.
+///
+/// Dropping it stops it the way [`stop`](Self::stop) does — no more fetching, running handlers
+/// get the drain timeout to finish, finished records are committed, the member leaves the
+/// group — in the background, with nobody to see the report. A drain rather than an abort:
+/// aborting would throw away handlers' finished work, which would then be redelivered, and the
+/// drain is bounded by `drain_timeout` anyway. Await `stop` to know when it is over.
 #[derive(Debug)]
 pub struct Subscription {
     shutdown: CancellationToken,
     health: Health,
-    task: JoinHandle<Result<StopReport, BusError>>,
+    task: Option<JoinHandle<Result<StopReport, BusError>>>,
 }
 
 impl Subscription {
@@ -89,7 +95,7 @@ impl Subscription {
         Self {
             shutdown,
             health,
-            task,
+            task: Some(task),
         }
     }
 
@@ -111,8 +117,19 @@ impl Subscription {
     }
 
     /// Waits until the subscription ends (its shutdown token was cancelled, or it failed).
-    pub async fn join(self) -> Result<StopReport, BusError> {
-        self.task.await.map_err(|e| BusError::Task(e.to_string()))?
+    /// A failure of the consumer's own machinery (a panic in its poll thread or engine) is an
+    /// error here, never a clean report.
+    pub async fn join(mut self) -> Result<StopReport, BusError> {
+        let task = self.task.take().expect("only join and stop take the task");
+        task.await.map_err(|e| BusError::Task(e.to_string()))?
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        // After `join` this is a no-op: the subscription has ended. If `join` was abandoned
+        // half-way (its future dropped), the subscription is dropped with it, and stops.
+        self.shutdown.cancel();
     }
 }
 

@@ -64,4 +64,75 @@ pub trait Event: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     fn resource_id(&self) -> String {
         self.key()
     }
+
+    /// The JSON Schema of the payload, for the contract documents (`weir::schema`). The default,
+    /// `None`, documents the payload as any JSON value. With `#[derive(schemars::JsonSchema)]` on
+    /// the type, the line `weir::data_schema!();` in its `impl Event` gives the real one.
+    #[cfg(feature = "schema")]
+    fn data_schema(generator: &mut schemars::SchemaGenerator) -> Option<schemars::Schema> {
+        let _ = generator;
+        None
+    }
+}
+
+/// Implements [`Event::data_schema`] from the type's `schemars::JsonSchema`: one line in an
+/// `impl Event`, so a contract's schema is derived from the Rust type and cannot drift from it.
+///
+/// Without the `schema` feature it expands to nothing, so contracts compile either way.
+#[cfg(feature = "schema")]
+#[macro_export]
+macro_rules! data_schema {
+    () => {
+        fn data_schema(
+            generator: &mut $crate::schema::SchemaGenerator,
+        ) -> ::core::option::Option<$crate::schema::Schema> {
+            ::core::option::Option::Some(generator.subschema_for::<Self>())
+        }
+    };
+}
+
+/// Implements [`Event`]'s schema method when the `schema` feature is on; nothing without it.
+#[cfg(not(feature = "schema"))]
+#[macro_export]
+macro_rules! data_schema {
+    () => {};
+}
+
+/// What Weir knows about an event type without a value of it: kept by the `Router` for each
+/// registered type (and by the schema builder for each published one), so a contract document
+/// can be built from a router without the user listing types again.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(feature = "schema"), allow(dead_code))]
+pub(crate) struct EventDescriptor {
+    pub(crate) event_type: EventType,
+    pub(crate) topic: &'static str,
+    pub(crate) dataschema: Option<&'static str>,
+    pub(crate) rust_type: &'static str,
+    /// [`Event::data_schema`] of the type.
+    #[cfg(feature = "schema")]
+    pub(crate) data_schema: fn(&mut schemars::SchemaGenerator) -> Option<schemars::Schema>,
+    /// Decodes a JSON payload as the type (the decoder's own rules) and returns its key: checks
+    /// that a document's example is one the decoder accepts, and gives the example's key.
+    #[cfg(feature = "schema")]
+    pub(crate) key_of: fn(&serde_json::Value) -> Result<String, String>,
+}
+
+impl EventDescriptor {
+    pub(crate) fn of<T: Event>() -> Self {
+        Self {
+            event_type: T::TYPE,
+            topic: T::TOPIC,
+            dataschema: T::DATASCHEMA,
+            rust_type: std::any::type_name::<T>(),
+            #[cfg(feature = "schema")]
+            data_schema: T::data_schema,
+            #[cfg(feature = "schema")]
+            key_of: |value| {
+                let text = value.to_string();
+                serde_json::from_str::<T>(&text)
+                    .map(|event| event.key())
+                    .map_err(|e| e.to_string())
+            },
+        }
+    }
 }

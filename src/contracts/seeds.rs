@@ -20,6 +20,7 @@ pub const RESOURCE_TOPIC: &str = "resource-events";
 
 /// What started a task's processing: the four triggers of the reference service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TriggeredBy {
     /// The HTTP API, when the task is created or by `POST /tasks/{id}/process`.
@@ -34,6 +35,7 @@ pub enum TriggeredBy {
 
 /// The fields both task events carry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskFields {
     /// The task (and the record key).
     pub task_id: Uuid,
@@ -72,10 +74,12 @@ impl TaskFields {
 
 /// `task.created`: a task row was written; processing should start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskCreated(pub TaskFields);
 
 /// `task.processing_requested`: a trigger asks for (re)processing of an existing task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TaskProcessingRequested(pub TaskFields);
 
 impl TaskCreated {
@@ -95,6 +99,7 @@ impl TaskProcessingRequested {
 impl Event for TaskCreated {
     const TYPE: EventType = EventType::new("task.created");
     const TOPIC: &'static str = TASK_TOPIC;
+    crate::data_schema!();
     fn key(&self) -> String {
         self.0.task_id.to_string()
     }
@@ -103,6 +108,7 @@ impl Event for TaskCreated {
 impl Event for TaskProcessingRequested {
     const TYPE: EventType = EventType::new("task.processing_requested");
     const TOPIC: &'static str = TASK_TOPIC;
+    crate::data_schema!();
     fn key(&self) -> String {
         self.0.task_id.to_string()
     }
@@ -110,6 +116,7 @@ impl Event for TaskProcessingRequested {
 
 /// `customer.created`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CustomerCreated {
     /// The customer (and the record key).
     pub customer_id: String,
@@ -119,6 +126,7 @@ pub struct CustomerCreated {
 
 /// `customer.updated`: `details` holds the new values of the changed attributes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CustomerUpdated {
     /// The customer (and the record key).
     pub customer_id: String,
@@ -128,6 +136,7 @@ pub struct CustomerUpdated {
 
 /// `customer.deleted`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CustomerDeleted {
     /// The customer (and the record key).
     pub customer_id: String,
@@ -150,6 +159,7 @@ macro_rules! customer_event {
         impl Event for $ty {
             const TYPE: EventType = EventType::new($name);
             const TOPIC: &'static str = CUSTOMER_TOPIC;
+            crate::data_schema!();
             fn key(&self) -> String {
                 self.customer_id.clone()
             }
@@ -162,6 +172,7 @@ customer_event!(CustomerDeleted, "customer.deleted");
 
 /// `resource.created`: a file was stored; its side effects (hashes, thumbnail, index) are due.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceCreated {
     /// The resource (and the record key).
     pub resource_id: Uuid,
@@ -175,6 +186,7 @@ pub struct ResourceCreated {
 
 /// `resource.updated`: some attributes changed (rename, retag).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceUpdated {
     /// The resource (and the record key).
     pub resource_id: Uuid,
@@ -190,6 +202,7 @@ pub struct ResourceUpdated {
 
 /// `resource.deleted`: the resource is gone; derived data must go too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ResourceDeleted {
     /// The resource (and the record key).
     pub resource_id: Uuid,
@@ -244,6 +257,7 @@ macro_rules! resource_event {
         impl Event for $ty {
             const TYPE: EventType = EventType::new($name);
             const TOPIC: &'static str = RESOURCE_TOPIC;
+            crate::data_schema!();
             fn key(&self) -> String {
                 self.resource_id.to_string()
             }

@@ -17,6 +17,7 @@ use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -399,6 +400,10 @@ impl Dispatcher {
     }
 
     /// One call, with its timeout; a panic (while building or polling the future) becomes `Err`.
+    /// A `cpu_bound` call runs on a blocking thread, which nothing can interrupt: it keeps its
+    /// core permit and this record's lane until it has really returned, even past its timeout
+    /// (which then only cuts its waits), so a retry never overlaps it. If this future is dropped
+    /// (the record was aborted), the call's waits are cut too.
     async fn call_once(
         &self,
         handler: &Route,
@@ -408,30 +413,54 @@ impl Dispatcher {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))
             .map_err(|p| panic_message(&*p))?;
         let guarded = AssertUnwindSafe(future).catch_unwind();
-        let guarded = async {
-            if !handler.cpu_bound {
-                return guarded.await;
+        let timed_out = |limit| {
+            HandlerError::retryable(format!("handler timed out after {limit:?}"))
+                .with_kind("timeout")
+        };
+        let result = if !handler.cpu_bound {
+            match handler.timeout {
+                None => guarded.await,
+                Some(limit) => match tokio::time::timeout(limit, guarded).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(Err(timed_out(limit))),
+                },
             }
-            let _permit = self
+        } else {
+            let permit = self
                 .cpu
-                .acquire()
+                .clone()
+                .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
             let runtime = tokio::runtime::Handle::current();
-            match tokio::task::spawn_blocking(move || runtime.block_on(guarded)).await {
-                Ok(result) => result,
+            let cut = CancellationToken::new();
+            let cut_inside = cut.clone();
+            let _cut_on_drop = cut.clone().drop_guard();
+            let mut call = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                runtime.block_on(async {
+                    tokio::select! {
+                        result = guarded => Some(result),
+                        _ = cut_inside.cancelled() => None,
+                    }
+                })
+            });
+            let joined = match handler.timeout {
+                None => (&mut call).await,
+                Some(limit) => match tokio::time::timeout(limit, &mut call).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        cut.cancel();
+                        let _ = call.await;
+                        return Ok(Err(timed_out(limit)));
+                    }
+                },
+            };
+            match joined {
+                Ok(Some(result)) => result,
+                Ok(None) => Ok(Err(timed_out(Duration::ZERO))),
                 Err(join) => Err(Box::new(format!("blocking task ended: {join}")) as _),
             }
-        };
-        let result = match handler.timeout {
-            None => guarded.await,
-            Some(limit) => match tokio::time::timeout(limit, guarded).await {
-                Ok(result) => result,
-                Err(_) => Ok(Err(HandlerError::retryable(format!(
-                    "handler timed out after {limit:?}"
-                ))
-                .with_kind("timeout"))),
-            },
         };
         result.map_err(|p| panic_message(&*p))
     }

@@ -5,8 +5,8 @@ use super::batch::{BatchHandlerFn, BatchWindow, Batcher};
 use super::layer::{layer_erased, AnyEvent, HandlerService, IntoHandler, Request};
 use super::{BoxError, Ctx, HandlerError, RetryPolicy};
 use crate::contracts::{
-    decode_structured_as, DecodeError, DecodeLimits, Event, EventFactory, EventMeta, Headers,
-    RawEnvelope,
+    decode_structured_as, DecodeError, DecodeLimits, Event, EventDescriptor, EventFactory,
+    EventMeta, Headers, RawEnvelope,
 };
 use crate::telemetry::{Metrics, RouteSeries};
 use serde::Deserialize;
@@ -122,7 +122,8 @@ pub(crate) struct Route {
 /// Everything registered for one (topic, event type): one decoder, one or more handlers.
 pub(crate) struct TypeRoute {
     type_id: TypeId,
-    type_name: &'static str,
+    /// The contract behind this route, for the documents of `weir::schema`.
+    pub(crate) event: EventDescriptor,
     pub(crate) decode: Decode,
     /// Envelope and payload in one pass; see [`decode_structured_as`].
     pub(crate) decode_one_pass: DecodeOnePass,
@@ -199,7 +200,7 @@ impl<S> std::fmt::Debug for Router<S> {
         let mut map = f.debug_map();
         for (topic, ty, route) in self.iter() {
             let names: Vec<&str> = route.handlers.iter().map(|h| &*h.name).collect();
-            map.entry(&format!("{topic}/{ty} ({})", route.type_name), &names);
+            map.entry(&format!("{topic}/{ty} ({})", route.event.rust_type), &names);
         }
         map.finish()
     }
@@ -287,7 +288,7 @@ impl<S> Router<S> {
             .entry(T::TYPE.as_str().to_owned())
             .or_insert_with(|| TypeRoute {
                 type_id: TypeId::of::<T>(),
-                type_name: std::any::type_name::<T>(),
+                event: EventDescriptor::of::<T>(),
                 decode: Box::new(|raw| {
                     let event: T = EventFactory::<T>::new().decode_data(raw)?;
                     Ok(Arc::new(event) as ErasedEvent)
@@ -303,7 +304,7 @@ impl<S> Router<S> {
             entry.type_id == TypeId::of::<T>(),
             "event type {} on topic {topic} is already registered as {}, not {}",
             T::TYPE,
-            entry.type_name,
+            entry.event.rust_type,
             std::any::type_name::<T>()
         );
         let name: Arc<str> = Arc::from(options.name.unwrap_or_else(|| handler.name()));
@@ -405,7 +406,8 @@ impl<S> Router<S> {
         }
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&str, &str, &TypeRoute)> {
+    /// Every (topic, event type, route), ordered by topic then type.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &str, &TypeRoute)> {
         self.routes.iter().flat_map(|(t, types)| {
             types
                 .iter()

@@ -226,6 +226,38 @@ impl WorkflowStartRequested<'_> {
     }
 }
 
+/// A record's task panicked outside the handler's own catch (building or publishing a dead
+/// letter, say).
+pub(crate) struct RecordTaskPanicked<'a> {
+    pub(crate) at: At<'a>,
+    pub(crate) error: &'a str,
+    /// The record is being dead-lettered with kind `panic`; if false, that panicked too and the
+    /// record is committed past without a dead letter.
+    pub(crate) dead_lettering: bool,
+}
+
+impl RecordTaskPanicked<'_> {
+    pub(crate) fn emit(&self) {
+        let At {
+            topic,
+            partition,
+            offset,
+        } = self.at;
+        if self.dead_lettering {
+            error!(
+                topic,
+                partition,
+                offset,
+                error = self.error,
+                "Record task panicked; dead-lettering the record with kind panic."
+            );
+        } else {
+            error!(topic, partition, offset, error = self.error,
+                   "Dead-lettering a panicked record panicked too; committing past it so the partition moves on.");
+        }
+    }
+}
+
 pub(crate) struct InFlight(pub(crate) usize);
 
 impl InFlight {

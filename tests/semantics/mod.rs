@@ -1393,3 +1393,97 @@ pub async fn stop_lets_running_handlers_finish_and_commits_them<H: Harness>(h: &
         HashMap::from([(last.partition, end)])
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Consumer groups
+// ---------------------------------------------------------------------------------------------
+
+/// Handles records until every `seq` in `wanted` has been seen; returns who handled what:
+/// `(member, partition, seq)`.
+async fn handled_until(
+    rx: &mut mpsc::UnboundedReceiver<(usize, i32, u64)>,
+    wanted: std::ops::Range<u64>,
+    patience: Duration,
+) -> Vec<(usize, i32, u64)> {
+    let mut missing: std::collections::BTreeSet<u64> = wanted.collect();
+    let mut seen = Vec::new();
+    while !missing.is_empty() {
+        let what = format!("records {missing:?} to be handled");
+        let (member, partition, seq) = recv(rx, patience, &what).await;
+        missing.remove(&seq);
+        seen.push((member, partition, seq));
+    }
+    seen
+}
+
+/// Two subscriptions in one group share the topic's partitions, each partition with one of
+/// them; when one stops, the other takes its partitions over, from where it committed.
+pub async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops<H: Harness>(h: &H) {
+    let bus = h.bus();
+    let topic = h.name("group");
+    let group = h.name("group-members");
+    h.create_topic(&topic, 4).await;
+    let (tx, mut handled) = mpsc::unbounded_channel::<(usize, i32, u64)>();
+    let member = |id: usize| {
+        let tx = tx.clone();
+        Router::new().on_with(
+            move |event: CustomerCreated, ctx: Ctx| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().topic(&topic),
+        )
+    };
+    let first = subscribe(h, &bus, member(0), &group, |c| c);
+    let second = subscribe(h, &bus, member(1), &group, |c| c);
+    let deadline = Instant::now() + h.patience();
+    while !(first.health().status().joined && second.health().status().joined) {
+        assert!(Instant::now() < deadline, "both members joined the group");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut ends = Ends::default();
+    let keys = 16;
+    for seq in 0..64 {
+        let event = numbered(&format!("k{}", seq % keys), seq);
+        publish(&bus, record(&topic, &event, Mode::Structured), &mut ends).await;
+    }
+    let shared = handled_until(&mut handled, 0..64, h.patience()).await;
+    let partitions_of =
+        |seen: &[(usize, i32, u64)], id: usize| -> std::collections::BTreeSet<i32> {
+            seen.iter()
+                .filter(|(m, _, _)| *m == id)
+                .map(|(_, p, _)| *p)
+                .collect()
+        };
+    let (mine, theirs) = (partitions_of(&shared, 0), partitions_of(&shared, 1));
+    assert!(
+        !mine.is_empty() && !theirs.is_empty(),
+        "both members consumed: {mine:?} and {theirs:?}"
+    );
+    assert!(
+        mine.is_disjoint(&theirs),
+        "a partition was consumed by both members: {mine:?} and {theirs:?}"
+    );
+
+    stop(second).await;
+    for seq in 64..128 {
+        let event = numbered(&format!("k{}", seq % keys), seq);
+        publish(&bus, record(&topic, &event, Mode::Structured), &mut ends).await;
+    }
+    let moved = handled_until(&mut handled, 64..128, h.patience() * 2).await;
+    assert!(
+        moved.iter().all(|(m, _, seq)| *m == 0 || *seq < 64),
+        "the stopped member handled records after it stopped: {moved:?}"
+    );
+    assert_eq!(
+        partitions_of(&moved, 0),
+        ends.0.keys().copied().collect(),
+        "the remaining member took every partition over"
+    );
+    wait_committed(h, &group, &topic, &ends).await;
+    stop(first).await;
+}

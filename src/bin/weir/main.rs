@@ -9,6 +9,7 @@ mod demo;
 mod outbox_relay;
 mod publish;
 mod reference;
+mod schema;
 mod serve;
 mod telemetry;
 #[cfg(feature = "bench")]
@@ -55,6 +56,8 @@ enum Command {
     /// Run the Temporal worker of task processing alone until SIGTERM/SIGINT (needs
     /// [temporal] address and [database] url).
     Worker,
+    /// The service's contracts as documents (AsyncAPI 3.0, JSON Schema) and the check CI runs.
+    Schema(schema::SchemaArgs),
 }
 
 #[tokio::main]
@@ -102,6 +105,10 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             worker::run(settings, stop).await
+        }
+        Command::Schema(args) => {
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            schema::run(settings, args)
         }
     }
 }

@@ -2,42 +2,52 @@
 //!
 //! At-least-once: `enable.auto.offset.store=false`; the engine stores a partition's offset only
 //! once every record before it is final, and commits stored offsets periodically, synchronously
-//! when partitions are revoked, and at shutdown.
+//! when partitions are revoked, and at shutdown. Commits are counted when the broker answers
+//! (`commit_callback`), not when they are queued.
 //!
 //! Why a thread: librdkafka runs rebalance callbacks inside `poll`. On revoke the callback must
-//! block until the engine has drained the revoked partitions' work and stored their offsets, then
+//! block until the engine has ended the revoked partitions' work and stored their offsets, then
 //! commit, before librdkafka gives the partitions away. Polling on a thread of its own lets that
 //! callback block while the engine (on the Tokio runtime) keeps running handlers.
+//!
+//! Per-partition flow: each assigned partition's records are split off into a queue of their
+//! own (`split_partition_queue`, as vector's Kafka source does) and cross to the engine through
+//! a bounded hand-off of their own: at most [`HANDOFF_BATCHES`] batches per partition are
+//! handed over and not yet taken. A partition the engine is not taking records from fills its
+//! hand-off, the thread stops polling its queue, and librdkafka's bounded prefetch for it fills
+//! and stops fetching, while every other partition flows on. The main queue (rebalances, commit
+//! answers, statistics) is polled on every turn whatever the partitions do, so rebalances are
+//! served and `max.poll.interval.ms` is never exceeded however slow the handlers are.
 
-use crate::bus::engine::{Source, SourceEvent, Tp};
+use crate::bus::engine::{PartitionKey, Source, SourceEvent, Tp};
 use crate::bus::BusError;
 use crate::handlers::Inbound;
-use crate::telemetry::events::{BrokerReachability, ConsumerLag, KafkaClientError, Throttle};
+use crate::telemetry::events::{
+    BrokerReachability, ConsumerLag, KafkaClientError, OffsetsCommitted, Throttle,
+};
 use crate::telemetry::{Health, Metrics};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc::error::TrySendError;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Records cross from the poll thread to the engine in batches of up to this many: one hand-off
 /// (and at most one wake-up of the engine) per batch rather than per record. A batch is sent as
-/// soon as librdkafka has nothing more ready, so batching adds no latency.
+/// soon as librdkafka has nothing more ready for its partition, so batching adds no latency.
 const BATCH: usize = 128;
-/// Batches waiting between the poll thread and the engine. Small: the engine's in-flight
-/// limits, not this buffer, bound memory; librdkafka keeps its own prefetch queue.
+/// Batches of one partition handed over and not yet taken by the engine. Small: the engine's
+/// in-flight limits, not this buffer, bound memory; librdkafka keeps its own prefetch queue.
 const HANDOFF_BATCHES: usize = 4;
+/// The longest the poll thread sleeps when nothing moves; librdkafka and the engine wake it
+/// sooner when a queue gets records or a hand-off gets room.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// How long the poll thread may stop polling behind a full hand-off queue before it pauses the
-/// assignment and polls again: far below librdkafka's `max.poll.interval.ms` (300 s).
-const STALL_BEFORE_PAUSE: Duration = Duration::from_secs(10);
-const STALL_NAP: Duration = Duration::from_millis(2);
 
 enum Control {
     Revoked {
@@ -48,15 +58,30 @@ enum Control {
     Assigned(Vec<Tp>),
 }
 
-/// librdkafka callbacks: logs into `tracing`, rebalances into the engine.
+/// A change of assignment, for the poll thread to apply to its partition queues once `poll`
+/// (which ran the rebalance callback) has returned.
+enum Change {
+    Assigned(Vec<Tp>),
+    Revoked(Vec<Tp>),
+}
+
+/// librdkafka callbacks: logs into `tracing`, rebalances into the engine, commit answers into
+/// the metrics.
 pub(crate) struct WeirContext {
     control: mpsc::UnboundedSender<Control>,
-    /// Bumped at every revoke; records carry the epoch they were polled in.
+    /// Bumped at every revoke; batches carry the epoch they were polled in.
     epoch: AtomicU64,
+    /// Assignment changes not yet applied by the poll thread, in order.
+    changes: Mutex<Vec<Change>>,
+    /// The poll thread, woken when a queue gets records.
+    poller: Arc<OnceLock<std::thread::Thread>>,
     metrics: Metrics,
     health: Health,
     /// Repeated client errors are logged once per 30 s.
     errors: Throttle,
+    /// Makes the poll thread panic at its next turn, to test that the panic is reported.
+    #[cfg(test)]
+    panic_next_turn: AtomicBool,
 }
 
 impl WeirContext {
@@ -64,6 +89,13 @@ impl WeirContext {
         let was_up = self.health.status().broker_up;
         self.health.set_broker_up(up);
         BrokerReachability { up, was_up }.emit();
+    }
+
+    fn change(&self, change: Change) {
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(change);
     }
 }
 
@@ -129,30 +161,37 @@ fn commit_result(result: KafkaResult<()>) -> KafkaResult<()> {
     }
 }
 
+/// A commit answer to count: `None` for "nothing to commit", which commits nothing.
+fn commit_answer(result: KafkaResult<()>) -> Option<KafkaResult<()>> {
+    match result {
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => None,
+        other => Some(other),
+    }
+}
+
 impl ConsumerContext for WeirContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else {
             return;
         };
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let revoked = partitions(tpl);
         let (done, drained) = oneshot::channel();
         let sent = self.control.send(Control::Revoked {
-            partitions: partitions(tpl),
+            partitions: revoked.clone(),
             epoch,
             done,
         });
         if sent.is_ok() {
-            // The engine bounds this wait by its revoke timeout.
+            // The engine bounds this wait: at its revoke timeout it aborts the partitions'
+            // running handlers and answers once they have ended.
             let _ = drained.blocking_recv();
         }
-        let result = commit_result(consumer.commit_consumer_state(CommitMode::Sync));
-        crate::telemetry::events::OffsetsCommitted {
-            result: result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| e as &dyn std::fmt::Display),
+        // The broker's answer is counted by `commit_callback`.
+        if let Err(error) = commit_result(consumer.commit_consumer_state(CommitMode::Sync)) {
+            tracing::debug!(%error, "Commit before giving partitions up failed.");
         }
-        .emit(&self.metrics);
+        self.change(Change::Revoked(revoked));
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -165,10 +204,27 @@ impl ConsumerContext for WeirContext {
                 if !self.health.status().broker_up {
                     self.broker_up(true);
                 }
-                let _ = self.control.send(Control::Assigned(partitions(tpl)));
+                let assigned = partitions(tpl);
+                self.change(Change::Assigned(assigned.clone()));
+                let _ = self.control.send(Control::Assigned(assigned));
             }
             Rebalance::Error(error) => tracing::warn!(%error, "Rebalance error."),
             Rebalance::Revoke(_) => {}
+        }
+    }
+
+    /// The broker's answer to a commit, synchronous or not (librdkafka calls this for both, from
+    /// `poll`): the only place commits are counted, so a commit that was queued and then refused
+    /// is counted as a failure, and one that was only queued is not counted as a success.
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Some(result) = commit_answer(result) {
+            OffsetsCommitted {
+                result: result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| e as &dyn std::fmt::Display),
+            }
+            .emit(&self.metrics);
         }
     }
 }
@@ -191,8 +247,15 @@ fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
 
 pub(crate) type WeirConsumer = BaseConsumer<WeirContext>;
 
-/// Records polled together, each with the rebalance epoch it was polled in.
-type Batch = Vec<(u64, Inbound)>;
+/// Records of one partition polled together, in offset order.
+struct Handoff {
+    tp: PartitionKey,
+    /// The rebalance epoch they were polled in.
+    epoch: u64,
+    records: Vec<Inbound>,
+    /// The partition's count of batches handed over and not yet taken.
+    queued: Arc<AtomicUsize>,
+}
 
 /// Creates the consumer and its poll thread, subscribed to `topics`.
 pub(crate) fn start(
@@ -203,109 +266,228 @@ pub(crate) fn start(
     on_error: impl Fn(&KafkaError) -> BusError,
 ) -> Result<KafkaSource, BusError> {
     let (control_tx, control) = mpsc::unbounded_channel();
+    let poller = Arc::new(OnceLock::<std::thread::Thread>::new());
     let context = WeirContext {
         control: control_tx,
         epoch: AtomicU64::new(0),
+        changes: Mutex::new(Vec::new()),
+        poller: poller.clone(),
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
+        #[cfg(test)]
+        panic_next_turn: AtomicBool::new(false),
     };
-    let consumer: Arc<WeirConsumer> = Arc::new(
-        config
-            .create_with_context(context)
-            .map_err(|e| on_error(&e))?,
-    );
+    let mut consumer: WeirConsumer = config
+        .create_with_context(context)
+        .map_err(|e| on_error(&e))?;
+    consumer.set_nonempty_callback(wake(&poller));
+    let consumer = Arc::new(consumer);
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
         .map_err(|e| BusError::Transport(format!("subscribe to {names:?}: {e}")))?;
-    let (records_tx, records) = mpsc::channel(HANDOFF_BATCHES);
+    let (handoff_tx, handoff) = mpsc::unbounded_channel();
     let closing = Arc::new(AtomicBool::new(false));
     let thread = {
         let consumer = consumer.clone();
         let closing = closing.clone();
+        let poller = poller.clone();
         std::thread::Builder::new()
             .name("weir-kafka-poll".to_owned())
-            .spawn(move || poll_loop(consumer, records_tx, closing))
+            .spawn(move || {
+                let _ = poller.set(std::thread::current());
+                poll_loop(consumer, handoff_tx, closing);
+            })
             .map_err(|e| BusError::Transport(format!("cannot start the poll thread: {e}")))?
     };
     Ok(KafkaSource {
         consumer,
-        records,
-        received: Vec::new().into_iter(),
+        handoff,
+        buffered: Vec::new(),
+        cursor: 0,
+        closed: HashSet::new(),
         control,
         revoked_at: HashMap::new(),
         closing,
+        poller: thread.thread().clone(),
         thread: Some(thread),
     })
 }
 
-/// Polls and hands records over. When the engine is at its in-flight limit the hand-off queue is
-/// full; the thread then stops polling so librdkafka's bounded prefetch queue fills and fetching
-/// stops by itself (no pause: pausing discards prefetched records). If that lasts longer than
-/// [`STALL_BEFORE_PAUSE`], it pauses the assignment and goes on polling, so rebalances are served
-/// and `max.poll.interval.ms` is never exceeded however slow the handlers are.
-fn poll_loop(consumer: Arc<WeirConsumer>, records: mpsc::Sender<Batch>, closing: Arc<AtomicBool>) {
-    // Polled records not handed over yet: the batch being filled, or a full one waiting for room.
-    let mut held: Batch = Vec::with_capacity(BATCH);
-    let mut full = false;
-    let mut stalled_since: Option<Instant> = None;
-    let mut paused: Option<TopicPartitionList> = None;
-    let mut names: Vec<Arc<str>> = Vec::new();
-    while !closing.load(Ordering::SeqCst) {
-        if full {
-            match records.try_send(std::mem::replace(&mut held, Vec::with_capacity(BATCH))) {
-                Ok(()) => full = false,
-                Err(TrySendError::Full(batch)) => held = batch,
-                Err(TrySendError::Closed(_)) => return close(consumer, records),
-            }
-        }
-        if !full {
-            stalled_since = None;
-            if let Some(tpl) = paused.take() {
-                let _ = consumer.resume(&tpl);
-                tracing::info!("Handlers caught up; fetching resumed.");
-            }
-        } else {
-            let since = *stalled_since.get_or_insert_with(Instant::now);
-            if paused.is_none() && since.elapsed() >= STALL_BEFORE_PAUSE {
-                if let Ok(tpl) = consumer.assignment() {
-                    let _ = consumer.pause(&tpl);
-                    paused = Some(tpl);
-                    tracing::warn!("Handlers are not keeping up; fetching paused so the consumer can keep polling.");
-                }
-            }
-            if paused.is_none() {
-                std::thread::sleep(STALL_NAP);
-                continue;
-            }
-        }
-        // An empty batch waits for records; a started one only takes what is ready now.
-        let wait = if full {
-            STALL_NAP
-        } else if held.is_empty() {
-            POLL_INTERVAL
-        } else {
-            Duration::ZERO
-        };
-        match consumer.poll(wait) {
-            None => full = !held.is_empty(),
-            Some(Ok(message)) => {
-                let epoch = consumer.context().epoch.load(Ordering::SeqCst);
-                held.push((epoch, to_inbound(&message, &mut names)));
-                full = full || held.len() >= BATCH;
-            }
-            // The context's error callback has logged it already (throttled).
-            Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
+/// A callback that wakes the poll thread (once it has started).
+fn wake(poller: &Arc<OnceLock<std::thread::Thread>>) -> impl Fn() + Send + Sync + 'static {
+    let poller = poller.clone();
+    move || {
+        if let Some(thread) = poller.get() {
+            thread.unpark();
         }
     }
-    close(consumer, records);
+}
+
+/// One assigned partition, as the poll thread feeds it.
+struct Feed {
+    tp: PartitionKey,
+    /// Its own queue; `None` if librdkafka would not split it (its records then come through
+    /// the main queue).
+    queue: Option<PartitionQueue<WeirContext>>,
+    /// Polled and not handed over yet.
+    held: Vec<Inbound>,
+    queued: Arc<AtomicUsize>,
+    /// Split again after a record of it came through the main queue.
+    resplit: bool,
+}
+
+/// Polls the main queue and each partition with room in its hand-off; sleeps when nothing
+/// moves, until librdkafka or the engine wakes it.
+fn poll_loop(
+    consumer: Arc<WeirConsumer>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+    closing: Arc<AtomicBool>,
+) {
+    let mut feeds: Vec<Feed> = Vec::new();
+    let mut names: Vec<Arc<str>> = Vec::new();
+    let poller = consumer.context().poller.clone();
+    while !closing.load(Ordering::SeqCst) {
+        #[cfg(test)]
+        if consumer.context().panic_next_turn.load(Ordering::SeqCst) {
+            panic!("injected poll-thread panic");
+        }
+        let mut moved = false;
+        // The main queue first and until it is empty: rebalances and commit answers, and the
+        // records a partition had fetched before it was split off. Draining those before its
+        // own queue is polled keeps the partition's records in offset order.
+        loop {
+            let polled = consumer.poll(Duration::ZERO);
+            apply_changes(&consumer, &mut feeds, &poller);
+            match polled {
+                None => break,
+                Some(Ok(message)) => {
+                    let inbound = to_inbound(&message, &mut names);
+                    if let Some(feed) = feeds
+                        .iter_mut()
+                        .find(|f| f.tp.1 == inbound.partition && f.tp.0 == inbound.topic)
+                    {
+                        if feed.queue.is_some() && !feed.resplit {
+                            // librdkafka may point the partition back at the main queue when
+                            // its fetching starts, after the split: split it again (once).
+                            // The old handle goes first: dropping it unhooks the wake-up
+                            // of the (same) underlying queue.
+                            feed.resplit = true;
+                            feed.queue = None;
+                            feed.queue = split(&consumer, &feed.tp, &poller);
+                        }
+                        feed.held.push(inbound);
+                    }
+                    moved = true;
+                }
+                // The context's error callback has logged it already (throttled).
+                Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
+            }
+        }
+        let epoch = consumer.context().epoch.load(Ordering::SeqCst);
+        for feed in &mut feeds {
+            if feed.queued.load(Ordering::Acquire) >= HANDOFF_BATCHES {
+                continue;
+            }
+            if let Some(queue) = &feed.queue {
+                while feed.held.len() < BATCH {
+                    match queue.poll(Duration::ZERO) {
+                        None => break,
+                        Some(Ok(message)) => feed.held.push(to_inbound(&message, &mut names)),
+                        Some(Err(error)) => {
+                            tracing::debug!(%error, "Kafka partition error; still polling.");
+                            break;
+                        }
+                    }
+                }
+            }
+            if feed.held.is_empty() {
+                continue;
+            }
+            feed.queued.fetch_add(1, Ordering::AcqRel);
+            let batch = Handoff {
+                tp: feed.tp.clone(),
+                epoch,
+                records: std::mem::replace(&mut feed.held, Vec::with_capacity(BATCH)),
+                queued: feed.queued.clone(),
+            };
+            if handoff.send(batch).is_err() {
+                // The engine has gone.
+                return close(feeds, consumer);
+            }
+            moved = true;
+        }
+        if !moved {
+            std::thread::park_timeout(POLL_INTERVAL);
+        }
+    }
+    close(feeds, consumer);
+}
+
+/// Applies the assignment changes the rebalance callbacks recorded: splits off the queues of
+/// assigned partitions, drops those of revoked ones (with whatever they held: never handed
+/// over, so never started, and the new owner fetches them from the committed offset).
+fn apply_changes(
+    consumer: &Arc<WeirConsumer>,
+    feeds: &mut Vec<Feed>,
+    poller: &Arc<OnceLock<std::thread::Thread>>,
+) {
+    let changes = std::mem::take(
+        &mut *consumer
+            .context()
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    for change in changes {
+        match change {
+            Change::Revoked(revoked) => {
+                feeds.retain(|f| !revoked.iter().any(|(t, p)| *p == f.tp.1 && **t == *f.tp.0))
+            }
+            Change::Assigned(assigned) => {
+                for (topic, partition) in assigned {
+                    if feeds
+                        .iter()
+                        .any(|f| f.tp.1 == partition && *f.tp.0 == *topic)
+                    {
+                        continue;
+                    }
+                    let tp = (Arc::from(topic.as_str()), partition);
+                    feeds.push(Feed {
+                        queue: split(consumer, &tp, poller),
+                        tp,
+                        held: Vec::with_capacity(BATCH),
+                        queued: Arc::new(AtomicUsize::new(0)),
+                        resplit: false,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The partition's own queue, waking the poll thread when it gets records.
+fn split(
+    consumer: &Arc<WeirConsumer>,
+    tp: &PartitionKey,
+    poller: &Arc<OnceLock<std::thread::Thread>>,
+) -> Option<PartitionQueue<WeirContext>> {
+    let queue = consumer.split_partition_queue(&tp.0, tp.1).map(|mut q| {
+        q.set_nonempty_callback(wake(poller));
+        q
+    });
+    if queue.is_none() {
+        tracing::warn!(topic = %tp.0, partition = tp.1, "Could not give the partition a queue of its own; its records come through the main queue.");
+    }
+    queue
 }
 
 /// Dropping the last handle closes the consumer: it leaves the group, so its partitions move to
-/// the other members at once instead of after the session timeout.
-fn close(consumer: Arc<WeirConsumer>, records: mpsc::Sender<Batch>) {
-    drop(records);
+/// the other members at once instead of after the session timeout. The partition queues go
+/// first: each holds a handle of the consumer.
+fn close(feeds: Vec<Feed>, consumer: Arc<WeirConsumer>) {
+    drop(feeds);
     drop(consumer);
 }
 
@@ -338,31 +520,60 @@ fn to_inbound(message: &BorrowedMessage<'_>, names: &mut Vec<Arc<str>>) -> Inbou
     }
 }
 
+/// Batches of one partition handed over and not yet taken by the engine.
+struct Buffered {
+    tp: PartitionKey,
+    batches: VecDeque<(std::vec::IntoIter<Inbound>, Arc<AtomicUsize>)>,
+}
+
 /// The engine's view of the Kafka consumer.
 pub(crate) struct KafkaSource {
     consumer: Arc<WeirConsumer>,
-    records: mpsc::Receiver<Batch>,
-    /// The rest of the last batch received.
-    received: std::vec::IntoIter<(u64, Inbound)>,
+    handoff: mpsc::UnboundedReceiver<Handoff>,
+    /// Records handed over and not yet taken, per partition.
+    buffered: Vec<Buffered>,
+    /// The partition the next record is taken from first.
+    cursor: usize,
+    /// Partitions the engine takes records of only while its pool has room.
+    closed: HashSet<PartitionKey>,
     control: mpsc::UnboundedReceiver<Control>,
     /// Epoch at which each partition was last revoked: records of it polled before then were
     /// never started and will be fetched again from the committed offset, so they are dropped.
     revoked_at: HashMap<Tp, u64>,
     closing: Arc<AtomicBool>,
+    poller: std::thread::Thread,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl KafkaSource {
-    /// Stops the poll thread and waits for the consumer to leave the group.
-    pub(crate) fn close(mut self) -> impl FnOnce() + Send {
+    /// Stops the poll thread and waits for the consumer to leave the group. Fails if the poll
+    /// thread panicked: the subscription then did not end cleanly, whatever the engine saw.
+    pub(crate) fn close(mut self) -> impl FnOnce() -> Result<(), BusError> + Send {
         self.closing.store(true, Ordering::SeqCst);
+        self.poller.unpark();
         let thread = self.thread.take();
         drop(self);
-        move || {
-            if let Some(thread) = thread {
-                let _ = thread.join();
-            }
+        move || match thread.map(std::thread::JoinHandle::join) {
+            Some(Err(panic)) => Err(BusError::Task(format!(
+                "the Kafka poll thread panicked: {}",
+                panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default()
+            ))),
+            _ => Ok(()),
         }
+    }
+
+    /// Makes the poll thread panic at its next turn.
+    #[cfg(test)]
+    pub(crate) fn panic_poll_thread(&self) {
+        self.consumer
+            .context()
+            .panic_next_turn
+            .store(true, Ordering::SeqCst);
+        self.poller.unpark();
     }
 
     fn tpl(tp: &Tp, offset: Offset) -> TopicPartitionList {
@@ -371,15 +582,7 @@ impl KafkaSource {
         let _ = tpl.add_partition_offset(&tp.0, tp.1, offset);
         tpl
     }
-}
 
-impl Drop for KafkaSource {
-    fn drop(&mut self) {
-        self.closing.store(true, Ordering::SeqCst);
-    }
-}
-
-impl KafkaSource {
     fn control_event(&mut self, control: Control) -> SourceEvent {
         match control {
             Control::Revoked {
@@ -389,32 +592,79 @@ impl KafkaSource {
             } => {
                 for tp in &partitions {
                     self.revoked_at.insert(tp.clone(), epoch);
+                    // Handed over and not taken: never started; the new owner has them.
+                    self.buffered
+                        .retain(|b| !(b.tp.1 == tp.1 && *b.tp.0 == *tp.0));
                 }
+                self.cursor = 0;
                 SourceEvent::Revoked { partitions, done }
             }
             Control::Assigned(partitions) => SourceEvent::Assigned(partitions),
         }
     }
 
-    /// The next record of the current batch that was not polled before its partition's revoke.
-    fn next_received(&mut self) -> Option<Inbound> {
-        for (epoch, inbound) in self.received.by_ref() {
-            let stale = !self.revoked_at.is_empty() && {
-                let tp = (inbound.topic.to_string(), inbound.partition);
-                self.revoked_at
-                    .get(&tp)
-                    .is_some_and(|revoked| epoch < *revoked)
+    /// Keeps a batch the poll thread handed over, unless it was polled before its partition's
+    /// last revoke.
+    fn receive(&mut self, batch: Handoff) {
+        let stale = !self.revoked_at.is_empty() && {
+            let tp = (batch.tp.0.to_string(), batch.tp.1);
+            self.revoked_at
+                .get(&tp)
+                .is_some_and(|revoked| batch.epoch < *revoked)
+        };
+        if stale {
+            return;
+        }
+        let entry = (batch.records.into_iter(), batch.queued);
+        match self.buffered.iter_mut().find(|b| b.tp == batch.tp) {
+            Some(buffered) => buffered.batches.push_back(entry),
+            None => self.buffered.push(Buffered {
+                tp: batch.tp,
+                batches: VecDeque::from([entry]),
+            }),
+        }
+    }
+
+    /// The next record of a partition the engine takes records of, round-robin by batch.
+    fn take(&mut self, pool_open: bool) -> Option<Inbound> {
+        let n = self.buffered.len();
+        for i in 0..n {
+            let at = (self.cursor + i) % n;
+            let buffered = &mut self.buffered[at];
+            let Some((batch, queued)) = buffered.batches.front_mut() else {
+                continue;
             };
-            if !stale {
-                return Some(inbound);
+            if !pool_open && !self.closed.is_empty() && self.closed.contains(&buffered.tp) {
+                continue;
+            }
+            let record = batch.next();
+            if batch.len() == 0 {
+                // The batch is taken: the partition's hand-off has room for another.
+                if queued.fetch_sub(1, Ordering::AcqRel) == HANDOFF_BATCHES {
+                    self.poller.unpark();
+                }
+                buffered.batches.pop_front();
+                self.cursor = at + 1;
+            } else {
+                self.cursor = at;
+            }
+            if record.is_some() {
+                return record;
             }
         }
         None
     }
 }
 
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.poller.unpark();
+    }
+}
+
 impl Source for KafkaSource {
-    async fn next(&mut self, want_records: bool) -> Option<SourceEvent> {
+    async fn next(&mut self, pool_open: bool) -> Option<SourceEvent> {
         loop {
             // Rebalances first, so no record of a revoked partition is taken after its revoke.
             match self.control.try_recv() {
@@ -422,26 +672,36 @@ impl Source for KafkaSource {
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
-            if want_records {
-                if let Some(inbound) = self.next_received() {
-                    return Some(SourceEvent::Record(inbound));
-                }
+            if let Some(inbound) = self.take(pool_open) {
+                return Some(SourceEvent::Record(inbound));
             }
             tokio::select! {
                 biased;
                 control = self.control.recv() => return Some(self.control_event(control?)),
-                batch = self.records.recv(), if want_records => {
-                    self.received = batch?.into_iter();
-                }
+                batch = self.handoff.recv() => self.receive(batch?),
             }
         }
     }
 
-    fn try_record(&mut self) -> Option<Inbound> {
+    fn try_record(&mut self, pool_open: bool) -> Option<Inbound> {
         if !self.control.is_empty() {
             return None;
         }
-        self.next_received()
+        loop {
+            if let Some(inbound) = self.take(pool_open) {
+                return Some(inbound);
+            }
+            let batch = self.handoff.try_recv().ok()?;
+            self.receive(batch);
+        }
+    }
+
+    fn set_open(&mut self, tp: &PartitionKey, open: bool) {
+        if open {
+            self.closed.remove(tp);
+        } else {
+            self.closed.insert(tp.clone());
+        }
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {
@@ -455,15 +715,65 @@ impl Source for KafkaSource {
         }
     }
 
-    async fn commit(&mut self, sync: bool) -> Result<(), BusError> {
+    /// The answer is counted by the context's `commit_callback` when the broker gives it.
+    async fn commit(&mut self, sync: bool) -> Option<Result<(), BusError>> {
         let result = if sync {
             let consumer = self.consumer.clone();
-            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
-                .await
-                .map_err(|e| BusError::Task(e.to_string()))?
+            match tokio::task::spawn_blocking(move || {
+                consumer.commit_consumer_state(CommitMode::Sync)
+            })
+            .await
+            {
+                Ok(result) => result,
+                Err(e) => return Some(Err(BusError::Task(e.to_string()))),
+            }
         } else {
             self.consumer.commit_consumer_state(CommitMode::Async)
         };
-        commit_result(result).map_err(|e| BusError::Transport(format!("commit: {e}")))
+        if let Err(error) = commit_result(result) {
+            // Not sent at all (no answer will come): the next commit carries these offsets.
+            tracing::debug!(%error, "Commit not sent.");
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(metrics: &Metrics) -> WeirContext {
+        WeirContext {
+            control: mpsc::unbounded_channel().0,
+            epoch: AtomicU64::new(0),
+            changes: Mutex::new(Vec::new()),
+            poller: Arc::default(),
+            metrics: metrics.clone(),
+            health: Health::default(),
+            errors: Throttle::new(Duration::from_secs(30)),
+            panic_next_turn: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_commit_the_broker_refuses_is_counted_as_a_failure() {
+        let metrics = Metrics::new();
+        let context = context(&metrics);
+        let offsets = TopicPartitionList::new();
+        context.commit_callback(
+            Err(KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::RebalanceInProgress,
+            )),
+            &offsets,
+        );
+        context.commit_callback(Ok(()), &offsets);
+        // Nothing was stored: nothing was committed, nothing to count.
+        context.commit_callback(
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)),
+            &offsets,
+        );
+        let count = |result| metrics.commits.with_label_values(&[result]).get();
+        assert_eq!(count("failure"), 1);
+        assert_eq!(count("success"), 1);
     }
 }

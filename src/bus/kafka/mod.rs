@@ -124,23 +124,101 @@ impl Bus for KafkaBus {
         )?;
         let metrics = self.inner.metrics.clone();
         let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
-        let stop = CancellationToken::new();
-        let engine = Engine::new(
+        Ok(run(
             source,
             dispatcher,
             Arc::new(self.clone()),
             config,
-            stop.clone(),
+            health,
+        ))
+    }
+}
+
+/// Runs the engine on a Kafka source. The subscription ends with the engine's report once the
+/// consumer has left the group, or with an error if the poll thread failed.
+fn run(
+    source: consumer::KafkaSource,
+    dispatcher: Arc<Dispatcher>,
+    dead_letters: Arc<dyn Publisher>,
+    config: ConsumerConfig,
+    health: Health,
+) -> Subscription {
+    let stop = CancellationToken::new();
+    let engine = Engine::new(
+        source,
+        dispatcher,
+        dead_letters,
+        config,
+        stop.clone(),
+        health.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let (report, source) = engine.run().await;
+        let close = source.close();
+        tokio::task::spawn_blocking(close)
+            .await
+            .map_err(|e| BusError::Task(e.to_string()))??;
+        Ok(report.into())
+    });
+    Subscription::new(stop, health, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contracts::{Event, EventType};
+    use crate::handlers::Ctx;
+    use crate::MemoryBus;
+
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct Ping {}
+
+    impl Event for Ping {
+        const TYPE: EventType = EventType::new("test.ping");
+        const TOPIC: &'static str = "pings";
+        fn key(&self) -> String {
+            String::new()
+        }
+    }
+
+    fn client() -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        // Nothing listens there: the consumer runs, polls and never connects.
+        config
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("group.id", "weir-test")
+            .set("enable.auto.offset.store", "false");
+        config
+    }
+
+    #[tokio::test]
+    async fn a_poll_thread_panic_is_reported_by_join() {
+        let metrics = Metrics::new();
+        let health = Health::default();
+        let source = consumer::start(
+            client(),
+            &["pings".to_owned()],
+            metrics.clone(),
             health.clone(),
+            |e| BusError::Transport(e.to_string()),
+        )
+        .expect("the consumer starts");
+        source.panic_poll_thread();
+        let router = Router::new().on(|_: Ping, _: Ctx| async { Ok(()) });
+        let dispatcher = Arc::new(Dispatcher::new(router, metrics, "weir-test"));
+        let subscription = run(
+            source,
+            dispatcher,
+            Arc::new(MemoryBus::default()),
+            ConsumerConfig::new("weir-test"),
+            health,
         );
-        let task = tokio::spawn(async move {
-            let (report, source) = engine.run().await;
-            let close = source.close();
-            tokio::task::spawn_blocking(close)
-                .await
-                .map_err(|e| BusError::Task(e.to_string()))?;
-            Ok(report.into())
-        });
-        Ok(Subscription::new(stop, health, task))
+        let result = tokio::time::timeout(std::time::Duration::from_secs(30), subscription.join())
+            .await
+            .expect("the subscription ends when its poll thread dies");
+        match result {
+            Err(BusError::Task(message)) => assert!(message.contains("panicked"), "{message}"),
+            other => panic!("a poll-thread panic ended the subscription as {other:?}"),
+        }
     }
 }

@@ -25,6 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use weir::schema::AsyncApi;
 use weir::seeds::{
     CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
     ResourceUpdated, TaskCreated, TaskProcessingRequested,
@@ -143,6 +144,21 @@ pub(crate) fn spawn_background(
     let mut jobs = tasks::spawn_background(services, stop.clone());
     jobs.extend(resources::spawn_background(services, stop));
     jobs
+}
+
+/// What the service says about itself in its contract document, beyond its router: what it
+/// is, and the events its API publishes through the outbox.
+pub(crate) fn describe(api: AsyncApi) -> AsyncApi {
+    api.description(
+        "Resources: uploads whose side effects (hashes, thumbnails, index) run in event \
+         handlers. Tasks: file processing started by the API, a person, a schedule or a \
+         webhook. Customers: events of the customer service, recorded.",
+    )
+    .publishes::<TaskCreated>()
+    .publishes::<TaskProcessingRequested>()
+    .publishes::<ResourceCreated>()
+    .publishes::<ResourceUpdated>()
+    .publishes::<ResourceDeleted>()
 }
 
 fn recording_router(r: &Recorder) -> Router {
