@@ -258,6 +258,29 @@ impl RecordTaskPanicked<'_> {
     }
 }
 
+/// A partition's hand-off to the engine stayed full for a while (its handlers are not keeping
+/// up, so its fetching has stopped at librdkafka's prefetch limit), or has room again.
+pub(crate) struct PartitionHeldBack<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) held: bool,
+}
+
+impl PartitionHeldBack<'_> {
+    pub(crate) fn emit(&self) {
+        let (topic, partition) = (self.topic, self.partition);
+        if self.held {
+            warn!(topic, partition,
+                  "Handlers are not keeping up; the partition's hand-off is full, so its fetching stops at the prefetch limit (other partitions go on).");
+        } else {
+            info!(
+                topic,
+                partition, "Handlers caught up; the partition's records flow again."
+            );
+        }
+    }
+}
+
 pub(crate) struct InFlight(pub(crate) usize);
 
 impl InFlight {

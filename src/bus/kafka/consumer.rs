@@ -23,7 +23,8 @@ use crate::bus::engine::{PartitionKey, Source, SourceEvent, Tp};
 use crate::bus::BusError;
 use crate::handlers::Inbound;
 use crate::telemetry::events::{
-    BrokerReachability, ConsumerLag, KafkaClientError, OffsetsCommitted, Throttle,
+    BrokerReachability, ConsumerLag, KafkaClientError, OffsetsCommitted, PartitionHeldBack,
+    Throttle,
 };
 use crate::telemetry::{Health, Metrics};
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -42,12 +43,17 @@ use tokio::sync::{mpsc, oneshot};
 /// (and at most one wake-up of the engine) per batch rather than per record. A batch is sent as
 /// soon as librdkafka has nothing more ready for its partition, so batching adds no latency.
 const BATCH: usize = 128;
+/// A batch also ends at this many bytes of values, so large records do not make a partition's
+/// hand-off the biggest buffer in the process (librdkafka's prefetch is bounded in bytes too).
+const BATCH_BYTES: usize = 128 * 1024;
 /// Batches of one partition handed over and not yet taken by the engine. Small: the engine's
 /// in-flight limits, not this buffer, bound memory; librdkafka keeps its own prefetch queue.
-const HANDOFF_BATCHES: usize = 4;
+const HANDOFF_BATCHES: usize = 2;
 /// The longest the poll thread sleeps when nothing moves; librdkafka and the engine wake it
 /// sooner when a queue gets records or a hand-off gets room.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// A hand-off full this long is worth a warning: the partition's handlers are not keeping up.
+const HELD_BACK_WARNING: Duration = Duration::from_secs(10);
 
 enum Control {
     Revoked {
@@ -302,7 +308,7 @@ pub(crate) fn start(
             .map_err(|e| BusError::Transport(format!("cannot start the poll thread: {e}")))?
     };
     Ok(KafkaSource {
-        consumer,
+        consumer: OffRuntime(Some(consumer)),
         handoff,
         buffered: Vec::new(),
         cursor: 0,
@@ -336,6 +342,9 @@ struct Feed {
     queued: Arc<AtomicUsize>,
     /// Split again after a record of it came through the main queue.
     resplit: bool,
+    /// Since when the hand-off has been full, and whether that was logged.
+    full_since: Option<std::time::Instant>,
+    warned: bool,
 }
 
 /// Polls the main queue and each partition with room in its hand-off; sleeps when nothing
@@ -388,13 +397,37 @@ fn poll_loop(
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
         for feed in &mut feeds {
             if feed.queued.load(Ordering::Acquire) >= HANDOFF_BATCHES {
+                let since = *feed.full_since.get_or_insert_with(std::time::Instant::now);
+                if !feed.warned && since.elapsed() >= HELD_BACK_WARNING {
+                    feed.warned = true;
+                    PartitionHeldBack {
+                        topic: &feed.tp.0,
+                        partition: feed.tp.1,
+                        held: true,
+                    }
+                    .emit();
+                }
                 continue;
             }
+            feed.full_since = None;
+            if std::mem::take(&mut feed.warned) {
+                PartitionHeldBack {
+                    topic: &feed.tp.0,
+                    partition: feed.tp.1,
+                    held: false,
+                }
+                .emit();
+            }
             if let Some(queue) = &feed.queue {
-                while feed.held.len() < BATCH {
+                let mut bytes: usize = feed.held.iter().map(value_len).sum();
+                while feed.held.len() < BATCH && bytes < BATCH_BYTES {
                     match queue.poll(Duration::ZERO) {
                         None => break,
-                        Some(Ok(message)) => feed.held.push(to_inbound(&message, &mut names)),
+                        Some(Ok(message)) => {
+                            let inbound = to_inbound(&message, &mut names);
+                            bytes += value_len(&inbound);
+                            feed.held.push(inbound);
+                        }
                         Some(Err(error)) => {
                             tracing::debug!(%error, "Kafka partition error; still polling.");
                             break;
@@ -423,6 +456,10 @@ fn poll_loop(
         }
     }
     close(feeds, consumer);
+}
+
+fn value_len(inbound: &Inbound) -> usize {
+    inbound.value.as_ref().map_or(0, Vec::len)
 }
 
 /// Applies the assignment changes the rebalance callbacks recorded: splits off the queues of
@@ -460,6 +497,8 @@ fn apply_changes(
                         held: Vec::with_capacity(BATCH),
                         queued: Arc::new(AtomicUsize::new(0)),
                         resplit: false,
+                        full_since: None,
+                        warned: false,
                     });
                 }
             }
@@ -526,9 +565,33 @@ struct Buffered {
     batches: VecDeque<(std::vec::IntoIter<Inbound>, Arc<AtomicUsize>)>,
 }
 
+/// The engine's handle on the consumer. The drop of the last handle closes the consumer, which
+/// can run the rebalance callback, which blocks: that must never happen on a runtime thread,
+/// so a handle dropped there hands its `Arc` to a thread of its own.
+struct OffRuntime(Option<Arc<WeirConsumer>>);
+
+impl std::ops::Deref for OffRuntime {
+    type Target = Arc<WeirConsumer>;
+    fn deref(&self) -> &Arc<WeirConsumer> {
+        self.0.as_ref().expect("taken only when closing")
+    }
+}
+
+impl Drop for OffRuntime {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::Builder::new()
+                    .name("weir-kafka-close".to_owned())
+                    .spawn(move || drop(consumer));
+            }
+        }
+    }
+}
+
 /// The engine's view of the Kafka consumer.
 pub(crate) struct KafkaSource {
-    consumer: Arc<WeirConsumer>,
+    consumer: OffRuntime,
     handoff: mpsc::UnboundedReceiver<Handoff>,
     /// Records handed over and not yet taken, per partition.
     buffered: Vec<Buffered>,
@@ -548,10 +611,13 @@ pub(crate) struct KafkaSource {
 impl KafkaSource {
     /// Stops the poll thread and waits for the consumer to leave the group. Fails if the poll
     /// thread panicked: the subscription then did not end cleanly, whatever the engine saw.
+    /// Run the returned closure off the runtime (`spawn_blocking`): it waits, and the consumer
+    /// may be closed in it.
     pub(crate) fn close(mut self) -> impl FnOnce() -> Result<(), BusError> + Send {
         self.closing.store(true, Ordering::SeqCst);
         self.poller.unpark();
         let thread = self.thread.take();
+        let consumer = self.consumer.0.take();
         drop(self);
         move || match thread.map(std::thread::JoinHandle::join) {
             Some(Err(panic)) => Err(BusError::Task(format!(
@@ -562,7 +628,10 @@ impl KafkaSource {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default()
             ))),
-            _ => Ok(()),
+            _ => {
+                drop(consumer);
+                Ok(())
+            }
         }
     }
 
