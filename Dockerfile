@@ -15,10 +15,12 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 # librdkafka's `make libs` builds its C and C++ libraries: gcc and g++. Most of these are in the
-# rust image already; listing them keeps the build independent of its contents.
+# rust image already; listing them keeps the build independent of its contents. protoc: the
+# Temporal client's protobuf build (feature `temporal`).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc g++ make perl pkg-config libssl-dev zlib1g-dev \
+      protobuf-compiler \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # .dockerignore keeps target/, .tmp/, .git/ and charts/ out of the context.
@@ -27,7 +29,7 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked --bin weir \
+    cargo build --release --locked --bin weir --features temporal \
  && install -D -m 0755 target/release/weir /out/weir
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime

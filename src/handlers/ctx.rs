@@ -87,6 +87,17 @@ impl Ctx {
         Self::new(Arc::new(info), 1, Arc::from("detached"))
     }
 
+    /// The same context with a producer's trace context (unit tests of trace propagation).
+    #[cfg(all(test, feature = "temporal"))]
+    pub(crate) fn with_trace(self, trace: TraceContext) -> Self {
+        let info = RecordInfo {
+            record: self.record.record.clone(),
+            event: self.record.event.clone(),
+            trace: Some(trace),
+        };
+        Self::new(Arc::new(info), self.attempt, self.handler)
+    }
+
     /// The topic the record was read from.
     pub fn topic(&self) -> &str {
         &self.record.record.topic

@@ -251,6 +251,27 @@ impl DeadLetterFailed<'_> {
     }
 }
 
+/// A handler handed its event over to Temporal (`weir::temporal`).
+#[cfg(feature = "temporal")]
+pub(crate) struct WorkflowStartRequested<'a> {
+    pub(crate) event_id: Uuid,
+    pub(crate) workflow_id: &'a str,
+    /// The workflow id was taken already: a redelivered record, nothing new started.
+    pub(crate) duplicate: bool,
+}
+
+#[cfg(feature = "temporal")]
+impl WorkflowStartRequested<'_> {
+    pub(crate) fn emit(&self) {
+        if self.duplicate {
+            info!(event_id = %self.event_id, workflow_id = self.workflow_id,
+                  "Workflow already started for this event; not starting another.");
+        } else {
+            info!(event_id = %self.event_id, workflow_id = self.workflow_id, "Workflow started.");
+        }
+    }
+}
+
 /// A record's task panicked outside the handler's own catch (building or publishing a dead
 /// letter, say).
 pub(crate) struct RecordTaskPanicked<'a> {

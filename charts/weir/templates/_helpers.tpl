@@ -111,6 +111,17 @@ Fail the render on settings that contradict each other.
 {{- fail "set shutdown.drainTimeoutSeconds, not config.consumer.drain_timeout: the pod's terminationGracePeriodSeconds is derived from it" }}
 {{- end }}
 {{- end }}
+{{- if and .Values.worker.enabled (not .Values.temporal.address) }}
+{{- fail "worker.enabled needs temporal.address (the Temporal frontend the workers poll)" }}
+{{- end }}
+{{- if and .Values.worker.enabled (not .Values.database.existingSecret) }}
+{{- fail "worker.enabled needs database.existingSecret (the activities write the task rows)" }}
+{{- end }}
+{{- with .Values.config.temporal }}
+{{- if or (hasKey . "address") (hasKey . "namespace") (hasKey . "task_queue") (hasKey . "worker_in_serve") }}
+{{- fail "set temporal.address, temporal.namespace, temporal.taskQueue and worker.enabled, not config.temporal" }}
+{{- end }}
+{{- end }}
 {{- if and (or .Values.outboxRelay.enabled .Values.migration.enabled) (not .Values.database.existingSecret) }}
 {{- fail "outboxRelay and migration need database.existingSecret (a Secret holding the PostgreSQL URL)" }}
 {{- end }}
@@ -182,6 +193,16 @@ Weir's configuration as a map: `config` plus the `kafka` values and TLS file loc
 {{- $_ := set $kafka "brokers" .Values.kafka.brokers }}
 {{- if $properties }}{{ $_ := set $kafka "properties" $properties }}{{ end }}
 {{- $_ := set $config "kafka" $kafka }}
+{{- with .Values.temporal }}
+{{- if .address }}
+{{- $temporal := deepCopy (default dict (get $config "temporal")) }}
+{{- $_ := set $temporal "address" .address }}
+{{- $_ := set $temporal "namespace" .namespace }}
+{{- $_ := set $temporal "task_queue" .taskQueue }}
+{{- $_ := set $temporal "worker_in_serve" (not $.Values.worker.enabled) }}
+{{- $_ := set $config "temporal" $temporal }}
+{{- end }}
+{{- end }}
 {{- toJson $config }}
 {{- end }}
 

@@ -13,7 +13,7 @@ use weir::{ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
 /// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
 /// the service; a typo in the TOML file, by contrast, is an error.
-const SECTIONS: [&str; 13] = [
+const SECTIONS: [&str; 14] = [
     "brokers",
     "group_id",
     "kafka",
@@ -27,6 +27,7 @@ const SECTIONS: [&str; 13] = [
     "http",
     "storage",
     "tasks",
+    "temporal",
 ];
 
 /// librdkafka property maps, read from the environment verbatim: their names contain dots (which
@@ -69,6 +70,8 @@ pub(crate) struct Settings {
     pub(crate) storage: crate::reference::resources::StorageSettings,
     /// Task processing and its triggers (`[tasks]`).
     pub(crate) tasks: crate::reference::tasks::TaskSettings,
+    /// Temporal, for task processing as a workflow (`[temporal]`, `WEIR_TEMPORAL__ADDRESS`).
+    pub(crate) temporal: crate::reference::tasks::TemporalSettings,
 }
 
 /// The reference service's HTTP API. It runs only when a database is configured: every route
@@ -182,6 +185,7 @@ impl Default for Settings {
             http: HttpSettings::default(),
             storage: Default::default(),
             tasks: Default::default(),
+            temporal: Default::default(),
         }
     }
 }
@@ -232,6 +236,8 @@ impl Settings {
             storage: self.storage.clone(),
             tasks: self.tasks.clone(),
             max_attempts: self.retry.maximum_attempts,
+            retry: self.retry.clone(),
+            temporal: self.temporal.clone(),
         }
     }
 }
@@ -239,6 +245,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
@@ -311,6 +318,36 @@ mod tests {
             assert_eq!(settings.kafka.properties["sasl.password"], "0123");
             assert_eq!(settings.kafka.properties["security.protocol"], "SASL_SSL");
             assert_eq!(settings.consumer.max_in_flight, 64);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_temporal_settings_with_their_defaults_and_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                settings.temporal.address(),
+                None,
+                "no Temporal unless configured"
+            );
+            assert_eq!(settings.temporal.namespace, "default");
+            assert_eq!(settings.temporal.task_queue, "weir-tasks");
+            assert_eq!(settings.temporal.initial_interval, Duration::from_secs(1));
+            assert_eq!(settings.temporal.backoff_coefficient, 2.0);
+            assert_eq!(settings.temporal.maximum_interval, Duration::from_secs(300));
+            assert_eq!(settings.temporal.maximum_attempts, 3);
+            assert_eq!(settings.temporal.start_to_close, Duration::from_secs(1800));
+            jail.set_env("WEIR_TEMPORAL__ADDRESS", "temporal:7233");
+            jail.set_env("WEIR_TEMPORAL__NAMESPACE", "tasks");
+            jail.set_env("WEIR_TEMPORAL__TASK_QUEUE", "q");
+            jail.set_env("WEIR_TEMPORAL__MAXIMUM_ATTEMPTS", "5");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.temporal.address(), Some("temporal:7233"));
+            assert_eq!(settings.temporal.namespace, "tasks");
+            assert_eq!(settings.temporal.task_queue, "q");
+            assert_eq!(settings.temporal.maximum_attempts, 5);
             Ok(())
         });
     }

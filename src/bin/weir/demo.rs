@@ -33,7 +33,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         initial_interval: Duration::from_millis(50),
         ..RetryPolicy::default()
     };
-    let router = reference::router(&Recorder::default(), None).retry(retry);
+    let router = reference::router(&Recorder::default(), None)?.retry(retry);
     let subscription = bus.subscribe(router, ConsumerConfig::new("weir-demo"))?;
 
     let task = |entity: &str| {

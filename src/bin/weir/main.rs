@@ -25,6 +25,7 @@ mod serve;
 mod telemetry;
 #[cfg(feature = "bench")]
 mod upload_bench;
+mod worker;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -71,6 +72,9 @@ enum Command {
     /// One look at a consumer group: members, committed offsets and lag, dead letters, parked
     /// records and the outbox.
     Inspect(inspect::InspectArgs),
+    /// Run the Temporal worker of task processing alone until SIGTERM/SIGINT (needs
+    /// [temporal] address and [database] url).
+    Worker,
     /// The service's contracts as documents (AsyncAPI 3.0, JSON Schema) and the check CI runs.
     Schema(schema::SchemaArgs),
 }
@@ -116,6 +120,12 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(true)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             outbox_relay::run(settings, stop).await
+        }
+        Command::Worker => {
+            let stop = stop_on_signal()?;
+            let _telemetry = telemetry::init(true)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            worker::run(settings, stop).await
         }
         Command::Schema(args) => {
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;

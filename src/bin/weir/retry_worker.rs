@@ -21,7 +21,7 @@ pub(crate) fn worker(
 ) -> anyhow::Result<ParkedWorker> {
     let recorder = Recorder::open(settings.service.record_file.as_deref())
         .context("cannot open service.record_file")?;
-    let router = reference::router(&recorder, Some(services))
+    let router = reference::router(&recorder, Some(services))?
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
     Ok(ParkedWorker::new(

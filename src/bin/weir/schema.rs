@@ -57,7 +57,7 @@ fn document(settings: &Settings) -> anyhow::Result<Document> {
         pool: sqlx::postgres::PgPoolOptions::new().connect_lazy(url)?,
         settings: Arc::new(settings.reference()),
     };
-    let router = reference::router(&Recorder::default(), Some(&services));
+    let router = reference::router(&Recorder::default(), Some(&services))?;
     let dead_letters = settings.consumer.dead_letter.clone();
     let api = AsyncApi::new("Weir reference service", env!("CARGO_PKG_VERSION"))
         .consumer_group(settings.consumer.group_id.as_str())

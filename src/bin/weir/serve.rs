@@ -2,7 +2,8 @@
 //!
 //! Without a database it consumes the seed topics with the recording handlers only. With one
 //! (`[database] url`) it is the whole service: the resource and task handlers, the HTTP API, the
-//! schedule and (unless `service.relay = false`) the outbox relay.
+//! schedule, (unless `service.relay = false`) the outbox relay, and with `[temporal] address`
+//! (unless `temporal.worker_in_serve = false`) the Temporal worker of task processing.
 
 use crate::config::Settings;
 use crate::reference::{self, Recorder, Services};
@@ -34,6 +35,8 @@ struct Running {
     subscription: weir::Subscription,
     services: Option<Services>,
     jobs: Vec<JoinHandle<()>>,
+    /// The Temporal worker's thread, when it runs here.
+    worker: Option<crate::worker::WorkerThread>,
     stop: CancellationToken,
 }
 
@@ -56,7 +59,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let metrics = Metrics::new();
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
-    let mut router = reference::router(&recorder, services.as_ref())
+    let mut router = reference::router(&recorder, services.as_ref())?
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
     // Durable retries need the database: without one, [retry.durable] has nowhere to park and
@@ -95,7 +98,11 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         }
     }));
     let mut http_addr = None;
+    let mut worker = None;
     if let Some(services) = &services {
+        if settings.temporal.address().is_some() && settings.temporal.worker_in_serve {
+            worker = Some(crate::worker::spawn(services, stop.clone())?);
+        }
         let listener = tokio::net::TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
@@ -137,6 +144,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         subscription,
         services,
         jobs,
+        worker,
         stop,
     })
 }
@@ -147,6 +155,7 @@ impl Running {
             subscription,
             services,
             jobs,
+            worker,
             stop,
         } = self;
         let token = subscription.shutdown_token();
@@ -159,6 +168,9 @@ impl Running {
         stop.cancel();
         for job in jobs {
             let _ = job.await;
+        }
+        if let Some(worker) = worker {
+            crate::worker::join(worker).await;
         }
         if let Some(services) = services {
             services.pool.close().await;

@@ -28,6 +28,11 @@ pub(crate) struct ReferenceSettings {
     pub(crate) tasks: TaskSettings,
     /// `[retry] maximum_attempts`: a task run knows its last attempt by it.
     pub(crate) max_attempts: u32,
+    /// `[retry]`: the start handlers of task workflows take its intervals, without its limit.
+    #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
+    pub(crate) retry: weir::RetryPolicy,
+    /// `[temporal]`: with an address, tasks are processed as Temporal workflows.
+    pub(crate) temporal: super::tasks::TemporalSettings,
 }
 
 /// An API error: a status, a stable machine-readable kind and a message for people.

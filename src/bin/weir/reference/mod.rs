@@ -133,12 +133,12 @@ fn customer<T: 'static>(
 }
 
 /// The router of the reference service: the recording handlers, and with a database the
-/// resource and task handlers.
-pub(crate) fn router(r: &Recorder, services: Option<&Services>) -> Router {
+/// resource and task handlers. Fails on a `[temporal]` section this build cannot honour.
+pub(crate) fn router(r: &Recorder, services: Option<&Services>) -> anyhow::Result<Router> {
     let router = recording_router(r);
     match services {
         Some(services) => tasks::handlers(resources::handlers(router, services), services),
-        None => router,
+        None => Ok(router),
     }
 }
 

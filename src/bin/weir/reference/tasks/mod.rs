@@ -8,7 +8,10 @@
 //!   every trigger asks for processing (a `task.processing_requested` through the outbox);
 //! - `process`: the handler of `task.created` and `task.processing_requested`;
 //! - `source`: opening and streaming the file (`file://`, a path, `http://`);
-//! - `parse`: record formats (CSV, JSON lines) and the validation rule of each entity type.
+//! - `parse`: record formats (CSV, JSON lines) and the validation rule of each entity type;
+//! - `temporal` (feature `temporal`): the same processing as a Temporal workflow, started by
+//!   the handlers when `[temporal] address` is set; its activities reuse `process`, `source`
+//!   and `parse`.
 //!
 //! The triggers never import `process`: they write an event, and the handler runs wherever the
 //! consumer group puts the task's key, the way seed 000 keeps the engine out of the API.
@@ -20,6 +23,8 @@ mod process;
 mod schedule;
 mod source;
 pub(crate) mod store;
+#[cfg(feature = "temporal")]
+pub(crate) mod temporal;
 mod webhook;
 
 use super::api::Services;
@@ -83,6 +88,70 @@ impl Default for TaskSettings {
     }
 }
 
+/// Where task processing runs when it runs on Temporal, and the activities' retry policy.
+/// Without `address`, tasks are processed inline by the Kafka handler.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct TemporalSettings {
+    /// The Temporal frontend, `host:port` or `http://host:port`. None: no Temporal.
+    pub(crate) address: Option<String>,
+    /// The namespace the task workflows run in.
+    pub(crate) namespace: String,
+    /// The task queue the handlers start workflows on and the worker polls.
+    pub(crate) task_queue: String,
+    /// Bounds connecting to the server; a start that cannot connect is retried by the consumer.
+    #[serde(with = "humantime_serde")]
+    pub(crate) connect_timeout: Duration,
+    /// The file activity's retry policy: first retry after this long...
+    #[serde(with = "humantime_serde")]
+    pub(crate) initial_interval: Duration,
+    /// ...each next one this many times longer...
+    pub(crate) backoff_coefficient: f64,
+    /// ...at most this long apart...
+    #[serde(with = "humantime_serde")]
+    pub(crate) maximum_interval: Duration,
+    /// ...and at most this many attempts in all (0: unlimited).
+    pub(crate) maximum_attempts: u32,
+    /// One attempt of an activity may run this long.
+    #[serde(with = "humantime_serde")]
+    pub(crate) start_to_close: Duration,
+    /// An attempt that has not heartbeated for this long is presumed lost (its worker died) and
+    /// retried from its last heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub(crate) heartbeat_timeout: Duration,
+    /// Records per file activity: the workflow's progress (its query) advances per chunk.
+    pub(crate) chunk_records: u64,
+    /// Run the worker inside `weir serve` (when `address` is set). Turn it off when workers run
+    /// as their own deployment (`weir worker`).
+    pub(crate) worker_in_serve: bool,
+}
+
+impl Default for TemporalSettings {
+    fn default() -> Self {
+        Self {
+            address: None,
+            namespace: "default".into(),
+            task_queue: "weir-tasks".into(),
+            connect_timeout: Duration::from_secs(5),
+            initial_interval: Duration::from_secs(1),
+            backoff_coefficient: 2.0,
+            maximum_interval: Duration::from_secs(5 * 60),
+            maximum_attempts: 3,
+            start_to_close: Duration::from_secs(30 * 60),
+            heartbeat_timeout: Duration::from_secs(30),
+            chunk_records: 10_000,
+            worker_in_serve: true,
+        }
+    }
+}
+
+impl TemporalSettings {
+    /// The address, if Temporal is configured.
+    pub(crate) fn address(&self) -> Option<&str> {
+        self.address.as_deref().filter(|a| !a.trim().is_empty())
+    }
+}
+
 /// Refuses a schedule cron cannot parse, so a typo stops the service at start.
 fn valid_schedule<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let schedule = Option::<String>::deserialize(d)?.filter(|s| !s.trim().is_empty());
@@ -119,8 +188,22 @@ pub(crate) fn routes(services: &Services) -> axum::Router {
     api::routes(services).merge(webhook::routes(services))
 }
 
-/// Registers the processing handler for both events that start it.
-pub(crate) fn handlers(router: weir::Router, services: &Services) -> weir::Router {
+/// Registers the processing handler for both events that start it: with `[temporal] address`,
+/// handlers that start `TaskProcessingWorkflow`; without, the inline processor.
+pub(crate) fn handlers(router: weir::Router, services: &Services) -> anyhow::Result<weir::Router> {
+    if services.settings.temporal.address().is_some() {
+        #[cfg(feature = "temporal")]
+        return temporal::handlers(router, &services.settings);
+        #[cfg(not(feature = "temporal"))]
+        anyhow::bail!(
+            "[temporal] address is set, but this weir was built without the `temporal` feature"
+        );
+    }
+    Ok(inline_handlers(router, services))
+}
+
+/// The inline processor on both events (no Temporal).
+fn inline_handlers(router: weir::Router, services: &Services) -> weir::Router {
     let processor = process::Processor::new(services);
     let created = processor.clone();
     router

@@ -140,6 +140,13 @@ impl RecordParser {
         }
     }
 
+    /// Whether the next non-blank line is a CSV header rather than a record: a run resuming
+    /// past lines it already counted still feeds the header through [`line`](Self::line).
+    #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
+    pub(super) fn expects_header(&self) -> bool {
+        self.format == Format::Csv && self.header.is_none()
+    }
+
     /// The verdict on the next line (its end of line included or not). `Err`: the file itself
     /// is unusable (a CSV header that is not text or lacks the rule's columns).
     pub(super) fn line(&mut self, raw: &[u8]) -> Result<Verdict, String> {

@@ -41,15 +41,29 @@ pub(super) struct Processor {
 
 /// How far a run got.
 #[derive(Debug, Default, Clone, Copy)]
-struct Counts {
-    good: i64,
-    bad: i64,
-    bytes_read: i64,
-    bytes_total: Option<i64>,
+pub(super) struct Counts {
+    pub(super) good: i64,
+    pub(super) bad: i64,
+    pub(super) bytes_read: i64,
+    pub(super) bytes_total: Option<i64>,
+}
+
+/// Where [`Processor::begin`] left a run.
+pub(super) enum Begun {
+    /// No such task.
+    UnknownTask,
+    /// This event's run already ended with `outcome`.
+    Finished { run: i64, outcome: String },
+    /// The run is on (the task row now names it); its file and entity type.
+    Running {
+        run: i64,
+        file_url: String,
+        entity_type: String,
+    },
 }
 
 /// Why a run stopped early.
-enum Failure {
+pub(super) enum Failure {
     /// The file can never be processed as it is.
     Permanent(String),
     /// Trying again may work.
@@ -95,49 +109,45 @@ impl Processor {
         }
     }
 
+    /// The HTTP client files are fetched with.
+    #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
+    pub(super) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// The task settings.
+    #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
+    pub(super) fn settings(&self) -> &TaskSettings {
+        &self.settings
+    }
+
     /// Processes the task `fields` names, as the run of `ctx`'s event.
     pub(super) async fn handle(&self, fields: TaskFields, ctx: Ctx) -> Result<(), HandlerError> {
         let task_id = fields.task_id;
-        // The row is the truth (a manual event may carry stale fields); the event names it.
-        let task: Option<(String, String)> =
-            sqlx::query_as("SELECT file_url, entity_type FROM tasks WHERE id = $1")
-                .bind(task_id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(HandlerError::retryable)?;
-        let Some((file_url, entity_type)) = task else {
-            return Err(
-                HandlerError::acknowledged(format!("no task {task_id}")).with_kind("unknown_task")
-            );
+        let begun = self
+            .begin(
+                task_id,
+                ctx.event_id(),
+                &ctx.event().event_type,
+                trigger_name(fields.triggered_by),
+            )
+            .await
+            .map_err(HandlerError::retryable)?;
+        let (run, file_url, entity_type) = match begun {
+            Begun::UnknownTask => {
+                return Err(HandlerError::acknowledged(format!("no task {task_id}"))
+                    .with_kind("unknown_task"))
+            }
+            Begun::Finished { run, outcome } => {
+                tracing::info!(task = %task_id, run, %outcome, "Run already finished; not redone.");
+                return Ok(());
+            }
+            Begun::Running {
+                run,
+                file_url,
+                entity_type,
+            } => (run, file_url, entity_type),
         };
-        let (run, outcome): (i64, Option<String>) = sqlx::query_as(
-            "INSERT INTO task_runs (task_id, event_id, event_type, triggered_by)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (event_id) DO UPDATE SET attempts = task_runs.attempts + 1
-             RETURNING id, outcome",
-        )
-        .bind(task_id)
-        .bind(ctx.event_id())
-        .bind(&ctx.event().event_type)
-        .bind(trigger_name(fields.triggered_by))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(HandlerError::retryable)?;
-        if let Some(outcome) = outcome {
-            tracing::info!(task = %task_id, run, %outcome, "Run already finished; not redone.");
-            return Ok(());
-        }
-        sqlx::query(
-            "UPDATE tasks SET status = 'processing', current_run = $2, processed_records = 0,
-                    good_records = 0, bad_records = 0, bytes_read = 0, bytes_total = NULL,
-                    error = NULL, started_at = now(), finished_at = NULL, updated_at = now()
-              WHERE id = $1",
-        )
-        .bind(task_id)
-        .bind(run)
-        .execute(&self.pool)
-        .await
-        .map_err(HandlerError::retryable)?;
 
         match self.count(task_id, run, &file_url, &entity_type).await {
             Ok(counts) => {
@@ -189,6 +199,57 @@ impl Processor {
         }
     }
 
+    /// Starts (or continues) the run of event `event_id` on task `task_id`: one `task_runs` row
+    /// per event, and the task row reset to `processing` with zero counts, unless that run
+    /// already finished. Shared by the inline handler and the Temporal activities.
+    pub(super) async fn begin(
+        &self,
+        task_id: Uuid,
+        event_id: Uuid,
+        event_type: &str,
+        triggered_by: &str,
+    ) -> Result<Begun, sqlx::Error> {
+        // The row is the truth (a manual event may carry stale fields); the event names it.
+        let task: Option<(String, String)> =
+            sqlx::query_as("SELECT file_url, entity_type FROM tasks WHERE id = $1")
+                .bind(task_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((file_url, entity_type)) = task else {
+            return Ok(Begun::UnknownTask);
+        };
+        let (run, outcome): (i64, Option<String>) = sqlx::query_as(
+            "INSERT INTO task_runs (task_id, event_id, event_type, triggered_by)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (event_id) DO UPDATE SET attempts = task_runs.attempts + 1
+             RETURNING id, outcome",
+        )
+        .bind(task_id)
+        .bind(event_id)
+        .bind(event_type)
+        .bind(triggered_by)
+        .fetch_one(&self.pool)
+        .await?;
+        if let Some(outcome) = outcome {
+            return Ok(Begun::Finished { run, outcome });
+        }
+        sqlx::query(
+            "UPDATE tasks SET status = 'processing', current_run = $2, processed_records = 0,
+                    good_records = 0, bad_records = 0, bytes_read = 0, bytes_total = NULL,
+                    error = NULL, started_at = now(), finished_at = NULL, updated_at = now()
+              WHERE id = $1",
+        )
+        .bind(task_id)
+        .bind(run)
+        .execute(&self.pool)
+        .await?;
+        Ok(Begun::Running {
+            run,
+            file_url,
+            entity_type,
+        })
+    }
+
     /// Reads the file and counts its records, writing progress every `progress_every` records.
     async fn count(
         &self,
@@ -226,7 +287,12 @@ impl Processor {
     }
 
     /// Writes the run's absolute counts so far.
-    async fn progress(&self, task_id: Uuid, run: i64, counts: Counts) -> Result<(), Failure> {
+    pub(super) async fn progress(
+        &self,
+        task_id: Uuid,
+        run: i64,
+        counts: Counts,
+    ) -> Result<(), Failure> {
         let updated = sqlx::query(
             "UPDATE tasks SET processed_records = $3, good_records = $4, bad_records = $5,
                     bytes_read = $6, bytes_total = $7, updated_at = now()
@@ -248,7 +314,7 @@ impl Processor {
     }
 
     /// Records the end of a run on the task and the run, in one transaction.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         task_id: Uuid,
         run: i64,
