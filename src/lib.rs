@@ -58,7 +58,7 @@
 //!   handlers through the dispatcher, and dead-letters like the engine).
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
-//! - [`temporal`] (feature `temporal`): a handler that starts a Temporal workflow per event, with
+//! - `temporal` (feature `temporal`, `weir::temporal`): a handler that starts a Temporal workflow per event, with
 //!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
 //!   contracts and handlers only).
 //! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
