@@ -39,7 +39,8 @@
 //!
 //! # Layout
 //! Dependencies point one way: `contracts` ← `telemetry` ← `handlers` ← `bus` ← `outbox`;
-//! `admin`, `testing` and `temporal` sit beside `bus` and use only what is below them.
+//! `admin` and `testing` use `bus` and what is below it; `temporal` and `schema` sit beside
+//! `bus` and use only `contracts` and `handlers`. Nothing here imports the binary.
 //!
 //! - `contracts`: the [`Event`] trait, the CloudEvents [`Envelope`], [`EventFactory`] and its
 //!   [`DecodeError`]. Depends on nothing else of Weir. The reference service's own events are

@@ -94,6 +94,7 @@ impl Ctx {
             record: self.record.record.clone(),
             event: self.record.event.clone(),
             trace: Some(trace),
+            child_spans: self.record.child_spans,
         };
         Self::new(Arc::new(info), self.attempt, self.handler)
     }
