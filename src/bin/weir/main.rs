@@ -16,6 +16,7 @@ mod demo;
 mod dlq;
 mod inspect;
 mod kafka_read;
+mod liveness;
 mod outbox_relay;
 mod publish;
 mod reference;

@@ -2,9 +2,6 @@
 //! replicas as you like; they share the work by key (see `weir::OutboxRelay`).
 
 use crate::config::Settings;
-use anyhow::Context as _;
-use axum::routing::get;
-use std::future::IntoFuture as _;
 use tokio_util::sync::CancellationToken;
 use weir::{KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
 
@@ -33,24 +30,11 @@ pub(crate) async fn run(
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
     let relay = OutboxRelay::new(pool.clone(), bus, settings.outbox.clone(), outbox_metrics);
 
-    // Metrics and liveness only: readiness is a consumer's notion (joined, broker up), and a
-    // relay that cannot publish shows in `weir_outbox_oldest_pending_age_seconds` instead.
-    let listener = tokio::net::TcpListener::bind(settings.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
-    let admin_addr = listener.local_addr()?;
-    let routes = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .route("/healthz", get(|| std::future::ready("ok")));
+    // Metrics and liveness only: a relay that cannot publish shows in
+    // `weir_outbox_oldest_pending_age_seconds`.
     let stop = CancellationToken::new();
-    let admin = tokio::spawn(
-        axum::serve(listener, routes)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let (admin_addr, admin) =
+        crate::liveness::serve(settings.admin_addr, metrics.clone(), stop.clone()).await?;
 
     tracing::info!(brokers = %settings.kafka.brokers, %admin_addr, config = ?settings.outbox, "Relaying the outbox.");
     let signal = stop.clone();

@@ -5,8 +5,6 @@
 use crate::config::Settings;
 use crate::reference::{self, Recorder, Services};
 use anyhow::Context as _;
-use axum::routing::get;
-use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use weir::{KafkaBus, Metrics, ParkedMetrics, ParkedStore, ParkedWorker};
@@ -49,22 +47,9 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let store = ParkedStore::new(pool.clone(), &settings.consumer.group_id);
     let worker = worker(&settings, &services, store, &bus, &metrics)?;
 
-    let listener = tokio::net::TcpListener::bind(settings.admin_addr)
-        .await
-        .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
-    let admin_addr = listener.local_addr()?;
-    let routes = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || std::future::ready(metrics.render())),
-        )
-        .route("/healthz", get(|| std::future::ready("ok")));
     let stop = CancellationToken::new();
-    let admin = tokio::spawn(
-        axum::serve(listener, routes)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let (admin_addr, admin) =
+        crate::liveness::serve(settings.admin_addr, metrics.clone(), stop.clone()).await?;
     tracing::info!(group = %settings.consumer.group_id, %admin_addr, "Retrying parked records.");
     let signal = stop.clone();
     tokio::spawn(async move {
