@@ -64,8 +64,8 @@ pub(crate) fn record(
     }
     OutboundRecord {
         topic,
-        key: rec.key.clone(),
-        value: rec.value.clone(),
+        key: rec.key.as_deref().map(<[u8]>::to_vec),
+        value: rec.value.as_deref().map(<[u8]>::to_vec),
         headers,
     }
 }

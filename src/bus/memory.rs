@@ -23,6 +23,7 @@ use crate::contracts::Headers;
 use crate::handlers::{Dispatcher, Inbound, Router};
 use crate::telemetry::events::OffsetsCommitted;
 use crate::telemetry::{Health, Metrics};
+use bytes::Bytes;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -72,8 +73,36 @@ pub struct StoredRecord {
 struct Log {
     /// Offset of `records[0]`.
     base: i64,
-    records: VecDeque<StoredRecord>,
+    records: VecDeque<Stored>,
 }
+
+/// A record in a partition's log. Its buffers are shared with the records handed to
+/// consumers, so reading one copies nothing.
+struct Stored {
+    partition: i32,
+    offset: i64,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Headers,
+    timestamp_ms: i64,
+}
+
+impl From<&Stored> for StoredRecord {
+    fn from(s: &Stored) -> Self {
+        Self {
+            partition: s.partition,
+            offset: s.offset,
+            key: s.key.as_deref().map(<[u8]>::to_vec),
+            value: s.value.as_deref().map(<[u8]>::to_vec),
+            headers: s.headers.clone(),
+            timestamp_ms: s.timestamp_ms,
+        }
+    }
+}
+
+/// Records a consumer takes from one partition under one lock of the bus: one lock, and one
+/// look for the next partition, per this many records rather than per record.
+const TAKE_BATCH: usize = 64;
 
 impl Log {
     fn end(&self) -> i64 {
@@ -210,7 +239,7 @@ impl MemoryBus {
             .get(topic)
             .map(|logs| {
                 logs.iter()
-                    .flat_map(|l| l.records.iter().cloned())
+                    .flat_map(|l| l.records.iter().map(StoredRecord::from))
                     .collect()
             })
             .unwrap_or_default()
@@ -246,15 +275,23 @@ impl MemoryBus {
         let timeout = self.inner.config.publish_timeout;
         let mut changes = self.inner.changed.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
+        // Taken over, not copied: the log keeps these very buffers.
+        let OutboundRecord {
+            topic,
+            key,
+            value,
+            headers,
+        } = record;
+        let (key, value) = (key.map(Bytes::from), value.map(Bytes::from));
         loop {
             changes.borrow_and_update();
-            match self.inner.try_append(&record) {
+            match self.inner.try_append(&topic, &key, &value, &headers) {
                 Ok(delivery) => return Ok(delivery),
                 Err(partition) => {
                     let wait = tokio::time::timeout_at(deadline, changes.changed()).await;
                     if !matches!(wait, Ok(Ok(()))) {
                         return Err(PublishError::QueueFull {
-                            topic: record.topic,
+                            topic,
                             partition,
                             waited: timeout,
                         });
@@ -284,18 +321,24 @@ impl Inner {
     }
 
     /// Appends, or returns the full partition.
-    fn try_append(&self, record: &OutboundRecord) -> Result<Delivery, i32> {
+    fn try_append(
+        &self,
+        topic: &str,
+        key: &Option<Bytes>,
+        value: &Option<Bytes>,
+        headers: &Headers,
+    ) -> Result<Delivery, i32> {
         let mut state = self.lock();
         let default_partitions = self.config.default_partitions.max(1);
-        if !state.topics.contains_key(&record.topic) {
+        if !state.topics.contains_key(topic) {
             state.topics.insert(
-                record.topic.clone(),
+                topic.to_owned(),
                 (0..default_partitions).map(|_| Log::default()).collect(),
             );
             state.changed_assignments();
         }
-        let logs = state.topics.get_mut(&record.topic).expect("inserted above");
-        let partition = match &record.key {
+        let logs = state.topics.get_mut(topic).expect("inserted above");
+        let partition = match key {
             Some(key) => (murmur2(key) & 0x7fff_ffff) % logs.len() as u32,
             None => fastrand::u32(..logs.len() as u32),
         } as i32;
@@ -304,18 +347,18 @@ impl Inner {
             return Err(partition);
         }
         let offset = log.end();
-        log.records.push_back(StoredRecord {
+        log.records.push_back(Stored {
             partition,
             offset,
-            key: record.key.clone(),
-            value: record.value.clone(),
-            headers: record.headers.clone(),
+            key: key.clone(),
+            value: value.clone(),
+            headers: headers.clone(),
             timestamp_ms: chrono::Utc::now().timestamp_millis(),
         });
         drop(state);
         self.bump();
         Ok(Delivery {
-            topic: record.topic.clone(),
+            topic: topic.to_owned(),
             partition,
             offset,
         })
@@ -445,6 +488,8 @@ impl Bus for MemoryBus {
             settled: None,
             assignments: self.inner.lock().assignments.clone(),
             releasing: None,
+            batch: VecDeque::with_capacity(TAKE_BATCH),
+            batch_of: None,
         };
         let metrics = self.inner.metrics.clone();
         let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
@@ -487,6 +532,12 @@ struct MemorySource {
     /// A revoke the engine has not answered yet: once it has, the partitions are committed
     /// and given up.
     releasing: Option<Releasing>,
+    /// Records taken from one partition's log and not yet handed to the engine, in offset
+    /// order, with that partition (as topic index and partition, and as the engine keys it).
+    /// Put back (the position rewound) whenever the engine stops taking that partition's
+    /// records or a rebalance is pending.
+    batch: VecDeque<Inbound>,
+    batch_of: Option<((usize, usize), PartitionKey)>,
 }
 
 /// The engine's answer to a revoke, and the partitions (topic index, partition) it revoked.
@@ -612,11 +663,31 @@ impl MemorySource {
         true
     }
 
+    /// Puts the taken records back: the partition's position goes back to the first of them.
+    fn unbatch(&mut self) {
+        if let Some((tp, _)) = self.batch_of.take() {
+            if let Some(first) = self.batch.front() {
+                self.positions.insert(tp, first.offset);
+            }
+            self.batch.clear();
+        }
+    }
+
     /// The next record of the first owned partition with one that the engine takes records of,
-    /// round-robin across partitions. None while a rebalance is pending, so it is handled first.
+    /// round-robin across partitions, a batch at a time. None while a rebalance is pending, so
+    /// it is handled first.
     fn try_next(&mut self, pool_open: bool) -> Option<Inbound> {
         if self.releasing.is_some() || self.unsettled() {
+            self.unbatch();
             return None;
+        }
+        if let Some((_, key)) = &self.batch_of {
+            if pool_open || self.closed.is_empty() || !self.closed.contains(key) {
+                if let Some(rec) = self.batch.pop_front() {
+                    return Some(rec);
+                }
+            }
+            self.unbatch();
         }
         let state = self.inner.lock();
         let counts: Vec<usize> = self
@@ -636,10 +707,8 @@ impl MemorySource {
             if !self.owned.contains(&(ti, p)) {
                 continue;
             }
-            if !pool_open
-                && !self.closed.is_empty()
-                && self.closed.contains(&(topic.clone(), p as i32))
-            {
+            let key = (topic.clone(), p as i32);
+            if !pool_open && !self.closed.is_empty() && self.closed.contains(&key) {
                 continue;
             }
             let log = &state.topics[&**topic][p];
@@ -650,11 +719,13 @@ impl MemorySource {
                     .copied();
                 committed.unwrap_or(log.base).max(log.base)
             });
-            if position < log.end() {
-                let stored = &log.records[(position - log.base) as usize];
-                self.positions.insert((ti, p), position + 1);
-                self.cursor = (self.cursor + i + 1) % n;
-                return Some(Inbound {
+            if position >= log.end() {
+                continue;
+            }
+            let from = (position - log.base) as usize;
+            let to = (from + TAKE_BATCH).min(log.records.len());
+            self.batch
+                .extend(log.records.range(from..to).map(|stored| Inbound {
                     topic: topic.clone(),
                     partition: stored.partition,
                     offset: stored.offset,
@@ -662,8 +733,12 @@ impl MemorySource {
                     value: stored.value.clone(),
                     headers: stored.headers.clone(),
                     timestamp_ms: Some(stored.timestamp_ms),
-                });
-            }
+                }));
+            self.positions
+                .insert((ti, p), position + (to - from) as i64);
+            self.cursor = (self.cursor + i + 1) % n;
+            self.batch_of = Some(((ti, p), key));
+            return self.batch.pop_front();
         }
         None
     }

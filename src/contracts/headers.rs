@@ -1,20 +1,34 @@
 use std::fmt;
+use std::sync::Arc;
+
+type List = Vec<(String, Vec<u8>)>;
 
 /// Record headers, in order, as Kafka carries them (a name may repeat).
 ///
-/// A small owned type so contracts and handlers never see a transport's header type.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, Vec<u8>)>);
+/// A small owned type so contracts and handlers never see a transport's header type. Shared
+/// on clone and copied on the first write after one: a record's headers are cloned on their
+/// way through the framework (the memory bus's log, retries, dead letters) far more often than
+/// they are changed, and a deep copy cost three allocations per record.
+#[derive(Clone, Default)]
+pub struct Headers(Option<Arc<List>>);
 
 impl Headers {
     /// No headers.
     pub fn new() -> Self {
-        Self(Vec::new())
+        Self(None)
+    }
+
+    fn list(&self) -> &[(String, Vec<u8>)] {
+        self.0.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn list_mut(&mut self) -> &mut List {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
     }
 
     /// Appends a header, keeping any earlier one of the same name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) {
-        self.0.push((name.into(), value.into()));
+        self.list_mut().push((name.into(), value.into()));
     }
 
     /// Builder form of [`insert`](Self::insert).
@@ -25,13 +39,14 @@ impl Headers {
 
     /// Replaces every header of this name by one with `value`.
     pub fn set(&mut self, name: &str, value: impl Into<Vec<u8>>) {
-        self.0.retain(|(n, _)| n != name);
-        self.0.push((name.to_owned(), value.into()));
+        let list = self.list_mut();
+        list.retain(|(n, _)| n != name);
+        list.push((name.to_owned(), value.into()));
     }
 
     /// The last value of a header (the one a later writer meant), if any.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.0
+        self.list()
             .iter()
             .rev()
             .find(|(n, _)| n == name)
@@ -45,17 +60,17 @@ impl Headers {
 
     /// All headers, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+        self.list().iter().map(|(n, v)| (n.as_str(), v.as_slice()))
     }
 
     /// How many headers there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.list().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.list().is_empty()
     }
 }
 
@@ -63,7 +78,7 @@ impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
             .entries(
-                self.0
+                self.list()
                     .iter()
                     .map(|(n, v)| (n, String::from_utf8_lossy(v).into_owned())),
             )
@@ -73,10 +88,19 @@ impl fmt::Debug for Headers {
 
 impl<N: Into<String>, V: Into<Vec<u8>>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
-        Self(
-            iter.into_iter()
-                .map(|(n, v)| (n.into(), v.into()))
-                .collect(),
-        )
+        let list: List = iter
+            .into_iter()
+            .map(|(n, v)| (n.into(), v.into()))
+            .collect();
+        Self((!list.is_empty()).then(|| Arc::new(list)))
     }
 }
+
+/// Equal when they hold the same headers in the same order, shared or not.
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.list() == other.list()
+    }
+}
+
+impl Eq for Headers {}

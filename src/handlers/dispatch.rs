@@ -33,8 +33,9 @@ pub(crate) struct Inbound {
     pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
-    pub(crate) key: Option<Vec<u8>>,
-    pub(crate) value: Option<Vec<u8>>,
+    /// Shared buffers: the memory bus hands out its log's bytes without copying them.
+    pub(crate) key: Option<bytes::Bytes>,
+    pub(crate) value: Option<bytes::Bytes>,
     pub(crate) headers: Headers,
     /// Broker or producer timestamp, milliseconds since the epoch.
     pub(crate) timestamp_ms: Option<i64>,

@@ -29,7 +29,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 /// Parked keys of one partition, by handler.
-type PartitionKeys = HashMap<String, HashSet<Option<Vec<u8>>>>;
+type PartitionKeys = HashMap<String, HashSet<Option<bytes::Bytes>>>;
 
 #[derive(Default)]
 struct Known {
@@ -76,7 +76,7 @@ impl ParkedStore {
         self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn remember(&self, handler: &str, topic: &str, partition: i32, key: Option<Vec<u8>>) {
+    fn remember(&self, handler: &str, topic: &str, partition: i32, key: Option<bytes::Bytes>) {
         self.known()
             .keys
             .entry(topic.to_owned())
@@ -101,7 +101,7 @@ impl ParkedStore {
         for row in rows {
             let handler: String = row.try_get("handler")?;
             let key: Option<Vec<u8>> = row.try_get("key")?;
-            self.remember(&handler, topic, partition, key);
+            self.remember(&handler, topic, partition, key.map(bytes::Bytes::from));
         }
         Ok(())
     }
@@ -362,8 +362,8 @@ impl ParkedWorker {
                     topic: Arc::from(topic),
                     partition: row.try_get("partition")?,
                     offset: row.try_get("offset")?,
-                    key: row.try_get("key")?,
-                    value: row.try_get("value")?,
+                    key: row.try_get::<Option<Vec<u8>>, _>("key")?.map(Into::into),
+                    value: row.try_get::<Option<Vec<u8>>, _>("value")?.map(Into::into),
                     headers: names.into_iter().zip(values).collect::<Headers>(),
                     timestamp_ms: row.try_get("timestamp_ms")?,
                 },

@@ -35,8 +35,8 @@ fn job(partition: i32, offset: i64, slow: bool) -> Inbound {
         topic: Arc::from("jobs"),
         partition,
         offset,
-        key: Some(envelope.key().into_bytes()),
-        value: Some(envelope.to_structured().expect("serializes")),
+        key: Some(envelope.key().into_bytes().into()),
+        value: Some(envelope.to_structured().expect("serializes").into()),
         headers: Headers::new().with("content-type", CLOUDEVENTS_CONTENT_TYPE),
         timestamp_ms: None,
     }

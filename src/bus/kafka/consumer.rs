@@ -459,7 +459,7 @@ fn poll_loop(
 }
 
 fn value_len(inbound: &Inbound) -> usize {
-    inbound.value.as_ref().map_or(0, Vec::len)
+    inbound.value.as_ref().map_or(0, bytes::Bytes::len)
 }
 
 /// Applies the assignment changes the rebalance callbacks recorded: splits off the queues of
@@ -552,8 +552,8 @@ fn to_inbound(message: &BorrowedMessage<'_>, names: &mut Vec<Arc<str>>) -> Inbou
         topic,
         partition: message.partition(),
         offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        value: message.payload().map(<[u8]>::to_vec),
+        key: message.key().map(bytes::Bytes::copy_from_slice),
+        value: message.payload().map(bytes::Bytes::copy_from_slice),
         headers,
         timestamp_ms: message.timestamp().to_millis(),
     }
