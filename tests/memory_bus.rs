@@ -231,3 +231,54 @@ async fn dropping_a_subscription_stops_it_and_it_leaves_its_group() {
     semantics::wait_committed(&h, &group, &topic, &ends).await;
     semantics::stop(next).await;
 }
+
+#[tokio::test]
+async fn committed_records_stay_readable_until_a_full_partition_needs_their_room() {
+    use weir::{Bus as _, ConsumerConfig, Headers, OutboundRecord, PublishError, Publisher as _};
+    let bus = MemoryBus::new(MemoryConfig {
+        default_partitions: 1,
+        capacity_per_partition: 2,
+        publish_timeout: Duration::from_millis(50),
+    });
+    let topic = "retention";
+    bus.create_topic(topic, 1);
+    let record = |n: u8| OutboundRecord {
+        topic: topic.to_owned(),
+        key: None,
+        value: Some(vec![n]),
+        headers: Headers::new(),
+    };
+    let values = |bus: &MemoryBus| -> Vec<u8> {
+        bus.records(topic)
+            .iter()
+            .map(|r| r.value.as_deref().unwrap()[0])
+            .collect()
+    };
+    bus.publish_record(record(0)).await.unwrap();
+    bus.publish_record(record(1)).await.unwrap();
+    let full = bus.publish_record(record(2)).await;
+    assert!(
+        matches!(full, Err(PublishError::QueueFull { .. })),
+        "nothing committed yet, so nothing makes room: {full:?}"
+    );
+    // A group reads both (they are not CloudEvents: dead-lettered) and commits them.
+    let router = weir::Router::new().on_with(
+        |_: weir::seeds::CustomerCreated, _: weir::Ctx| async { Ok(()) },
+        weir::HandlerOptions::new().topic(topic),
+    );
+    let subscription = bus.subscribe(router, ConsumerConfig::new("g")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bus.records(&format!("{topic}.dlq")).len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "both dead-lettered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    subscription.stop().await.unwrap();
+    assert_eq!(bus.committed("g", topic), HashMap::from([(0, 2)]));
+    assert_eq!(values(&bus), [0, 1], "committed, and still readable");
+    bus.publish_record(record(2)).await.unwrap();
+    assert_eq!(
+        values(&bus),
+        [2],
+        "the committed records made room for record 2"
+    );
+}

@@ -126,16 +126,22 @@ struct PartitionState {
     /// The tracker's position advanced since it was last handed to the source. Positions are
     /// handed over in batches, before each commit, not once per record.
     unstored: bool,
-    /// Ends the partition's retry backoffs and dead-letter retries (a child of the engine's
-    /// stop token): at a revoke, and at stop.
-    stop: CancellationToken,
-    /// Drops the partition's running record futures: at a revoke's deadline.
-    abort: CancellationToken,
+    /// The partition's stop and abort tokens, shared with its records' tasks: one reference
+    /// count per record rather than two tokens' (each clone of a token takes its tree's lock).
+    tokens: Arc<Tokens>,
     /// Being revoked: records that end unfinished now are redelivered to the new owner, not
     /// abandoned by this subscription.
     revoking: bool,
     /// Whether the source was last told this partition is below its share.
     open: bool,
+}
+
+struct Tokens {
+    /// Ends the partition's retry backoffs and dead-letter retries (a child of the engine's
+    /// stop token): at a revoke, and at stop.
+    stop: CancellationToken,
+    /// Drops the partition's running record futures: at a revoke's deadline.
+    abort: CancellationToken,
 }
 
 struct Completion {
@@ -329,8 +335,10 @@ impl<S: Source> Engine<S> {
                     ready: VecDeque::new(),
                     last_admitted: None,
                     unstored: false,
-                    stop,
-                    abort: CancellationToken::new(),
+                    tokens: Arc::new(Tokens {
+                        stop,
+                        abort: CancellationToken::new(),
+                    }),
                     revoking: false,
                     open: true,
                 },
@@ -430,22 +438,14 @@ impl<S: Source> Engine<S> {
         };
         if state.running < limit {
             state.running += 1;
-            let (generation, stop, abort) =
-                (state.generation, state.stop.clone(), state.abort.clone());
-            self.spawn(rec, lane, generation, stop, abort);
+            let (generation, tokens) = (state.generation, state.tokens.clone());
+            self.spawn(rec, lane, generation, tokens);
         } else {
             state.ready.push_back((rec, lane));
         }
     }
 
-    fn spawn(
-        &mut self,
-        rec: Inbound,
-        lane: Option<Lane>,
-        generation: u64,
-        stop: CancellationToken,
-        abort: CancellationToken,
-    ) {
+    fn spawn(&mut self, rec: Inbound, lane: Option<Lane>, generation: u64, tokens: Arc<Tokens>) {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
         // Shared, not copied: only a failing record needs the group and the dead-letter topic.
@@ -462,13 +462,14 @@ impl<S: Source> Engine<S> {
         };
         let aborted = completion(false);
         let done = completion(true);
+        let abort = tokens.clone();
         let task = async move {
             let handled = AssertUnwindSafe(handle(
                 &rec,
                 &dispatcher,
                 &*publisher,
                 &naming,
-                &stop,
+                &tokens.stop,
                 &task_span,
             ))
             .catch_unwind()
@@ -483,7 +484,15 @@ impl<S: Source> Engine<S> {
                         dead_lettering: true,
                     }
                     .emit();
-                    dead_letter_panic(&rec, message, &dispatcher, &*publisher, &naming, &stop).await
+                    dead_letter_panic(
+                        &rec,
+                        message,
+                        &dispatcher,
+                        &*publisher,
+                        &naming,
+                        &tokens.stop,
+                    )
+                    .await
                 }
             };
             Completion { is_final, ..done }
@@ -494,7 +503,7 @@ impl<S: Source> Engine<S> {
         let abortable = |task| async move {
             tokio::select! {
                 biased;
-                _ = abort.cancelled() => aborted,
+                _ = abort.abort.cancelled() => aborted,
                 done = task => done,
             }
         };
@@ -600,9 +609,8 @@ impl<S: Source> Engine<S> {
                 break;
             };
             state.running += 1;
-            let (generation, stop, abort) =
-                (state.generation, state.stop.clone(), state.abort.clone());
-            self.spawn(rec, lane, generation, stop, abort);
+            let (generation, tokens) = (state.generation, state.tokens.clone());
+            self.spawn(rec, lane, generation, tokens);
         }
     }
 
@@ -664,7 +672,7 @@ impl<S: Source> Engine<S> {
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.get_mut(tp) {
                 state.revoking = true;
-                state.stop.cancel();
+                state.tokens.stop.cancel();
             }
         }
         let deadline = Instant::now() + self.config.revoke_timeout;
@@ -684,7 +692,7 @@ impl<S: Source> Engine<S> {
                     tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; cancelling their running handlers, whose records will be redelivered.");
                     for tp in &revoked_keys {
                         if let Some(state) = self.partitions.get(tp) {
-                            state.abort.cancel();
+                            state.tokens.abort.cancel();
                         }
                     }
                     // Each aborted record future is dropped at its next poll and ends its task

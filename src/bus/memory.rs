@@ -7,6 +7,9 @@
 //! Bounded: a partition holds at most `capacity_per_partition` records not yet committed by
 //! every group that consumes it; publishing into a full partition waits for room up to
 //! `publish_timeout` and then fails with [`PublishError::QueueFull`]. Nothing is dropped.
+//! Like Kafka's retention, and unlike a queue, a commit does not delete: committed records stay
+//! readable ([`MemoryBus::records`]) until a publish needs their room. That also keeps freeing
+//! them off the consumer's path.
 //!
 //! Consumer groups: subscriptions with the same group share the partitions of their topics
 //! (partition `p` of a topic goes to member `p mod members`, members in joining order). When a
@@ -342,6 +345,10 @@ impl Inner {
             Some(key) => (murmur2(key) & 0x7fff_ffff) % logs.len() as u32,
             None => fastrand::u32(..logs.len() as u32),
         } as i32;
+        if logs[partition as usize].records.len() >= self.config.capacity_per_partition {
+            Self::trim(&mut state, topic);
+        }
+        let logs = state.topics.get_mut(topic).expect("inserted above");
         let log = &mut logs[partition as usize];
         if log.records.len() >= self.config.capacity_per_partition {
             return Err(partition);
@@ -364,7 +371,7 @@ impl Inner {
         })
     }
 
-    /// Drops records every reading group has committed, making room for publishers.
+    /// Drops records every reading group has committed, making room for a publisher.
     fn trim(state: &mut State, topic: &str) {
         let Some(groups) = state.readers.get(topic) else {
             return;
@@ -656,7 +663,6 @@ impl MemorySource {
             state
                 .committed
                 .insert((self.group.clone(), topic.clone(), partition), offset);
-            Inner::trim(&mut state, &topic);
         }
         drop(state);
         self.inner.bump();

@@ -308,6 +308,10 @@ fn check_spec_version(v: &str) -> Result<(), DecodeError> {
 }
 
 fn check_json_content_type(ct: &str) -> Result<(), DecodeError> {
+    // The type nearly every record carries, without splitting and trimming it first.
+    if ct == DATA_CONTENT_TYPE {
+        return Ok(());
+    }
     let essence = ct.split(';').next().unwrap_or_default().trim();
     if essence == DATA_CONTENT_TYPE
         || essence == CLOUDEVENTS_CONTENT_TYPE
