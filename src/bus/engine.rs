@@ -145,7 +145,7 @@ struct Tokens {
 }
 
 struct Completion {
-    tp: PartitionKey,
+    tp: PartKey,
     offset: i64,
     generation: u64,
     lane: Option<Lane>,
@@ -165,7 +165,11 @@ pub(crate) struct Engine<S: Source> {
     config: ConsumerConfig,
     stop: CancellationToken,
     health: Health,
-    partitions: HashMap<PartitionKey, PartitionState, FastHash>,
+    partitions: HashMap<PartKey, PartitionState, PartHash>,
+    /// The last topic a record came from and its hash: records share their topic's `Arc`, so
+    /// a topic name is hashed once, not once per record. Holding the `Arc` keeps its address
+    /// from being reused by another name.
+    last_topic: Option<(Arc<str>, u64)>,
     tasks: JoinSet<Completion>,
     in_flight: usize,
     /// Sum over partitions of `max(in_flight, share)`: at most `max_in_flight`, so every
@@ -225,9 +229,58 @@ fn inline_budget() -> std::time::Duration {
 /// Records taken per turn of the engine loop at most, so completions and commits get their turn.
 const BURST: usize = 256;
 
-fn partition_key(tp: &Tp) -> PartitionKey {
-    (Arc::from(tp.0.as_str()), tp.1)
+/// A partition as the engine's own maps key it: with its hash computed once, when a record is
+/// admitted, so the half-dozen lookups of its partition on the way to its completion hash a
+/// number instead of a topic name each time, and compare names only when the shared topic
+/// `Arc`s differ.
+#[derive(Clone)]
+struct PartKey {
+    hash: u64,
+    tp: PartitionKey,
 }
+
+impl std::ops::Deref for PartKey {
+    type Target = PartitionKey;
+    fn deref(&self) -> &PartitionKey {
+        &self.tp
+    }
+}
+
+impl PartialEq for PartKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && self.tp.1 == other.tp.1
+            && (Arc::ptr_eq(&self.tp.0, &other.tp.0) || self.tp.0 == other.tp.0)
+    }
+}
+
+impl Eq for PartKey {}
+
+impl std::hash::Hash for PartKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Passes a [`PartKey`]'s own hash through (already a foldhash, so well spread).
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PartHash = std::hash::BuildHasherDefault<PassThrough>;
 
 impl<S: Source> Engine<S> {
     pub(crate) fn new(
@@ -257,6 +310,7 @@ impl<S: Source> Engine<S> {
             naming,
             lane_hasher: Default::default(),
             finished_inline: Vec::new(),
+            last_topic: None,
             inline_cooldown: 0,
             inline_budget: inline_budget(),
             slow_polls: 0,
@@ -291,7 +345,8 @@ impl<S: Source> Engine<S> {
                     Some(SourceEvent::Assigned(partitions)) => {
                         Rebalanced { kind: "assign", partitions: &partitions }.emit(self.dispatcher.metrics());
                         for tp in &partitions {
-                            self.add_partition(partition_key(tp));
+                            let key = self.key_of_tp(tp);
+                            self.add_partition(key);
                         }
                     }
                 },
@@ -299,6 +354,26 @@ impl<S: Source> Engine<S> {
             self.settle_inline();
         }
         self.drain().await
+    }
+
+    /// The engine's key of a partition.
+    fn key_of(&mut self, topic: &Arc<str>, partition: i32) -> PartKey {
+        let topic_hash = match &self.last_topic {
+            Some((last, hash)) if Arc::ptr_eq(last, topic) => *hash,
+            _ => {
+                let hash = self.lane_hasher.hash_one(&**topic);
+                self.last_topic = Some((topic.clone(), hash));
+                hash
+            }
+        };
+        PartKey {
+            hash: topic_hash ^ (partition as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            tp: (topic.clone(), partition),
+        }
+    }
+
+    fn key_of_tp(&mut self, tp: &Tp) -> PartKey {
+        self.key_of(&Arc::from(tp.0.as_str()), tp.1)
     }
 
     /// Whether records may be taken beyond the partitions' shares.
@@ -320,7 +395,7 @@ impl<S: Source> Engine<S> {
 
     /// Adds the partition's state (with a fresh generation) if it is new; a new partition
     /// changes every partition's share.
-    fn add_partition(&mut self, key: PartitionKey) {
+    fn add_partition(&mut self, key: PartKey) {
         if !self.partitions.contains_key(&key) {
             self.generations += 1;
             let stop = self.stop.child_token();
@@ -369,7 +444,7 @@ impl<S: Source> Engine<S> {
             ProcessingOrder::Key => Some(self.lane_hasher.hash_one(rec.key.as_deref())),
             ProcessingOrder::Unordered => None,
         };
-        let key = (rec.topic.clone(), rec.partition);
+        let key = self.key_of(&rec.topic, rec.partition);
         if !self.partitions.contains_key(&key) {
             self.add_partition(key.clone());
         }
@@ -411,12 +486,12 @@ impl<S: Source> Engine<S> {
         self.in_flight += 1;
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
         if let Some(rec) = free {
-            self.start(rec, lane);
+            self.start(&key, rec, lane);
         }
     }
 
     /// Records of a partition left the engine (finished, or dropped unstarted).
-    fn release(&mut self, tp: &PartitionKey, count: usize) {
+    fn release(&mut self, tp: &PartKey, count: usize) {
         if let Some(state) = self.partitions.get_mut(tp) {
             release(
                 state,
@@ -431,21 +506,28 @@ impl<S: Source> Engine<S> {
     }
 
     /// Runs a record now if its partition has a free slot, else queues it for the next one.
-    fn start(&mut self, rec: Inbound, lane: Option<Lane>) {
+    fn start(&mut self, key: &PartKey, rec: Inbound, lane: Option<Lane>) {
         let limit = self.config.max_in_flight_per_partition;
-        let Some(state) = self.partitions.get_mut(&(rec.topic.clone(), rec.partition)) else {
+        let Some(state) = self.partitions.get_mut(key) else {
             return;
         };
         if state.running < limit {
             state.running += 1;
             let (generation, tokens) = (state.generation, state.tokens.clone());
-            self.spawn(rec, lane, generation, tokens);
+            self.spawn(key, rec, lane, generation, tokens);
         } else {
             state.ready.push_back((rec, lane));
         }
     }
 
-    fn spawn(&mut self, rec: Inbound, lane: Option<Lane>, generation: u64, tokens: Arc<Tokens>) {
+    fn spawn(
+        &mut self,
+        key: &PartKey,
+        rec: Inbound,
+        lane: Option<Lane>,
+        generation: u64,
+        tokens: Arc<Tokens>,
+    ) {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
         // Shared, not copied: only a failing record needs the group and the dead-letter topic.
@@ -455,7 +537,7 @@ impl<S: Source> Engine<S> {
         let rec = Arc::new(rec);
         let completion = |is_final| Completion {
             offset: rec.offset,
-            tp: (rec.topic.clone(), rec.partition),
+            tp: key.clone(),
             generation,
             lane,
             is_final,
@@ -598,7 +680,7 @@ impl<S: Source> Engine<S> {
             return;
         }
         if let Some(rec) = lane_next {
-            self.start(rec, done.lane);
+            self.start(&done.tp, rec, done.lane);
         }
         let limit = self.config.max_in_flight_per_partition;
         while let Some(state) = self.partitions.get_mut(&done.tp) {
@@ -610,12 +692,12 @@ impl<S: Source> Engine<S> {
             };
             state.running += 1;
             let (generation, tokens) = (state.generation, state.tokens.clone());
-            self.spawn(rec, lane, generation, tokens);
+            self.spawn(&done.tp, rec, lane, generation, tokens);
         }
     }
 
     /// Hands the positions that advanced since the last call to the source, before a commit.
-    fn store_positions(&mut self, matches: impl Fn(&PartitionKey) -> bool) {
+    fn store_positions(&mut self, matches: impl Fn(&PartKey) -> bool) {
         for (tp, state) in self.partitions.iter_mut() {
             if !state.unstored || !matches(tp) {
                 continue;
@@ -629,7 +711,7 @@ impl<S: Source> Engine<S> {
 
     /// Drops the waiting records of matching partitions; returns how many. Their offsets stay
     /// unfinished in the tracker, so nothing at or after them is committed.
-    fn drop_waiting(&mut self, matches: impl Fn(&PartitionKey) -> bool) -> usize {
+    fn drop_waiting(&mut self, matches: impl Fn(&PartKey) -> bool) -> usize {
         let mut dropped = Vec::new();
         for (tp, state) in self.partitions.iter_mut() {
             if !matches(tp) {
@@ -666,7 +748,7 @@ impl<S: Source> Engine<S> {
             partitions: revoked,
         }
         .emit(self.dispatcher.metrics());
-        let revoked_keys: Vec<PartitionKey> = revoked.iter().map(partition_key).collect();
+        let revoked_keys: Vec<PartKey> = revoked.iter().map(|tp| self.key_of_tp(tp)).collect();
         // Records that have not started go to the new owner; so do those waiting for a retry.
         self.drop_waiting(|tp| revoked_keys.contains(tp));
         for tp in &revoked_keys {
@@ -757,7 +839,10 @@ impl<S: Source> Engine<S> {
         let mut committed: Vec<(String, i32, i64)> = self
             .partitions
             .iter()
-            .filter_map(|((t, p), s)| s.tracker.committable().map(|o| (t.to_string(), *p, o)))
+            .filter_map(|(key, s)| {
+                let (t, p) = &key.tp;
+                s.tracker.committable().map(|o| (t.to_string(), *p, o))
+            })
             .collect();
         committed.sort();
         InFlight(0).emit(self.dispatcher.metrics());

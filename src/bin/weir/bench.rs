@@ -334,7 +334,9 @@ fn io_device() -> &'static IoDevice {
                 loop {
                     let next = pending.keys().next().map(|(at, _): &(Instant, u64)| *at);
                     let call = match next {
-                        None => pending_calls.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                        None => pending_calls
+                            .recv()
+                            .map_err(|_| RecvTimeoutError::Disconnected),
                         Some(at) => {
                             pending_calls.recv_timeout(at.saturating_duration_since(Instant::now()))
                         }
