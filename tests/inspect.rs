@@ -286,8 +286,36 @@ async fn inspect_fails_for_a_group_that_does_not_exist() {
     assert!(err.contains("does not exist"), "{err}");
 }
 
+/// Parks a row for `group` as a consumer would: `key` (or none) at `offset`, parked `age` ago,
+/// with `attempts` calls so far and its next attempt `next_in` from now.
+async fn park(
+    db: &TestDb,
+    group: &str,
+    key: Option<&str>,
+    offset: i64,
+    attempts: i32,
+    age: &str,
+    next_in: &str,
+) {
+    sqlx::query(
+        "INSERT INTO weir_parked (group_id, handler, topic, partition, \"offset\", key, value, \
+         attempts, parked_at, next_attempt_at) \
+         VALUES ($1, 'reserve_stock', 'orders', 1, $2, $3, '\\x7b7d', $4, \
+                 now() - $5::interval, now() + $6::interval)",
+    )
+    .bind(group)
+    .bind(offset)
+    .bind(key.map(str::as_bytes))
+    .bind(attempts)
+    .bind(age)
+    .bind(next_in)
+    .execute(db.pool())
+    .await
+    .expect("parked row");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inspect_with_a_database_reports_the_outbox_backlog() {
+async fn inspect_with_a_database_reports_the_outbox_backlog_and_the_oldest_parked_keys() {
     let broker = Tansu::start_memory();
     let topic = unique("orders");
     broker.create_topic(&topic, 1);
@@ -308,6 +336,52 @@ async fn inspect_with_a_database_reports_the_outbox_backlog() {
         .await
         .expect("outbox row");
     }
+    // 24 parked keys, 26 records: a record without a key, parked longest; k-0 with three
+    // records, its head retried 6 times and next tried in 40 s; k-1 to k-22 one each, each
+    // parked 10 s less long than the one before, their heads due. Another group's row is not
+    // this group's.
+    park(&db, &group, None, 1, 3, "1000 seconds", "0 seconds").await;
+    for (offset, age) in [(10, 300), (11, 250), (12, 10)] {
+        let (attempts, next) = if offset == 10 {
+            (6, "40 seconds")
+        } else {
+            (0, "0 seconds")
+        };
+        park(
+            &db,
+            &group,
+            Some("k-0"),
+            offset,
+            attempts,
+            &format!("{age} seconds"),
+            next,
+        )
+        .await;
+    }
+    for i in 1..=22 {
+        let age = format!("{} seconds", 300 - 10 * i);
+        park(
+            &db,
+            &group,
+            Some(&format!("k-{i}")),
+            100 + i,
+            3,
+            &age,
+            "-5 seconds",
+        )
+        .await;
+    }
+    park(
+        &db,
+        "another-group",
+        Some("k-0"),
+        500,
+        3,
+        "2000 seconds",
+        "0 seconds",
+    )
+    .await;
+
     let dir = TestDir::new("weir-inspect-db");
     let env = [("WEIR_DATABASE__URL", db.url())];
     let report = eventually("the group to commit", Duration::from_secs(60), || {
@@ -337,6 +411,70 @@ async fn inspect_with_a_database_reports_the_outbox_backlog() {
     assert_eq!(report["outbox"]["pending"], 2, "{report}");
     let age = report["outbox"]["oldest_age_seconds"].as_f64().unwrap();
     assert!((90.0..3600.0).contains(&age), "{report}");
+
+    // The totals count every key; the listing shows the 20 parked longest, oldest first.
+    let parked = &report["parked"];
+    assert_eq!(parked["records"], 26, "{parked}");
+    assert_eq!(parked["keys"], 24, "{parked}");
+    let by_key = parked["by_key"].as_array().expect("by_key");
+    let keys: Vec<Option<&str>> = by_key.iter().map(|k| k["key"].as_str()).collect();
+    let mut expected = vec![None, Some("k-0".to_owned())];
+    expected.extend((1..=18).map(|i| Some(format!("k-{i}"))));
+    assert_eq!(
+        keys,
+        expected.iter().map(Option::as_deref).collect::<Vec<_>>(),
+        "{parked}"
+    );
+    let k0 = &by_key[1];
+    assert_eq!(k0["topic"], "orders");
+    assert_eq!(k0["partition"], 1);
+    assert_eq!(k0["handler"], "reserve_stock");
+    assert_eq!(k0["records"], 3, "{k0}");
+    assert_eq!(k0["head_offset"], 10, "{k0}");
+    assert_eq!(k0["head_attempts"], 6, "{k0}");
+    let oldest = k0["oldest_age_seconds"].as_f64().unwrap();
+    assert!((300.0..400.0).contains(&oldest), "{k0}");
+    let next = k0["next_attempt_in_seconds"].as_f64().unwrap();
+    assert!(next > 0.0 && next <= 40.0, "{k0}");
+    assert_eq!(
+        by_key[2]["next_attempt_in_seconds"], 0.0,
+        "an overdue head is due, not negative: {parked}"
+    );
+
+    // `--parked-keys` bounds the listing; the table says how many it shows.
+    let brokers = broker.brokers();
+    let (ok, out, err) = inspect(
+        &dir,
+        "db-two-keys",
+        &brokers,
+        &["--group", &group, "--json", "--parked-keys", "2"],
+        &env,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["parked"]["by_key"].as_array().unwrap().len(), 2);
+    assert_eq!(report["parked"]["keys"], 24);
+    let (ok, out, err) = inspect(&dir, "db-table", &brokers, &["--group", &group], &env).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("parked: 26 records, 24 keys"), "{out}");
+    let k0_line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("k-0 "))
+        .unwrap_or_else(|| panic!("no line for k-0: {out}"));
+    let cells: Vec<&str> = k0_line.split_whitespace().collect();
+    assert_eq!(
+        cells[..4],
+        ["k-0", "orders", "1", "reserve_stock"],
+        "{k0_line}"
+    );
+    assert_eq!(cells[4], "3", "records: {k0_line}");
+    assert_eq!(cells[7], "10", "head offset: {k0_line}");
+    assert_eq!(cells[8], "6", "attempts: {k0_line}");
+    assert_eq!(cells[9], "in", "next attempt: {k0_line}");
+    assert!(out.contains("(no key)"), "{out}");
+    assert!(!out.contains("k-19 "), "beyond the 20 oldest: {out}");
+    assert!(out.contains("(20 of 24 keys, oldest first"), "{out}");
     // Dropping the subscription stops it (this test is about inspect, not the stop).
     drop(subscription);
     db.close().await;

@@ -8,111 +8,34 @@
 
 mod support;
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use hmac::{Hmac, Mac};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
+use support::process::{eventually, ServeOptions, TestDir, WeirProcess};
+use support::tasks::{
+    broker, create_task, customers_csv, file_server, log_lines, publish_process_task,
+    serve_options, signed, start, webhook, Service, SECRET,
+};
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
-use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 
 const PARTITIONS: i32 = 4;
 /// Overall deadline for anything the service does asynchronously.
 const PATIENCE: Duration = Duration::from_secs(120);
-/// Webhook secret of the services here.
-const SECRET: &str = "test-webhook-secret";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A broker with the reference service's topics and the task dead-letter topic.
-async fn broker() -> Tansu {
-    tokio::task::spawn_blocking(|| {
-        let broker = Tansu::start_memory();
-        for topic in [
-            TASK_TOPIC,
-            CUSTOMER_TOPIC,
-            RESOURCE_TOPIC,
-            "task-events.dlq",
-        ] {
-            broker.create_topic(topic, PARTITIONS);
-        }
-        broker
-    })
-    .await
-    .expect("broker")
-}
-
-/// `weir serve` with the database, the API on an ephemeral port, migrations on start, a fast
-/// relay, and one record per produced batch (Tansu 0.6 skips the rest of a batch a fetch starts
-/// inside; see tests/kafka_process.rs).
+/// [`serve_options`] with a short revoke timeout, for the rebalances here.
 fn options(broker: &Tansu, db: &TestDb, group: &str, dir: &TestDir, name: &str) -> ServeOptions {
-    ServeOptions::new(
-        &broker.brokers(),
-        group,
-        &dir.join(&format!("{name}.records")),
-    )
-    .env("WEIR_DATABASE__URL", db.url())
-    .env("WEIR_DATABASE__MIGRATE_ON_START", "true")
-    .env("WEIR_HTTP__ADDR", "127.0.0.1:0")
-    .env("WEIR_OUTBOX__POLL_INTERVAL", "100ms")
-    .env("WEIR_KAFKA__PRODUCER__BATCH.NUM.MESSAGES", "1")
-    .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
-    .env("WEIR_CONSUMER__COMMIT_INTERVAL", "10ms")
-    .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
-    .env("WEIR_TASKS__WEBHOOK_SECRET", SECRET)
-    .env("WEIR_TASKS__FETCH_TIMEOUT", "5s")
-    .config(FAST_GROUP_TOML)
-}
-
-/// A running service and its API's base URL.
-struct Service {
-    process: WeirProcess,
-    base: String,
-}
-
-async fn start(dir: &TestDir, name: &str, options: &ServeOptions) -> Service {
-    let process = WeirProcess::serve(dir.path(), name, options);
-    let addr = eventually(
-        &format!("{name} to serve"),
-        Duration::from_secs(60),
-        || async { process.http_addr().ok_or_else(|| process.stderr_tail(2048)) },
-    )
-    .await;
-    Service {
-        process,
-        base: format!("http://{addr}"),
-    }
-}
-
-/// `POST /tasks`; the new task's id.
-async fn create_task(client: &reqwest::Client, base: &str, file_url: &str, entity: &str) -> Uuid {
-    let response = client
-        .post(format!("{base}/tasks"))
-        .json(&json!({"file_url": file_url, "entity_type": entity}))
-        .send()
-        .await
-        .expect("POST /tasks");
-    assert_eq!(
-        response.status(),
-        StatusCode::CREATED,
-        "POST /tasks {file_url}"
-    );
-    let body: Value = response.json().await.expect("JSON");
-    assert_eq!(body["status"], "pending", "{body}");
-    body["id"].as_str().expect("id").parse().expect("uuid")
+    serve_options(broker, db, group, dir, name).env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
 }
 
 /// A task's row: status, good, bad, error.
@@ -226,24 +149,6 @@ async fn insert_stale_task(pool: &PgPool, file: &Path, age: &str) -> Uuid {
     id
 }
 
-/// Customers CSV: `good` valid rows and `bad` invalid ones (of three kinds), interleaved.
-fn customers_csv(good: usize, bad: usize) -> String {
-    let mut text = String::from("id,name,email\n");
-    for i in 0..good.max(bad) {
-        if i < good {
-            text.push_str(&format!("c{i},Name {i},c{i}@example.com\n"));
-        }
-        if i < bad {
-            text.push_str(match i % 3 {
-                0 => ",No Id,x@example.com\n",
-                1 => "b1,Bad Mail,not-an-address\n",
-                _ => "b,too,many,fields\n",
-            });
-        }
-    }
-    text
-}
-
 /// Products as JSON lines: `good` valid and `bad` invalid (of three kinds), interleaved.
 fn products_jsonl(good: usize, bad: usize) -> String {
     let mut text = String::new();
@@ -265,110 +170,6 @@ fn products_jsonl(good: usize, bad: usize) -> String {
     text
 }
 
-/// Files served over HTTP by the test: `/files/<name>` from a dir, `/flaky/<name>` answers 503
-/// to the first request of each name, `/down/<name>` always answers 503, `/export/<name>` without an extension in the URL
-/// (`Content-Type` says the format).
-#[derive(Clone)]
-struct FileServer {
-    dir: PathBuf,
-    hits: Arc<std::sync::Mutex<HashMap<String, usize>>>,
-    flaky_failures: Arc<AtomicUsize>,
-}
-
-async fn serve_file(
-    State(server): State<FileServer>,
-    UrlPath((kind, name)): UrlPath<(String, String)>,
-) -> axum::response::Response {
-    let first = {
-        let mut hits = server.hits.lock().unwrap();
-        let n = hits.entry(format!("{kind}/{name}")).or_insert(0);
-        *n += 1;
-        *n == 1
-    };
-    if kind == "down" || (kind == "flaky" && first) {
-        server.flaky_failures.fetch_add(1, Ordering::SeqCst);
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    // `/export/<stem>`: the file `<stem>.<ext>`, found by its stem.
-    let name = match kind.as_str() {
-        "export" => std::fs::read_dir(&server.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|f| f.split_once('.').is_some_and(|(stem, _)| stem == name))
-            .unwrap_or(name),
-        _ => name,
-    };
-    let Ok(bytes) = tokio::fs::read(server.dir.join(&name)).await else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let content_type = if name.ends_with(".csv") {
-        "text/csv"
-    } else {
-        "application/x-ndjson"
-    };
-    ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
-}
-
-async fn file_server(dir: &Path) -> (String, FileServer) {
-    let server = FileServer {
-        dir: dir.to_owned(),
-        hits: Arc::default(),
-        flaky_failures: Arc::default(),
-    };
-    let app = axum::Router::new()
-        .route("/{kind}/{name}", axum::routing::get(serve_file))
-        .with_state(server.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), server)
-}
-
-/// `X-Weir-Timestamp` and `X-Weir-Signature` for `body` signed at `timestamp` with `secret`.
-fn signed(secret: &str, timestamp: i64, body: &str) -> [(&'static str, String); 2] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("key");
-    mac.update(format!("{timestamp}.{body}").as_bytes());
-    [
-        ("x-weir-timestamp", timestamp.to_string()),
-        (
-            "x-weir-signature",
-            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
-        ),
-    ]
-}
-
-async fn webhook(
-    client: &reqwest::Client,
-    base: &str,
-    headers: &[(&'static str, String)],
-    body: &str,
-) -> (StatusCode, Value) {
-    let mut request = client
-        .post(format!("{base}/webhooks/task-processing"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.to_owned());
-    for (name, value) in headers {
-        request = request.header(*name, value);
-    }
-    let response = request.send().await.expect("webhook call");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-/// JSON log lines of a process whose message is `message`.
-fn log_lines(process: &WeirProcess, message: &str) -> Vec<Value> {
-    process
-        .stderr()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
@@ -376,7 +177,7 @@ fn log_lines(process: &WeirProcess, message: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered() {
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-tasks-fifty");
     let files = TestDir::new("weir-tasks-files");
     let (http, server) = file_server(files.path()).await;
@@ -500,7 +301,7 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
         assert_eq!(runs.len(), 1, "task {id}: {runs:?}");
     }
     assert!(
-        server.flaky_failures.load(Ordering::SeqCst) >= 8,
+        server.unavailable.load(Ordering::SeqCst) >= 8,
         "the flaky files failed once each, and were retried"
     );
 
@@ -584,7 +385,7 @@ async fn fifty_tasks_end_completed_with_exact_counts_or_failed_and_dead_lettered
 async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_publishing_nothing()
 {
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-tasks-triggers");
     let group = unique("tasks");
     // Every second, but only tasks pending for an hour: the ones created here are not swept.
@@ -618,17 +419,7 @@ async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 
     // Manual: weir publish --process-task.
-    let env = [("WEIR_DATABASE__URL".to_owned(), db.url())];
-    let mut publish = WeirProcess::spawn(
-        dir.path(),
-        "publish",
-        &["publish", "--process-task", &task.to_string()],
-        &env,
-    );
-    let status = publish
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
+    let (status, publish) = publish_process_task(&dir, "publish", &db, task).await;
     assert!(status.success(), "{}", publish.stderr());
     assert!(
         publish.stdout().contains("triggered_by manual"),
@@ -636,16 +427,8 @@ async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_
         publish.stdout()
     );
     wait_runs(db.pool(), task, 3, &service.process).await;
-    let mut unknown = WeirProcess::spawn(
-        dir.path(),
-        "publish-unknown",
-        &["publish", "--process-task", &Uuid::now_v7().to_string()],
-        &env,
-    );
-    let status = unknown
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
+    let (status, unknown) =
+        publish_process_task(&dir, "publish-unknown", &db, Uuid::now_v7()).await;
     assert!(!status.success());
     assert!(
         unknown.stderr().contains("nothing was requested"),
@@ -832,7 +615,7 @@ async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_with_one_schedule_fire_each_tick_once() {
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-tasks-replicas");
     let group = unique("tasks");
     let replica = |name: &str| {
@@ -940,7 +723,7 @@ async fn two_replicas_with_one_schedule_fire_each_tick_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_missed_while_no_replica_ran_fires_once_on_start() {
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-tasks-missed");
     let group = unique("tasks");
     // Yearly, at midnight on 1 January: its latest occurrence is far from any test's clock.
@@ -1050,7 +833,7 @@ async fn a_tick_missed_while_no_replica_ran_fires_once_on_start() {
 async fn a_task_rerequested_while_processing_and_redelivered_after_sigkill_ends_with_single_run_counts(
 ) {
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-tasks-kill");
     let group = unique("tasks");
     // A progress update after every record: slow enough to be caught mid-file.

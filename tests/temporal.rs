@@ -8,30 +8,28 @@
 
 mod support;
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use hmac::{Hmac, Mac};
+use axum::http::StatusCode;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use sqlx::PgPool;
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
+use support::process::{eventually, ServeOptions, TestDir, WeirProcess};
+use support::tasks::{
+    broker, create_task, customers_csv, file_server, log_lines, publish_process_task,
+    serve_options, signed, start, webhook, SECRET,
+};
 use support::temporal::TemporalDev;
 use uuid::Uuid;
-use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
+use weir::seeds::{CUSTOMER_TOPIC, TASK_TOPIC};
 use weir::temporal::{StartOutcome, Temporal, WorkflowRequest};
 use weir::{Ctx, EventMeta, HandlerError};
 
 const PARTITIONS: i32 = 2;
 /// Overall deadline for anything asynchronous.
 const PATIENCE: Duration = Duration::from_secs(120);
-const SECRET: &str = "test-webhook-secret";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -47,23 +45,6 @@ async fn shared_temporal() -> &'static TemporalDev {
     tokio::task::spawn_blocking(temporal).await.expect("server")
 }
 
-async fn broker() -> Tansu {
-    tokio::task::spawn_blocking(|| {
-        let broker = Tansu::start_memory();
-        for topic in [
-            TASK_TOPIC,
-            CUSTOMER_TOPIC,
-            RESOURCE_TOPIC,
-            "task-events.dlq",
-        ] {
-            broker.create_topic(topic, PARTITIONS);
-        }
-        broker
-    })
-    .await
-    .expect("broker")
-}
-
 /// `weir serve` with the database, the API, a fast relay, and `[temporal]` at `address` on
 /// `task_queue`.
 fn options(
@@ -73,61 +54,16 @@ fn options(
     address: &str,
     task_queue: &str,
 ) -> ServeOptions {
-    ServeOptions::new(
-        &broker.brokers(),
-        &unique("tasks"),
-        &dir.join("serve.records"),
-    )
-    .env("WEIR_DATABASE__URL", db.url())
-    .env("WEIR_DATABASE__MIGRATE_ON_START", "true")
-    .env("WEIR_HTTP__ADDR", "127.0.0.1:0")
-    .env("WEIR_OUTBOX__POLL_INTERVAL", "100ms")
-    .env("WEIR_KAFKA__PRODUCER__BATCH.NUM.MESSAGES", "1")
-    .env("WEIR_CONSUMER__COMMIT_INTERVAL", "10ms")
-    .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
-    .env("WEIR_RETRY__MAXIMUM_INTERVAL", "1s")
-    .env("WEIR_TASKS__WEBHOOK_SECRET", SECRET)
-    .env("WEIR_TASKS__FETCH_TIMEOUT", "5s")
-    .env("WEIR_TEMPORAL__ADDRESS", address)
-    .env("WEIR_TEMPORAL__TASK_QUEUE", task_queue)
-    .env("WEIR_TEMPORAL__CONNECT_TIMEOUT", "2s")
-    .config(FAST_GROUP_TOML)
+    serve_options(broker, db, &unique("tasks"), dir, "serve")
+        .env("WEIR_RETRY__MAXIMUM_INTERVAL", "1s")
+        .env("WEIR_TEMPORAL__ADDRESS", address)
+        .env("WEIR_TEMPORAL__TASK_QUEUE", task_queue)
+        .env("WEIR_TEMPORAL__CONNECT_TIMEOUT", "2s")
 }
 
 /// `weir worker` with the same settings as `options`' service.
 fn worker(dir: &TestDir, name: &str, options: &ServeOptions) -> WeirProcess {
     WeirProcess::spawn(dir.path(), name, &["worker"], &options.env)
-}
-
-struct Service {
-    process: WeirProcess,
-    base: String,
-}
-
-async fn start(dir: &TestDir, name: &str, options: &ServeOptions) -> Service {
-    let process = WeirProcess::serve(dir.path(), name, options);
-    let addr = eventually(
-        &format!("{name} to serve"),
-        Duration::from_secs(60),
-        || async { process.http_addr().ok_or_else(|| process.stderr_tail(2048)) },
-    )
-    .await;
-    Service {
-        process,
-        base: format!("http://{addr}"),
-    }
-}
-
-async fn create_task(client: &reqwest::Client, base: &str, file_url: &str, entity: &str) -> Uuid {
-    let response = client
-        .post(format!("{base}/tasks"))
-        .json(&json!({"file_url": file_url, "entity_type": entity}))
-        .send()
-        .await
-        .expect("POST /tasks");
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.expect("JSON");
-    body["id"].as_str().expect("id").parse().expect("uuid")
 }
 
 async fn get_task(client: &reqwest::Client, base: &str, task: Uuid) -> Value {
@@ -235,113 +171,6 @@ async fn one_workflow_per_event(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// Customers CSV: `good` valid rows and `bad` invalid ones, interleaved.
-fn customers_csv(good: usize, bad: usize) -> String {
-    let mut text = String::from("id,name,email\n");
-    for i in 0..good.max(bad) {
-        if i < good {
-            text.push_str(&format!("c{i},Name {i},c{i}@example.com\n"));
-        }
-        if i < bad {
-            text.push_str(match i % 2 {
-                0 => ",No Id,x@example.com\n",
-                _ => "b1,Bad Mail,not-an-address\n",
-            });
-        }
-    }
-    text
-}
-
-/// Files over HTTP: `/files/<name>` serves the file; `/flaky<n>/<name>` answers 503 to the
-/// first `n` requests; `/down/<name>` always 503; `/slow/<name>` streams it 100 lines per
-/// 100 ms. Every request's time is kept.
-#[derive(Clone)]
-struct FileServer {
-    dir: PathBuf,
-    hits: Arc<Mutex<HashMap<String, Vec<Instant>>>>,
-}
-
-async fn serve_file(
-    State(server): State<FileServer>,
-    UrlPath((kind, name)): UrlPath<(String, String)>,
-) -> axum::response::Response {
-    let count = {
-        let mut hits = server.hits.lock().unwrap();
-        let times = hits.entry(format!("{kind}/{name}")).or_default();
-        times.push(Instant::now());
-        times.len()
-    };
-    let failing = match kind.strip_prefix("flaky") {
-        Some(n) => count <= n.parse().unwrap_or(0),
-        None => kind == "down",
-    };
-    if failing {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    let Ok(bytes) = tokio::fs::read(server.dir.join(&name)).await else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    if kind != "slow" {
-        return ([(header::CONTENT_TYPE, "text/csv")], bytes).into_response();
-    }
-    // A slow source: 100 lines per 100 ms, so a run of a few thousand records takes seconds
-    // whatever the machine's speed.
-    let lines: Vec<bytes::Bytes> = bytes
-        .split_inclusive(|b| *b == b'\n')
-        .collect::<Vec<_>>()
-        .chunks(100)
-        .map(|chunk| bytes::Bytes::from(chunk.concat()))
-        .collect();
-    let stream = futures_util::stream::unfold(lines.into_iter(), |mut rest| async move {
-        let next = rest.next()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Some((Ok::<_, std::io::Error>(next), rest))
-    });
-    (
-        [(header::CONTENT_TYPE, "text/csv")],
-        axum::body::Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-async fn file_server(dir: &Path) -> (String, FileServer) {
-    let server = FileServer {
-        dir: dir.to_owned(),
-        hits: Arc::default(),
-    };
-    let app = axum::Router::new()
-        .route("/{kind}/{name}", axum::routing::get(serve_file))
-        .with_state(server.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}"), server)
-}
-
-fn signed(timestamp: i64, body: &str) -> [(&'static str, String); 2] {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
-    mac.update(format!("{timestamp}.{body}").as_bytes());
-    [
-        ("x-weir-timestamp", timestamp.to_string()),
-        (
-            "x-weir-signature",
-            format!("sha256={}", hex::encode(mac.finalize().into_bytes())),
-        ),
-    ]
-}
-
-/// JSON log lines of a process whose message is `message`.
-fn log_lines(process: &WeirProcess, message: &str) -> Vec<Value> {
-    process
-        .stderr()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .collect()
 }
 
 fn ctx_for(event_id: Uuid) -> Ctx {
@@ -514,7 +343,7 @@ async fn signal_with_start_makes_one_workflow_per_entity_and_signals_it_per_requ
 async fn each_trigger_leads_to_one_completed_workflow_per_event_and_a_redelivery_to_none() {
     let server = shared_temporal().await;
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-temporal-triggers");
     let queue = unique("triggers");
     let service_options = options(&broker, &db, &dir, &server.address(), &queue)
@@ -544,17 +373,7 @@ async fn each_trigger_leads_to_one_completed_workflow_per_event_and_a_redelivery
     one_workflow_per_event(server, db.pool(), task, COMPLETED).await;
 
     // Manual: weir publish --process-task.
-    let env = [("WEIR_DATABASE__URL".to_owned(), db.url())];
-    let mut publish = WeirProcess::spawn(
-        dir.path(),
-        "publish",
-        &["publish", "--process-task", &task.to_string()],
-        &env,
-    );
-    let status = publish
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
+    let (status, publish) = publish_process_task(&dir, "publish", &db, task).await;
     assert!(status.success(), "{}", publish.stderr());
     eventually("three events", PATIENCE, || async {
         let n = processing_events(db.pool(), task).await.len();
@@ -565,20 +384,9 @@ async fn each_trigger_leads_to_one_completed_workflow_per_event_and_a_redelivery
 
     // Webhook.
     let body = json!({"task_id": task, "triggered_by": "webhook"}).to_string();
-    let mut request = client
-        .post(format!("{base}/webhooks/task-processing"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.clone());
-    for (name, value) in signed(chrono::Utc::now().timestamp(), &body) {
-        request = request.header(name, value);
-    }
-    let response = request.send().await.unwrap();
-    assert_eq!(
-        response.status(),
-        StatusCode::ACCEPTED,
-        "{:?}",
-        response.text().await
-    );
+    let headers = signed(SECRET, chrono::Utc::now().timestamp(), &body);
+    let (status, answer) = webhook(&client, base, &headers, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     eventually("four events", PATIENCE, || async {
         let n = processing_events(db.pool(), task).await.len();
         (n == 4).then_some(()).ok_or(n.to_string())
@@ -644,7 +452,7 @@ async fn each_trigger_leads_to_one_completed_workflow_per_event_and_a_redelivery
 async fn a_worker_killed_mid_file_resumes_from_its_heartbeat_and_the_counts_are_exact() {
     let server = shared_temporal().await;
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-temporal-kill");
     let queue = unique("kill");
     // The file comes from a slow server (4 s for the whole file), progress and a heartbeat
@@ -744,7 +552,7 @@ async fn a_worker_killed_mid_file_resumes_from_its_heartbeat_and_the_counts_are_
 async fn retries_follow_the_policy_and_a_task_that_always_fails_ends_failed_with_its_error() {
     let server = shared_temporal().await;
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-temporal-retry");
     let queue = unique("retry");
     let service_options = options(&broker, &db, &dir, &server.address(), &queue);
@@ -807,7 +615,7 @@ async fn retries_follow_the_policy_and_a_task_that_always_fails_ends_failed_with
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_temporal_down_serve_consumes_other_topics_and_the_task_waits_for_it() {
     let db = TestDb::new().await;
-    let broker = broker().await;
+    let broker = broker(PARTITIONS).await;
     let dir = TestDir::new("weir-temporal-down");
     let queue = unique("down");
     let port = std::net::TcpListener::bind("127.0.0.1:0")

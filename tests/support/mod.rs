@@ -8,6 +8,7 @@ pub mod broker;
 pub mod db;
 pub mod kafka;
 pub mod process;
+pub mod tasks;
 pub mod temporal;
 
 use std::process::{Child, Command, Stdio};

@@ -293,6 +293,43 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_the_durable_retry_stage_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.retry.durable, None, "no durable stage unless set");
+            jail.set_env("WEIR_RETRY__MAXIMUM_ATTEMPTS", "3");
+            jail.set_env("WEIR_RETRY__DURABLE__INITIAL_INTERVAL", "1s");
+            jail.set_env("WEIR_RETRY__DURABLE__BACKOFF_COEFFICIENT", "2.0");
+            jail.set_env("WEIR_RETRY__DURABLE__MAXIMUM_INTERVAL", "2s");
+            jail.set_env("WEIR_RETRY__DURABLE__MAXIMUM_ATTEMPTS", "3");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.retry.maximum_attempts, 3);
+            assert_eq!(
+                settings.retry.durable,
+                Some(weir::DurableRetry {
+                    initial_interval: Duration::from_secs(1),
+                    backoff_coefficient: 2.0,
+                    maximum_interval: Duration::from_secs(2),
+                    maximum_attempts: 3,
+                })
+            );
+            // One variable is enough to turn the stage on; the rest keep their defaults.
+            jail.clear_env();
+            jail.set_env("WEIR_RETRY__DURABLE__MAXIMUM_ATTEMPTS", "4");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                settings.retry.durable,
+                Some(weir::DurableRetry {
+                    maximum_attempts: 4,
+                    ..weir::DurableRetry::default()
+                })
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn reads_sections_and_ignores_foreign_weir_variables() {
         assert!(is_setting("BROKERS"));
         assert!(is_setting("CONSUMER__MAX_IN_FLIGHT"));

@@ -19,15 +19,14 @@
 
 use crate::kafka_read::{format_time, GroupClient, Position, ReadRecord};
 use anyhow::{bail, Context as _};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::Offset;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 use weir::dead_letter_headers as header;
-use weir::{Headers, KafkaConfig};
+use weir::{Headers, KafkaConfig, OutboundRecord};
 
 /// How many published records, at most, between two progress commits.
 const COMMIT_EVERY: u64 = 100;
@@ -429,17 +428,9 @@ struct Tally {
 /// Where a selected dead letter goes, and as what.
 #[derive(Debug, PartialEq, Eq)]
 enum Action {
-    Replay(PlannedRecord),
-    Park(PlannedRecord),
+    Replay(OutboundRecord),
+    Park(OutboundRecord),
     Skip(&'static str),
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct PlannedRecord {
-    topic: String,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    headers: Headers,
 }
 
 fn source_of(r: &ReadRecord) -> String {
@@ -461,7 +452,7 @@ fn plan(r: &ReadRecord, id: &str, to_topic: Option<&str>, max_replays: u32) -> A
         let mut headers = r.headers.clone();
         headers.set(header::REPLAY_ID, id);
         headers.set(header::REPLAY_SOURCE, source_of(r));
-        return Action::Park(PlannedRecord {
+        return Action::Park(OutboundRecord {
             topic: format!("{}.parking", original.unwrap_or(destination)),
             key: r.key.clone(),
             value: r.value.clone(),
@@ -482,7 +473,7 @@ fn plan(r: &ReadRecord, id: &str, to_topic: Option<&str>, max_replays: u32) -> A
     headers.set(header::REPLAY_COUNT, (count + 1).to_string());
     headers.set(header::REPLAY_ID, id);
     headers.set(header::REPLAY_SOURCE, source_of(r));
-    Action::Replay(PlannedRecord {
+    Action::Replay(OutboundRecord {
         topic: destination.to_owned(),
         key: r.key.clone(),
         value: r.value.clone(),
@@ -778,26 +769,14 @@ async fn published_by(
 
 async fn publish(
     producer: &FutureProducer,
-    record: &PlannedRecord,
+    record: &OutboundRecord,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (key, value) in record.headers.iter() {
-        headers = headers.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    let mut future_record: FutureRecord<'_, [u8], [u8]> =
-        FutureRecord::to(&record.topic).headers(headers);
-    if let Some(key) = &record.key {
-        future_record = future_record.key(key.as_slice());
-    }
-    if let Some(value) = &record.value {
-        future_record = future_record.payload(value.as_slice());
-    }
     producer
-        .send(future_record, rdkafka::util::Timeout::After(timeout))
+        .send(
+            record.to_future_record(),
+            rdkafka::util::Timeout::After(timeout),
+        )
         .await
         .map(|_| ())
         .map_err(|(e, _)| anyhow::anyhow!(e))

@@ -4,7 +4,8 @@
 //! - per partition: the committed offset, the log end and the lag (log end - committed; from the
 //!   log start when nothing is committed);
 //! - dead letters the group wrote, by error kind (reading its dead-letter topics);
-//! - with a database: parked records (durable retries) and the outbox's pending rows.
+//! - with a database: parked records (durable retries), with the keys parked longest one by one,
+//!   and the outbox's pending rows.
 //!
 //! It exits non-zero when the coordinator does not know the group and the group has no committed
 //! offset: a typo in a group name must not look like an idle consumer.
@@ -23,6 +24,9 @@ pub(crate) struct InspectArgs {
     /// Topics to report (default: the group's assigned and committed topics). Repeatable.
     #[arg(long = "topic")]
     topics: Vec<String>,
+    /// Parked keys listed one by one, oldest first (the totals always count them all).
+    #[arg(long, default_value_t = 20)]
+    parked_keys: i64,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -66,6 +70,26 @@ struct Parked {
     records: i64,
     keys: i64,
     oldest_age_seconds: Option<f64>,
+    /// The keys with the oldest parked records, at most `--parked-keys` of `keys`.
+    by_key: Vec<ParkedKey>,
+}
+
+/// One key's parked records (for one handler): what holds the key, and when the worker tries
+/// its head record again.
+#[derive(Debug, Serialize)]
+struct ParkedKey {
+    handler: String,
+    topic: String,
+    partition: i32,
+    /// The record key as text (invalid UTF-8 replaced); `null` for records without a key.
+    key: Option<String>,
+    records: i64,
+    oldest_age_seconds: f64,
+    /// The key's head record: the one the worker retries, and the calls it has had so far.
+    head_offset: i64,
+    head_attempts: i32,
+    /// Seconds until the head's next attempt; 0 when it is due.
+    next_attempt_in_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,7 +161,7 @@ pub(crate) async fn run(settings: Settings, args: InspectArgs) -> anyhow::Result
         }
     }
     let (parked, outbox) = match settings.database.url {
-        Some(_) => database_state(&settings, &group).await?,
+        Some(_) => database_state(&settings, &group, args.parked_keys.max(0)).await?,
         None => (None, None),
     };
     let report = Report {
@@ -225,6 +249,7 @@ fn parse_assignment(bytes: &[u8]) -> anyhow::Result<BTreeMap<String, Vec<i32>>> 
 async fn database_state(
     settings: &Settings,
     group: &str,
+    listed_keys: i64,
 ) -> anyhow::Result<(Option<Parked>, Option<Outbox>)> {
     let pool = crate::db::connect(&settings.database).await?;
     let table_exists = |name: &'static str| {
@@ -265,12 +290,63 @@ async fn database_state(
             records,
             keys,
             oldest_age_seconds: age,
+            by_key: parked_keys(&pool, group, listed_keys).await?,
         })
     } else {
         None
     };
     pool.close().await;
     Ok((parked, outbox))
+}
+
+/// The `limit` keys (per handler, topic and partition) with the oldest parked records, with
+/// their head row: the lowest offset, the only one the worker retries.
+async fn parked_keys(
+    pool: &sqlx::PgPool,
+    group: &str,
+    limit: i64,
+) -> anyhow::Result<Vec<ParkedKey>> {
+    use sqlx::Row as _;
+    let rows = sqlx::query(
+        "WITH keys AS ( \
+             SELECT handler, topic, partition, key, count(*) AS records, \
+                    min(parked_at) AS oldest, min(\"offset\") AS head_offset \
+             FROM weir_parked WHERE group_id = $1 \
+             GROUP BY handler, topic, partition, key \
+             ORDER BY oldest, topic, partition, handler, key \
+             LIMIT $2) \
+         SELECT k.handler, k.topic, k.partition, k.key, k.records, \
+                EXTRACT(EPOCH FROM now() - k.oldest)::float8 AS oldest_age_seconds, \
+                k.head_offset, h.attempts AS head_attempts, \
+                GREATEST(EXTRACT(EPOCH FROM h.next_attempt_at - now()), 0)::float8 \
+                    AS next_attempt_in_seconds \
+         FROM keys k JOIN weir_parked h \
+           ON h.group_id = $1 AND h.handler = k.handler AND h.topic = k.topic \
+          AND h.partition = k.partition AND h.\"offset\" = k.head_offset \
+         ORDER BY k.oldest, k.topic, k.partition, k.handler, k.key",
+    )
+    .bind(group)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .context("reading the parked keys")?;
+    rows.iter()
+        .map(|row| {
+            let key: Option<Vec<u8>> = row.try_get("key")?;
+            Ok(ParkedKey {
+                handler: row.try_get("handler")?,
+                topic: row.try_get("topic")?,
+                partition: row.try_get("partition")?,
+                key: key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+                records: row.try_get("records")?,
+                oldest_age_seconds: row.try_get("oldest_age_seconds")?,
+                head_offset: row.try_get("head_offset")?,
+                head_attempts: row.try_get("head_attempts")?,
+                next_attempt_in_seconds: row.try_get("next_attempt_in_seconds")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .context("reading the parked keys")
 }
 
 fn print(r: &Report) {
@@ -334,12 +410,15 @@ fn print(r: &Report) {
     }
     let age = |a: Option<f64>| a.map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
     match &r.parked {
-        Some(p) => println!(
-            "\nparked: {} records, {} keys, oldest {}",
-            p.records,
-            p.keys,
-            age(p.oldest_age_seconds)
-        ),
+        Some(p) => {
+            println!(
+                "\nparked: {} records, {} keys, oldest {}",
+                p.records,
+                p.keys,
+                age(p.oldest_age_seconds)
+            );
+            print_parked_keys(p);
+        }
         None => println!("\nparked: - (no database, or no durable retries)"),
     }
     match &r.outbox {
@@ -349,6 +428,63 @@ fn print(r: &Report) {
             age(o.oldest_age_seconds)
         ),
         None => println!("outbox: - (no database)"),
+    }
+}
+
+/// The per-key listing under the parked totals: one line per key, oldest first.
+fn print_parked_keys(p: &Parked) {
+    if p.by_key.is_empty() {
+        return;
+    }
+    /// Keys are the user's bytes: long ones are cut so the table stays a table.
+    fn cut(text: &str, width: usize) -> String {
+        if text.chars().count() <= width {
+            text.to_owned()
+        } else {
+            let mut cut: String = text.chars().take(width - 1).collect();
+            cut.push('…');
+            cut
+        }
+    }
+    println!(
+        "  {:<24} {:<24} {:>9} {:<24} {:>7} {:>8} {:>12} {:>8} {:>12}",
+        "key",
+        "topic",
+        "partition",
+        "handler",
+        "records",
+        "oldest",
+        "head offset",
+        "attempts",
+        "next attempt"
+    );
+    for k in &p.by_key {
+        let next = if k.next_attempt_in_seconds > 0.0 {
+            format!("in {:.0} s", k.next_attempt_in_seconds.ceil())
+        } else {
+            "due".to_owned()
+        };
+        println!(
+            "  {:<24} {:<24} {:>9} {:<24} {:>7} {:>8} {:>12} {:>8} {:>12}",
+            k.key
+                .as_deref()
+                .map_or_else(|| "(no key)".to_owned(), |key| cut(key, 24)),
+            cut(&k.topic, 24),
+            k.partition,
+            cut(&k.handler, 24),
+            k.records,
+            format!("{:.0} s", k.oldest_age_seconds),
+            k.head_offset,
+            k.head_attempts,
+            next
+        );
+    }
+    let shown = p.by_key.len() as i64;
+    if shown < p.keys {
+        println!(
+            "  ({shown} of {} keys, oldest first; --parked-keys N for more)",
+            p.keys
+        );
     }
 }
 

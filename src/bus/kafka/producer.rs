@@ -11,6 +11,30 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use std::time::Duration;
 
+impl OutboundRecord {
+    /// The record as rdkafka's producer takes it: key, value and headers byte for byte. For a
+    /// program that sends with a producer of its own (`weir dlq replay` does, so that a replayed
+    /// record gets no header the dead letter did not have); [`KafkaBus`](crate::KafkaBus) uses
+    /// it too.
+    pub fn to_future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (key, value) in self.headers.iter() {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        let mut record = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(key) = &self.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &self.value {
+            record = record.payload(value.as_slice());
+        }
+        record
+    }
+}
+
 pub(crate) fn publish<'a>(
     producer: &'a FutureProducer<super::LogContext>,
     metrics: &'a Metrics,
@@ -19,22 +43,10 @@ pub(crate) fn publish<'a>(
 ) -> PublishFuture<'a> {
     crate::bus::publish::traced(record, move |record| async move {
         let started = tokio::time::Instant::now();
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in record.headers.iter() {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
-        let mut future_record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&record.topic).headers(headers);
-        if let Some(key) = &record.key {
-            future_record = future_record.key(key.as_slice());
-        }
-        if let Some(value) = &record.value {
-            future_record = future_record.payload(value.as_slice());
-        }
-        let result = match producer.send(future_record, Timeout::After(timeout)).await {
+        let result = match producer
+            .send(record.to_future_record(), Timeout::After(timeout))
+            .await
+        {
             Ok(delivery) => Ok(Delivery {
                 topic: record.topic.clone(),
                 partition: delivery.partition,
