@@ -68,17 +68,27 @@ impl Default for DurableRetry {
     }
 }
 
+/// `initial × coefficient^(n−1)`, capped at `maximum` (also when it overflows): the delay
+/// shape of both retry stages.
+fn exponential(initial: Duration, coefficient: f64, maximum: Duration, n: u32) -> Duration {
+    let exponent = n.saturating_sub(1).min(64) as i32;
+    let secs = initial.as_secs_f64() * coefficient.powi(exponent);
+    if secs.is_finite() && secs < maximum.as_secs_f64() {
+        Duration::from_secs_f64(secs.max(0.0))
+    } else {
+        maximum
+    }
+}
+
 impl DurableRetry {
     /// The delay before durable attempt `n` (counted from 1).
     pub fn delay(&self, n: u32) -> Duration {
-        let exponent = n.saturating_sub(1).min(64) as i32;
-        let secs = self.initial_interval.as_secs_f64() * self.backoff_coefficient.powi(exponent);
-        let max = self.maximum_interval.as_secs_f64();
-        if secs.is_finite() && secs < max {
-            Duration::from_secs_f64(secs.max(0.0))
-        } else {
-            self.maximum_interval
-        }
+        exponential(
+            self.initial_interval,
+            self.backoff_coefficient,
+            self.maximum_interval,
+            n,
+        )
     }
 }
 
@@ -141,14 +151,12 @@ impl RetryPolicy {
 
     /// The delay after failed attempt `attempt`, before jitter.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exponent = attempt.saturating_sub(1).min(64) as i32;
-        let secs = self.initial_interval.as_secs_f64() * self.backoff_coefficient.powi(exponent);
-        let max = self.maximum_interval.as_secs_f64();
-        if secs.is_finite() && secs < max {
-            Duration::from_secs_f64(secs.max(0.0))
-        } else {
-            self.maximum_interval
-        }
+        exponential(
+            self.initial_interval,
+            self.backoff_coefficient,
+            self.maximum_interval,
+            attempt,
+        )
     }
 
     fn jittered(&self, delay: Duration) -> Duration {
