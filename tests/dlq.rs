@@ -6,63 +6,29 @@
 
 mod support;
 
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::kafka::read_topic;
+use support::orders::{one_record_per_batch, order_record, OrderPlaced};
 use support::process::{eventually, TestDir, WeirProcess};
 use weir::dead_letter_headers as header;
 use weir::{
-    Bus, ConsumerConfig, Ctx, Envelope, Event, EventType, HandlerError, HandlerOptions, Headers,
-    KafkaBus, KafkaConfig, OutboundRecord, Publisher, RetryPolicy, Router, StoredRecord,
-    Subscription,
+    Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, Headers, KafkaBus,
+    OutboundRecord, Publisher, RetryPolicy, Router, StoredRecord, Subscription,
 };
 
-/// A test contract, so these tests depend on no service's events.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderPlaced {
-    order_id: String,
-}
-
-impl Event for OrderPlaced {
-    const TYPE: EventType = EventType::new("test.order_placed");
-    const TOPIC: &'static str = "orders";
-
-    fn key(&self) -> String {
-        self.order_id.clone()
-    }
-}
-
-/// One record per produce request (see the module doc).
-fn one_per_batch(brokers: &str) -> KafkaConfig {
-    let mut config = KafkaConfig::new(brokers);
-    config.producer.insert("linger.ms".into(), "0".into());
-    config
-        .producer
-        .insert("batch.num.messages".into(), "1".into());
-    config
-}
-
 fn bus(broker: &Tansu) -> KafkaBus {
-    KafkaBus::new(one_per_batch(&broker.brokers())).expect("bus")
+    one_record_per_batch(&broker.brokers())
 }
 
 /// Publishes one order to `topic`, awaiting its acknowledgement.
 async fn place(bus: &KafkaBus, topic: &str, order_id: &str) -> uuid::Uuid {
-    let envelope = Envelope::new(OrderPlaced {
-        order_id: order_id.to_owned(),
-    });
-    let mut record = OutboundRecord {
-        topic: topic.to_owned(),
-        key: Some(order_id.as_bytes().to_vec()),
-        value: Some(envelope.to_structured().expect("encode")),
-        headers: Headers::new().with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
-    };
+    let (mut record, id) = order_record(topic, order_id);
     record.headers.set("x-tenant", "acme");
     bus.publish_record(record).await.expect("publish");
-    envelope.meta.id
+    id
 }
 
 /// Handler calls, by event id: (attempt, succeeded).

@@ -19,15 +19,14 @@ use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
 use support::kafka::read_topic;
+use support::orders::one_record_per_batch;
 use support::process::{
     eventually, http_get, metric_sum, wait_until, Handled, RecordFile, ServeOptions, TestDir,
     WeirProcess, FAST_GROUP_TOML,
 };
 use weir::dead_letter_headers as dl;
 use weir::seeds::{CustomerCreated, CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
-use weir::{
-    Delivery, Envelope, Headers, KafkaBus, KafkaConfig, OutboundRecord, PublishExt, Publisher,
-};
+use weir::{Delivery, Envelope, Headers, KafkaBus, OutboundRecord, PublishExt, Publisher};
 
 const PARTITIONS: i32 = 4;
 const RECORDS: usize = 5_000;
@@ -80,11 +79,7 @@ struct Stream {
 /// Publishes the stream: record `n` has key `c-(n % KEYS)`; the bad key's records carry the
 /// outage hook, failing until `until`.
 async fn stream(brokers: String, until: chrono::DateTime<chrono::Utc>) -> Stream {
-    let mut config = KafkaConfig::new(brokers);
-    config
-        .producer
-        .insert("batch.num.messages".into(), "1".into());
-    let bus = KafkaBus::new(config).expect("bus");
+    let bus = one_record_per_batch(&brokers);
     let mut out = Stream::default();
     for n in 0..RECORDS {
         let key = format!("c-{}", n % KEYS);
@@ -359,11 +354,7 @@ async fn a_parked_record_failing_its_last_durable_attempt_is_dead_lettered_and_i
 
     // The first record's dependency is down for an hour: for good, as far as this test goes.
     // The second record of the same customer is fine.
-    let mut config = KafkaConfig::new(broker.brokers());
-    config
-        .producer
-        .insert("batch.num.messages".into(), "1".into());
-    let bus = KafkaBus::new(config).expect("bus");
+    let bus = one_record_per_batch(&broker.brokers());
     let until = chrono::Utc::now() + chrono::Duration::hours(1);
     let (failing, failing_value) = publish_doomed(
         &bus,

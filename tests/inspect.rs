@@ -6,54 +6,27 @@
 
 mod support;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
+use support::orders::{one_record_per_batch, order_record, OrderPlaced};
 use support::process::{eventually, TestDir, WeirProcess};
 use weir::{
-    Bus, ConsumerConfig, Ctx, Envelope, Event, EventType, HandlerOptions, Headers, KafkaBus,
-    KafkaConfig, OutboundRecord, Publisher, Router, Subscription,
+    Bus, ConsumerConfig, Ctx, HandlerOptions, Headers, KafkaBus, OutboundRecord, Publisher, Router,
+    Subscription,
 };
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderPlaced {
-    order_id: String,
-}
-
-impl Event for OrderPlaced {
-    const TYPE: EventType = EventType::new("test.order_placed");
-    const TOPIC: &'static str = "orders";
-
-    fn key(&self) -> String {
-        self.order_id.clone()
-    }
-}
-
 fn bus(broker: &Tansu) -> KafkaBus {
-    let mut config = KafkaConfig::new(broker.brokers());
-    config.producer.insert("linger.ms".into(), "0".into());
-    config
-        .producer
-        .insert("batch.num.messages".into(), "1".into());
-    KafkaBus::new(config).expect("bus")
+    one_record_per_batch(&broker.brokers())
 }
 
 async fn place(bus: &KafkaBus, topic: &str, order_id: &str) {
-    let envelope = Envelope::new(OrderPlaced {
-        order_id: order_id.to_owned(),
-    });
-    bus.publish_record(OutboundRecord {
-        topic: topic.to_owned(),
-        key: Some(order_id.as_bytes().to_vec()),
-        value: Some(envelope.to_structured().unwrap()),
-        headers: Headers::new().with("content-type", weir::CLOUDEVENTS_CONTENT_TYPE),
-    })
-    .await
-    .expect("publish");
+    let (record, _) = order_record(topic, order_id);
+    bus.publish_record(record).await.expect("publish");
 }
 
 fn consume(bus: &KafkaBus, topic: &str, group: &str, handled: Arc<AtomicUsize>) -> Subscription {

@@ -73,11 +73,7 @@ fn serve_options(broker: &Tansu, group: &str, record_file: &std::path::Path) -> 
 /// returns the whole batch and the client skips to the offset. With single-record batches every
 /// offset starts a batch, and the tests see Weir's behaviour rather than that broker bug.
 fn bus(brokers: &str) -> KafkaBus {
-    let mut config = KafkaConfig::new(brokers);
-    config
-        .producer
-        .insert("batch.num.messages".to_owned(), "1".to_owned());
-    KafkaBus::new(config).expect("a Kafka bus for publishing")
+    support::orders::one_record_per_batch(brokers)
 }
 
 /// The seed for the random kill points: `WEIR_TEST_SEED`, else random (printed, to reproduce).

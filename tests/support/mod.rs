@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod db;
 pub mod kafka;
+pub mod orders;
 pub mod process;
 pub mod tasks;
 pub mod temporal;
