@@ -296,20 +296,24 @@ mod tests {
     use crate::contracts::EventMeta;
     use uuid::Uuid;
 
-    #[test]
-    fn a_start_carries_the_records_trace_in_its_header_and_memo_and_rejects_duplicates() {
-        let trace = TraceContext {
-            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            tracestate: None,
-        };
-        let event = EventMeta {
+    fn order_placed() -> EventMeta {
+        EventMeta {
             id: Uuid::new_v4(),
             event_type: "order.placed".into(),
             source: "/orders".into(),
             time: None,
             subject: None,
             dataschema: None,
+        }
+    }
+
+    #[test]
+    fn a_start_carries_the_records_trace_in_its_header_and_memo_and_rejects_duplicates() {
+        let trace = TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: None,
         };
+        let event = order_placed();
         let ctx = Ctx::detached("orders", event).with_trace(trace);
         let temporal = Temporal::new("127.0.0.1:7233", "default", "orders").unwrap();
         let request = WorkflowRequest::new(()).memo("order_id", "o-1");
@@ -341,14 +345,7 @@ mod tests {
 
     #[test]
     fn without_a_trace_there_is_no_trace_header() {
-        let event = EventMeta {
-            id: Uuid::new_v4(),
-            event_type: "order.placed".into(),
-            source: "/orders".into(),
-            time: None,
-            subject: None,
-            dataschema: None,
-        };
+        let event = order_placed();
         let ctx = Ctx::detached("orders", event);
         let temporal = Temporal::new("127.0.0.1:7233", "default", "orders").unwrap();
         let options = temporal.options(&WorkflowRequest::new(()), "Fulfil-2", &ctx, true);
