@@ -194,9 +194,10 @@ pub(crate) struct Engine<S: Source> {
     slow_polls: u32,
 }
 
-/// An inline poll longer than [`inline_budget`] means the handler computes rather than waits:
-/// the engine then spawns the next [`INLINE_COOLDOWN`] records straight away, so such handlers
-/// spread over the runtime's threads instead of running on the engine's.
+/// Inline polls longer than [`inline_budget`], [`SLOW_POLLS`] in a row, mean the handler
+/// computes rather than waits: the engine then spawns the next `INLINE_COOLDOWN` records
+/// straight away, so such handlers spread over the runtime's threads instead of running on the
+/// engine's.
 const INLINE_COOLDOWN: u32 = 1024;
 /// Inline polls over the budget in a row that make the engine spawn.
 const SLOW_POLLS: u32 = 3;
