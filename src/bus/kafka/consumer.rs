@@ -356,6 +356,7 @@ fn poll_loop(
 ) {
     let mut feeds: Vec<Feed> = Vec::new();
     let mut names: Vec<Arc<str>> = Vec::new();
+    let mut last_headers = crate::contracts::Headers::new();
     let poller = consumer.context().poller.clone();
     while !closing.load(Ordering::SeqCst) {
         #[cfg(test)]
@@ -372,7 +373,7 @@ fn poll_loop(
             match polled {
                 None => break,
                 Some(Ok(message)) => {
-                    let inbound = to_inbound(&message, &mut names);
+                    let inbound = to_inbound(&message, &mut names, &mut last_headers);
                     if let Some(feed) = feeds
                         .iter_mut()
                         .find(|f| f.tp.1 == inbound.partition && f.tp.0 == inbound.topic)
@@ -424,7 +425,7 @@ fn poll_loop(
                     match queue.poll(Duration::ZERO) {
                         None => break,
                         Some(Ok(message)) => {
-                            let inbound = to_inbound(&message, &mut names);
+                            let inbound = to_inbound(&message, &mut names, &mut last_headers);
                             bytes += value_len(&inbound);
                             feed.held.push(inbound);
                         }
@@ -530,8 +531,15 @@ fn close(feeds: Vec<Feed>, consumer: Arc<WeirConsumer>) {
     drop(consumer);
 }
 
-/// `names` keeps one shared copy of each topic name, so a record's topic is not an allocation.
-fn to_inbound(message: &BorrowedMessage<'_>, names: &mut Vec<Arc<str>>) -> Inbound {
+/// `names` keeps one shared copy of each topic name, so a record's topic is not an allocation;
+/// `last` the headers of the previous record, which the next record shares when it carries the
+/// same ones (nearly every record of a topic carries the same content type): copying them cost
+/// four allocations per record, each freed on another thread.
+fn to_inbound(
+    message: &BorrowedMessage<'_>,
+    names: &mut Vec<Arc<str>>,
+    last: &mut crate::contracts::Headers,
+) -> Inbound {
     let topic = match names.iter().find(|n| ***n == *message.topic()) {
         Some(name) => name.clone(),
         None => {
@@ -540,14 +548,22 @@ fn to_inbound(message: &BorrowedMessage<'_>, names: &mut Vec<Arc<str>>) -> Inbou
             name
         }
     };
-    let headers = message
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = match message.headers() {
+        None => crate::contracts::Headers::new(),
+        Some(hs) => {
+            let same = hs.count() == last.len()
+                && hs.iter().zip(last.iter()).all(|(h, (name, value))| {
+                    h.key == name && h.value.unwrap_or_default() == value
+                });
+            if !same {
+                *last = hs
+                    .iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect();
+            }
+            last.clone()
+        }
+    };
     Inbound {
         topic,
         partition: message.partition(),
