@@ -42,7 +42,7 @@
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 use super::offsets::OffsetTracker;
 use super::{BusError, Publisher};
-use crate::handlers::{Dispatcher, Inbound};
+use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
 use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
 use crate::telemetry::{trace, Health};
 use futures_util::FutureExt as _;
@@ -449,7 +449,7 @@ impl<S: Source> Engine<S> {
         if !self.partitions.contains_key(&key) {
             self.add_partition(key.clone());
         }
-        let share = self.share;
+        let limit = self.config.max_in_flight_per_partition;
         let Some(state) = self.partitions.get_mut(&key) else {
             return;
         };
@@ -458,37 +458,76 @@ impl<S: Source> Engine<S> {
             return;
         }
         state.last_admitted = Some(rec.offset);
-        state.tracker.begin(rec.offset);
+        let runs_now =
+            state.running < limit && lane.is_none_or(|lane| !state.lanes.contains_key(&lane));
+        if !runs_now {
+            self.count_in(&key, rec.offset);
+            let Some(state) = self.partitions.get_mut(&key) else {
+                return;
+            };
+            // Behind its lane's running record, or (its lane now taken) waiting for a slot.
+            match lane {
+                Some(busy) => match state.lanes.get_mut(&busy) {
+                    Some(waiting) => waiting.push_back(rec),
+                    None => {
+                        state.lanes.insert(busy, VecDeque::new());
+                        state.ready.push_back((rec, lane));
+                    }
+                },
+                None => state.ready.push_back((rec, None)),
+            }
+            return;
+        }
+        // Its lane and a slot are free: its handler is called now. A record done in that call
+        // never waited, so it touches none of the flow's counts or the lanes: only its offset.
+        let span = self.dispatcher.span(&rec);
+        let rec = Arc::new(rec);
+        let resume = match self.first_call(&rec, &span) {
+            FirstCall::Handled { .. } => {
+                if let Some(state) = self.partitions.get_mut(&key) {
+                    if state.tracker.passed(rec.offset).is_some() {
+                        state.unstored = true;
+                    }
+                }
+                return;
+            }
+            FirstCall::Resume { resume, .. } => Some(resume),
+            FirstCall::Fresh => None,
+        };
+        self.count_in(&key, rec.offset);
+        let Some(state) = self.partitions.get_mut(&key) else {
+            return;
+        };
+        if let Some(lane) = lane {
+            state.lanes.insert(lane, VecDeque::new());
+        }
+        state.running += 1;
+        let (generation, tokens) = (state.generation, state.tokens.clone());
+        self.launch(&key, rec, span, resume, lane, generation, tokens);
+    }
+
+    /// A record of `key` joins the flow: its offset is tracked, and it counts against its
+    /// partition's share and `max_in_flight` until it leaves ([`release`]).
+    fn count_in(&mut self, key: &PartKey, offset: i64) {
+        let share = self.share;
+        let Some(state) = self.partitions.get_mut(key) else {
+            return;
+        };
+        state.tracker.begin(offset);
         state.in_flight += 1;
         let borrowed = state.in_flight > share;
         let close = state.open && state.in_flight >= share;
         if close {
             state.open = false;
         }
-        let free = match lane {
-            Some(lane) => match state.lanes.get_mut(&lane) {
-                Some(waiting) => {
-                    waiting.push_back(rec);
-                    None
-                }
-                None => {
-                    state.lanes.insert(lane, VecDeque::new());
-                    Some(rec)
-                }
-            },
-            None => Some(rec),
-        };
         if borrowed {
             self.reserved += 1;
         }
         if close {
-            self.source.set_open(&key, false);
+            self.source.set_open(key, false);
         }
         self.in_flight += 1;
         InFlight(self.in_flight).emit(self.dispatcher.metrics());
-        if let Some(rec) = free {
-            self.start(&key, rec, lane);
-        }
     }
 
     /// Records of a partition left the engine (finished, or dropped unstarted).
@@ -529,13 +568,60 @@ impl<S: Source> Engine<S> {
         generation: u64,
         tokens: Arc<Tokens>,
     ) {
-        let dispatcher = self.dispatcher.clone();
-        let publisher = self.dead_letters.clone();
-        // Shared, not copied: only a failing record needs the group and the dead-letter topic.
-        let naming = self.naming.clone();
-        let span = dispatcher.span(&rec);
-        let task_span = span.clone();
+        let span = self.dispatcher.span(&rec);
         let rec = Arc::new(rec);
+        let resume = match self.first_call(&rec, &span) {
+            FirstCall::Handled { .. } => {
+                self.finished_inline.push(Completion {
+                    offset: rec.offset,
+                    tp: key.clone(),
+                    generation,
+                    lane,
+                    is_final: true,
+                });
+                return;
+            }
+            FirstCall::Resume { resume, .. } => Some(resume),
+            FirstCall::Fresh => None,
+        };
+        self.launch(key, rec, span, resume, lane, generation, tokens);
+    }
+
+    /// The handler's first call, made here: a handler that does not wait (a no-op, a cache
+    /// hit, a cheap transform) is done without a task, a wake-up and a hand-back, nor the
+    /// record's future, which cost more than such a handler. One that waits, fails or panics
+    /// goes on as the record's task from where the call left off ([`launch`](Self::launch));
+    /// its next poll there registers the task's waker, as the `Future` contract requires of
+    /// every poll. Only with the record's span disabled (the default `info` level, no tracer
+    /// sampling it): an enabled span runs the whole record as a task inside it. `Fresh` when
+    /// the call was not made.
+    fn first_call(&mut self, rec: &Arc<Inbound>, span: &tracing::Span) -> FirstCall {
+        if self.inline_cooldown > 0 || !span.is_disabled() {
+            return FirstCall::Fresh;
+        }
+        // A panic outside the handler's call (a payload's `Deserialize`, say) leaves the
+        // record to its task, which catches it again and dead-letters the record.
+        let first = std::panic::catch_unwind(AssertUnwindSafe(|| self.dispatcher.first_call(rec)))
+            .unwrap_or(FirstCall::Fresh);
+        if let FirstCall::Handled { polled } | FirstCall::Resume { polled, .. } = &first {
+            self.note_inline_poll(*polled);
+        }
+        first
+    }
+
+    /// Runs a started record as a task: from where its first call left off (`resume`), or
+    /// from the start, polled once inline first unless the engine is cooling down.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &mut self,
+        key: &PartKey,
+        rec: Arc<Inbound>,
+        span: tracing::Span,
+        resume: Option<Resume>,
+        lane: Option<Lane>,
+        generation: u64,
+        tokens: Arc<Tokens>,
+    ) {
         let completion = |is_final| Completion {
             offset: rec.offset,
             tp: key.clone(),
@@ -543,12 +629,19 @@ impl<S: Source> Engine<S> {
             lane,
             is_final,
         };
+        let dispatcher = self.dispatcher.clone();
+        let publisher = self.dead_letters.clone();
+        // Shared, not copied: only a failing record needs the group and the dead-letter topic.
+        let naming = self.naming.clone();
+        let task_span = span.clone();
         let aborted = completion(false);
         let done = completion(true);
         let abort = tokens.clone();
+        let resumed = resume.is_some();
         let task = async move {
             let handled = AssertUnwindSafe(handle(
                 &rec,
+                resume,
                 &dispatcher,
                 &*publisher,
                 &naming,
@@ -590,22 +683,34 @@ impl<S: Source> Engine<S> {
                 done = task => done,
             }
         };
+        if resumed {
+            self.tasks.spawn(abortable(task));
+            return;
+        }
         if self.inline_cooldown > 0 {
             self.inline_cooldown -= 1;
             self.tasks.spawn(abortable(task));
             return;
         }
-        // Poll once here first: a handler that does not wait (a no-op, a cache hit, a cheap
-        // transform) finishes without a task, a wake-up and a hand-back, which cost more than
-        // the handler. One that waits is spawned as it is; its next poll registers the task's
-        // waker, as the `Future` contract requires of every poll. The task catches its own
-        // panics, so this poll does not unwind.
+        // Off the first call's path: the whole record's future polled once here, for the same
+        // reason. The task catches its own panics, so this poll does not unwind.
         let started = std::time::Instant::now();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let polled = task.as_mut().poll(&mut cx);
-        if started.elapsed() > self.inline_budget {
-            // Several in a row: one long poll alone is as likely the thread losing its core
-            // mid-poll (a loaded machine, a profiler) as a handler that computes.
+        self.note_inline_poll(started.elapsed());
+        match polled {
+            std::task::Poll::Ready(done) => self.finished_inline.push(done),
+            std::task::Poll::Pending => {
+                self.tasks.spawn(abortable(task));
+            }
+        }
+    }
+
+    /// Counts an inline poll that ran over the budget; several in a row make the engine spawn
+    /// the next records instead. Several: one long poll alone is as likely the thread losing
+    /// its core mid-poll (a loaded machine, a profiler) as a handler that computes.
+    fn note_inline_poll(&mut self, polled: std::time::Duration) {
+        if polled > self.inline_budget {
             self.slow_polls += 1;
             if self.slow_polls >= SLOW_POLLS {
                 self.inline_cooldown = INLINE_COOLDOWN;
@@ -613,12 +718,6 @@ impl<S: Source> Engine<S> {
             }
         } else {
             self.slow_polls = 0;
-        }
-        match polled {
-            std::task::Poll::Ready(done) => self.finished_inline.push(done),
-            std::task::Poll::Pending => {
-                self.tasks.spawn(abortable(task));
-            }
         }
     }
 

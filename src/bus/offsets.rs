@@ -41,6 +41,18 @@ impl OffsetTracker {
         advanced
     }
 
+    /// A record that began and finished at once (its handler returned in the engine's first
+    /// call). Returns the new committable position if it advanced: it does unless earlier
+    /// offsets are still pending, as [`complete`](Self::complete) would have.
+    pub(crate) fn passed(&mut self, offset: i64) -> Option<i64> {
+        if self.pending.is_empty() {
+            self.committable = Some(offset + 1);
+            return self.committable;
+        }
+        self.begin(offset);
+        self.complete(offset)
+    }
+
     /// The position to commit, if any record has completed.
     pub(crate) fn committable(&self) -> Option<i64> {
         self.committable
@@ -70,6 +82,18 @@ mod tests {
         assert_eq!(t.complete(14), None);
         assert_eq!(t.committable(), Some(13));
         assert_eq!(t.complete(13), Some(15));
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_record_passed_at_once_commits_only_behind_the_pending_ones() {
+        let mut t = OffsetTracker::default();
+        assert_eq!(t.passed(3), Some(4));
+        t.begin(4);
+        assert_eq!(t.passed(5), None);
+        assert_eq!(t.committable(), Some(4));
+        assert_eq!(t.complete(4), Some(6));
+        assert_eq!(t.passed(6), Some(7));
         assert_eq!(t.outstanding(), 0);
     }
 

@@ -6,7 +6,7 @@ use super::ctx::RecordInfo;
 #[cfg(feature = "postgres")]
 use super::retry::DurableRetry;
 use super::retry::RetryDecision;
-use super::router::{ErasedEvent, Route, TypeRoute};
+use super::router::{BoxFuture, ErasedEvent, Route, TypeRoute};
 use super::Parking;
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
 use crate::contracts::{decode_envelope, DecodeError, EventMeta, Headers};
@@ -116,6 +116,40 @@ enum HandlerResult {
     Abandoned,
 }
 
+/// What the engine's synchronous first call of a record's handler came to
+/// ([`Dispatcher::first_call`]).
+pub(crate) enum FirstCall {
+    /// The handler succeeded in its first poll: the record is handled and its outcome reported.
+    /// `polled` is how long the call took.
+    Handled { polled: Duration },
+    /// The rest runs as the record's task, from where the first call left off
+    /// ([`Dispatcher::dispatch`] with the [`Resume`]).
+    Resume { resume: Resume, polled: Duration },
+    /// Off the path the first call covers (several handlers, a `cpu_bound` one, durable retries,
+    /// a record that does not decode in one pass): the record's task runs it from the start.
+    Fresh,
+}
+
+/// A record whose first handler call has begun: the decoded record and the call.
+pub(crate) struct Resume {
+    info: Arc<RecordInfo>,
+    started: Instant,
+    call: Started,
+}
+
+enum Started {
+    /// Waiting: its next poll, in the record's task, registers the task's waker.
+    Running(BoxFuture<Result<(), HandlerError>>),
+    /// Returned an error or panicked: the retry policy decides, in the record's task.
+    Returned(Result<Result<(), HandlerError>, String>),
+}
+
+/// The first attempt of a handler: the event to call it with, or the call the engine began.
+enum FirstAttempt {
+    Event(ErasedEvent),
+    Started(Instant, Started),
+}
+
 /// Runs records through a router.
 pub(crate) struct Dispatcher {
     router: Router,
@@ -179,14 +213,139 @@ impl Dispatcher {
     pub(crate) async fn dispatch(
         &self,
         rec: &Arc<Inbound>,
+        resume: Option<Resume>,
         stop: &CancellationToken,
         span: &tracing::Span,
     ) -> Outcome {
-        let outcome = self.dispatch_record(rec, stop, span).await;
+        let outcome = match resume {
+            None => self.dispatch_record(rec, stop, span).await,
+            Some(resume) => self.dispatch_resumed(rec, resume, stop).await,
+        };
         if let Some(observer) = &self.router.observer {
             observer.outcome(rec, &outcome);
         }
         outcome
+    }
+
+    /// The record's handler called and polled once, synchronously, for the engine: a handler
+    /// that does not wait (a no-op, a cache hit, a cheap transform) is done without a task, a
+    /// boxed record future or the async layers around its call, which cost more than such a
+    /// handler. Covers one handler on a topic of one event type, decoded in one pass, with no
+    /// durable retries and no `cpu_bound` work; anything else is [`FirstCall::Fresh`], before
+    /// any of it was done. Only where the record's span is disabled: the engine then has no span
+    /// to run this in.
+    pub(crate) fn first_call(&self, rec: &Arc<Inbound>) -> FirstCall {
+        if self.router.parking.is_some() {
+            return FirstCall::Fresh;
+        }
+        let Some((wire_type, route)) = self.router.sole_route(&rec.topic) else {
+            return FirstCall::Fresh;
+        };
+        let [handler] = route.handlers.as_slice() else {
+            return FirstCall::Fresh;
+        };
+        if handler.cpu_bound {
+            return FirstCall::Fresh;
+        }
+        let decoded =
+            (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, &self.router.limits);
+        let Some((meta, event)) = decoded.filter(|(m, _)| m.event_type == wire_type) else {
+            return FirstCall::Fresh;
+        };
+        RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
+        let info = Arc::new(RecordInfo {
+            record: rec.clone(),
+            trace: TraceContext::from_headers(&rec.headers),
+            event: meta,
+            child_spans: false,
+        });
+        let ctx = Ctx::new(info.clone(), 1, handler.name.clone());
+        let started = Instant::now();
+        // A panic while building or polling the handler's future is the handler's, as in
+        // `call_once`.
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut future = (handler.call)(event, ctx);
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match future.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(result) => Started::Returned(Ok(result)),
+                std::task::Poll::Pending => Started::Running(future),
+            }
+        }))
+        .unwrap_or_else(|panic| Started::Returned(Err(panic_message(&*panic))));
+        let duration = started.elapsed();
+        if let Started::Returned(Ok(Ok(()))) = polled {
+            let resolved;
+            let series = match &route.series {
+                Some(series) => series,
+                None => {
+                    resolved = self
+                        .metrics
+                        .route_series(&rec.topic, &info.event.event_type);
+                    &resolved
+                }
+            };
+            HandlerCalled { duration }.emit(series);
+            if let Some(observer) = &self.router.observer {
+                observer.call(rec, &handler.name, 1, started);
+            }
+            HandlerSucceeded {
+                at: rec.at(),
+                event_id: info.event.id,
+                event_type: &info.event.event_type,
+                handler: &handler.name,
+                attempt: 1,
+            }
+            .emit(series);
+            if let Some(observer) = &self.router.observer {
+                observer.outcome(rec, &Outcome::Done(Vec::new()));
+            }
+            return FirstCall::Handled { polled: duration };
+        }
+        FirstCall::Resume {
+            resume: Resume {
+                info,
+                started,
+                call: polled,
+            },
+            polled: duration,
+        }
+    }
+
+    /// The rest of a record whose first call the engine began ([`first_call`](Self::first_call)):
+    /// its route is the one that call found, the topic's only one.
+    async fn dispatch_resumed(
+        &self,
+        rec: &Arc<Inbound>,
+        resume: Resume,
+        stop: &CancellationToken,
+    ) -> Outcome {
+        let Some((_, route)) = self.router.sole_route(&rec.topic) else {
+            unreachable!("a resumed record's topic has one route");
+        };
+        let handler = &route.handlers[0];
+        let Resume {
+            info,
+            started,
+            call,
+        } = resume;
+        let resolved;
+        let series = match &route.series {
+            Some(series) => series,
+            None => {
+                resolved = self
+                    .metrics
+                    .route_series(&rec.topic, &info.event.event_type);
+                &resolved
+            }
+        };
+        let first = FirstAttempt::Started(started, call);
+        match self
+            .run_handler(handler, route, first, &info, series, stop)
+            .await
+        {
+            HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
+            HandlerResult::Abandoned => Outcome::Abandoned,
+        }
     }
 
     async fn dispatch_record(
@@ -234,17 +393,24 @@ impl Dispatcher {
             // The common case, without join_all's allocation and bookkeeping; the handler gets
             // the decoded event itself, not a copy.
             return match self
-                .run_handler(handler, route, event, &info, series, stop)
+                .run_handler(
+                    handler,
+                    route,
+                    FirstAttempt::Event(event),
+                    &info,
+                    series,
+                    stop,
+                )
                 .await
             {
                 HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
                 HandlerResult::Abandoned => Outcome::Abandoned,
             };
         }
-        let runs = route
-            .handlers
-            .iter()
-            .map(|handler| self.run_handler(handler, route, event.clone(), &info, series, stop));
+        let runs = route.handlers.iter().map(|handler| {
+            let first = FirstAttempt::Event(event.clone());
+            self.run_handler(handler, route, first, &info, series, stop)
+        });
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(runs).await {
             match result {
@@ -340,7 +506,7 @@ impl Dispatcher {
         &self,
         handler: &Route,
         route: &TypeRoute,
-        event: ErasedEvent,
+        first: FirstAttempt,
         info: &Arc<RecordInfo>,
         series: &RouteSeries,
         stop: &CancellationToken,
@@ -369,32 +535,40 @@ impl Dispatcher {
             }
         }
         let mut attempt = 1;
-        let mut first = Some(event);
+        let mut first = Some(first);
         loop {
-            let event = match first.take() {
-                Some(event) => event,
-                None => match self.decode_again(route, &info.record) {
-                    Ok(event) => event,
-                    Err(error) => {
-                        return HandlerResult::Final(Some(Failure {
-                            kind: DeadLetterKind::Decode,
-                            detail: error.kind(),
-                            message: error.to_string(),
-                            attempts: attempt - 1,
-                            handler: Some(handler.name.clone()),
-                            event_id: Some(event_id),
-                        }))
-                    }
-                },
-            };
-            let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
-            let started = Instant::now();
-            let call = self.call_once(handler, event, ctx);
-            let result = if info.child_spans {
-                call.instrument(trace::handle_span(&handler.name, attempt))
-                    .await
-            } else {
-                call.await
+            let (started, result) = match first.take() {
+                Some(FirstAttempt::Started(started, call)) => {
+                    (started, self.finish_first(handler, started, call).await)
+                }
+                first_event => {
+                    let event = match first_event {
+                        Some(FirstAttempt::Event(event)) => event,
+                        _ => match self.decode_again(route, &info.record) {
+                            Ok(event) => event,
+                            Err(error) => {
+                                return HandlerResult::Final(Some(Failure {
+                                    kind: DeadLetterKind::Decode,
+                                    detail: error.kind(),
+                                    message: error.to_string(),
+                                    attempts: attempt - 1,
+                                    handler: Some(handler.name.clone()),
+                                    event_id: Some(event_id),
+                                }))
+                            }
+                        },
+                    };
+                    let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
+                    let started = Instant::now();
+                    let call = self.call_once(handler, event, ctx);
+                    let result = if info.child_spans {
+                        call.instrument(trace::handle_span(&handler.name, attempt))
+                            .await
+                    } else {
+                        call.await
+                    };
+                    (started, result)
+                }
             };
             HandlerCalled {
                 duration: started.elapsed(),
@@ -674,6 +848,29 @@ impl Dispatcher {
         policy.durable.clone()
     }
 
+    /// The first call the engine began, to its end: with the rest of its timeout, counted from
+    /// when the engine called it.
+    async fn finish_first(
+        &self,
+        handler: &Route,
+        started: Instant,
+        call: Started,
+    ) -> Result<Result<(), HandlerError>, String> {
+        let future = match call {
+            Started::Returned(result) => return result,
+            Started::Running(future) => future,
+        };
+        let guarded = AssertUnwindSafe(future).catch_unwind();
+        let result = match handler.timeout {
+            None => guarded.await,
+            Some(limit) => match tokio::time::timeout_at(started + limit, guarded).await {
+                Ok(result) => result,
+                Err(_) => Ok(Err(timed_out(limit))),
+            },
+        };
+        result.map_err(|p| panic_message(&*p))
+    }
+
     /// One call, with its timeout; a panic (while building or polling the future) becomes `Err`.
     /// A `cpu_bound` call runs on a blocking thread, which nothing can interrupt: it keeps its
     /// core permit and this record's lane until it has really returned, even past its timeout
@@ -688,10 +885,6 @@ impl Dispatcher {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))
             .map_err(|p| panic_message(&*p))?;
         let guarded = AssertUnwindSafe(future).catch_unwind();
-        let timed_out = |limit| {
-            HandlerError::retryable(format!("handler timed out after {limit:?}"))
-                .with_kind("timeout")
-        };
         let result = if !handler.cpu_bound {
             match handler.timeout {
                 None => guarded.await,
@@ -739,6 +932,10 @@ impl Dispatcher {
         };
         result.map_err(|p| panic_message(&*p))
     }
+}
+
+fn timed_out(limit: Duration) -> HandlerError {
+    HandlerError::retryable(format!("handler timed out after {limit:?}")).with_kind("timeout")
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

@@ -16,7 +16,9 @@ pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
 pub use ctx::{Ctx, TraceContext};
 #[cfg(feature = "postgres")]
 pub(crate) use dispatch::ParkedAttempt;
-pub(crate) use dispatch::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
+pub(crate) use dispatch::{
+    DeadLetterKind, Dispatcher, Failure, FirstCall, Inbound, Outcome, Resume,
+};
 pub use error::{BoxError, HandlerError};
 pub use handler::{FromCtx, HandlerFn, State};
 pub use layer::{AnyEvent, HandlerExt, HandlerService, IntoHandler, Layered, Request, WithLayer};

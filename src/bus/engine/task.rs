@@ -3,24 +3,26 @@
 
 use super::super::config::DeadLetterTopics;
 use super::super::{dead_letter, Publisher};
-use crate::handlers::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome};
+use crate::handlers::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome, Resume};
 use crate::telemetry::events::RecordTaskPanicked;
 use futures_util::FutureExt as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// A record to its final outcome: dispatched, then each failure dead-lettered. `false` if it
-/// ended unfinished (`stop` fired during a backoff or a dead-letter retry).
+/// A record to its final outcome: dispatched (from where the engine's first call left off, with
+/// `resume`), then each failure dead-lettered. `false` if it ended unfinished (`stop` fired
+/// during a backoff or a dead-letter retry).
 pub(super) async fn handle(
     rec: &Arc<Inbound>,
+    resume: Option<Resume>,
     dispatcher: &Dispatcher,
     publisher: &dyn Publisher,
     naming: &(String, DeadLetterTopics),
     stop: &CancellationToken,
     span: &tracing::Span,
 ) -> bool {
-    let failures = match dispatcher.dispatch(rec, stop, span).await {
+    let failures = match dispatcher.dispatch(rec, resume, stop, span).await {
         Outcome::Abandoned => return false,
         Outcome::Done(failures) => failures,
     };
