@@ -32,9 +32,14 @@
 //!
 //! Per-record cost, measured with `weir bench` and callgrind: keying a record allocates nothing
 //! (shared topic names, lanes keyed by a hash), positions reach the source once per commit, not
-//! once per record, the engine takes a burst of ready records per turn of its loop, and each
-//! record's future is polled once inline, so a handler that does not wait finishes without a
-//! task of its own.
+//! once per record, and the engine takes a burst of ready records per turn of its loop. A
+//! record whose lane and slot are free has its handler called by the engine itself, with its
+//! event decoded in one pass over the record's bytes (`Dispatcher::first_call`): a handler that returns at once (a
+//! no-op, a cache hit, a cheap transform) is done without a task, a record future or the flow's
+//! counts, and its record touches only the offset tracker. One that waits, fails or panics goes
+//! on as the record's task from where that call left off, so it is never called twice for one
+//! attempt. With the record's span enabled (a `debug` filter, a sampled trace), the whole
+//! record runs inside its span instead, polled once inline first.
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
