@@ -274,16 +274,7 @@ impl Dispatcher {
         .unwrap_or_else(|panic| Started::Returned(Err(panic_message(&*panic))));
         let duration = started.elapsed();
         if let Started::Returned(Ok(Ok(()))) = polled {
-            let resolved;
-            let series = match &route.series {
-                Some(series) => series,
-                None => {
-                    resolved = self
-                        .metrics
-                        .route_series(&rec.topic, &info.event.event_type);
-                    &resolved
-                }
-            };
+            let series = &*self.series(route, &rec.topic, &info.event.event_type);
             HandlerCalled { duration }.emit(series);
             if let Some(observer) = &self.router.observer {
                 observer.call(rec, &handler.name, 1, started);
@@ -328,16 +319,7 @@ impl Dispatcher {
             started,
             call,
         } = resume;
-        let resolved;
-        let series = match &route.series {
-            Some(series) => series,
-            None => {
-                resolved = self
-                    .metrics
-                    .route_series(&rec.topic, &info.event.event_type);
-                &resolved
-            }
-        };
+        let series = &*self.series(route, &rec.topic, &info.event.event_type);
         let first = FirstAttempt::Started(started, call);
         match self
             .run_handler(handler, route, first, &info, series, stop)
@@ -379,16 +361,7 @@ impl Dispatcher {
             event: meta,
             child_spans: children,
         });
-        let resolved;
-        let series = match &route.series {
-            Some(series) => series,
-            None => {
-                resolved = self
-                    .metrics
-                    .route_series(&rec.topic, &info.event.event_type);
-                &resolved
-            }
-        };
+        let series = &*self.series(route, &rec.topic, &info.event.event_type);
         if let [handler] = route.handlers.as_slice() {
             // The common case, without join_all's allocation and bookkeeping; the handler gets
             // the decoded event itself, not a copy.
@@ -846,6 +819,20 @@ impl Dispatcher {
             .and_then(|h| h.retry.as_ref())
             .unwrap_or(&self.router.default_retry);
         policy.durable.clone()
+    }
+
+    /// A route's metric series: resolved once when the dispatcher took the router, else looked
+    /// up now.
+    fn series<'a>(
+        &self,
+        route: &'a TypeRoute,
+        topic: &str,
+        event_type: &str,
+    ) -> std::borrow::Cow<'a, RouteSeries> {
+        match &route.series {
+            Some(series) => std::borrow::Cow::Borrowed(series),
+            None => std::borrow::Cow::Owned(self.metrics.route_series(topic, event_type)),
+        }
     }
 
     /// The first call the engine began, to its end: with the rest of its timeout, counted from
