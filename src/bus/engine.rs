@@ -470,17 +470,16 @@ impl<S: Source> Engine<S> {
             let Some(state) = self.partitions.get_mut(&key) else {
                 return;
             };
-            // Behind its lane's running record, or (its lane now taken) waiting for a slot.
-            match lane {
-                Some(busy) => match state.lanes.get_mut(&busy) {
-                    Some(waiting) => waiting.push_back(rec),
-                    None => {
-                        state.lanes.insert(busy, VecDeque::new());
-                        state.ready.push_back((rec, lane));
-                    }
-                },
-                None => state.ready.push_back((rec, None)),
+            // Behind its lane's running record, or (its lane now taken) waiting for a slot,
+            // which `start` queues it for.
+            if let Some(busy) = lane {
+                if let Some(waiting) = state.lanes.get_mut(&busy) {
+                    waiting.push_back(rec);
+                    return;
+                }
+                state.lanes.insert(busy, VecDeque::new());
             }
+            self.start(&key, rec, lane);
             return;
         }
         // Its lane and a slot are free: its handler is called now. A record done in that call
