@@ -49,7 +49,7 @@ use super::offsets::OffsetTracker;
 use super::{BusError, Publisher};
 use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
 use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
-use crate::telemetry::{trace, Health};
+use crate::telemetry::{trace, Health, LocalSeries};
 use futures_util::FutureExt as _;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -197,6 +197,9 @@ pub(crate) struct Engine<S: Source> {
     inline_budget: std::time::Duration,
     /// Inline polls in a row that ran over the budget.
     slow_polls: u32,
+    /// The metrics of records done in their first call, counted without atomics and flushed
+    /// at the end of every turn of the loop.
+    local: LocalSeries,
 }
 
 /// Inline polls longer than [`inline_budget`], [`SLOW_POLLS`] in a row, mean the handler
@@ -320,6 +323,7 @@ impl<S: Source> Engine<S> {
             inline_cooldown: 0,
             inline_budget: inline_budget(),
             slow_polls: 0,
+            local: LocalSeries::default(),
         }
     }
 
@@ -358,6 +362,7 @@ impl<S: Source> Engine<S> {
                 },
             }
             self.settle_inline();
+            self.local.flush();
         }
         self.drain().await
     }
@@ -605,8 +610,10 @@ impl<S: Source> Engine<S> {
         }
         // A panic outside the handler's call (a payload's `Deserialize`, say) leaves the
         // record to its task, which catches it again and dead-letters the record.
-        let first = std::panic::catch_unwind(AssertUnwindSafe(|| self.dispatcher.first_call(rec)))
-            .unwrap_or(FirstCall::Fresh);
+        let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.dispatcher.first_call(rec, &mut self.local)
+        }))
+        .unwrap_or(FirstCall::Fresh);
         if let FirstCall::Handled { polled } | FirstCall::Resume { polled, .. } = &first {
             self.note_inline_poll(*polled);
         }
@@ -922,6 +929,7 @@ impl<S: Source> Engine<S> {
     }
 
     async fn drain(mut self) -> (StopReport, S) {
+        self.local.flush();
         self.health.set_draining();
         self.stop.cancel();
         let mut abandoned = self.drop_waiting(|_| true);

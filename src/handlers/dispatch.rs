@@ -14,7 +14,7 @@ use crate::telemetry::events::{
     At, DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded, ParkFailed,
     RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
-use crate::telemetry::{trace, Metrics, RouteSeries};
+use crate::telemetry::{trace, LocalSeries, Metrics, RouteSeries};
 use futures_util::FutureExt;
 use prometheus::IntCounter;
 use std::collections::HashMap;
@@ -234,7 +234,7 @@ impl Dispatcher {
     /// durable retries and no `cpu_bound` work; anything else is [`FirstCall::Fresh`], before
     /// any of it was done. Only where the record's span is disabled: the engine then has no span
     /// to run this in.
-    pub(crate) fn first_call(&self, rec: &Arc<Inbound>) -> FirstCall {
+    pub(crate) fn first_call(&self, rec: &Arc<Inbound>, local: &mut LocalSeries) -> FirstCall {
         if self.router.parking.is_some() {
             return FirstCall::Fresh;
         }
@@ -252,7 +252,17 @@ impl Dispatcher {
         let Some((meta, event)) = decoded.filter(|(m, _)| m.event_type == wire_type) else {
             return FirstCall::Fresh;
         };
-        RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
+        let counts = local.topic(&rec.topic, || {
+            let received = match self.received.get(&*rec.topic) {
+                Some(counter) => counter.clone(),
+                None => self.metrics.received.with_label_values(&[&*rec.topic]),
+            };
+            (
+                received,
+                self.series(route, &rec.topic, wire_type).into_owned(),
+            )
+        });
+        RecordReceived { at: rec.at() }.emit_local(counts);
         let info = Arc::new(RecordInfo {
             record: rec.clone(),
             trace: TraceContext::from_headers(&rec.headers),
@@ -274,8 +284,7 @@ impl Dispatcher {
         .unwrap_or_else(|panic| Started::Returned(Err(panic_message(&*panic))));
         let duration = started.elapsed();
         if let Started::Returned(Ok(Ok(()))) = polled {
-            let series = &*self.series(route, &rec.topic, &info.event.event_type);
-            HandlerCalled { duration }.emit(series);
+            HandlerCalled { duration }.emit_local(counts);
             if let Some(observer) = &self.router.observer {
                 observer.call(rec, &handler.name, 1, started);
             }
@@ -286,7 +295,7 @@ impl Dispatcher {
                 handler: &handler.name,
                 attempt: 1,
             }
-            .emit(series);
+            .emit_local(counts);
             if let Some(observer) = &self.router.observer {
                 observer.outcome(rec, &Outcome::Done(Vec::new()));
             }

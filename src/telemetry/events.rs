@@ -2,7 +2,7 @@
 //! writes the log line, so a signal's name and fields are defined exactly once.
 
 use super::trace::{log_trace_id, LogTraceId};
-use super::{Metrics, RouteSeries};
+use super::{LocalRouteSeries, Metrics, RouteSeries};
 use crate::contracts::Headers;
 use prometheus::IntCounter;
 use std::time::Duration;
@@ -45,6 +45,11 @@ impl RecordReceived<'_> {
             Some(counter) => counter.inc(),
             None => m.received.with_label_values(&[self.at.topic]).inc(),
         }
+    }
+
+    /// Counted on the engine's thread, flushed once per turn of its loop.
+    pub(crate) fn emit_local(&self, series: &LocalRouteSeries) {
+        series.received.inc();
     }
 }
 
@@ -111,6 +116,11 @@ impl HandlerCalled {
     pub(crate) fn emit(&self, series: &RouteSeries) {
         series.duration.observe(self.duration.as_secs_f64());
     }
+
+    /// Counted on the engine's thread, flushed once per turn of its loop.
+    pub(crate) fn emit_local(&self, series: &LocalRouteSeries) {
+        series.duration.observe(self.duration.as_secs_f64());
+    }
 }
 
 pub(crate) struct HandlerSucceeded<'a> {
@@ -123,13 +133,23 @@ pub(crate) struct HandlerSucceeded<'a> {
 
 impl HandlerSucceeded<'_> {
     pub(crate) fn emit(&self, series: &RouteSeries) {
+        series.succeeded.inc();
+        self.log();
+    }
+
+    /// Counted on the engine's thread, flushed once per turn of its loop.
+    pub(crate) fn emit_local(&self, series: &LocalRouteSeries) {
+        series.succeeded.inc();
+        self.log();
+    }
+
+    fn log(&self) {
         let At {
             topic,
             partition,
             offset,
             ..
         } = self.at;
-        series.succeeded.inc();
         debug!(topic, partition, offset, event_id = %self.event_id, trace_id = self.at.trace_id(),
                event_type = self.event_type, handler = self.handler, attempt = self.attempt, "Handled.");
     }

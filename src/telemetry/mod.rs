@@ -15,4 +15,4 @@ pub(crate) mod trace;
 
 pub use health::{Health, HealthStatus};
 pub use metrics::Metrics;
-pub(crate) use metrics::RouteSeries;
+pub(crate) use metrics::{LocalRouteSeries, LocalSeries, RouteSeries};

@@ -585,3 +585,26 @@ async fn a_rebalance_mid_flight_hands_the_revoked_partitions_waiting_records_to_
     assert_eq!(seen.committed.get(&tp(1)), Some(&3));
     assert_eq!(report.abandoned, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn records_done_in_their_first_call_are_in_the_metrics_before_their_offsets_are_committed() {
+    let router = Router::new().on(|_: Job, _: Ctx| async { Ok(()) });
+    let h = start(router, config(), Arc::default());
+    // Each record names its topic in an `Arc` of its own, as a source that re-created the
+    // name would: they must still count in the one series of their topic.
+    for offset in 0..3 {
+        h.send(SourceEvent::Record(job(0, offset, false)));
+    }
+    while h.seen.lock().unwrap().committed.get(&tp(0)) != Some(&3) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let received = h.metrics.received.with_label_values(&["jobs"]).get();
+    let handled = h.metrics.handled_count("jobs", "test.job", "success");
+    let timed = h
+        .metrics
+        .handler_duration
+        .with_label_values(&["jobs", "test.job"])
+        .get_sample_count();
+    assert_eq!((received, handled, timed), (3, 3, 3));
+    h.stop().await;
+}
