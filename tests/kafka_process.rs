@@ -12,6 +12,8 @@
 mod support;
 
 use futures_util::future::{join_all, BoxFuture, FutureExt};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -269,6 +271,37 @@ fn readyz(admin: std::net::SocketAddr) -> (u16, String) {
     http_get(admin, "/readyz").unwrap_or_else(|e| (0, e.to_string()))
 }
 
+/// The group's committed offset of every partition of the reference topics that has one, read
+/// by a client outside the group (it does not join, so it moves no partition).
+async fn committed_positions(brokers: &str, group: &str) -> HashMap<(String, i32), i64> {
+    let (brokers, group) = (brokers.to_string(), group.to_string());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .create()
+            .expect("a client to read committed offsets");
+        let mut tpl = TopicPartitionList::new();
+        for topic in TOPICS {
+            for p in 0..PARTITIONS {
+                tpl.add_partition(topic, p);
+            }
+        }
+        consumer
+            .committed_offsets(tpl, Duration::from_secs(30))
+            .expect("committed offsets")
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+    .expect("reading committed offsets")
+}
+
 /// Duplicate handlings: lines minus distinct ids.
 fn duplicates(counts: &HashMap<String, usize>) -> usize {
     counts.values().map(|c| c - 1).sum()
@@ -296,18 +329,18 @@ async fn survives_sigkill_without_losing_events() {
     const EVENTS: usize = 20_000;
     const KILLS: usize = 3;
     const MAX_IN_FLIGHT: usize = 256;
-    // A crash replays what was handled and not yet committed: up to `max_in_flight` records
-    // (finished ones behind an unfinished one cannot be committed), plus those finished during
-    // the last commit interval and round trip (commits are asynchronous, every 10 ms here).
-    // Measured on two busy cores: at most ~550 per kill when the commit tick is served on time;
-    // 1,000 to 6,000 when commits stall behind a busy engine loop. So each kill may replay the
-    // in-flight window plus a commit window of three times as much, and no more.
-    const COMMIT_WINDOW: usize = 3 * MAX_IN_FLIGHT;
+    // A crash replays what was handled and not yet committed. How much that is depends on how
+    // fast the broker answers commits on a loaded machine (measured: ~550 per kill when commits
+    // are answered on time, 1,025 once in CI), so the replay is reported, not bounded by a
+    // guess at timing. What is asserted is the contract itself, read from the group's
+    // committed offsets right after each kill: the next process replays nothing before them,
+    // they never pass a record that was not handled, and each process moved them forward.
     let started = Instant::now();
     let broker = broker_with_topics(Tansu::start_memory(), &[]);
     let dir = TestDir::new("weir-sigkill");
     let mut records = RecordFile::new(&dir.join("handled.jsonl"));
-    let options = serve_options(&broker, &unique("sigkill"), records.path())
+    let group = unique("sigkill");
+    let options = serve_options(&broker, &group, records.path())
         .env("WEIR_CONSUMER__MAX_IN_FLIGHT", MAX_IN_FLIGHT.to_string())
         .env("WEIR_CONSUMER__MAX_IN_FLIGHT_PER_PARTITION", "64");
     let mut serve = WeirProcess::serve(dir.path(), "serve-0", &options);
@@ -324,6 +357,10 @@ async fn survives_sigkill_without_losing_events() {
     // has not started, so these split the record file by process.
     let mut boundaries = vec![0];
     let mut published_at_kill = Vec::new();
+    // The group's committed offsets right after each kill. A commit the dead process sent just
+    // before it died may still land after this read, so the new process starts at or after
+    // these: every assertion below holds for anything at or after them.
+    let mut committed_at_kill: Vec<HashMap<(String, i32), i64>> = Vec::new();
     for (k, &point) in points.iter().enumerate() {
         wait_until(
             &format!("{point} handled lines before kill {}", k + 1),
@@ -342,6 +379,7 @@ async fn survives_sigkill_without_losing_events() {
         serve.kill_and_wait().await;
         boundaries.push(records.count());
         published_at_kill.push(stream.published());
+        committed_at_kill.push(committed_positions(&broker.brokers(), &group).await);
         serve = WeirProcess::serve(dir.path(), &format!("serve-{}", k + 1), &options);
     }
 
@@ -373,22 +411,64 @@ async fn survives_sigkill_without_losing_events() {
         seen.extend(lines.iter().map(|l| l.event_id.clone()));
     }
     let duplicates = duplicates(&counts);
-    let bound = MAX_IN_FLIGHT + COMMIT_WINDOW;
     println!(
         "sigkill: seed {seed}; {EVENTS} events; {KILLS} SIGKILLs after {:?} lines ({published_at_kill:?} \
-         published); {} lines, {duplicates} duplicates ({per_kill:?} per kill, bound {bound} \
-         per kill); \
-         published after {published_after:?}, all handled after {:?}",
+         published); {} lines, {duplicates} duplicates ({per_kill:?} per kill, max_in_flight \
+         {MAX_IN_FLIGHT}); published after {published_after:?}, all handled after {:?}",
         &boundaries[1..=KILLS],
         records.lines().len(),
         started.elapsed()
     );
     assert_eq!(per_kill.iter().sum::<usize>(), duplicates);
-    assert!(
-        per_kill.iter().all(|d| *d <= bound),
-        "duplicates per kill {per_kill:?}: over max_in_flight {MAX_IN_FLIGHT} + commit window \
-         {COMMIT_WINDOW} = {bound} (commits are falling behind)"
-    );
+    let lines = records.lines();
+    for (k, committed) in committed_at_kill.iter().enumerate() {
+        let position = |topic: &str, partition: i32| {
+            committed
+                .get(&(topic.to_string(), partition))
+                .copied()
+                .unwrap_or(0)
+        };
+        // Nothing before the committed offsets is handled again by the next process.
+        let before: HashSet<&str> = lines[..boundaries[k + 1]]
+            .iter()
+            .map(|l| l.event_id.as_str())
+            .collect();
+        let replayed_below: Vec<&Handled> = lines[boundaries[k + 1]..boundaries[k + 2]]
+            .iter()
+            .filter(|l| before.contains(l.event_id.as_str()))
+            .filter(|l| l.offset < position(&l.topic, l.partition))
+            .collect();
+        assert!(
+            replayed_below.is_empty(),
+            "after kill {}: the next process handled again records below the committed offsets \
+             {committed:?}: {replayed_below:?}",
+            k + 1
+        );
+        // The committed offsets never pass a record no process had handled yet.
+        let unhandled: Vec<&Sent> = sent
+            .iter()
+            .filter(|s| s.offset < position(&s.topic, s.partition))
+            .filter(|s| !before.contains(s.id.as_str()))
+            .collect();
+        assert!(
+            unhandled.is_empty(),
+            "at kill {}: committed offsets {committed:?} pass records no process had handled: \
+             {unhandled:?}",
+            k + 1
+        );
+        // Each process committed while it ran.
+        let total = |c: &HashMap<(String, i32), i64>| c.values().sum::<i64>();
+        let previous = if k == 0 {
+            0
+        } else {
+            total(&committed_at_kill[k - 1])
+        };
+        assert!(
+            total(committed) > previous,
+            "the process killed at kill {} committed nothing: {committed:?}",
+            k + 1
+        );
+    }
     let (status, _) = terminate(&mut serve).await;
     assert!(status.success(), "{status}\n{}", serve.stderr_tail(4096));
 }
