@@ -11,14 +11,12 @@
 
 mod support;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::kafka::read_topic;
+use support::kafka::{committed_offsets, read_topic};
 use support::orders::one_record_per_batch;
 use support::process::{
     eventually, http_get, metric_sum, wait_until, Handled, RecordFile, ServeOptions, TestDir,
@@ -120,25 +118,12 @@ async fn parked(db: &TestDb, group: &str) -> i64 {
         .unwrap()
 }
 
-fn committed(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(CUSTOMER_TOPIC, p);
-    }
-    consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
+/// The group's committed offsets on the customer topic, by partition.
+async fn committed(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
+    committed_offsets(brokers, group, &[CUSTOMER_TOPIC])
+        .await
+        .into_iter()
+        .map(|((_, partition), offset)| (partition, offset))
         .collect()
 }
 
@@ -262,9 +247,10 @@ async fn key_order_holds_across_parking(crash_and_rebalance: bool) {
     // The partitions' committed offsets reach the end, and the table empties.
     let brokers = broker.brokers();
     eventually("committed offsets at the end", PATIENCE, || {
-        let got = committed(&brokers, &group);
+        let (brokers, group) = (&brokers, &group);
         let ends = stream.ends.clone();
         async move {
+            let got = committed(brokers, group).await;
             if ends.iter().all(|(p, end)| got.get(p) == Some(end)) {
                 Ok(())
             } else {
@@ -386,7 +372,7 @@ async fn a_parked_record_failing_its_last_durable_attempt_is_dead_lettered_and_i
                 "the next record ran while the key was parked: {next_handled:?}"
             );
             let rows = parked_rows(db, group).await;
-            let committed = committed(brokers, group).get(&partition).copied();
+            let committed = committed(brokers, group).await.get(&partition).copied();
             if rows.len() == 2
                 && rows[0].0 == failing.offset
                 && rows[0].1 >= 3

@@ -5,8 +5,6 @@
 mod semantics;
 mod support;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use semantics::Harness;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,25 +25,6 @@ impl KafkaHarness {
             broker: Arc::new(broker),
             bus,
         }
-    }
-
-    fn client(&self) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", self.broker.brokers())
-            .set("enable.auto.commit", "false");
-        config
-    }
-
-    fn partitions(consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("metadata");
-        metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect()
     }
 }
 
@@ -73,29 +52,11 @@ impl Harness for KafkaHarness {
     }
 
     async fn committed(&self, group: &str, topic: &str) -> HashMap<i32, i64> {
-        let mut config = self.client();
-        config.set("group.id", group);
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = config.create().expect("consumer");
-            let mut tpl = TopicPartitionList::new();
-            for p in Self::partitions(&consumer, &topic) {
-                tpl.add_partition(&topic, p);
-            }
-            let committed = consumer
-                .committed_offsets(tpl, Duration::from_secs(10))
-                .expect("committed offsets");
-            committed
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect()
-        })
-        .await
-        .expect("committed")
+        support::kafka::committed_offsets(&self.broker.brokers(), group, &[topic])
+            .await
+            .into_iter()
+            .map(|((_, partition), offset)| (partition, offset))
+            .collect()
     }
 
     async fn records(&self, topic: &str, at_least: usize) -> Vec<StoredRecord> {

@@ -12,14 +12,13 @@
 mod support;
 
 use futures_util::future::{join_all, BoxFuture, FutureExt};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
+use support::kafka::committed_offsets;
 use support::process::{
     http_get, wait_until, Handled, RecordFile, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML,
 };
@@ -271,37 +270,6 @@ fn readyz(admin: std::net::SocketAddr) -> (u16, String) {
     http_get(admin, "/readyz").unwrap_or_else(|e| (0, e.to_string()))
 }
 
-/// The group's committed offset of every partition of the reference topics that has one, read
-/// by a client outside the group (it does not join, so it moves no partition).
-async fn committed_positions(brokers: &str, group: &str) -> HashMap<(String, i32), i64> {
-    let (brokers, group) = (brokers.to_string(), group.to_string());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", &group)
-            .create()
-            .expect("a client to read committed offsets");
-        let mut tpl = TopicPartitionList::new();
-        for topic in TOPICS {
-            for p in 0..PARTITIONS {
-                tpl.add_partition(topic, p);
-            }
-        }
-        consumer
-            .committed_offsets(tpl, Duration::from_secs(30))
-            .expect("committed offsets")
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
-                _ => None,
-            })
-            .collect()
-    })
-    .await
-    .expect("reading committed offsets")
-}
-
 /// Duplicate handlings: lines minus distinct ids.
 fn duplicates(counts: &HashMap<String, usize>) -> usize {
     counts.values().map(|c| c - 1).sum()
@@ -379,7 +347,7 @@ async fn survives_sigkill_without_losing_events() {
         serve.kill_and_wait().await;
         boundaries.push(records.count());
         published_at_kill.push(stream.published());
-        committed_at_kill.push(committed_positions(&broker.brokers(), &group).await);
+        committed_at_kill.push(committed_offsets(&broker.brokers(), &group, &TOPICS).await);
         serve = WeirProcess::serve(dir.path(), &format!("serve-{}", k + 1), &options);
     }
 
@@ -399,16 +367,55 @@ async fn survives_sigkill_without_losing_events() {
     assert!(records.garbled.is_empty(), "{:?}", records.garbled);
 
     // Duplicates per kill: lines of the process started after it whose event an earlier
-    // process had handled.
+    // process had handled. Each kill's committed offsets are checked against the same split:
+    // the next process replays nothing below them, they never pass a record no earlier process
+    // had handled, and each killed process moved them forward.
     boundaries.push(records.lines().len());
-    let mut seen = HashSet::new();
+    let lines = records.lines();
+    let total = |c: &HashMap<(String, i32), i64>| c.values().sum::<i64>();
+    let mut seen: HashSet<&str> = HashSet::new();
     let mut per_kill = Vec::new();
-    for (k, run) in boundaries.windows(2).enumerate() {
-        let lines = &records.lines()[run[0]..run[1]];
-        if k > 0 {
-            per_kill.push(lines.iter().filter(|l| seen.contains(&l.event_id)).count());
+    for (run, bounds) in boundaries.windows(2).enumerate() {
+        let here = &lines[bounds[0]..bounds[1]];
+        if let Some(k) = run.checked_sub(1) {
+            let committed = &committed_at_kill[k];
+            let position = |topic: &str, partition: i32| {
+                committed
+                    .get(&(topic.to_string(), partition))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            let replayed: Vec<&Handled> = here
+                .iter()
+                .filter(|l| seen.contains(l.event_id.as_str()))
+                .collect();
+            let replayed_below: Vec<&&Handled> = replayed
+                .iter()
+                .filter(|l| l.offset < position(&l.topic, l.partition))
+                .collect();
+            assert!(
+                replayed_below.is_empty(),
+                "seed {seed}: after kill {run}, the next process handled again records below \
+                 the committed offsets {committed:?}: {replayed_below:?}"
+            );
+            let unhandled: Vec<&Sent> = sent
+                .iter()
+                .filter(|s| s.offset < position(&s.topic, s.partition))
+                .filter(|s| !seen.contains(s.id.as_str()))
+                .collect();
+            assert!(
+                unhandled.is_empty(),
+                "seed {seed}: at kill {run}, committed offsets {committed:?} pass records no \
+                 process had handled: {unhandled:?}"
+            );
+            let previous = k.checked_sub(1).map_or(0, |p| total(&committed_at_kill[p]));
+            assert!(
+                total(committed) > previous,
+                "seed {seed}: the process killed at kill {run} committed nothing: {committed:?}"
+            );
+            per_kill.push(replayed.len());
         }
-        seen.extend(lines.iter().map(|l| l.event_id.clone()));
+        seen.extend(here.iter().map(|l| l.event_id.as_str()));
     }
     let duplicates = duplicates(&counts);
     println!(
@@ -416,59 +423,10 @@ async fn survives_sigkill_without_losing_events() {
          published); {} lines, {duplicates} duplicates ({per_kill:?} per kill, max_in_flight \
          {MAX_IN_FLIGHT}); published after {published_after:?}, all handled after {:?}",
         &boundaries[1..=KILLS],
-        records.lines().len(),
+        lines.len(),
         started.elapsed()
     );
     assert_eq!(per_kill.iter().sum::<usize>(), duplicates);
-    let lines = records.lines();
-    for (k, committed) in committed_at_kill.iter().enumerate() {
-        let position = |topic: &str, partition: i32| {
-            committed
-                .get(&(topic.to_string(), partition))
-                .copied()
-                .unwrap_or(0)
-        };
-        // Nothing before the committed offsets is handled again by the next process.
-        let before: HashSet<&str> = lines[..boundaries[k + 1]]
-            .iter()
-            .map(|l| l.event_id.as_str())
-            .collect();
-        let replayed_below: Vec<&Handled> = lines[boundaries[k + 1]..boundaries[k + 2]]
-            .iter()
-            .filter(|l| before.contains(l.event_id.as_str()))
-            .filter(|l| l.offset < position(&l.topic, l.partition))
-            .collect();
-        assert!(
-            replayed_below.is_empty(),
-            "after kill {}: the next process handled again records below the committed offsets \
-             {committed:?}: {replayed_below:?}",
-            k + 1
-        );
-        // The committed offsets never pass a record no process had handled yet.
-        let unhandled: Vec<&Sent> = sent
-            .iter()
-            .filter(|s| s.offset < position(&s.topic, s.partition))
-            .filter(|s| !before.contains(s.id.as_str()))
-            .collect();
-        assert!(
-            unhandled.is_empty(),
-            "at kill {}: committed offsets {committed:?} pass records no process had handled: \
-             {unhandled:?}",
-            k + 1
-        );
-        // Each process committed while it ran.
-        let total = |c: &HashMap<(String, i32), i64>| c.values().sum::<i64>();
-        let previous = if k == 0 {
-            0
-        } else {
-            total(&committed_at_kill[k - 1])
-        };
-        assert!(
-            total(committed) > previous,
-            "the process killed at kill {} committed nothing: {committed:?}",
-            k + 1
-        );
-    }
     let (status, _) = terminate(&mut serve).await;
     assert!(status.success(), "{status}\n{}", serve.stderr_tail(4096));
 }

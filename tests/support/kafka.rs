@@ -1,8 +1,10 @@
-//! Reading a topic back with a plain rdkafka consumer, the way a foreign client would.
+//! Reading a topic back with a plain rdkafka consumer, the way a foreign client would, and a
+//! group's committed offsets.
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers as _, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use weir::{Headers, StoredRecord};
 
@@ -71,4 +73,43 @@ pub async fn read_topic(
     })
     .await
     .expect("reader task")
+}
+
+/// The committed offset of `group` for each partition of `topics` that has one, keyed by topic
+/// and partition. The reading client stays outside the group (it never joins), so reading moves
+/// no partition.
+pub async fn committed_offsets(
+    brokers: &str,
+    group: &str,
+    topics: &[&str],
+) -> HashMap<(String, i32), i64> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group);
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config.create().expect("a client to read committed offsets");
+        let mut tpl = TopicPartitionList::new();
+        for topic in &topics {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .expect("metadata");
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                tpl.add_partition(topic, partition.id());
+            }
+        }
+        consumer
+            .committed_offsets(tpl, Duration::from_secs(30))
+            .expect("committed offsets")
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+    .expect("reading committed offsets")
 }
