@@ -23,6 +23,11 @@
 #      promtool test rules (charts/weir/tests/alerts_test.yaml);
 #   3. the Dockerfile: hadolint, and the facts the chart relies on (user 10001, entrypoint).
 set -euo pipefail
+# Package installs go through sudo unless we are root (scripts/test.sh passes its own SUDO).
+if [[ -z "${SUDO+x}" ]]; then
+  SUDO=
+  [[ "$(id -u)" == 0 ]] || SUDO=sudo
+fi
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -97,7 +102,7 @@ if [[ -z "$PROMTOOL" ]]; then
   download() { (cd "$DEB_DIR" && apt-get download -o APT::Sandbox::User=root prometheus); }
   if ! download; then
     echo "apt-get download failed; running apt-get update once and retrying"
-    apt-get update -qq || die "apt-get update failed"
+    $SUDO apt-get update -qq || die "apt-get update failed"
     download || die "apt-get download prometheus failed"
   fi
   mkdir -p "$TOOLS"

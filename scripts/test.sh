@@ -4,6 +4,7 @@
 #   scripts/test.sh                    # everything
 #   scripts/test.sh --test consume     # extra args go to `cargo test --all-targets`
 #   scripts/test.sh -- --nocapture
+#   scripts/test.sh --quick --test consume   # skip the library checks too
 #
 # What it sets up (idempotent; fast when everything is already there):
 #   - Tansu 0.6.0, the Kafka-compatible broker the integration tests start
@@ -23,6 +24,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
+# --quick (first argument): with arguments, skip the library checks (scripts/check-library.sh).
+QUICK=
+if [[ "${1:-}" == "--quick" ]]; then
+  QUICK=1
+  shift
+fi
+
 TANSU_VERSION=0.6.0
 TANSU_FEATURES=dynostore,libsql
 CONFLUENT_KAFKA_VERSION=2.12.1
@@ -33,6 +41,19 @@ step() { printf '\n==> [%4ss] %s\n' "$((SECONDS - START))" "$*"; }
 die() {
   printf 'scripts/test.sh: error: %s\n' "$*" >&2
   exit 1
+}
+
+# Package installs go through sudo unless we are root.
+SUDO=
+[[ "$(id -u)" == 0 ]] || SUDO=sudo
+apt_updated=
+apt_install() {
+  command -v apt-get >/dev/null || die "missing Debian packages $* and no apt-get to install them"
+  if [[ -z "$apt_updated" ]]; then
+    $SUDO apt-get update -qq || die "apt-get update failed"
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null || die "apt-get install $* failed"
 }
 
 CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
@@ -122,11 +143,7 @@ echo "WEIR_TEST_TEMPORAL=$WEIR_TEST_TEMPORAL"
 # --- protoc (the temporal feature's build) ----------------------------------
 step "protoc"
 if ! command -v protoc >/dev/null; then
-  SUDO=
-  [[ "$(id -u)" == 0 ]] || SUDO=sudo
-  $SUDO apt-get update -qq || die "apt-get update failed (needed to install protobuf-compiler)"
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null \
-    || die "apt-get install protobuf-compiler failed"
+  apt_install protobuf-compiler
 fi
 command -v protoc >/dev/null || die "protoc not found after installing protobuf-compiler"
 echo "protoc: $(protoc --version)"
@@ -142,10 +159,8 @@ fi
 ASYNCAPI_PARSER_VERSION=3.6.3
 step "@asyncapi/parser $ASYNCAPI_PARSER_VERSION (npm, .tmp/asyncapi)"
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-  command -v apt-get >/dev/null || die "node and npm are needed (the AsyncAPI parser) and apt-get is not available"
   echo "Installing node and npm with apt-get"
-  apt-get install -y -qq nodejs npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } \
-    || die "apt-get install nodejs npm failed"
+  apt_install nodejs npm
 fi
 ASYNCAPI_DIR="$ROOT/.tmp/asyncapi"
 asyncapi_parser_ok() {
@@ -245,7 +260,7 @@ trap - EXIT
 
 # --- Helm chart, alert rules, Dockerfile ------------------------------------
 step "chart and alert checks (scripts/check-chart.sh)"
-bash "$ROOT/scripts/check-chart.sh"
+SUDO="$SUDO" bash "$ROOT/scripts/check-chart.sh"
 # check-chart.sh puts promtool on PATH or in .tmp/tools/bin; the metrics test lints a scrape with it.
 WEIR_TEST_PROMTOOL=$(command -v promtool || echo "$ROOT/.tmp/tools/bin/promtool")
 [[ -x "$WEIR_TEST_PROMTOOL" ]] || die "promtool not found after scripts/check-chart.sh"
@@ -265,9 +280,7 @@ for package in "${RDKAFKA_SYSTEM_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
 done
 if ((${#missing[@]})); then
-  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null \
-    || die "apt-get install ${missing[*]} failed"
+  apt_install "${missing[@]}"
 fi
 
 # --- Rust -------------------------------------------------------------------
@@ -277,7 +290,12 @@ cargo fmt --all -- --check
 # The library's boundary: the core builds alone, every feature builds alone, the docs are
 # clean, and a service outside the crate (examples/orders-service) builds and passes its
 # tests with default-features = false.
-# Skipped when arguments pick tests (`scripts/test.sh --test tasks`): they take minutes.
+# The quick ones (import graph, the library build's size and names) run with arguments too,
+# unless --quick; the rest are skipped when arguments pick tests (`scripts/test.sh --test tasks`).
+if [[ -z "$QUICK" ]]; then
+  step "library checks (scripts/check-library.sh)"
+  bash "$ROOT/scripts/check-library.sh"
+fi
 if [ "$#" -eq 0 ]; then
   step "cargo check --no-default-features"
   cargo check --no-default-features
@@ -322,8 +340,9 @@ else
   step "cargo test --all-targets --features $FEATURES $*"
   cargo test --all-targets --features "$FEATURES" "$@"
   if [[ "$#" -eq 0 ]]; then
-    step "cargo test --features temporal --test temporal"
-    cargo test --features temporal --test temporal
+    # The `src/temporal` unit tests and tests/temporal.rs, with the feature.
+    step "cargo test --features temporal --lib --test temporal"
+    cargo test --features temporal --lib --test temporal
   fi
 fi
 

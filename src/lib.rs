@@ -39,12 +39,14 @@
 //!
 //! # Layout
 //! Dependencies point one way: `contracts` ← `telemetry` ← `handlers` ← `bus` ← `outbox`;
-//! `admin` and `testing` use `bus` and what is below it; `temporal` and `schema` sit beside
-//! `bus` and use only `contracts` and `handlers`. Nothing here imports the binary.
+//! `testing` uses `bus` and what is below it; `temporal` uses `contracts`, `telemetry` and
+//! `handlers`; `schema` uses `contracts` and `handlers`; `admin` uses `telemetry`. Nothing here
+//! imports the binary, and the reference service's names live in the binary, not here.
+//! `scripts/import-graph.py` checks this map against the code, and that no two files import
+//! each other, directly or in a circle.
 //!
 //! - `contracts`: the [`Event`] trait, the CloudEvents [`Envelope`], [`EventFactory`] and its
-//!   [`DecodeError`]. Depends on nothing else of Weir. The reference service's own events are
-//!   in [`seeds`].
+//!   [`DecodeError`]. Depends on nothing else of Weir.
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`).
 //! - `handlers`: [`HandlerFn`], [`Ctx`], [`State`], [`HandlerError`], the [`RetryPolicy`], the
@@ -59,9 +61,9 @@
 //!   handlers through the dispatcher, and dead-letters like the engine).
 //! - `admin` (feature `admin`): the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
 //! - `testing` (feature `testing`, `weir::testing`): run a router on the memory bus inside a test.
-//! - `temporal` (feature `temporal`, `weir::temporal`): a handler that starts a Temporal workflow per event, with
-//!   idempotent workflow ids and the mapping of server errors to retry or dead-letter (depends on
-//!   contracts and handlers only).
+//! - `temporal` (feature `temporal`, `weir::temporal`): a handler that starts a Temporal
+//!   workflow per event, with idempotent workflow ids and the mapping of server errors to retry
+//!   or dead-letter (depends on contracts, telemetry and handlers).
 //! - [`schema`] (feature `schema`): the JSON Schema of each event's data, the AsyncAPI 3.0
 //!   document of a [`Router`], and the breaking-change rules `weir schema check` applies
 //!   (depends on contracts and handlers only).
@@ -98,7 +100,6 @@ pub use bus::{
 };
 #[cfg(feature = "kafka")]
 pub use bus::{KafkaBus, KafkaConfig};
-pub use contracts::seeds;
 pub use contracts::{
     DecodeError, DecodeLimits, Envelope, Event, EventFactory, EventMeta, EventType, Headers,
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
@@ -125,6 +126,13 @@ pub use telemetry::{Health, HealthStatus, Metrics};
 #[cfg(feature = "otlp")]
 pub mod otlp {
     pub use crate::telemetry::otlp::{tracer_provider_from_env, OtlpError};
+}
+
+/// What Weir's exported macros expand to; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    #[cfg(feature = "schema")]
+    pub use schemars;
 }
 
 /// Names of the headers Weir adds to dead-letter records (documented in the README).

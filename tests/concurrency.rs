@@ -2,12 +2,14 @@
 //! random handler latencies, and CPU-bound handlers neither exceed the core count nor starve
 //! async handlers. (Speed is measured by `weir bench`, not here.)
 
+mod reference;
+
+use crate::reference::{CustomerCreated, CustomerUpdated};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use weir::seeds::{CustomerCreated, CustomerUpdated};
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, MemoryBus, MemoryConfig,
     ProcessingOrder, PublishExt, Router, StopReport,

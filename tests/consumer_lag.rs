@@ -2,15 +2,16 @@
 //! (whose high watermark is exact) and observed on Tansu, whose ListOffsets(latest) is known to
 //! be wrong (last batch's base offset + 1).
 
+mod reference;
 mod support;
 
+use crate::reference::CustomerCreated;
 use rdkafka::mocking::MockCluster;
 use std::sync::Arc;
 use std::time::Duration;
 use support::broker::Tansu;
 use support::process::wait_until;
 use tokio::sync::Notify;
-use weir::seeds::CustomerCreated;
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerOptions, KafkaBus, KafkaConfig, Metrics,
     OutboundRecord, Publisher, Router,

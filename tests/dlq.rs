@@ -4,6 +4,7 @@
 //! Every record is published alone (one record per batch): Tansu skips the rest of a batch when a
 //! fetch starts inside it, and its high watermark is the last batch's base offset + 1.
 
+mod reference;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

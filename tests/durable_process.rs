@@ -9,8 +9,10 @@
 //! `details.simulate = "outage"` and `details.until` is in the future (an hour ahead: for good). Records are published one
 //! per batch (Tansu skips the rest of a batch when a fetch starts inside it).
 
+mod reference;
 mod support;
 
+use crate::reference::{CustomerCreated, CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 use serde_json::json;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -23,7 +25,6 @@ use support::process::{
     WeirProcess, FAST_GROUP_TOML,
 };
 use weir::dead_letter_headers as dl;
-use weir::seeds::{CustomerCreated, CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 use weir::{Delivery, Envelope, Headers, KafkaBus, OutboundRecord, PublishExt, Publisher};
 
 const PARTITIONS: i32 = 4;

@@ -2,6 +2,7 @@
 //! the parked-record worker, durable exhaustion, and a new owner learning the parked keys.
 //! The same store and worker run under `weir serve` against Kafka (tests/kafka_process.rs).
 
+mod reference;
 mod support;
 
 use serde::{Deserialize, Serialize};

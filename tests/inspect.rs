@@ -4,6 +4,7 @@
 //! Records are published one per batch: Tansu's high watermark is the last batch's base
 //! offset + 1, so only then is the log end every client reads the true one.
 
+mod reference;
 mod support;
 
 use serde::Deserialize;

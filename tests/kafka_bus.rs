@@ -2,6 +2,7 @@
 //! (one per test, so tests share nothing). Same functions as `memory_bus.rs`; only the retry
 //! timing differs, since a real broker cannot run on tokio's paused clock.
 
+mod reference;
 mod semantics;
 mod support;
 

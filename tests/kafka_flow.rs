@@ -3,15 +3,16 @@
 //! in-flight limit; the poll thread, stalled behind the full hand-off queue, pauses the
 //! assignment after a while and goes on polling.
 
+mod reference;
 mod support;
 
+use crate::reference::CustomerCreated;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::broker::Tansu;
 use support::process::wait_until;
 use tokio::sync::Notify;
-use weir::seeds::CustomerCreated;
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerOptions, KafkaBus, KafkaConfig, Metrics,
     OutboundRecord, Publisher, Router,

@@ -9,8 +9,13 @@
 //! sets come from what publishing returned, never from the broker's watermarks (Tansu 0.6
 //! reports wrong ones). Every wait polls with a deadline; nothing sleeps and hopes.
 
+mod reference;
 mod support;
 
+use crate::reference::{
+    CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
+    CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC,
+};
 use futures_util::future::{join_all, BoxFuture, FutureExt};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,10 +29,6 @@ use support::process::{
 };
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
-use weir::seeds::{
-    CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
-    CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC,
-};
 use weir::{Envelope, Headers, KafkaBus, KafkaConfig, OutboundRecord, PublishExt, Publisher};
 
 /// The reference service's topics.

@@ -3,6 +3,8 @@
 
 mod semantics;
 
+mod reference;
+
 use semantics::Harness;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -183,8 +185,8 @@ async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops() {
 
 #[tokio::test]
 async fn dropping_a_subscription_stops_it_and_it_leaves_its_group() {
+    use crate::reference::CustomerCreated;
     use semantics::{numbered, publish, record, recv, seq_of, subscribe, Ends, Mode};
-    use weir::seeds::CustomerCreated;
     use weir::{Ctx, HandlerOptions, Router};
     let h = MemoryHarness::new();
     let bus = h.bus();
@@ -263,7 +265,7 @@ async fn committed_records_stay_readable_until_a_full_partition_needs_their_room
     );
     // A group reads both (they are not CloudEvents: dead-lettered) and commits them.
     let router = weir::Router::new().on_with(
-        |_: weir::seeds::CustomerCreated, _: weir::Ctx| async { Ok(()) },
+        |_: crate::reference::CustomerCreated, _: weir::Ctx| async { Ok(()) },
         weir::HandlerOptions::new().topic(topic),
     );
     let subscription = bus.subscribe(router, ConsumerConfig::new("g")).unwrap();

@@ -2,8 +2,10 @@
 //! `promtool check metrics`), `/readyz` follows the broker and the drain, traces reach a real OTLP
 //! receiver, and a SASL password never shows.
 
+mod reference;
 mod support;
 
+use crate::reference::{CustomerCreated, CustomerDeleted, CustomerUpdated};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -11,7 +13,6 @@ use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::process::{wait_until, RecordFile, ServeOptions, TestDir, WeirProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir::seeds::{CustomerCreated, CustomerDeleted, CustomerUpdated};
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, Event, Headers, KafkaBus, KafkaConfig, MemoryBus,
     OutboundRecord, PublishExt, Publisher, Router,

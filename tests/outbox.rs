@@ -6,8 +6,10 @@
 //! high watermark is not reliable, so ends are never computed from it). Records of one key share
 //! a partition, so their read order is their publish order.
 
+mod reference;
 mod support;
 
+use crate::reference::{TaskCreated, TaskFields, TriggeredBy};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,7 +24,6 @@ use support::process::{eventually, TestDir, WeirProcess};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use weir::seeds::{TaskCreated, TaskFields, TriggeredBy};
 use weir::{
     inbox, Bus, ConsumerConfig, Ctx, Delivery, Envelope, Event, EventFactory, EventType,
     HandlerError, HandlerOptions, Headers, InboxTx, KafkaBus, KafkaConfig, Migration,
@@ -657,7 +658,7 @@ async fn a_row_and_its_event_written_in_one_transaction_reach_a_handler_through_
     .execute(db.pool())
     .await
     .expect("the service's own table");
-    let broker = broker_with_topics(false, &[weir::seeds::TASK_TOPIC]).await;
+    let broker = broker_with_topics(false, &[crate::reference::TASK_TOPIC]).await;
     let bus = kafka_bus(&broker.brokers(), Duration::from_secs(10));
     let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
     let subscription = bus

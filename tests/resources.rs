@@ -5,8 +5,10 @@
 //! `sha256sum` and `md5sum` commands, dimensions from the images this test generates,
 //! thumbnails decoded with the `image` crate, dead letters read back with a plain consumer.
 
+mod reference;
 mod support;
 
+use crate::reference::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 use futures_util::future::join_all;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use serde_json::{json, Value};
@@ -18,7 +20,6 @@ use support::broker::{unique, Tansu};
 use support::db::TestDb;
 use support::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
 use weir::dead_letter_headers as dlh;
-use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 
 const PARTITIONS: i32 = 4;
 /// Overall deadline for side effects to complete.

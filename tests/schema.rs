@@ -7,16 +7,18 @@
 //! - `weir schema check` passes against the saved document and names each breaking change
 //!   against an edited copy of it.
 
+mod reference;
+
+use crate::reference::{
+    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
+    ResourceUpdated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use uuid::Uuid;
-use weir::seeds::{
-    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
-    ResourceUpdated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
-};
 use weir::{DecodeError, Envelope, Event, EventFactory, Headers};
 
 fn weir(args: &[&str]) -> Output {

@@ -6,6 +6,7 @@
 //! processing event), the outbox rows the triggers wrote, the dead-letter topic, the schedule's
 //! ticks and log lines.
 
+mod reference;
 mod support;
 
 use axum::http::StatusCode;

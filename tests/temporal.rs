@@ -6,8 +6,10 @@
 //! Each test uses a task queue of its own, so the workers of tests running side by side never
 //! pick up each other's workflows (each test has its own database schema).
 
+mod reference;
 mod support;
 
+use crate::reference::{CUSTOMER_TOPIC, TASK_TOPIC};
 use axum::http::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
@@ -23,7 +25,6 @@ use support::tasks::{
 };
 use support::temporal::TemporalDev;
 use uuid::Uuid;
-use weir::seeds::{CUSTOMER_TOPIC, TASK_TOPIC};
 use weir::temporal::{StartOutcome, Temporal, WorkflowRequest};
 use weir::{Ctx, EventMeta, HandlerError};
 

@@ -2,8 +2,10 @@
 //! on the memory bus and through a real broker (Tansu). The handler's span is a child of the
 //! publisher's span, so one trace shows the whole path.
 
+mod reference;
 mod support;
 
+use crate::reference::CustomerCreated;
 use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use std::time::Duration;
@@ -12,7 +14,6 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
-use weir::seeds::CustomerCreated;
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, KafkaBus, KafkaConfig,
     MemoryBus, Router,

@@ -119,9 +119,9 @@ impl ConsumerConfig {
         self
     }
 
-    pub(crate) fn validate(&self) -> Result<(), super::BusError> {
+    pub(crate) fn validate(&self) -> Result<(), super::error::BusError> {
         let bad = |key: &str, message: &str| {
-            Err(super::BusError::Config {
+            Err(super::error::BusError::Config {
                 key: key.to_owned(),
                 message: message.to_owned(),
             })

@@ -5,6 +5,7 @@
 mod config;
 pub(crate) mod dead_letter;
 mod engine;
+mod error;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod memory;
@@ -17,6 +18,7 @@ pub(crate) mod dead_letter_header_names {
 }
 
 pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
+pub use error::BusError;
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaBus, KafkaConfig};
 pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
@@ -30,28 +32,6 @@ use crate::telemetry::Health;
 use engine::StopReport as EngineReport;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// Why a bus could not start or run a subscription.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    /// A setting is invalid; the message names it.
-    #[error("invalid setting `{key}`: {message}")]
-    Config {
-        /// The setting.
-        key: String,
-        /// What is wrong with it.
-        message: String,
-    },
-    /// The subscription has no handler, so it would consume nothing.
-    #[error("the router has no handlers; nothing to subscribe to")]
-    NoHandlers,
-    /// The transport failed in a way the consumer cannot recover from.
-    #[error("transport error: {0}")]
-    Transport(String),
-    /// The consumer task ended abnormally.
-    #[error("the consumer task failed: {0}")]
-    Task(String),
-}
 
 /// What a stopped subscription left behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

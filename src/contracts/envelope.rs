@@ -5,7 +5,8 @@
 //! drops headers. It also reads *binary* mode (`ce_*` headers, the data as the record value),
 //! which other CloudEvents SDKs emit by default.
 
-use super::{DecodeError, DecodeLimits, Event, Headers};
+use super::decode::{DecodeError, DecodeLimits};
+use super::{Event, Headers};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -345,8 +346,32 @@ fn parse_time(t: &str) -> Result<DateTime<Utc>, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::seeds::CustomerCreated;
-    use crate::EventFactory;
+    use crate::{Event, EventFactory, EventType};
+    use serde::{Deserialize, Serialize};
+
+    /// A neutral event of the tests' own (the library's tests use no reference-service type).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct CustomerCreated {
+        customer_id: String,
+        details: serde_json::Value,
+    }
+
+    impl CustomerCreated {
+        fn new(customer_id: &str, details: serde_json::Value) -> Self {
+            Self {
+                customer_id: customer_id.to_owned(),
+                details,
+            }
+        }
+    }
+
+    impl Event for CustomerCreated {
+        const TYPE: EventType = EventType::new("customer.created");
+        const TOPIC: &'static str = "customer-events";
+        fn key(&self) -> String {
+            self.customer_id.clone()
+        }
+    }
 
     fn limits() -> DecodeLimits {
         DecodeLimits::default()

@@ -78,14 +78,16 @@ pub trait Event: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
 /// Implements [`Event::data_schema`] from the type's `schemars::JsonSchema`: one line in an
 /// `impl Event`, so a contract's schema is derived from the Rust type and cannot drift from it.
 ///
-/// Without the `schema` feature it expands to nothing, so contracts compile either way.
+/// Without the `schema` feature it expands to nothing, so contracts compile either way. It names
+/// schemars through the crate's hidden `__private` re-export, not through `weir::schema`, so
+/// `contracts` does not depend on the `schema` module that sits above it.
 #[cfg(feature = "schema")]
 #[macro_export]
 macro_rules! data_schema {
     () => {
         fn data_schema(
-            generator: &mut $crate::schema::SchemaGenerator,
-        ) -> ::core::option::Option<$crate::schema::Schema> {
+            generator: &mut $crate::__private::schemars::SchemaGenerator,
+        ) -> ::core::option::Option<$crate::__private::schemars::Schema> {
             ::core::option::Option::Some(generator.subschema_for::<Self>())
         }
     };

@@ -11,8 +11,8 @@
 //! for this one's final outcome. Under `order = "partition"` a batch holds one record, since
 //! nothing of a partition overlaps.
 
+use super::erased::BoxFuture;
 use super::handler::State;
-use super::router::BoxFuture;
 use super::{Ctx, HandlerError};
 use futures_util::FutureExt;
 use std::collections::HashMap;

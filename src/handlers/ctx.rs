@@ -1,4 +1,4 @@
-use super::Inbound;
+use super::record::Inbound;
 use crate::contracts::{EventMeta, Headers};
 use chrono::{DateTime, Utc};
 use std::sync::Arc;

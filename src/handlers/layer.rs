@@ -8,7 +8,7 @@
 //! (tower's timeout, say) counts as [`HandlerError::Retryable`], since a layer's own failures
 //! (overload, a deadline) are transient.
 
-use super::router::{BoxFuture, ErasedEvent};
+use super::erased::{handler_name, BoxFuture, ErasedEvent};
 use super::{BoxError, Ctx, HandlerError, HandlerFn};
 use std::any::Any;
 use std::marker::PhantomData;
@@ -155,7 +155,7 @@ where
     }
 
     fn name(&self) -> String {
-        super::router::handler_name::<H>()
+        handler_name::<H>()
     }
 }
 

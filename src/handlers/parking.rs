@@ -11,7 +11,7 @@
 //! - a partition's parked keys are learned from the store before its first record is handled,
 //!   so a new owner (after a rebalance or a restart) sees what the previous owner parked.
 
-use super::dispatch::Inbound;
+use super::record::Inbound;
 use std::future::Future;
 use std::pin::Pin;
 

@@ -2,6 +2,7 @@
 //! only here; everything downstream works on erased routes.
 
 use super::batch::{BatchHandlerFn, BatchWindow, Batcher};
+use super::erased::{handler_name, BoxFuture, ErasedEvent};
 use super::layer::{layer_erased, AnyEvent, HandlerService, IntoHandler, Request};
 use super::{BoxError, Ctx, HandlerError, RetryPolicy};
 use crate::contracts::{
@@ -10,15 +11,11 @@ use crate::contracts::{
 };
 use crate::telemetry::{Metrics, RouteSeries};
 use serde::Deserialize;
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-pub(crate) type ErasedEvent = Arc<dyn Any + Send + Sync>;
 type Decode = Box<dyn Fn(&RawEnvelope) -> Result<ErasedEvent, DecodeError> + Send + Sync>;
 type DecodeOnePass = Box<
     dyn Fn(Option<&[u8]>, &Headers, &DecodeLimits) -> Option<(EventMeta, ErasedEvent)>
@@ -182,13 +179,13 @@ pub(crate) trait Observe: Send + Sync {
     /// A call of `handler` on `rec` that started at `started` has just returned.
     fn call(
         &self,
-        rec: &super::Inbound,
+        rec: &super::record::Inbound,
         handler: &str,
         attempt: u32,
         started: tokio::time::Instant,
     );
     /// The record's outcome.
-    fn outcome(&self, rec: &super::Inbound, outcome: &super::Outcome);
+    fn outcome(&self, rec: &super::record::Inbound, outcome: &super::record::Outcome);
 }
 
 impl Default for Router {
@@ -430,32 +427,24 @@ impl<S> Router<S> {
     }
 }
 
-/// A readable default name: the function's own name, or `function::{{closure}}` for closures,
-/// without module paths or generic arguments.
-pub(crate) fn handler_name<H>() -> String {
-    let mut plain = String::new();
-    let mut depth = 0usize;
-    for c in std::any::type_name::<H>().chars() {
-        match c {
-            '<' => depth += 1,
-            '>' => depth = depth.saturating_sub(1),
-            _ if depth == 0 => plain.push(c),
-            _ => {}
-        }
-    }
-    let mut parts = plain.rsplit("::");
-    match (parts.next(), parts.next()) {
-        (Some(last), Some(parent)) if last.starts_with('{') => format!("{parent}::{last}"),
-        (Some(last), _) => last.to_owned(),
-        _ => plain,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::erased::handler_name;
     use super::*;
 
-    async fn handle_task(_: crate::seeds::TaskCreated, _: Ctx) -> Result<(), HandlerError> {
+    /// A neutral event of the tests' own: the library's tests use no reference-service type.
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct TaskCreated {}
+
+    impl Event for TaskCreated {
+        const TYPE: crate::EventType = crate::EventType::new("task.created");
+        const TOPIC: &'static str = "tasks";
+        fn key(&self) -> String {
+            String::new()
+        }
+    }
+
+    async fn handle_task(_: TaskCreated, _: Ctx) -> Result<(), HandlerError> {
         Ok(())
     }
 
@@ -466,7 +455,7 @@ mod tests {
     #[test]
     fn default_handler_names_are_short() {
         assert_eq!(named(&handle_task), "handle_task");
-        let closure = |_: crate::seeds::TaskCreated, _: Ctx| async { Ok(()) };
+        let closure = |_: TaskCreated, _: Ctx| async { Ok(()) };
         assert_eq!(
             named(&closure),
             "default_handler_names_are_short::{{closure}}"
@@ -479,8 +468,8 @@ mod tests {
         #[derive(Clone, serde::Serialize, serde::Deserialize)]
         struct OtherTaskCreated {}
         impl Event for OtherTaskCreated {
-            const TYPE: crate::EventType = crate::seeds::TaskCreated::TYPE;
-            const TOPIC: &'static str = crate::seeds::TaskCreated::TOPIC;
+            const TYPE: crate::EventType = TaskCreated::TYPE;
+            const TOPIC: &'static str = TaskCreated::TOPIC;
             fn key(&self) -> String {
                 String::new()
             }

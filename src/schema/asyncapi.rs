@@ -13,7 +13,7 @@ use super::example::synthesize;
 use super::Document;
 use crate::contracts::dead_letter::HEADERS as DEAD_LETTER_HEADERS;
 use crate::contracts::{Event, EventDescriptor, CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION};
-use crate::Router;
+use crate::handlers::Router;
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -35,8 +35,24 @@ type DeadLetterNaming = Arc<dyn Fn(&str) -> String + Send + Sync>;
 /// where its dead letters go, and the events it publishes.
 ///
 /// ```
-/// use weir::schema::AsyncApi;
-/// use weir::seeds::ResourceCreated;
+/// use serde::{Deserialize, Serialize};
+/// use weir::schema::{AsyncApi, JsonSchema};
+/// use weir::{Event, EventType};
+///
+/// #[derive(Clone, Serialize, Deserialize, JsonSchema)]
+/// struct ResourceCreated {
+///     resource_id: String,
+/// }
+///
+/// impl Event for ResourceCreated {
+///     const TYPE: EventType = EventType::new("resource.created");
+///     const TOPIC: &'static str = "resources";
+///     fn key(&self) -> String {
+///         self.resource_id.clone()
+///     }
+///     weir::data_schema!();
+/// }
+///
 /// let api = AsyncApi::new("Resources", "1.2.0")
 ///     .description("Stores files and derives what they need.")
 ///     .consumer_group("resources")

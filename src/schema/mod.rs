@@ -9,9 +9,23 @@
 //! value is rejected.
 //!
 //! ```
-//! use weir::schema::AsyncApi;
-//! use weir::seeds::TaskCreated;
-//! use weir::{Ctx, HandlerError, Router};
+//! use serde::{Deserialize, Serialize};
+//! use weir::schema::{AsyncApi, JsonSchema};
+//! use weir::{Ctx, Event, EventType, HandlerError, Router};
+//!
+//! #[derive(Clone, Serialize, Deserialize, JsonSchema)]
+//! struct TaskCreated {
+//!     task_id: String,
+//! }
+//!
+//! impl Event for TaskCreated {
+//!     const TYPE: EventType = EventType::new("task.created");
+//!     const TOPIC: &'static str = "tasks";
+//!     fn key(&self) -> String {
+//!         self.task_id.clone()
+//!     }
+//!     weir::data_schema!();
+//! }
 //!
 //! async fn handle(_: TaskCreated, _: Ctx) -> Result<(), HandlerError> { Ok(()) }
 //! let router = Router::new().on(handle);

@@ -16,6 +16,10 @@
 //!   before a subscription is assigned its partitions are still consumed.
 #![allow(dead_code, unreachable_pub)]
 
+use crate::reference::{
+    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
+    ResourceUpdated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
+};
 use chrono::SubsecRound;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -28,10 +32,6 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
-use weir::seeds::{
-    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
-    ResourceUpdated, TaskCreated, TaskFields, TaskProcessingRequested, TriggeredBy,
-};
 use weir::{
     Bus, ConsumerConfig, Ctx, DecodeLimits, Delivery, Envelope, Event, HandlerError,
     HandlerOptions, Headers, Metrics, OutboundRecord, ProcessingOrder, Publisher, RetryPolicy,

@@ -7,6 +7,7 @@
 use super::broker::Tansu;
 use super::db::TestDb;
 use super::process::{eventually, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML};
+use crate::reference::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -20,7 +21,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-use weir::seeds::{CUSTOMER_TOPIC, RESOURCE_TOPIC, TASK_TOPIC};
 
 /// Webhook secret of the services started with [`serve_options`].
 pub const SECRET: &str = "test-webhook-secret";

@@ -19,6 +19,7 @@
 //! W and W-mem also run a second time with the log filter switched to `error`, in the same
 //! rounds: the framework's cost without its logging.
 
+use crate::reference::events::CustomerCreated;
 use crate::telemetry::Telemetry;
 use anyhow::Context as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -32,7 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-use weir::seeds::CustomerCreated;
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, KafkaBus, KafkaConfig,
     MemoryBus, MemoryConfig, ProcessingOrder, RetryPolicy, Router,

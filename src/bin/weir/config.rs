@@ -2,7 +2,7 @@
 //! `WEIR_BROKERS` and `WEIR_GROUP_ID` are shorthands; any other key is reachable as
 //! `WEIR_<SECTION>__<KEY>` (e.g. `WEIR_CONSUMER__MAX_IN_FLIGHT=64`).
 
-use crate::reference::ReferenceSettings;
+use crate::reference::settings::ReferenceSettings;
 use anyhow::Context as _;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -67,11 +67,11 @@ pub(crate) struct Settings {
     /// The reference service's HTTP API (`[http]`, `WEIR_HTTP__ADDR`).
     pub(crate) http: HttpSettings,
     /// Where uploaded resources are stored (`[storage]`, `WEIR_STORAGE__DIR`).
-    pub(crate) storage: crate::reference::resources::StorageSettings,
+    pub(crate) storage: crate::reference::settings::StorageSettings,
     /// Task processing and its triggers (`[tasks]`).
-    pub(crate) tasks: crate::reference::tasks::TaskSettings,
+    pub(crate) tasks: crate::reference::settings::TaskSettings,
     /// Temporal, for task processing as a workflow (`[temporal]`, `WEIR_TEMPORAL__ADDRESS`).
-    pub(crate) temporal: crate::reference::tasks::TemporalSettings,
+    pub(crate) temporal: crate::reference::settings::TemporalSettings,
 }
 
 /// The reference service's HTTP API. It runs only when a database is configured: every route

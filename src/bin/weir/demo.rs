@@ -2,13 +2,13 @@
 //! cluster, fed a sample stream with a malformed record, a transient failure and a permanent
 //! one; then a summary of what happened, read from the same metrics `/metrics` would show.
 
+use crate::reference::events::{
+    CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
+};
 use crate::reference::{self, Recorder};
 use anyhow::Context as _;
 use rdkafka::mocking::MockCluster;
 use std::time::Duration;
-use weir::seeds::{
-    CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
-};
 use weir::{
     Bus, ConsumerConfig, Envelope, Event, Headers, KafkaBus, KafkaConfig, OutboundRecord,
     PublishExt, Publisher, RetryPolicy,

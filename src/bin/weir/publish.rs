@@ -9,9 +9,9 @@
 //!   the other triggers do; the relay publishes it. Nothing is written for an unknown task.
 
 use crate::config::Settings;
+use crate::reference::events::TriggeredBy;
 use anyhow::Context as _;
 use chrono::Utc;
-use weir::seeds::TriggeredBy;
 use weir::{
     Envelope, EventMeta, Headers, KafkaBus, KafkaConfig, OutboundRecord, Publisher,
     CLOUDEVENTS_CONTENT_TYPE,

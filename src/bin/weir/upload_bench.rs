@@ -253,8 +253,12 @@ async fn run_arm(
         (None, None) => unreachable!("one of them is set"),
     };
     if let Some(mock) = &mock {
-        mock.create_topic(weir::seeds::RESOURCE_TOPIC, 4, 1)?;
-        mock.create_topic(&format!("{}.dlq", weir::seeds::RESOURCE_TOPIC), 1, 1)?;
+        mock.create_topic(crate::reference::events::RESOURCE_TOPIC, 4, 1)?;
+        mock.create_topic(
+            &format!("{}.dlq", crate::reference::events::RESOURCE_TOPIC),
+            1,
+            1,
+        )?;
     }
     let bus = KafkaBus::new(KafkaConfig::new(brokers))?;
     let subscription = bus.subscribe(

@@ -1,8 +1,7 @@
 //! What the reference service's HTTP API shares: the state its routes hold and one error type
 //! whose JSON body is the same on every route (`{"error": "<kind>", "message": "..."}`).
 
-use super::resources::StorageSettings;
-use super::tasks::TaskSettings;
+use super::settings::ReferenceSettings;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sqlx::PgPool;
@@ -15,24 +14,6 @@ pub(crate) struct Services {
     pub(crate) pool: PgPool,
     /// The reference service's part of the configuration, read once at start.
     pub(crate) settings: Arc<ReferenceSettings>,
-}
-
-/// The settings the reference service reads. The binary's configuration hands them down
-/// (`config::Settings::reference`); nothing here reads the configuration itself, so settings
-/// flow one way.
-#[derive(Clone, Default)]
-pub(crate) struct ReferenceSettings {
-    /// `[storage]`: where uploads live and how they are swept.
-    pub(crate) storage: StorageSettings,
-    /// `[tasks]`: the schedule, the webhook, file fetching.
-    pub(crate) tasks: TaskSettings,
-    /// `[retry] maximum_attempts`: a task run knows its last attempt by it.
-    pub(crate) max_attempts: u32,
-    /// `[retry]`: the start handlers of task workflows take its intervals, without its limit.
-    #[cfg_attr(not(feature = "temporal"), allow(dead_code))]
-    pub(crate) retry: weir::RetryPolicy,
-    /// `[temporal]`: with an address, tasks are processed as Temporal workflows.
-    pub(crate) temporal: super::tasks::TemporalSettings,
 }
 
 /// An API error: a status, a stable machine-readable kind and a message for people.

@@ -17,20 +17,22 @@
 //! until `details.until` (RFC 3339), a dependency down for a while (durable-retry tests).
 
 mod api;
+pub(crate) mod events;
 pub(crate) mod resources;
+pub(crate) mod settings;
 pub(crate) mod tasks;
 
-pub(crate) use api::{ReferenceSettings, Services};
+pub(crate) use api::Services;
+use events::{
+    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
+    ResourceUpdated, TaskCreated, TaskProcessingRequested,
+};
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use weir::schema::AsyncApi;
-use weir::seeds::{
-    CustomerCreated, CustomerDeleted, CustomerUpdated, ResourceCreated, ResourceDeleted,
-    ResourceUpdated, TaskCreated, TaskProcessingRequested,
-};
 use weir::{Ctx, HandlerError, HandlerOptions, Router};
 
 /// Where handled events are written, one JSON line each, before the handler returns.

@@ -8,11 +8,11 @@
 //! matched word for word, whatever their language.
 
 use super::{store, EffectError, Services};
+use crate::reference::events::ResourceDeleted;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::io::AsyncReadExt as _;
 use uuid::Uuid;
-use weir::seeds::ResourceDeleted;
 
 /// Names are indexed whole and split at punctuation too, so `q3-report.txt` is found by
 /// `report`. Weights rank name hits above content hits.

@@ -26,10 +26,8 @@ mod store;
 mod sweep;
 
 use super::api::Services;
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use crate::reference::events::{ResourceCreated, ResourceDeleted, ResourceUpdated};
 use uuid::Uuid;
-use weir::seeds::{ResourceCreated, ResourceDeleted, ResourceUpdated};
 use weir::{Ctx, HandlerError, HandlerOptions, Migration};
 
 /// The schema of `resources` and its search index.
@@ -38,47 +36,12 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration::new(
     include_str!("../migrations/reference_0002_resources.sql"),
 )];
 
-/// Where uploaded files live and how uploads are handled (`[storage]`, `WEIR_STORAGE__...`).
 /// The image types uploads accept, which the image side effect handles.
 pub(crate) const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
 
 /// Whether the image side effect applies to this content type.
 pub(crate) fn is_image(content_type: &str) -> bool {
     IMAGE_TYPES.contains(&content_type)
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct StorageSettings {
-    /// The directory uploads and thumbnails are written to (`WEIR_STORAGE__DIR`).
-    pub(crate) dir: PathBuf,
-    /// Larger uploads are refused with 413.
-    pub(crate) max_upload_bytes: u64,
-    /// Thumbnails fit in a square of this many pixels.
-    pub(crate) thumbnail_px: u32,
-    /// How much of a text file the index reads (PostgreSQL caps a `tsvector` at 1 MB).
-    pub(crate) index_text_bytes: u64,
-    /// Run every side effect inside the upload request, before answering, as the service did
-    /// before seed 004. Only for measuring the difference (`weir bench-uploads`); the handlers
-    /// still run afterwards and find the work done.
-    pub(crate) inline_side_effects: bool,
-    /// Temporary files and uploads without a row (what a killed process leaves) older than this
-    /// are removed, at start and then this often; `"0s"` turns the sweep off.
-    #[serde(with = "humantime_serde")]
-    pub(crate) sweep_after: std::time::Duration,
-}
-
-impl Default for StorageSettings {
-    fn default() -> Self {
-        Self {
-            dir: PathBuf::from("weir-storage"),
-            max_upload_bytes: 64 * 1024 * 1024,
-            thumbnail_px: 128,
-            index_text_bytes: 256 * 1024,
-            inline_side_effects: false,
-            sweep_after: std::time::Duration::from_secs(3600),
-        }
-    }
 }
 
 /// The resource routes.

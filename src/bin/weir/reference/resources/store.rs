@@ -3,6 +3,7 @@
 //! together with the event announcing the change.
 
 use super::EffectError;
+use crate::reference::events::ResourceCreated;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgRow;
@@ -11,7 +12,6 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 use uuid::Uuid;
-use weir::seeds::ResourceCreated;
 use weir::{Envelope, OutboxWriter};
 
 /// A resource row, with whether (and when) its index entry was written.

@@ -9,6 +9,7 @@ use super::parse::EntityType;
 use super::source::Location;
 use super::store::{self, TaskView};
 use crate::reference::api::ApiError;
+use crate::reference::events::TriggeredBy;
 use crate::reference::Services;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
@@ -18,7 +19,6 @@ use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
 use uuid::Uuid;
-use weir::seeds::TriggeredBy;
 
 pub(super) fn routes(services: &Services) -> axum::Router {
     axum::Router::new()

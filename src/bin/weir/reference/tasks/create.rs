@@ -1,9 +1,9 @@
 //! Creating a task writes its row and its `task.created` event in one transaction, so a task
 //! exists if and only if its event will be published: the outbox's worked example.
 
+use crate::reference::events::{TaskCreated, TaskFields, TriggeredBy};
 use sqlx::PgPool;
 use uuid::Uuid;
-use weir::seeds::{TaskCreated, TaskFields, TriggeredBy};
 use weir::{Envelope, OutboxError, OutboxWriter};
 
 /// What a client says when it creates a task; the id and status are the service's.

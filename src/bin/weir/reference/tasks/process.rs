@@ -21,12 +21,12 @@
 use super::parse::{EntityType, RecordParser, Verdict};
 use super::source::{Location, Source, SourceError};
 use super::store::trigger_name;
-use super::TaskSettings;
+use crate::reference::events::TaskFields;
+use crate::reference::settings::TaskSettings;
 use crate::reference::Services;
 use sqlx::PgPool;
 use std::sync::Arc;
 use uuid::Uuid;
-use weir::seeds::TaskFields;
 use weir::{Ctx, HandlerError};
 
 /// What the handler holds: the pool, an HTTP client, the settings.

@@ -17,16 +17,16 @@
 //! one firing catches up). A tick is never fired twice: its row stays.
 
 use super::store::request_processing;
+use crate::reference::events::TriggeredBy;
+use crate::reference::settings::parse_schedule as parse;
 use crate::reference::Services;
 use chrono::{DateTime, Utc};
 use cron::Schedule;
 use sqlx::PgPool;
-use std::str::FromStr;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use weir::seeds::TriggeredBy;
 
 /// Ticks older than this are deleted (the latest one always stays).
 const KEEP_TICKS: Duration = Duration::from_secs(24 * 3600);
@@ -51,11 +51,6 @@ pub(super) fn spawn(services: &Services, stop: CancellationToken) -> Option<Join
         replica: replica_name(),
     };
     Some(tokio::spawn(scheduler.run(stop)))
-}
-
-/// Parses a cron expression with a seconds field.
-pub(crate) fn parse(expression: &str) -> Result<Schedule, cron::error::Error> {
-    Schedule::from_str(expression)
 }
 
 /// This replica's name in `task_schedule_ticks.fired_by` and the logs.

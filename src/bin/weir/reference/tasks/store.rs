@@ -1,11 +1,11 @@
 //! The task row as clients see it, and the one way a trigger asks for processing.
 
+use crate::reference::events::{TaskFields, TaskProcessingRequested, TriggeredBy};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgRow;
 use sqlx::{FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
-use weir::seeds::{TaskFields, TaskProcessingRequested, TriggeredBy};
 use weir::{Envelope, OutboxError, OutboxWriter};
 
 /// `GET /tasks/{id}`.

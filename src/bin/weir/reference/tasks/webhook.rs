@@ -19,6 +19,7 @@
 
 use super::store;
 use crate::reference::api::ApiError;
+use crate::reference::events::TriggeredBy;
 use crate::reference::Services;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -31,7 +32,6 @@ use serde::Deserialize;
 use sha2::Sha256;
 use std::time::Duration;
 use uuid::Uuid;
-use weir::seeds::TriggeredBy;
 
 /// The header carrying the signing time (Unix seconds).
 pub(crate) const TIMESTAMP_HEADER: &str = "x-weir-timestamp";

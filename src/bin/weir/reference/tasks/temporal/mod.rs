@@ -17,11 +17,11 @@ mod models;
 mod registry;
 mod workflow;
 
+use crate::reference::events::{TaskCreated, TaskFields, TaskProcessingRequested};
+use crate::reference::settings::ReferenceSettings;
 use crate::reference::tasks::store::trigger_name;
-use crate::reference::ReferenceSettings;
 use models::{ActivityPolicy, TaskRunInput};
 pub(crate) use registry::spawn_worker;
-use weir::seeds::{TaskCreated, TaskFields, TaskProcessingRequested};
 use weir::temporal::{Temporal, WorkflowRequest};
 use weir::{Ctx, HandlerOptions, RetryPolicy};
 use workflow::TaskProcessingWorkflow;

@@ -3,8 +3,8 @@
 
 use super::activities::TaskActivities;
 use super::workflow::TaskProcessingWorkflow;
+use crate::reference::settings::TemporalSettings;
 use crate::reference::tasks::process::Processor;
-use crate::reference::tasks::TemporalSettings;
 use crate::reference::Services;
 use anyhow::Context as _;
 use std::time::Duration;
