@@ -131,3 +131,9 @@ pub mod otlp {
 pub mod dead_letter_headers {
     pub use crate::bus::dead_letter_header_names::*;
 }
+
+/// The README's Rust snippets, compiled (and run, unless marked `no_run`) by
+/// `cargo test --doc`, so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
