@@ -1,4 +1,4 @@
-//! Seed 004: resource uploads whose side effects run in event handlers, off the request path.
+//! Resource uploads whose side effects run in event handlers, off the request path.
 //!
 //! Uploading used to hash the file, measure it, thumbnail it and index it before answering. Here
 //! the upload only stores the file, inserts the row and writes `resource.created` through the
@@ -59,7 +59,7 @@ pub(crate) struct StorageSettings {
     /// How much of a text file the index reads (PostgreSQL caps a `tsvector` at 1 MB).
     pub(crate) index_text_bytes: u64,
     /// Run every side effect inside the upload request, before answering, as the service did
-    /// before seed 004. Only for measuring the difference (`weir bench-uploads`); the handlers
+    /// before they moved to handlers. Only for measuring the difference (`weir bench-uploads`); the handlers
     /// still run afterwards and find the work done.
     pub(crate) inline_side_effects: bool,
     /// Temporary files and uploads without a row (what a killed process leaves) older than this
