@@ -133,7 +133,8 @@ pub mod dead_letter_headers {
 }
 
 /// The README's Rust snippets, compiled (and run, unless marked `no_run`) by
-/// `cargo test --doc`, so the README cannot drift from the API.
+/// `cargo test --doc --features testing`, so the README cannot drift from the API. They use the
+/// default features and the test kit; `scripts/test.sh` runs them.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
