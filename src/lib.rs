@@ -139,3 +139,10 @@ pub mod __private {
 pub mod dead_letter_headers {
     pub use crate::bus::dead_letter_header_names::*;
 }
+
+/// The README's Rust snippets, compiled (and run, unless marked `no_run`) by
+/// `cargo test --doc --features testing`, so the README cannot drift from the API. They use the
+/// default features and the test kit; `scripts/test.sh` runs them.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

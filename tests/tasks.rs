@@ -1,4 +1,4 @@
-//! The reference service's task path (seed 000, with seed 003's progress), end to end: `weir
+//! The reference service's task path (processing, with its progress), end to end: `weir
 //! serve` processes with PostgreSQL (a fresh schema per test) and a Tansu broker (one per test),
 //! files in a temp dir or served over HTTP by the test itself.
 //!

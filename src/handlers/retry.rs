@@ -1,4 +1,4 @@
-//! The retry decision, as one small type (tower's `retry::Policy` idea, with the seeds' Temporal
+//! The retry decision, as one small type (tower's `retry::Policy` idea, with Temporal's retry
 //! parameters). It decides from the attempt number and the error; it never sleeps itself, so it is
 //! trivially testable and the transport stays out of it.
 

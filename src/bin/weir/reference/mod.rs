@@ -4,8 +4,8 @@
 //! - this file: recording handlers for every seed event (what the process tests count), and the
 //!   assembly of the service (handlers, HTTP routes, background jobs);
 //! - `api`: the state routes share and the API's error type;
-//! - `resources`: seed 004, uploads and their side effects;
-//! - `tasks`: seed 000, task processing and its triggers.
+//! - `resources`: uploads and their side effects;
+//! - `tasks`: task processing and its triggers.
 //!
 //! The recording handlers always run; the database-backed ones only when a database is
 //! configured.

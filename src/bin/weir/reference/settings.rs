@@ -38,8 +38,8 @@ pub(crate) struct StorageSettings {
     /// How much of a text file the index reads (PostgreSQL caps a `tsvector` at 1 MB).
     pub(crate) index_text_bytes: u64,
     /// Run every side effect inside the upload request, before answering, as the service did
-    /// before seed 004. Only for measuring the difference (`weir bench-uploads`); the handlers
-    /// still run afterwards and find the work done.
+    /// before they moved to handlers. Only for measuring the difference (`weir bench-uploads`);
+    /// the handlers still run afterwards and find the work done.
     pub(crate) inline_side_effects: bool,
     /// Temporary files and uploads without a row (what a killed process leaves) older than this
     /// are removed, at start and then this often; `"0s"` turns the sweep off.

@@ -1,4 +1,4 @@
-//! Seed 004: resource uploads whose side effects run in event handlers, off the request path.
+//! Resource uploads whose side effects run in event handlers, off the request path.
 //!
 //! Uploading used to hash the file, measure it, thumbnail it and index it before answering. Here
 //! the upload only stores the file, inserts the row and writes `resource.created` through the

@@ -1,5 +1,5 @@
-//! Seed 000: tasks processed by a handler, started by four triggers (API, manual, schedule,
-//! webhook) that only publish events; with seed 003's progress.
+//! Tasks processed by a handler, started by four triggers (API, manual, schedule, webhook)
+//! that only publish events; the handler reports progress as it goes.
 //!
 //! - `api`: `POST /tasks`, `GET /tasks/{id}`, `POST /tasks/{id}/process`;
 //! - `webhook`: `POST /webhooks/task-processing`, HMAC-signed;
@@ -14,7 +14,7 @@
 //!   and `parse`.
 //!
 //! The triggers never import `process`: they write an event, and the handler runs wherever the
-//! consumer group puts the task's key, the way seed 000 keeps the engine out of the API.
+//! consumer group puts the task's key, which keeps the engine out of the API.
 
 mod api;
 mod create;
