@@ -50,6 +50,7 @@ use super::{BusError, Publisher};
 use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
 use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
 use crate::telemetry::{trace, Health, LocalSeries};
+use flow::{Flow, PartitionFlow};
 use futures_util::FutureExt as _;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -117,8 +118,8 @@ type FastHash = foldhash::fast::RandomState;
 struct PartitionState {
     tracker: OffsetTracker,
     generation: u64,
-    /// Admitted and not final: running, or waiting in a lane or for a slot.
-    in_flight: usize,
+    /// Its records in flight, and whether the source takes its records whatever the pool.
+    flow: PartitionFlow,
     /// Running now (at most `max_in_flight_per_partition`).
     running: usize,
     /// Busy lanes, each with the records waiting behind its running (or ready) head.
@@ -137,8 +138,6 @@ struct PartitionState {
     /// Being revoked: records that end unfinished now are redelivered to the new owner, not
     /// abandoned by this subscription.
     revoking: bool,
-    /// Whether the source was last told this partition is below its share.
-    open: bool,
 }
 
 struct Tokens {
@@ -176,12 +175,8 @@ pub(crate) struct Engine<S: Source> {
     /// from being reused by another name.
     last_topic: Option<(Arc<str>, u64)>,
     tasks: JoinSet<Completion>,
-    in_flight: usize,
-    /// Sum over partitions of `max(in_flight, share)`: at most `max_in_flight`, so every
-    /// partition can always reach its share.
-    reserved: usize,
-    /// Each partition's part of `max_in_flight`.
-    share: usize,
+    /// Records in flight, the partitions' shares of `max_in_flight` and what they hold of it.
+    flow: Flow,
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
@@ -301,7 +296,7 @@ impl<S: Source> Engine<S> {
         health: Health,
     ) -> Self {
         let naming = Arc::new((config.group_id.clone(), config.dead_letter.clone()));
-        let share = config.max_in_flight;
+        let flow = Flow::new(config.max_in_flight);
         Self {
             source,
             dispatcher,
@@ -311,9 +306,7 @@ impl<S: Source> Engine<S> {
             health,
             partitions: HashMap::default(),
             tasks: JoinSet::new(),
-            in_flight: 0,
-            reserved: 0,
-            share,
+            flow,
             generations: 0,
             unfinished: 0,
             naming,
@@ -389,7 +382,7 @@ impl<S: Source> Engine<S> {
 
     /// Whether records may be taken beyond the partitions' shares.
     fn pool_open(&self) -> bool {
-        self.reserved < self.config.max_in_flight
+        self.flow.pool_open()
     }
 
     /// Takes the records the source has ready, while there is room: one turn of the loop (and
@@ -415,7 +408,7 @@ impl<S: Source> Engine<S> {
                 PartitionState {
                     tracker: OffsetTracker::default(),
                     generation: self.generations,
-                    in_flight: 0,
+                    flow: PartitionFlow::new(),
                     running: 0,
                     lanes: HashMap::default(),
                     ready: VecDeque::new(),
@@ -426,7 +419,6 @@ impl<S: Source> Engine<S> {
                         abort: CancellationToken::new(),
                     }),
                     revoking: false,
-                    open: true,
                 },
             );
             self.reshare();
@@ -436,17 +428,11 @@ impl<S: Source> Engine<S> {
     /// Recomputes the shares after the set of partitions changed, and tells the source which
     /// partitions are below theirs.
     fn reshare(&mut self) {
-        self.share = (self.config.max_in_flight / self.partitions.len().max(1)).max(1);
-        let share = self.share;
-        self.reserved = 0;
-        for (tp, state) in self.partitions.iter_mut() {
-            self.reserved += state.in_flight.max(share);
-            let open = state.in_flight < share;
-            if open != state.open {
-                state.open = open;
-                self.source.set_open(tp, open);
-            }
-        }
+        let partitions = self
+            .partitions
+            .iter_mut()
+            .map(|(tp, state)| (&tp.tp, &mut state.flow));
+        self.flow.reshare(partitions, &mut self.source);
     }
 
     fn admit(&mut self, rec: Inbound) {
@@ -516,41 +502,21 @@ impl<S: Source> Engine<S> {
     }
 
     /// A record of `key` joins the flow: its offset is tracked, and it counts against its
-    /// partition's share and `max_in_flight` until it leaves ([`release`]).
+    /// partition's share and `max_in_flight` until it leaves ([`release`](Self::release)).
     fn count_in(&mut self, key: &PartKey, offset: i64) {
-        let share = self.share;
         let Some(state) = self.partitions.get_mut(key) else {
             return;
         };
         state.tracker.begin(offset);
-        state.in_flight += 1;
-        let borrowed = state.in_flight > share;
-        let close = state.open && state.in_flight >= share;
-        if close {
-            state.open = false;
-        }
-        if borrowed {
-            self.reserved += 1;
-        }
-        if close {
-            self.source.set_open(key, false);
-        }
-        self.in_flight += 1;
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        self.flow.count_in(&mut state.flow, key, &mut self.source);
+        InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
     }
 
     /// Records of a partition left the engine (finished, or dropped unstarted).
     fn release(&mut self, tp: &PartKey, count: usize) {
         if let Some(state) = self.partitions.get_mut(tp) {
-            release(
-                state,
-                tp,
-                count,
-                self.share,
-                &mut self.reserved,
-                &mut self.in_flight,
-                &mut self.source,
-            );
+            self.flow
+                .release(&mut state.flow, tp, count, &mut self.source);
         }
     }
 
@@ -774,16 +740,9 @@ impl<S: Source> Engine<S> {
         } else if !state.revoking {
             self.unfinished += 1;
         }
-        release(
-            state,
-            &done.tp,
-            1,
-            self.share,
-            &mut self.reserved,
-            &mut self.in_flight,
-            &mut self.source,
-        );
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        self.flow
+            .release(&mut state.flow, &done.tp, 1, &mut self.source);
+        InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
         if !start_next {
             if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
                 state.lanes.entry(lane).or_default().push_front(rec);
@@ -899,15 +858,11 @@ impl<S: Source> Engine<S> {
         self.dispatcher.forget_parked(revoked);
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
-                self.in_flight -= state.in_flight;
-                // Partitions start open: if it comes back, the source must agree.
-                if !state.open {
-                    self.source.set_open(tp, true);
-                }
+                self.flow.forget(&state.flow, tp, &mut self.source);
             }
         }
         self.reshare();
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
     }
 
     async fn commit(&mut self, sync: bool) {
@@ -968,28 +923,7 @@ impl<S: Source> Engine<S> {
     }
 }
 
-/// `count` records of `state`'s partition left the engine: its in-flight count, the engine's
-/// totals, and the source's flow for it. A free function, so callers that already hold the
-/// partition's state do not look it up again.
-fn release<S: Source>(
-    state: &mut PartitionState,
-    tp: &PartitionKey,
-    count: usize,
-    share: usize,
-    reserved: &mut usize,
-    in_flight: &mut usize,
-    source: &mut S,
-) {
-    let before = state.in_flight;
-    state.in_flight -= count;
-    *reserved -= before.max(share) - state.in_flight.max(share);
-    *in_flight -= count;
-    if !state.open && state.in_flight < share {
-        state.open = true;
-        source.set_open(tp, true);
-    }
-}
-
+mod flow;
 mod task;
 #[cfg(test)]
 mod tests;
