@@ -156,6 +156,50 @@ struct Completion {
     is_final: bool,
 }
 
+/// Where a started record belongs: the partition and lane its completion frees, the
+/// partition's generation (a completion from before a revoke is ignored), and the partition's
+/// tokens, which stop and abort it.
+struct Place {
+    key: PartKey,
+    lane: Option<Lane>,
+    generation: u64,
+    tokens: Arc<Tokens>,
+}
+
+impl Place {
+    fn completion(&self, offset: i64, is_final: bool) -> Completion {
+        Completion {
+            tp: self.key.clone(),
+            offset,
+            generation: self.generation,
+            lane: self.lane,
+            is_final,
+        }
+    }
+
+    fn into_completion(self, offset: i64, is_final: bool) -> Completion {
+        Completion {
+            tp: self.key,
+            offset,
+            generation: self.generation,
+            lane: self.lane,
+            is_final,
+        }
+    }
+}
+
+impl PartitionState {
+    /// The place of a record of this partition, in `lane`, started now.
+    fn place(&self, key: PartKey, lane: Option<Lane>) -> Place {
+        Place {
+            key,
+            lane,
+            generation: self.generation,
+            tokens: self.tokens.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct StopReport {
     pub(crate) committed: Vec<(String, i32, i64)>,
@@ -497,8 +541,8 @@ impl<S: Source> Engine<S> {
             state.lanes.insert(lane, VecDeque::new());
         }
         state.running += 1;
-        let (generation, tokens) = (state.generation, state.tokens.clone());
-        self.launch(&key, rec, span, resume, lane, generation, tokens);
+        let place = state.place(key, lane);
+        self.launch(place, rec, span, resume);
     }
 
     /// A record of `key` joins the flow: its offset is tracked, and it counts against its
@@ -528,38 +572,26 @@ impl<S: Source> Engine<S> {
         };
         if state.running < limit {
             state.running += 1;
-            let (generation, tokens) = (state.generation, state.tokens.clone());
-            self.spawn(key, rec, lane, generation, tokens);
+            let place = state.place(key.clone(), lane);
+            self.spawn(place, rec);
         } else {
             state.ready.push_back((rec, lane));
         }
     }
 
-    fn spawn(
-        &mut self,
-        key: &PartKey,
-        rec: Inbound,
-        lane: Option<Lane>,
-        generation: u64,
-        tokens: Arc<Tokens>,
-    ) {
+    fn spawn(&mut self, place: Place, rec: Inbound) {
         let span = self.dispatcher.span(&rec);
         let rec = Arc::new(rec);
         let resume = match self.first_call(&rec, &span) {
             FirstCall::Handled { .. } => {
-                self.finished_inline.push(Completion {
-                    offset: rec.offset,
-                    tp: key.clone(),
-                    generation,
-                    lane,
-                    is_final: true,
-                });
+                self.finished_inline
+                    .push(place.into_completion(rec.offset, true));
                 return;
             }
             FirstCall::Resume { resume, .. } => Some(resume),
             FirstCall::Fresh => None,
         };
-        self.launch(key, rec, span, resume, lane, generation, tokens);
+        self.launch(place, rec, span, resume);
     }
 
     /// The handler's first call, made here: a handler that does not wait (a no-op, a cache
@@ -588,34 +620,57 @@ impl<S: Source> Engine<S> {
 
     /// Runs a started record as a task: from where its first call left off (`resume`), or
     /// from the start, polled once inline first unless the engine is cooling down.
-    #[allow(clippy::too_many_arguments)]
     fn launch(
         &mut self,
-        key: &PartKey,
+        place: Place,
         rec: Arc<Inbound>,
         span: tracing::Span,
         resume: Option<Resume>,
-        lane: Option<Lane>,
-        generation: u64,
-        tokens: Arc<Tokens>,
     ) {
-        let completion = |is_final| Completion {
-            offset: rec.offset,
-            tp: key.clone(),
-            generation,
-            lane,
-            is_final,
-        };
+        let aborted = place.completion(rec.offset, false);
+        let abort = place.tokens.clone();
+        let resumed = resume.is_some();
+        let task = self.record_task(place, rec, resume, span.clone());
+        let task = Box::pin(task.instrument(span));
+        if resumed {
+            self.tasks.spawn(abortable(task, abort, aborted));
+            return;
+        }
+        if self.inline_cooldown > 0 {
+            self.inline_cooldown -= 1;
+            self.tasks.spawn(abortable(task, abort, aborted));
+            return;
+        }
+        self.poll_inline(task, abort, aborted);
+    }
+
+    /// The record's future: [`handle`] to its final outcome. A panic in there is caught and
+    /// the record dead-lettered with kind `panic`, so no panic leaves its partition stuck.
+    fn record_task(
+        &self,
+        place: Place,
+        rec: Arc<Inbound>,
+        resume: Option<Resume>,
+        span: tracing::Span,
+    ) -> impl Future<Output = Completion> + Send + 'static {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
         // Shared, not copied: only a failing record needs the group and the dead-letter topic.
         let naming = self.naming.clone();
-        let task_span = span.clone();
-        let aborted = completion(false);
-        let done = completion(true);
-        let abort = tokens.clone();
-        let resumed = resume.is_some();
-        let task = async move {
+        let Place {
+            key,
+            lane,
+            generation,
+            tokens,
+        } = place;
+        let done = Completion {
+            tp: key,
+            offset: rec.offset,
+            generation,
+            lane,
+            is_final: true,
+        };
+        async move {
             let handled = AssertUnwindSafe(handle(
                 &rec,
                 resume,
@@ -623,7 +678,7 @@ impl<S: Source> Engine<S> {
                 &*publisher,
                 &naming,
                 &tokens.stop,
-                &task_span,
+                &span,
             ))
             .catch_unwind()
             .await;
@@ -649,28 +704,21 @@ impl<S: Source> Engine<S> {
                 }
             };
             Completion { is_final, ..done }
-        };
-        let mut task = Box::pin(task.instrument(span));
-        // Only a spawned record can be aborted: one that finishes in its inline poll below
-        // never needs the abort token (registering with it costs a lock per record).
-        let abortable = |task| async move {
-            tokio::select! {
-                biased;
-                _ = abort.abort.cancelled() => aborted,
-                done = task => done,
-            }
-        };
-        if resumed {
-            self.tasks.spawn(abortable(task));
-            return;
         }
-        if self.inline_cooldown > 0 {
-            self.inline_cooldown -= 1;
-            self.tasks.spawn(abortable(task));
-            return;
-        }
-        // Off the first call's path: the whole record's future polled once here, for the same
-        // reason. The task catches its own panics, so this poll does not unwind.
+    }
+
+    /// A record whose first call was not made (an enabled span, or a record off that call's
+    /// path: see [`FirstCall::Fresh`]) may still finish without waiting: its whole future is
+    /// polled once here, for the reason [`first_call`](Self::first_call) gives, and spawned
+    /// only if it waits. The task catches its own panics, so this poll does not unwind.
+    fn poll_inline<F>(
+        &mut self,
+        mut task: std::pin::Pin<Box<F>>,
+        abort: Arc<Tokens>,
+        aborted: Completion,
+    ) where
+        F: Future<Output = Completion> + Send + 'static,
+    {
         let started = std::time::Instant::now();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let polled = task.as_mut().poll(&mut cx);
@@ -678,7 +726,7 @@ impl<S: Source> Engine<S> {
         match polled {
             std::task::Poll::Ready(done) => self.finished_inline.push(done),
             std::task::Poll::Pending => {
-                self.tasks.spawn(abortable(task));
+                self.tasks.spawn(abortable(task, abort, aborted));
             }
         }
     }
@@ -761,8 +809,8 @@ impl<S: Source> Engine<S> {
                 break;
             };
             state.running += 1;
-            let (generation, tokens) = (state.generation, state.tokens.clone());
-            self.spawn(&done.tp, rec, lane, generation, tokens);
+            let place = state.place(done.tp.clone(), lane);
+            self.spawn(place, rec);
         }
     }
 
@@ -920,6 +968,21 @@ impl<S: Source> Engine<S> {
             },
             self.source,
         )
+    }
+}
+
+/// A spawned record's future, dropped at its partition's abort token: the record then ends
+/// unfinished (`aborted`). Only a spawned record can be aborted: one that finishes in its
+/// inline poll never needs the token (registering with it costs a lock per record).
+async fn abortable(
+    task: impl Future<Output = Completion>,
+    tokens: Arc<Tokens>,
+    aborted: Completion,
+) -> Completion {
+    tokio::select! {
+        biased;
+        _ = tokens.abort.cancelled() => aborted,
+        done = task => done,
     }
 }
 
