@@ -553,9 +553,7 @@ impl Dispatcher {
             return None;
         }
         let now = std::time::Duration::ZERO;
-        let parked = self
-            .park(&**parking, run.handler, run.info, 0, BEHIND, now, run.stop)
-            .await;
+        let parked = self.park(&**parking, run, 0, BEHIND, now).await;
         Some(parked)
     }
 
@@ -662,11 +660,7 @@ impl Dispatcher {
             RetryDecision::Exhausted => {
                 if let (Some(parking), Some(durable)) = (&self.router.parking, &policy.durable) {
                     let (error, delay) = (error_chain(&error), durable.delay(1));
-                    let (info, stop) = (run.info, run.stop);
-                    return Break(
-                        self.park(&**parking, handler, info, attempt, &error, delay, stop)
-                            .await,
-                    );
+                    return Break(self.park(&**parking, run, attempt, &error, delay).await);
                 }
                 let kind = DeadLetterKind::RetriesExhausted;
                 Break(self.give_up(run, attempt, kind, error_chain(&error), false))
@@ -763,17 +757,15 @@ impl Dispatcher {
 
     /// Parks the record for `handler`, retrying until the store has it: only then is this
     /// handler's outcome final and the offset committable.
-    #[allow(clippy::too_many_arguments)]
     async fn park(
         &self,
         parking: &dyn Parking,
-        handler: &Route,
-        info: &Arc<RecordInfo>,
+        run: &HandlerRun<'_>,
         attempts: u32,
         error: &str,
         delay: std::time::Duration,
-        stop: &CancellationToken,
     ) -> HandlerResult {
+        let (handler, info, stop) = (run.handler, run.info, run.stop);
         let rec = &info.record;
         let mut backoff = std::time::Duration::from_millis(100);
         loop {
