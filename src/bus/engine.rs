@@ -105,6 +105,15 @@ pub(crate) trait Source: Send + 'static {
     fn commit(&mut self, sync: bool) -> impl Future<Output = Option<Result<(), BusError>>> + Send;
 }
 
+/// The flow tells a source which partitions to take records of whatever the pool.
+impl<S: Source> flow::Gate for S {
+    type Key = PartitionKey;
+    #[inline]
+    fn set_open(&mut self, tp: &PartitionKey, open: bool) {
+        Source::set_open(self, tp, open);
+    }
+}
+
 /// A lane within a partition: a hash of the record's key (`Key` order) or 0 (`Partition`
 /// order). Two keys whose hashes collide share a lane; that only serializes them, which keeps
 /// each key's order.
@@ -552,7 +561,7 @@ impl<S: Source> Engine<S> {
             return;
         };
         state.tracker.begin(offset);
-        self.flow.count_in(&mut state.flow, key, &mut self.source);
+        self.flow.count_in(&mut state.flow, &mut self.source, key);
         InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
     }
 
@@ -560,7 +569,7 @@ impl<S: Source> Engine<S> {
     fn release(&mut self, tp: &PartKey, count: usize) {
         if let Some(state) = self.partitions.get_mut(tp) {
             self.flow
-                .release(&mut state.flow, tp, count, &mut self.source);
+                .release(&mut state.flow, &mut self.source, tp, count);
         }
     }
 
@@ -789,7 +798,7 @@ impl<S: Source> Engine<S> {
             self.unfinished += 1;
         }
         self.flow
-            .release(&mut state.flow, &done.tp, 1, &mut self.source);
+            .release(&mut state.flow, &mut self.source, &done.tp, 1);
         InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
         if !start_next {
             if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
@@ -906,7 +915,7 @@ impl<S: Source> Engine<S> {
         self.dispatcher.forget_parked(revoked);
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
-                self.flow.forget(&state.flow, tp, &mut self.source);
+                self.flow.forget(&state.flow, &mut self.source, tp);
             }
         }
         self.reshare();

@@ -2,8 +2,14 @@
 //! `max_in_flight`, how much of it the partitions hold, and which partitions the source was
 //! told are open. The rule itself is in the engine's module doc; this keeps its counts in one
 //! place, so that they change together and the source hears of each partition's change once.
+//! It knows the source only as a [`Gate`], so it imports nothing of the engine's.
 
-use super::{PartitionKey, Source};
+/// Where the flow's decisions go: the source, which takes an open partition's records whatever
+/// the pool, and a closed one's only while the pool has room.
+pub(super) trait Gate {
+    type Key: ?Sized;
+    fn set_open(&mut self, tp: &Self::Key, open: bool);
+}
 
 /// The engine's totals.
 pub(super) struct Flow {
@@ -62,11 +68,11 @@ impl Flow {
     /// `max_in_flight` until it leaves ([`release`](Self::release)). A partition that reaches
     /// its share is closed at the source.
     #[inline]
-    pub(super) fn count_in<S: Source>(
+    pub(super) fn count_in<G: Gate>(
         &mut self,
         part: &mut PartitionFlow,
-        tp: &PartitionKey,
-        source: &mut S,
+        source: &mut G,
+        tp: &G::Key,
     ) {
         part.in_flight += 1;
         let borrowed = part.in_flight > self.share;
@@ -86,12 +92,12 @@ impl Flow {
     /// `count` records of `tp` left the flow (finished, or dropped unstarted). A partition
     /// back below its share is opened at the source.
     #[inline]
-    pub(super) fn release<S: Source>(
+    pub(super) fn release<G: Gate>(
         &mut self,
         part: &mut PartitionFlow,
-        tp: &PartitionKey,
+        source: &mut G,
+        tp: &G::Key,
         count: usize,
-        source: &mut S,
     ) {
         let before = part.in_flight;
         part.in_flight -= count;
@@ -106,12 +112,7 @@ impl Flow {
     /// A partition left the engine with its records (revoked). Partitions start open, so if it
     /// comes back the source must agree: it is reopened there. [`reshare`](Self::reshare)
     /// once the set of partitions has settled.
-    pub(super) fn forget<S: Source>(
-        &mut self,
-        part: &PartitionFlow,
-        tp: &PartitionKey,
-        source: &mut S,
-    ) {
+    pub(super) fn forget<G: Gate>(&mut self, part: &PartitionFlow, source: &mut G, tp: &G::Key) {
         self.in_flight -= part.in_flight;
         if !part.open {
             source.set_open(tp, true);
@@ -120,11 +121,13 @@ impl Flow {
 
     /// Recomputes the shares after the set of partitions changed, and tells the source which
     /// partitions are below theirs.
-    pub(super) fn reshare<'a, S: Source>(
+    pub(super) fn reshare<'a, G: Gate>(
         &mut self,
-        partitions: impl ExactSizeIterator<Item = (&'a PartitionKey, &'a mut PartitionFlow)>,
-        source: &mut S,
-    ) {
+        partitions: impl ExactSizeIterator<Item = (&'a G::Key, &'a mut PartitionFlow)>,
+        source: &mut G,
+    ) where
+        G::Key: 'a,
+    {
         self.share = (self.max_in_flight / partitions.len().max(1)).max(1);
         self.reserved = 0;
         for (tp, part) in partitions {
@@ -140,32 +143,17 @@ impl Flow {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BusError, Inbound, SourceEvent, Tp};
     use super::*;
-    use std::sync::Arc;
 
-    /// A source that only records what it is told about the partitions.
+    /// Records what the source is told, by partition number.
     #[derive(Default)]
     struct Gates(Vec<(i32, bool)>);
 
-    impl Source for Gates {
-        async fn next(&mut self, _pool_open: bool) -> Option<SourceEvent> {
-            None
+    impl Gate for Gates {
+        type Key = i32;
+        fn set_open(&mut self, tp: &i32, open: bool) {
+            self.0.push((*tp, open));
         }
-        fn try_record(&mut self, _pool_open: bool) -> Option<Inbound> {
-            None
-        }
-        fn set_open(&mut self, tp: &PartitionKey, open: bool) {
-            self.0.push((tp.1, open));
-        }
-        fn store(&mut self, _tp: &Tp, _next_offset: i64) {}
-        async fn commit(&mut self, _sync: bool) -> Option<Result<(), BusError>> {
-            None
-        }
-    }
-
-    fn tp(partition: i32) -> PartitionKey {
-        (Arc::from("jobs"), partition)
     }
 
     /// Two partitions sharing a limit of 5: a share of 2 each, and 1 left over in the pool.
@@ -173,20 +161,19 @@ mod tests {
         let mut flow = Flow::new(5);
         let mut parts = [PartitionFlow::new(), PartitionFlow::new()];
         let mut gates = Gates::default();
-        let (tp0, tp1) = (tp(0), tp(1));
         let [p0, p1] = &mut parts;
-        flow.reshare([(&tp0, p0), (&tp1, p1)].into_iter(), &mut gates);
+        flow.reshare([(&0, p0), (&1, p1)].into_iter(), &mut gates);
         (flow, parts, gates)
     }
 
     #[test]
     fn a_partition_closes_at_its_share_and_reopens_below_it() {
         let (mut flow, [mut p0, _], mut gates) = two_partitions();
-        flow.count_in(&mut p0, &tp(0), &mut gates);
+        flow.count_in(&mut p0, &mut gates, &0);
         assert!(gates.0.is_empty());
-        flow.count_in(&mut p0, &tp(0), &mut gates);
+        flow.count_in(&mut p0, &mut gates, &0);
         assert_eq!(gates.0, [(0, false)]);
-        flow.release(&mut p0, &tp(0), 1, &mut gates);
+        flow.release(&mut p0, &mut gates, &0, 1);
         assert_eq!(gates.0, [(0, false), (0, true)]);
         assert_eq!(flow.in_flight(), 1);
     }
@@ -195,15 +182,15 @@ mod tests {
     fn a_partition_borrows_beyond_its_share_only_what_the_shares_leave() {
         let (mut flow, [mut p0, _], mut gates) = two_partitions();
         for _ in 0..2 {
-            flow.count_in(&mut p0, &tp(0), &mut gates);
+            flow.count_in(&mut p0, &mut gates, &0);
         }
         assert!(flow.pool_open());
-        flow.count_in(&mut p0, &tp(0), &mut gates);
+        flow.count_in(&mut p0, &mut gates, &0);
         // Partition 1's share stays free for it.
         assert!(!flow.pool_open());
-        flow.release(&mut p0, &tp(0), 1, &mut gates);
+        flow.release(&mut p0, &mut gates, &0, 1);
         assert!(flow.pool_open());
-        flow.release(&mut p0, &tp(0), 2, &mut gates);
+        flow.release(&mut p0, &mut gates, &0, 2);
         assert_eq!(flow.in_flight(), 0);
         assert_eq!(gates.0, [(0, false), (0, true)]);
     }
@@ -213,18 +200,15 @@ mod tests {
         let mut flow = Flow::new(4);
         let (mut p0, mut p1) = (PartitionFlow::new(), PartitionFlow::new());
         let mut gates = Gates::default();
-        flow.reshare([(&tp(0), &mut p0)].into_iter(), &mut gates);
+        flow.reshare([(&0, &mut p0)].into_iter(), &mut gates);
         for _ in 0..3 {
-            flow.count_in(&mut p0, &tp(0), &mut gates);
+            flow.count_in(&mut p0, &mut gates, &0);
         }
         assert!(gates.0.is_empty());
-        flow.reshare(
-            [(&tp(0), &mut p0), (&tp(1), &mut p1)].into_iter(),
-            &mut gates,
-        );
+        flow.reshare([(&0, &mut p0), (&1, &mut p1)].into_iter(), &mut gates);
         assert_eq!(gates.0, [(0, false)]);
         assert!(!flow.pool_open());
-        flow.forget(&p0, &tp(0), &mut gates);
+        flow.forget(&p0, &mut gates, &0);
         assert_eq!(gates.0, [(0, false), (0, true)]);
         assert_eq!(flow.in_flight(), 0);
     }
