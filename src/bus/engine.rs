@@ -50,6 +50,7 @@ use super::{BusError, Publisher};
 use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
 use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
 use crate::telemetry::{trace, Health, LocalSeries};
+use flow::{Flow, PartitionFlow};
 use futures_util::FutureExt as _;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -104,6 +105,15 @@ pub(crate) trait Source: Send + 'static {
     fn commit(&mut self, sync: bool) -> impl Future<Output = Option<Result<(), BusError>>> + Send;
 }
 
+/// The flow tells a source which partitions to take records of whatever the pool.
+impl<S: Source> flow::Gate for S {
+    type Key = PartitionKey;
+    #[inline]
+    fn set_open(&mut self, tp: &PartitionKey, open: bool) {
+        Source::set_open(self, tp, open);
+    }
+}
+
 /// A lane within a partition: a hash of the record's key (`Key` order) or 0 (`Partition`
 /// order). Two keys whose hashes collide share a lane; that only serializes them, which keeps
 /// each key's order.
@@ -117,8 +127,8 @@ type FastHash = foldhash::fast::RandomState;
 struct PartitionState {
     tracker: OffsetTracker,
     generation: u64,
-    /// Admitted and not final: running, or waiting in a lane or for a slot.
-    in_flight: usize,
+    /// Its records in flight, and whether the source takes its records whatever the pool.
+    flow: PartitionFlow,
     /// Running now (at most `max_in_flight_per_partition`).
     running: usize,
     /// Busy lanes, each with the records waiting behind its running (or ready) head.
@@ -137,8 +147,6 @@ struct PartitionState {
     /// Being revoked: records that end unfinished now are redelivered to the new owner, not
     /// abandoned by this subscription.
     revoking: bool,
-    /// Whether the source was last told this partition is below its share.
-    open: bool,
 }
 
 struct Tokens {
@@ -155,6 +163,50 @@ struct Completion {
     generation: u64,
     lane: Option<Lane>,
     is_final: bool,
+}
+
+/// Where a started record belongs: the partition and lane its completion frees, the
+/// partition's generation (a completion from before a revoke is ignored), and the partition's
+/// tokens, which stop and abort it.
+struct Place {
+    key: PartKey,
+    lane: Option<Lane>,
+    generation: u64,
+    tokens: Arc<Tokens>,
+}
+
+impl Place {
+    fn completion(&self, offset: i64, is_final: bool) -> Completion {
+        Completion {
+            tp: self.key.clone(),
+            offset,
+            generation: self.generation,
+            lane: self.lane,
+            is_final,
+        }
+    }
+
+    fn into_completion(self, offset: i64, is_final: bool) -> Completion {
+        Completion {
+            tp: self.key,
+            offset,
+            generation: self.generation,
+            lane: self.lane,
+            is_final,
+        }
+    }
+}
+
+impl PartitionState {
+    /// The place of a record of this partition, in `lane`, started now.
+    fn place(&self, key: PartKey, lane: Option<Lane>) -> Place {
+        Place {
+            key,
+            lane,
+            generation: self.generation,
+            tokens: self.tokens.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -176,12 +228,8 @@ pub(crate) struct Engine<S: Source> {
     /// from being reused by another name.
     last_topic: Option<(Arc<str>, u64)>,
     tasks: JoinSet<Completion>,
-    in_flight: usize,
-    /// Sum over partitions of `max(in_flight, share)`: at most `max_in_flight`, so every
-    /// partition can always reach its share.
-    reserved: usize,
-    /// Each partition's part of `max_in_flight`.
-    share: usize,
+    /// Records in flight, the partitions' shares of `max_in_flight` and what they hold of it.
+    flow: Flow,
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
@@ -301,7 +349,7 @@ impl<S: Source> Engine<S> {
         health: Health,
     ) -> Self {
         let naming = Arc::new((config.group_id.clone(), config.dead_letter.clone()));
-        let share = config.max_in_flight;
+        let flow = Flow::new(config.max_in_flight);
         Self {
             source,
             dispatcher,
@@ -311,9 +359,7 @@ impl<S: Source> Engine<S> {
             health,
             partitions: HashMap::default(),
             tasks: JoinSet::new(),
-            in_flight: 0,
-            reserved: 0,
-            share,
+            flow,
             generations: 0,
             unfinished: 0,
             naming,
@@ -389,7 +435,7 @@ impl<S: Source> Engine<S> {
 
     /// Whether records may be taken beyond the partitions' shares.
     fn pool_open(&self) -> bool {
-        self.reserved < self.config.max_in_flight
+        self.flow.pool_open()
     }
 
     /// Takes the records the source has ready, while there is room: one turn of the loop (and
@@ -415,7 +461,7 @@ impl<S: Source> Engine<S> {
                 PartitionState {
                     tracker: OffsetTracker::default(),
                     generation: self.generations,
-                    in_flight: 0,
+                    flow: PartitionFlow::new(),
                     running: 0,
                     lanes: HashMap::default(),
                     ready: VecDeque::new(),
@@ -426,7 +472,6 @@ impl<S: Source> Engine<S> {
                         abort: CancellationToken::new(),
                     }),
                     revoking: false,
-                    open: true,
                 },
             );
             self.reshare();
@@ -436,17 +481,11 @@ impl<S: Source> Engine<S> {
     /// Recomputes the shares after the set of partitions changed, and tells the source which
     /// partitions are below theirs.
     fn reshare(&mut self) {
-        self.share = (self.config.max_in_flight / self.partitions.len().max(1)).max(1);
-        let share = self.share;
-        self.reserved = 0;
-        for (tp, state) in self.partitions.iter_mut() {
-            self.reserved += state.in_flight.max(share);
-            let open = state.in_flight < share;
-            if open != state.open {
-                state.open = open;
-                self.source.set_open(tp, open);
-            }
-        }
+        let partitions = self
+            .partitions
+            .iter_mut()
+            .map(|(tp, state)| (&tp.tp, &mut state.flow));
+        self.flow.reshare(partitions, &mut self.source);
     }
 
     fn admit(&mut self, rec: Inbound) {
@@ -511,46 +550,26 @@ impl<S: Source> Engine<S> {
             state.lanes.insert(lane, VecDeque::new());
         }
         state.running += 1;
-        let (generation, tokens) = (state.generation, state.tokens.clone());
-        self.launch(&key, rec, span, resume, lane, generation, tokens);
+        let place = state.place(key, lane);
+        self.launch(place, rec, span, resume);
     }
 
     /// A record of `key` joins the flow: its offset is tracked, and it counts against its
-    /// partition's share and `max_in_flight` until it leaves ([`release`]).
+    /// partition's share and `max_in_flight` until it leaves ([`release`](Self::release)).
     fn count_in(&mut self, key: &PartKey, offset: i64) {
-        let share = self.share;
         let Some(state) = self.partitions.get_mut(key) else {
             return;
         };
         state.tracker.begin(offset);
-        state.in_flight += 1;
-        let borrowed = state.in_flight > share;
-        let close = state.open && state.in_flight >= share;
-        if close {
-            state.open = false;
-        }
-        if borrowed {
-            self.reserved += 1;
-        }
-        if close {
-            self.source.set_open(key, false);
-        }
-        self.in_flight += 1;
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        self.flow.count_in(&mut state.flow, &mut self.source, key);
+        InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
     }
 
     /// Records of a partition left the engine (finished, or dropped unstarted).
     fn release(&mut self, tp: &PartKey, count: usize) {
         if let Some(state) = self.partitions.get_mut(tp) {
-            release(
-                state,
-                tp,
-                count,
-                self.share,
-                &mut self.reserved,
-                &mut self.in_flight,
-                &mut self.source,
-            );
+            self.flow
+                .release(&mut state.flow, &mut self.source, tp, count);
         }
     }
 
@@ -562,38 +581,26 @@ impl<S: Source> Engine<S> {
         };
         if state.running < limit {
             state.running += 1;
-            let (generation, tokens) = (state.generation, state.tokens.clone());
-            self.spawn(key, rec, lane, generation, tokens);
+            let place = state.place(key.clone(), lane);
+            self.spawn(place, rec);
         } else {
             state.ready.push_back((rec, lane));
         }
     }
 
-    fn spawn(
-        &mut self,
-        key: &PartKey,
-        rec: Inbound,
-        lane: Option<Lane>,
-        generation: u64,
-        tokens: Arc<Tokens>,
-    ) {
+    fn spawn(&mut self, place: Place, rec: Inbound) {
         let span = self.dispatcher.span(&rec);
         let rec = Arc::new(rec);
         let resume = match self.first_call(&rec, &span) {
             FirstCall::Handled { .. } => {
-                self.finished_inline.push(Completion {
-                    offset: rec.offset,
-                    tp: key.clone(),
-                    generation,
-                    lane,
-                    is_final: true,
-                });
+                self.finished_inline
+                    .push(place.into_completion(rec.offset, true));
                 return;
             }
             FirstCall::Resume { resume, .. } => Some(resume),
             FirstCall::Fresh => None,
         };
-        self.launch(key, rec, span, resume, lane, generation, tokens);
+        self.launch(place, rec, span, resume);
     }
 
     /// The handler's first call, made here: a handler that does not wait (a no-op, a cache
@@ -622,34 +629,57 @@ impl<S: Source> Engine<S> {
 
     /// Runs a started record as a task: from where its first call left off (`resume`), or
     /// from the start, polled once inline first unless the engine is cooling down.
-    #[allow(clippy::too_many_arguments)]
     fn launch(
         &mut self,
-        key: &PartKey,
+        place: Place,
         rec: Arc<Inbound>,
         span: tracing::Span,
         resume: Option<Resume>,
-        lane: Option<Lane>,
-        generation: u64,
-        tokens: Arc<Tokens>,
     ) {
-        let completion = |is_final| Completion {
-            offset: rec.offset,
-            tp: key.clone(),
-            generation,
-            lane,
-            is_final,
-        };
+        let aborted = place.completion(rec.offset, false);
+        let abort = place.tokens.clone();
+        let resumed = resume.is_some();
+        let task = self.record_task(place, rec, resume, span.clone());
+        let task = Box::pin(task.instrument(span));
+        if resumed {
+            self.tasks.spawn(abortable(task, abort, aborted));
+            return;
+        }
+        if self.inline_cooldown > 0 {
+            self.inline_cooldown -= 1;
+            self.tasks.spawn(abortable(task, abort, aborted));
+            return;
+        }
+        self.poll_inline(task, abort, aborted);
+    }
+
+    /// The record's future: [`handle`] to its final outcome. A panic in there is caught and
+    /// the record dead-lettered with kind `panic`, so no panic leaves its partition stuck.
+    fn record_task(
+        &self,
+        place: Place,
+        rec: Arc<Inbound>,
+        resume: Option<Resume>,
+        span: tracing::Span,
+    ) -> impl Future<Output = Completion> + Send + 'static {
         let dispatcher = self.dispatcher.clone();
         let publisher = self.dead_letters.clone();
         // Shared, not copied: only a failing record needs the group and the dead-letter topic.
         let naming = self.naming.clone();
-        let task_span = span.clone();
-        let aborted = completion(false);
-        let done = completion(true);
-        let abort = tokens.clone();
-        let resumed = resume.is_some();
-        let task = async move {
+        let Place {
+            key,
+            lane,
+            generation,
+            tokens,
+        } = place;
+        let done = Completion {
+            tp: key,
+            offset: rec.offset,
+            generation,
+            lane,
+            is_final: true,
+        };
+        async move {
             let handled = AssertUnwindSafe(handle(
                 &rec,
                 resume,
@@ -657,7 +687,7 @@ impl<S: Source> Engine<S> {
                 &*publisher,
                 &naming,
                 &tokens.stop,
-                &task_span,
+                &span,
             ))
             .catch_unwind()
             .await;
@@ -683,28 +713,21 @@ impl<S: Source> Engine<S> {
                 }
             };
             Completion { is_final, ..done }
-        };
-        let mut task = Box::pin(task.instrument(span));
-        // Only a spawned record can be aborted: one that finishes in its inline poll below
-        // never needs the abort token (registering with it costs a lock per record).
-        let abortable = |task| async move {
-            tokio::select! {
-                biased;
-                _ = abort.abort.cancelled() => aborted,
-                done = task => done,
-            }
-        };
-        if resumed {
-            self.tasks.spawn(abortable(task));
-            return;
         }
-        if self.inline_cooldown > 0 {
-            self.inline_cooldown -= 1;
-            self.tasks.spawn(abortable(task));
-            return;
-        }
-        // Off the first call's path: the whole record's future polled once here, for the same
-        // reason. The task catches its own panics, so this poll does not unwind.
+    }
+
+    /// A record whose first call was not made (an enabled span, or a record off that call's
+    /// path: see [`FirstCall::Fresh`]) may still finish without waiting: its whole future is
+    /// polled once here, for the reason [`first_call`](Self::first_call) gives, and spawned
+    /// only if it waits. The task catches its own panics, so this poll does not unwind.
+    fn poll_inline<F>(
+        &mut self,
+        mut task: std::pin::Pin<Box<F>>,
+        abort: Arc<Tokens>,
+        aborted: Completion,
+    ) where
+        F: Future<Output = Completion> + Send + 'static,
+    {
         let started = std::time::Instant::now();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let polled = task.as_mut().poll(&mut cx);
@@ -712,7 +735,7 @@ impl<S: Source> Engine<S> {
         match polled {
             std::task::Poll::Ready(done) => self.finished_inline.push(done),
             std::task::Poll::Pending => {
-                self.tasks.spawn(abortable(task));
+                self.tasks.spawn(abortable(task, abort, aborted));
             }
         }
     }
@@ -774,16 +797,9 @@ impl<S: Source> Engine<S> {
         } else if !state.revoking {
             self.unfinished += 1;
         }
-        release(
-            state,
-            &done.tp,
-            1,
-            self.share,
-            &mut self.reserved,
-            &mut self.in_flight,
-            &mut self.source,
-        );
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        self.flow
+            .release(&mut state.flow, &mut self.source, &done.tp, 1);
+        InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
         if !start_next {
             if let (Some(rec), Some(lane)) = (lane_next, done.lane) {
                 state.lanes.entry(lane).or_default().push_front(rec);
@@ -802,8 +818,8 @@ impl<S: Source> Engine<S> {
                 break;
             };
             state.running += 1;
-            let (generation, tokens) = (state.generation, state.tokens.clone());
-            self.spawn(&done.tp, rec, lane, generation, tokens);
+            let place = state.place(done.tp.clone(), lane);
+            self.spawn(place, rec);
         }
     }
 
@@ -899,15 +915,11 @@ impl<S: Source> Engine<S> {
         self.dispatcher.forget_parked(revoked);
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
-                self.in_flight -= state.in_flight;
-                // Partitions start open: if it comes back, the source must agree.
-                if !state.open {
-                    self.source.set_open(tp, true);
-                }
+                self.flow.forget(&state.flow, &mut self.source, tp);
             }
         }
         self.reshare();
-        InFlight(self.in_flight).emit(self.dispatcher.metrics());
+        InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
     }
 
     async fn commit(&mut self, sync: bool) {
@@ -968,28 +980,22 @@ impl<S: Source> Engine<S> {
     }
 }
 
-/// `count` records of `state`'s partition left the engine: its in-flight count, the engine's
-/// totals, and the source's flow for it. A free function, so callers that already hold the
-/// partition's state do not look it up again.
-fn release<S: Source>(
-    state: &mut PartitionState,
-    tp: &PartitionKey,
-    count: usize,
-    share: usize,
-    reserved: &mut usize,
-    in_flight: &mut usize,
-    source: &mut S,
-) {
-    let before = state.in_flight;
-    state.in_flight -= count;
-    *reserved -= before.max(share) - state.in_flight.max(share);
-    *in_flight -= count;
-    if !state.open && state.in_flight < share {
-        state.open = true;
-        source.set_open(tp, true);
+/// A spawned record's future, dropped at its partition's abort token: the record then ends
+/// unfinished (`aborted`). Only a spawned record can be aborted: one that finishes in its
+/// inline poll never needs the token (registering with it costs a lock per record).
+async fn abortable(
+    task: impl Future<Output = Completion>,
+    tokens: Arc<Tokens>,
+    aborted: Completion,
+) -> Completion {
+    tokio::select! {
+        biased;
+        _ = tokens.abort.cancelled() => aborted,
+        done = task => done,
     }
 }
 
+mod flow;
 mod task;
 #[cfg(test)]
 mod tests;

@@ -48,6 +48,15 @@ enum HandlerResult {
     Abandoned,
 }
 
+/// One handler's attempts at one record: what each attempt, and what it reports, refers to.
+struct HandlerRun<'a> {
+    handler: &'a Route,
+    route: &'a TypeRoute,
+    info: &'a Arc<RecordInfo>,
+    series: &'a RouteSeries,
+    stop: &'a CancellationToken,
+}
+
 /// What the engine's synchronous first call of a record's handler came to
 /// ([`Dispatcher::first_call`]).
 pub(crate) enum FirstCall {
@@ -416,6 +425,8 @@ impl Dispatcher {
         (route.decode)(&raw)
     }
 
+    /// Runs one handler on the record until its result is final: attempt after attempt, as
+    /// its retry policy decides, starting from `first` (the call the engine began, or the event).
     async fn run_handler(
         &self,
         handler: &Route,
@@ -425,149 +436,201 @@ impl Dispatcher {
         series: &RouteSeries,
         stop: &CancellationToken,
     ) -> HandlerResult {
-        let m = &self.metrics;
-        let at = info.record.at();
-        let event_type = info.event.event_type.as_str();
-        let event_id = info.event.id;
-        let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
-        if let Some(parking) = &self.router.parking {
-            // Checked whatever the policy says: a key parked under an earlier configuration
-            // still holds its later records.
-            if parking.is_parked(&handler.name, &info.record) {
-                let Some(still) = self
-                    .confirm_parked(&**parking, &handler.name, &info.record, stop)
-                    .await
-                else {
-                    return HandlerResult::Abandoned;
-                };
-                if still {
-                    let now = std::time::Duration::ZERO;
-                    return self
-                        .park(&**parking, handler, info, 0, BEHIND, now, stop)
-                        .await;
-                }
-            }
+        let run = HandlerRun {
+            handler,
+            route,
+            info,
+            series,
+            stop,
+        };
+        if let Some(parked) = self.park_if_behind(&run).await {
+            return parked;
         }
         let mut attempt = 1;
         let mut first = Some(first);
         loop {
-            let (started, result) = match first.take() {
-                Some(FirstAttempt::Started(started, call)) => {
-                    (started, self.finish_first(handler, started, call).await)
-                }
-                first_event => {
-                    let event = match first_event {
-                        Some(FirstAttempt::Event(event)) => event,
-                        _ => match self.decode_again(route, &info.record) {
-                            Ok(event) => event,
-                            Err(error) => {
-                                return HandlerResult::Final(Some(Failure {
-                                    kind: DeadLetterKind::Decode,
-                                    detail: error.kind(),
-                                    message: error.to_string(),
-                                    attempts: attempt - 1,
-                                    handler: Some(handler.name.clone()),
-                                    event_id: Some(event_id),
-                                }))
-                            }
-                        },
-                    };
-                    let ctx = Ctx::new(info.clone(), attempt, handler.name.clone());
-                    let started = Instant::now();
-                    let call = self.call_once(handler, event, ctx);
-                    let result = if info.child_spans {
-                        call.instrument(trace::handle_span(&handler.name, attempt))
-                            .await
-                    } else {
-                        call.await
-                    };
-                    (started, result)
-                }
+            let (started, result) = match self.call_attempt(&run, first.take(), attempt).await {
+                Ok(called) => called,
+                Err(undecodable) => return undecodable,
             };
-            HandlerCalled {
-                duration: started.elapsed(),
-            }
-            .emit(series);
-            if let Some(observer) = &self.router.observer {
-                observer.call(&info.record, &handler.name, attempt, started);
-            }
-            let give_up = |kind: super::DeadLetterKind, message: String, dropped: bool| {
-                HandlerGaveUp {
-                    at,
-                    group: &self.group,
-                    event_id,
-                    event_type,
-                    handler: &handler.name,
-                    attempts: attempt,
-                    kind: kind.as_str(),
-                    dropped,
-                    error: &message,
-                }
-                .emit(m);
-                HandlerResult::Final((!dropped).then(|| Failure {
-                    kind,
-                    detail: kind.as_str(),
-                    message,
-                    attempts: attempt,
-                    handler: Some(handler.name.clone()),
-                    event_id: Some(event_id),
-                }))
-            };
+            self.note_call(&run, attempt, started);
             let error = match result {
-                Ok(Ok(())) => {
-                    HandlerSucceeded {
-                        at,
-                        event_id,
-                        event_type,
-                        handler: &handler.name,
-                        attempt,
-                    }
-                    .emit(series);
-                    return HandlerResult::Final(None);
+                Ok(Ok(())) => return self.succeeded(&run, attempt),
+                Err(panic) => {
+                    return self.give_up(&run, attempt, DeadLetterKind::Panic, panic, false)
                 }
-                Err(panic) => return give_up(DeadLetterKind::Panic, panic, false),
                 Ok(Err(error)) => error,
             };
-            match policy.decide(attempt, &error) {
-                RetryDecision::RetryAfter(delay) => {
-                    HandlerRetrying {
-                        at,
-                        group: &self.group,
-                        event_id,
-                        event_type,
-                        handler: &handler.name,
-                        attempt,
-                        delay,
-                        error: &error,
-                    }
-                    .emit(m);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => attempt += 1,
-                        _ = stop.cancelled() => return HandlerResult::Abandoned,
-                    }
-                }
-                RetryDecision::Permanent => {
-                    let ack = handler
-                        .on_acknowledged
-                        .unwrap_or(self.router.on_acknowledged);
-                    return give_up(
-                        DeadLetterKind::Acknowledged,
-                        error_chain(&error),
-                        ack == AckPolicy::Drop,
-                    );
-                }
-                RetryDecision::Exhausted => {
-                    if let (Some(parking), Some(durable)) = (&self.router.parking, &policy.durable)
-                    {
-                        let (error, delay) = (error_chain(&error), durable.delay(1));
-                        return self
-                            .park(&**parking, handler, info, attempt, &error, delay, stop)
-                            .await;
-                    }
-                    return give_up(DeadLetterKind::RetriesExhausted, error_chain(&error), false);
-                }
+            match self.after_failure(&run, attempt, error).await {
+                std::ops::ControlFlow::Continue(()) => attempt += 1,
+                std::ops::ControlFlow::Break(result) => return result,
             }
         }
+    }
+
+    /// A key with parked records holds its later records back: the record is parked behind
+    /// them, unless the store says they have gone meanwhile. Checked whatever the policy
+    /// says: a key parked under an earlier configuration still holds its later records.
+    /// `None` when the record is free to run.
+    async fn park_if_behind(&self, run: &HandlerRun<'_>) -> Option<HandlerResult> {
+        let parking = self.router.parking.as_ref()?;
+        let (name, rec) = (&run.handler.name, &run.info.record);
+        if !parking.is_parked(name, rec) {
+            return None;
+        }
+        let Some(still) = self.confirm_parked(&**parking, name, rec, run.stop).await else {
+            return Some(HandlerResult::Abandoned);
+        };
+        if !still {
+            return None;
+        }
+        let now = std::time::Duration::ZERO;
+        let parked = self.park(&**parking, run, 0, BEHIND, now).await;
+        Some(parked)
+    }
+
+    /// One attempt's call, and when it started: the call the engine began, or a new one with
+    /// the first attempt's event or, for a retry, the event decoded again. `Err` with the
+    /// handler's final result if the record no longer decodes.
+    async fn call_attempt(
+        &self,
+        run: &HandlerRun<'_>,
+        first: Option<FirstAttempt>,
+        attempt: u32,
+    ) -> Result<(Instant, Result<Result<(), HandlerError>, String>), HandlerResult> {
+        let event = match first {
+            Some(FirstAttempt::Started(started, call)) => {
+                return Ok((started, self.finish_first(run.handler, started, call).await));
+            }
+            Some(FirstAttempt::Event(event)) => event,
+            None => match self.decode_again(run.route, &run.info.record) {
+                Ok(event) => event,
+                Err(error) => {
+                    return Err(HandlerResult::Final(Some(Failure {
+                        kind: DeadLetterKind::Decode,
+                        detail: error.kind(),
+                        message: error.to_string(),
+                        attempts: attempt - 1,
+                        handler: Some(run.handler.name.clone()),
+                        event_id: Some(run.info.event.id),
+                    })))
+                }
+            },
+        };
+        let ctx = Ctx::new(run.info.clone(), attempt, run.handler.name.clone());
+        let started = Instant::now();
+        let call = self.call_once(run.handler, event, ctx);
+        let result = if run.info.child_spans {
+            call.instrument(trace::handle_span(&run.handler.name, attempt))
+                .await
+        } else {
+            call.await
+        };
+        Ok((started, result))
+    }
+
+    /// Every call's duration, whatever it returned, and the observer's view of it.
+    fn note_call(&self, run: &HandlerRun<'_>, attempt: u32, started: Instant) {
+        HandlerCalled {
+            duration: started.elapsed(),
+        }
+        .emit(run.series);
+        if let Some(observer) = &self.router.observer {
+            observer.call(&run.info.record, &run.handler.name, attempt, started);
+        }
+    }
+
+    fn succeeded(&self, run: &HandlerRun<'_>, attempt: u32) -> HandlerResult {
+        HandlerSucceeded {
+            at: run.info.record.at(),
+            event_id: run.info.event.id,
+            event_type: run.info.event.event_type.as_str(),
+            handler: &run.handler.name,
+            attempt,
+        }
+        .emit(run.series);
+        HandlerResult::Final(None)
+    }
+
+    /// What the retry policy makes of a failed attempt: `Continue` once the backoff before the
+    /// next one has passed; else the handler's final result: dead-lettered, dropped, parked for
+    /// durable retries, or abandoned (`stop` fired during the backoff).
+    async fn after_failure(
+        &self,
+        run: &HandlerRun<'_>,
+        attempt: u32,
+        error: HandlerError,
+    ) -> std::ops::ControlFlow<HandlerResult> {
+        use std::ops::ControlFlow::{Break, Continue};
+        let handler = run.handler;
+        let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
+        match policy.decide(attempt, &error) {
+            RetryDecision::RetryAfter(delay) => {
+                HandlerRetrying {
+                    at: run.info.record.at(),
+                    group: &self.group,
+                    event_id: run.info.event.id,
+                    event_type: run.info.event.event_type.as_str(),
+                    handler: &handler.name,
+                    attempt,
+                    delay,
+                    error: &error,
+                }
+                .emit(&self.metrics);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => Continue(()),
+                    _ = run.stop.cancelled() => Break(HandlerResult::Abandoned),
+                }
+            }
+            RetryDecision::Permanent => {
+                let ack = handler
+                    .on_acknowledged
+                    .unwrap_or(self.router.on_acknowledged);
+                let (kind, dropped) = (DeadLetterKind::Acknowledged, ack == AckPolicy::Drop);
+                Break(self.give_up(run, attempt, kind, error_chain(&error), dropped))
+            }
+            RetryDecision::Exhausted => {
+                if let (Some(parking), Some(durable)) = (&self.router.parking, &policy.durable) {
+                    let (error, delay) = (error_chain(&error), durable.delay(1));
+                    return Break(self.park(&**parking, run, attempt, &error, delay).await);
+                }
+                let kind = DeadLetterKind::RetriesExhausted;
+                Break(self.give_up(run, attempt, kind, error_chain(&error), false))
+            }
+        }
+    }
+
+    /// The handler failed for good at `attempt`: logged and counted, and its failure is to be
+    /// dead-lettered unless `dropped` (an acknowledged error under [`AckPolicy::Drop`]).
+    fn give_up(
+        &self,
+        run: &HandlerRun<'_>,
+        attempt: u32,
+        kind: DeadLetterKind,
+        message: String,
+        dropped: bool,
+    ) -> HandlerResult {
+        let event_id = run.info.event.id;
+        HandlerGaveUp {
+            at: run.info.record.at(),
+            group: &self.group,
+            event_id,
+            event_type: run.info.event.event_type.as_str(),
+            handler: &run.handler.name,
+            attempts: attempt,
+            kind: kind.as_str(),
+            dropped,
+            error: &message,
+        }
+        .emit(&self.metrics);
+        HandlerResult::Final((!dropped).then(|| Failure {
+            kind,
+            detail: kind.as_str(),
+            message,
+            attempts: attempt,
+            handler: Some(run.handler.name.clone()),
+            event_id: Some(event_id),
+        }))
     }
 
     /// Learns the parked keys of the record's partition (once per ownership), retrying until the
@@ -626,17 +689,15 @@ impl Dispatcher {
 
     /// Parks the record for `handler`, retrying until the store has it: only then is this
     /// handler's outcome final and the offset committable.
-    #[allow(clippy::too_many_arguments)]
     async fn park(
         &self,
         parking: &dyn Parking,
-        handler: &Route,
-        info: &Arc<RecordInfo>,
+        run: &HandlerRun<'_>,
         attempts: u32,
         error: &str,
         delay: std::time::Duration,
-        stop: &CancellationToken,
     ) -> HandlerResult {
+        let (handler, info, stop) = (run.handler, run.info, run.stop);
         let rec = &info.record;
         let mut backoff = std::time::Duration::from_millis(100);
         loop {

@@ -489,51 +489,93 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<()> {
         .id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
-    let group = format!("weir-replay-{id}");
-    let client = GroupClient::new(kafka, &group)?;
-    let partitions = client.partitions(&args.topic)?;
-    let coordinates: Vec<(String, i32)> = partitions
-        .iter()
-        .map(|p| (args.topic.clone(), *p))
-        .collect();
-    let committed = client.committed(&coordinates)?;
-    let from_offset = match args.from {
-        Some(Position::Offset(o)) => Some(o),
-        _ => None,
-    };
-    let mut starts = BTreeMap::new();
-    let mut resumed = false;
-    for p in &partitions {
-        let start = match committed.get(&(args.topic.clone(), *p)) {
-            Some(&c) => {
-                resumed = true;
-                Offset::Offset(c.max(from_offset.unwrap_or(0)))
-            }
-            None => from_offset.map_or(Offset::Beginning, Offset::Offset),
-        };
-        starts.insert(*p, start);
-    }
-    // The replay covers what is in the topic now. Replayed records that fail again are
-    // dead-lettered behind this end while the replay runs; reading on would replay them again
-    // at once, in a loop. (A lower bound on brokers that under-report the end: what lies past it
-    // is left for the next replay, never replayed twice.)
-    let mut ends = BTreeMap::new();
-    for p in &partitions {
-        let (low, high) = client.watermarks(&args.topic, *p)?;
-        let start = match starts[p] {
-            Offset::Offset(o) => o,
-            _ => low,
-        };
-        if start >= high {
-            starts.remove(p);
-        }
-        ends.insert(*p, high);
-    }
+    let client = GroupClient::new(kafka, &format!("weir-replay-{id}"))?;
+    let range = Range::read(&client, &args)?;
     let already = if args.dry_run {
         HashSet::new()
     } else {
         published_by(kafka, &client, &id, &args.topic).await?
     };
+    announce(&args, &id, range.resumed);
+    if !args.dry_run && !args.yes && !confirm(&args, &id)? {
+        bail!("not confirmed; nothing was published");
+    }
+    let mut run = Replay::new(kafka, &args, &id, &client, already, range.ends)?;
+    let failure = run.read_and_publish(&range.starts).await?;
+    if !args.dry_run {
+        client.commit(&run.positions)?;
+    }
+    run.tally.print(args.dry_run, &id);
+    match failure {
+        Some(e) => Err(e.context(format!(
+            "the replay stopped; run it again with --id {id} to resume"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The dead letters a replay reads, per partition: from its start to the end it stops at.
+struct Range {
+    /// Partitions with something to read, and where.
+    starts: BTreeMap<i32, Offset>,
+    /// Each partition's end when the replay started; its records there are not replayed.
+    ends: BTreeMap<i32, i64>,
+    /// Whether a partition starts after the replay's committed progress.
+    resumed: bool,
+}
+
+impl Range {
+    /// A partition starts after the progress an earlier run of the replay committed, or at
+    /// `--from`'s offset (whichever is later), else at its beginning.
+    ///
+    /// The replay covers what is in the topic now. Replayed records that fail again are
+    /// dead-lettered behind this end while the replay runs; reading on would replay them again
+    /// at once, in a loop. (A lower bound on brokers that under-report the end: what lies past
+    /// it is left for the next replay, never replayed twice.)
+    fn read(client: &GroupClient, args: &ReplayArgs) -> anyhow::Result<Self> {
+        let partitions = client.partitions(&args.topic)?;
+        let coordinates: Vec<(String, i32)> = partitions
+            .iter()
+            .map(|p| (args.topic.clone(), *p))
+            .collect();
+        let committed = client.committed(&coordinates)?;
+        let from_offset = match args.from {
+            Some(Position::Offset(o)) => Some(o),
+            _ => None,
+        };
+        let mut starts = BTreeMap::new();
+        let mut resumed = false;
+        for p in &partitions {
+            let start = match committed.get(&(args.topic.clone(), *p)) {
+                Some(&c) => {
+                    resumed = true;
+                    Offset::Offset(c.max(from_offset.unwrap_or(0)))
+                }
+                None => from_offset.map_or(Offset::Beginning, Offset::Offset),
+            };
+            starts.insert(*p, start);
+        }
+        let mut ends = BTreeMap::new();
+        for p in &partitions {
+            let (low, high) = client.watermarks(&args.topic, *p)?;
+            let start = match starts[p] {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            if start >= high {
+                starts.remove(p);
+            }
+            ends.insert(*p, high);
+        }
+        Ok(Self {
+            starts,
+            ends,
+            resumed,
+        })
+    }
+}
+
+fn announce(args: &ReplayArgs, id: &str, resumed: bool) {
     eprintln!(
         "replay {id}: {} from {} ({})",
         if args.dry_run {
@@ -548,141 +590,212 @@ async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<()> {
             "from the start of the range"
         }
     );
-    if !args.dry_run && !args.yes && !confirm(&args, &id)? {
-        bail!("not confirmed; nothing was published");
+}
+
+impl Tally {
+    fn count(&mut self, parked: bool) {
+        if parked {
+            self.parked += 1;
+        } else {
+            self.replayed += 1;
+        }
     }
-    let producer: FutureProducer = {
-        let mut config = kafka.producer_config();
-        // One record at a time, acknowledged before the next: no batching delay to wait for.
-        config.set("linger.ms", "0");
-        config.create().context("cannot create the producer")?
-    };
-    let mut tally = Tally::default();
-    let mut positions: BTreeMap<(String, i32), i64> = BTreeMap::new();
-    let mut guarded: HashSet<String> = HashSet::new();
-    let mut since_commit = 0u64;
-    let mut last_commit = Instant::now();
-    let mut published = 0u64;
-    let mut pace = args
-        .rate
-        .map(|r| (Duration::from_secs_f64(1.0 / r), Instant::now()));
-    let mut failure: Option<anyhow::Error> = None;
-    {
-        let mut reader = client.reader(&args.topic, &starts)?;
+
+    fn print(&self, dry_run: bool, id: &str) {
+        println!(
+            "{}selected {}, replayed {}, parked {}, skipped {} (replay id {id})",
+            if dry_run {
+                "dry run, nothing published: "
+            } else {
+                ""
+            },
+            self.selected,
+            self.replayed,
+            self.parked,
+            self.skipped
+        );
+    }
+}
+
+/// A replay under way: what it has published, and the progress it commits.
+struct Replay<'a> {
+    kafka: &'a KafkaConfig,
+    args: &'a ReplayArgs,
+    id: &'a str,
+    client: &'a GroupClient,
+    producer: FutureProducer,
+    /// Dead letters an interrupted run of this replay published already.
+    already: HashSet<(i32, i64)>,
+    /// Each partition's end when the replay started ([`Range`]).
+    ends: BTreeMap<i32, i64>,
+    tally: Tally,
+    /// The next dead letter of each partition: the progress to commit.
+    positions: BTreeMap<(String, i32), i64>,
+    /// The topics guarded since the last progress commit ([`guard`]).
+    guarded: HashSet<String>,
+    since_commit: u64,
+    last_commit: Instant,
+    published: u64,
+    /// `--rate`'s interval, and when the next publish may start.
+    pace: Option<(Duration, Instant)>,
+}
+
+impl<'a> Replay<'a> {
+    fn new(
+        kafka: &'a KafkaConfig,
+        args: &'a ReplayArgs,
+        id: &'a str,
+        client: &'a GroupClient,
+        already: HashSet<(i32, i64)>,
+        ends: BTreeMap<i32, i64>,
+    ) -> anyhow::Result<Self> {
+        let producer: FutureProducer = {
+            let mut config = kafka.producer_config();
+            // One record at a time, acknowledged before the next: no batching delay to wait for.
+            config.set("linger.ms", "0");
+            config.create().context("cannot create the producer")?
+        };
+        Ok(Self {
+            kafka,
+            args,
+            id,
+            client,
+            producer,
+            already,
+            ends,
+            tally: Tally::default(),
+            positions: BTreeMap::new(),
+            guarded: HashSet::new(),
+            since_commit: 0,
+            last_commit: Instant::now(),
+            published: 0,
+            pace: args
+                .rate
+                .map(|r| (Duration::from_secs_f64(1.0 / r), Instant::now())),
+        })
+    }
+
+    /// Reads the range and takes each dead letter in it, committing progress as it goes.
+    /// `Ok(Some(error))` when a publish failed: the replay stops there, and what it did so far
+    /// is still to be committed and reported.
+    async fn read_and_publish(
+        &mut self,
+        starts: &BTreeMap<i32, Offset>,
+    ) -> anyhow::Result<Option<anyhow::Error>> {
+        let mut reader = self.client.reader(&self.args.topic, starts)?;
         while let Some(record) = reader.next().await? {
-            let next = ((record.topic.clone(), record.partition), record.offset + 1);
-            if record.offset >= ends[&record.partition] {
-                // Dead-lettered after the replay started (see above).
+            if self.past_range(&record) {
+                // Nothing more to read in this partition.
                 reader.close(record.partition);
                 continue;
             }
-            if let Some(Position::Offset(last)) = args.to {
-                if record.offset > last {
-                    // Past the range in this partition: nothing more to read there.
-                    reader.close(record.partition);
-                    continue;
-                }
-            }
-            let in_range = args
-                .from
-                .is_none_or(|f| f.at_or_after(record.offset, record.timestamp_ms))
-                && args
-                    .to
-                    .is_none_or(|t| t.at_or_before(record.offset, record.timestamp_ms));
-            let selected = in_range && args.filter.as_ref().is_none_or(|f| f.matches(&record));
-            if !selected {
-                positions.insert(next.0, next.1);
-                continue;
-            }
-            tally.selected += 1;
-            if already.contains(&(record.partition, record.offset)) {
-                tally.skipped += 1;
-                positions.insert(next.0, next.1);
-                continue;
-            }
-            let (planned, parked) =
-                match plan(&record, &id, args.to_topic.as_deref(), args.max_replays) {
-                    Action::Replay(p) => (p, false),
-                    Action::Park(p) => (p, true),
-                    Action::Skip(why) => {
-                        eprintln!(
-                            "skipping {}/{} offset {}: {why}",
-                            record.topic, record.partition, record.offset
-                        );
-                        tally.skipped += 1;
-                        positions.insert(next.0, next.1);
-                        continue;
-                    }
-                };
-            if args.dry_run {
-                if parked {
-                    tally.parked += 1;
-                } else {
-                    tally.replayed += 1;
-                }
-                continue;
-            }
-            if !guarded.contains(&planned.topic) {
-                if let Err(e) = guard(&client, &planned.topic) {
-                    failure = Some(e.context(format!(
-                        "publishing {}/{} offset {} to {}",
-                        record.topic, record.partition, record.offset, planned.topic
-                    )));
-                    break;
-                }
-                guarded.insert(planned.topic.clone());
-            }
-            if let Some((interval, next_at)) = &mut pace {
-                tokio::time::sleep_until((*next_at).into()).await;
-                *next_at = Instant::now().max(*next_at) + *interval;
-            }
-            if let Err(e) = publish(&producer, &planned, kafka.delivery_timeout).await {
-                failure = Some(e.context(format!(
-                    "publishing {}/{} offset {} to {}",
-                    record.topic, record.partition, record.offset, planned.topic
-                )));
-                break;
-            }
-            published += 1;
-            if args.crash_after == Some(published) {
-                eprintln!("--crash-after {published}: aborting before the progress commit");
-                std::process::abort();
-            }
-            if parked {
-                tally.parked += 1;
-            } else {
-                tally.replayed += 1;
-            }
-            positions.insert(next.0, next.1);
-            since_commit += 1;
-            if since_commit >= COMMIT_EVERY || last_commit.elapsed() >= COMMIT_INTERVAL {
-                client.commit(&positions)?;
-                guarded.clear();
-                since_commit = 0;
-                last_commit = Instant::now();
+            match self.take(&record).await {
+                Ok(true) => self.commit_if_due()?,
+                Ok(false) => {}
+                Err(failure) => return Ok(Some(failure)),
             }
         }
+        Ok(None)
     }
-    if !args.dry_run {
-        client.commit(&positions)?;
+
+    /// Whether the record lies past the range of its partition: dead-lettered after the replay
+    /// started ([`Range`]), or past `--to`'s offset.
+    fn past_range(&self, record: &ReadRecord) -> bool {
+        if record.offset >= self.ends[&record.partition] {
+            return true;
+        }
+        matches!(self.args.to, Some(Position::Offset(last)) if record.offset > last)
     }
-    println!(
-        "{}selected {}, replayed {}, parked {}, skipped {} (replay id {id})",
+
+    /// Whether the record is in `--from`/`--to` and matches `--filter`.
+    fn selects(&self, record: &ReadRecord) -> bool {
+        let args = self.args;
+        let in_range = args
+            .from
+            .is_none_or(|f| f.at_or_after(record.offset, record.timestamp_ms))
+            && args
+                .to
+                .is_none_or(|t| t.at_or_before(record.offset, record.timestamp_ms));
+        in_range && args.filter.as_ref().is_none_or(|f| f.matches(record))
+    }
+
+    /// One dead letter of the range: passed over, counted (in a dry run), or published.
+    /// `Ok(true)` once published; `Err` if that failed.
+    async fn take(&mut self, record: &ReadRecord) -> anyhow::Result<bool> {
+        let next = ((record.topic.clone(), record.partition), record.offset + 1);
+        if !self.selects(record) {
+            self.positions.insert(next.0, next.1);
+            return Ok(false);
+        }
+        self.tally.selected += 1;
+        if self.already.contains(&(record.partition, record.offset)) {
+            self.tally.skipped += 1;
+            self.positions.insert(next.0, next.1);
+            return Ok(false);
+        }
+        let args = self.args;
+        let (planned, parked) =
+            match plan(record, self.id, args.to_topic.as_deref(), args.max_replays) {
+                Action::Replay(p) => (p, false),
+                Action::Park(p) => (p, true),
+                Action::Skip(why) => {
+                    eprintln!(
+                        "skipping {}/{} offset {}: {why}",
+                        record.topic, record.partition, record.offset
+                    );
+                    self.tally.skipped += 1;
+                    self.positions.insert(next.0, next.1);
+                    return Ok(false);
+                }
+            };
         if args.dry_run {
-            "dry run, nothing published: "
-        } else {
-            ""
-        },
-        tally.selected,
-        tally.replayed,
-        tally.parked,
-        tally.skipped
-    );
-    match failure {
-        Some(e) => Err(e.context(format!(
-            "the replay stopped; run it again with --id {id} to resume"
-        ))),
-        None => Ok(()),
+            self.tally.count(parked);
+            return Ok(false);
+        }
+        self.send(&planned).await.map_err(|e| {
+            e.context(format!(
+                "publishing {}/{} offset {} to {}",
+                record.topic, record.partition, record.offset, planned.topic
+            ))
+        })?;
+        self.published += 1;
+        if args.crash_after == Some(self.published) {
+            eprintln!(
+                "--crash-after {}: aborting before the progress commit",
+                self.published
+            );
+            std::process::abort();
+        }
+        self.tally.count(parked);
+        self.positions.insert(next.0, next.1);
+        self.since_commit += 1;
+        Ok(true)
+    }
+
+    /// Publishes one record, at `--rate`'s pace, after guarding its topic if it is the
+    /// first publish there since the last progress commit.
+    async fn send(&mut self, planned: &OutboundRecord) -> anyhow::Result<()> {
+        if !self.guarded.contains(&planned.topic) {
+            guard(self.client, &planned.topic)?;
+            self.guarded.insert(planned.topic.clone());
+        }
+        if let Some((interval, next_at)) = &mut self.pace {
+            tokio::time::sleep_until((*next_at).into()).await;
+            *next_at = Instant::now().max(*next_at) + *interval;
+        }
+        publish(&self.producer, planned, self.kafka.delivery_timeout).await
+    }
+
+    /// Commits the progress every [`COMMIT_EVERY`] records or [`COMMIT_INTERVAL`]; a topic is
+    /// guarded again before its next publish.
+    fn commit_if_due(&mut self) -> anyhow::Result<()> {
+        if self.since_commit >= COMMIT_EVERY || self.last_commit.elapsed() >= COMMIT_INTERVAL {
+            self.client.commit(&self.positions)?;
+            self.guarded.clear();
+            self.since_commit = 0;
+            self.last_commit = Instant::now();
+        }
+        Ok(())
     }
 }
 

@@ -355,98 +355,24 @@ fn poll_loop(
     closing: Arc<AtomicBool>,
 ) {
     let mut feeds: Vec<Feed> = Vec::new();
-    let mut names: Vec<Arc<str>> = Vec::new();
-    let mut last_headers = crate::contracts::Headers::new();
+    let mut converter = Converter::default();
     let poller = consumer.context().poller.clone();
     while !closing.load(Ordering::SeqCst) {
         #[cfg(test)]
         if consumer.context().panic_next_turn.load(Ordering::SeqCst) {
             panic!("injected poll-thread panic");
         }
-        let mut moved = false;
-        // The main queue first and until it is empty: rebalances and commit answers, and the
-        // records a partition had fetched before it was split off. Draining those before its
-        // own queue is polled keeps the partition's records in offset order.
-        loop {
-            let polled = consumer.poll(Duration::ZERO);
-            apply_changes(&consumer, &mut feeds, &poller);
-            match polled {
-                None => break,
-                Some(Ok(message)) => {
-                    let inbound = to_inbound(&message, &mut names, &mut last_headers);
-                    if let Some(feed) = feeds
-                        .iter_mut()
-                        .find(|f| f.tp.1 == inbound.partition && f.tp.0 == inbound.topic)
-                    {
-                        if feed.queue.is_some() && !feed.resplit {
-                            // librdkafka may point the partition back at the main queue when
-                            // its fetching starts, after the split: split it again (once).
-                            // The old handle goes first: dropping it unhooks the wake-up
-                            // of the (same) underlying queue.
-                            feed.resplit = true;
-                            feed.queue = None;
-                            feed.queue = split(&consumer, &feed.tp, &poller);
-                        }
-                        feed.held.push(inbound);
-                    }
-                    moved = true;
-                }
-                // The context's error callback has logged it already (throttled).
-                Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
-            }
-        }
+        let mut moved = poll_main_queue(&consumer, &mut feeds, &poller, &mut converter);
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
         for feed in &mut feeds {
-            if feed.queued.load(Ordering::Acquire) >= HANDOFF_BATCHES {
-                let since = *feed.full_since.get_or_insert_with(std::time::Instant::now);
-                if !feed.warned && since.elapsed() >= HELD_BACK_WARNING {
-                    feed.warned = true;
-                    PartitionHeldBack {
-                        topic: &feed.tp.0,
-                        partition: feed.tp.1,
-                        held: true,
-                    }
-                    .emit();
-                }
+            if feed.held_back() {
                 continue;
             }
-            feed.full_since = None;
-            if std::mem::take(&mut feed.warned) {
-                PartitionHeldBack {
-                    topic: &feed.tp.0,
-                    partition: feed.tp.1,
-                    held: false,
-                }
-                .emit();
-            }
-            if let Some(queue) = &feed.queue {
-                let mut bytes: usize = feed.held.iter().map(value_len).sum();
-                while feed.held.len() < BATCH && bytes < BATCH_BYTES {
-                    match queue.poll(Duration::ZERO) {
-                        None => break,
-                        Some(Ok(message)) => {
-                            let inbound = to_inbound(&message, &mut names, &mut last_headers);
-                            bytes += value_len(&inbound);
-                            feed.held.push(inbound);
-                        }
-                        Some(Err(error)) => {
-                            tracing::debug!(%error, "Kafka partition error; still polling.");
-                            break;
-                        }
-                    }
-                }
-            }
+            feed.fill(&mut converter);
             if feed.held.is_empty() {
                 continue;
             }
-            feed.queued.fetch_add(1, Ordering::AcqRel);
-            let batch = Handoff {
-                tp: feed.tp.clone(),
-                epoch,
-                records: std::mem::replace(&mut feed.held, Vec::with_capacity(BATCH)),
-                queued: feed.queued.clone(),
-            };
-            if handoff.send(batch).is_err() {
+            if handoff.send(feed.batch(epoch)).is_err() {
                 // The engine has gone.
                 return close(feeds, consumer);
             }
@@ -457,6 +383,120 @@ fn poll_loop(
         }
     }
     close(feeds, consumer);
+}
+
+/// Polls the main queue until it is empty: rebalances and commit answers, and the records a
+/// partition had fetched before it was split off. Draining those before its own queue is
+/// polled keeps the partition's records in offset order. Returns whether any record came.
+fn poll_main_queue(
+    consumer: &Arc<WeirConsumer>,
+    feeds: &mut Vec<Feed>,
+    poller: &Arc<OnceLock<std::thread::Thread>>,
+    converter: &mut Converter,
+) -> bool {
+    let mut moved = false;
+    loop {
+        let polled = consumer.poll(Duration::ZERO);
+        apply_changes(consumer, feeds, poller);
+        match polled {
+            None => return moved,
+            Some(Ok(message)) => {
+                let inbound = converter.inbound(&message);
+                if let Some(feed) = feeds
+                    .iter_mut()
+                    .find(|f| f.tp.1 == inbound.partition && f.tp.0 == inbound.topic)
+                {
+                    feed.hold_from_main_queue(inbound, consumer, poller);
+                }
+                moved = true;
+            }
+            // The context's error callback has logged it already (throttled).
+            Some(Err(error)) => tracing::debug!(%error, "Kafka consumer error; still polling."),
+        }
+    }
+}
+
+impl Feed {
+    /// Holds a record of the partition that came through the main queue. librdkafka may
+    /// point the partition back at the main queue when its fetching starts, after the split:
+    /// it is split again (once). The old handle goes first: dropping it unhooks the wake-up of
+    /// the (same) underlying queue.
+    fn hold_from_main_queue(
+        &mut self,
+        inbound: Inbound,
+        consumer: &Arc<WeirConsumer>,
+        poller: &Arc<OnceLock<std::thread::Thread>>,
+    ) {
+        if self.queue.is_some() && !self.resplit {
+            self.resplit = true;
+            self.queue = None;
+            self.queue = split(consumer, &self.tp, poller);
+        }
+        self.held.push(inbound);
+    }
+
+    /// Whether the partition's hand-off is full (the engine is not taking its records): its
+    /// queue is then left alone, so librdkafka's prefetch for it fills and its fetching stops.
+    /// Warns once it has been full for [`HELD_BACK_WARNING`], and again when it has room.
+    fn held_back(&mut self) -> bool {
+        if self.queued.load(Ordering::Acquire) >= HANDOFF_BATCHES {
+            let since = *self.full_since.get_or_insert_with(std::time::Instant::now);
+            if !self.warned && since.elapsed() >= HELD_BACK_WARNING {
+                self.warned = true;
+                PartitionHeldBack {
+                    topic: &self.tp.0,
+                    partition: self.tp.1,
+                    held: true,
+                }
+                .emit();
+            }
+            return true;
+        }
+        self.full_since = None;
+        if std::mem::take(&mut self.warned) {
+            PartitionHeldBack {
+                topic: &self.tp.0,
+                partition: self.tp.1,
+                held: false,
+            }
+            .emit();
+        }
+        false
+    }
+
+    /// Polls the partition's own queue into what it holds, up to a batch: [`BATCH`] records
+    /// or [`BATCH_BYTES`] of values.
+    fn fill(&mut self, converter: &mut Converter) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        let mut bytes: usize = self.held.iter().map(value_len).sum();
+        while self.held.len() < BATCH && bytes < BATCH_BYTES {
+            match queue.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => {
+                    let inbound = converter.inbound(&message);
+                    bytes += value_len(&inbound);
+                    self.held.push(inbound);
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "Kafka partition error; still polling.");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// What it holds, as a batch for the engine, counted in its hand-off.
+    fn batch(&mut self, epoch: u64) -> Handoff {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        Handoff {
+            tp: self.tp.clone(),
+            epoch,
+            records: std::mem::replace(&mut self.held, Vec::with_capacity(BATCH)),
+            queued: self.queued.clone(),
+        }
+    }
 }
 
 fn value_len(inbound: &Inbound) -> usize {
@@ -529,6 +569,20 @@ fn split(
 fn close(feeds: Vec<Feed>, consumer: Arc<WeirConsumer>) {
     drop(feeds);
     drop(consumer);
+}
+
+/// Turns polled messages into records, with what consecutive records share ([`to_inbound`]).
+#[derive(Default)]
+struct Converter {
+    names: Vec<Arc<str>>,
+    last_headers: crate::contracts::Headers,
+}
+
+impl Converter {
+    #[inline]
+    fn inbound(&mut self, message: &BorrowedMessage<'_>) -> Inbound {
+        to_inbound(message, &mut self.names, &mut self.last_headers)
+    }
 }
 
 /// `names` keeps one shared copy of each topic name, so a record's topic is not an allocation;
