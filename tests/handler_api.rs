@@ -195,13 +195,15 @@ async fn a_router_layer_sees_every_event_and_can_short_circuit() {
     app.stop().await;
 }
 
-/// A router-wide layer that lets everything through, noting what it saw (label, order id,
-/// attempt) in a shared log.
+/// What the audit layers saw: (layer, order id, attempt).
+type AuditLog = Arc<Mutex<Vec<(&'static str, String, u32)>>>;
+
+/// A router-wide layer that lets everything through, noting what it saw in a shared log.
 #[derive(Clone)]
 struct Audit<S> {
     inner: S,
     label: &'static str,
-    log: Arc<Mutex<Vec<(&'static str, String, u32)>>>,
+    log: AuditLog,
 }
 
 impl<S> tower::Service<Request<AnyEvent>> for Audit<S>
@@ -230,7 +232,7 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn a_router_layer_passes_normal_events_to_the_handler_unchanged() {
-    let log: Arc<Mutex<Vec<(&'static str, String, u32)>>> = Arc::default();
+    let log = AuditLog::default();
     let audit = |label| {
         let log = log.clone();
         tower::layer::layer_fn(move |inner| Audit {
