@@ -490,6 +490,58 @@ async fn replay_from_to_selects_exactly_the_records_inside_the_range_by_offset_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_spaces_the_publishes_at_least_one_interval_apart() {
+    const RECORDS: usize = 20;
+    const RATE: u32 = 10;
+    let broker = Arc::new(Tansu::start_memory());
+    let topic = unique("orders");
+    let dlq = format!("{topic}.dlq");
+    create(&broker, &[&topic, &dlq]);
+    let bus = bus(&broker);
+    dead_letters(&bus, &topic, &dlq, RECORDS).await;
+    let dir = TestDir::new("weir-dlq-rate");
+    let rate = format!("{RATE}/s");
+    let out = replay_range(&dir, &broker.brokers(), &dlq, "paced", &["--rate", &rate]).await;
+    assert!(
+        out.contains(&format!("selected {RECORDS}, replayed {RECORDS}")),
+        "{out}"
+    );
+
+    // Each replayed record's timestamp is the time the replay produced it (CreateTime, set by
+    // its producer), so the spacing is read off the records themselves. At most RATE a second
+    // means any k + 1 consecutive publishes span at least k / RATE seconds: the whole run, and
+    // every window of RATE + 1 records (the windows still hold if the first publish alone was
+    // slow, as a producer's first one is). The slack allows for the time between the pacer's
+    // wake-up and the produce call of a window's first record, and for millisecond timestamps;
+    // unpaced, the 20 publishes take a few milliseconds after the first.
+    let replayed = records(&broker, &topic, RECORDS).await;
+    assert_eq!(
+        sources_of(&replayed, &dlq, "paced"),
+        (0..RECORDS as i64).collect::<Vec<_>>()
+    );
+    let times: Vec<i64> = replayed.iter().map(|r| r.timestamp_ms).collect();
+    let interval_ms = 1000 / i64::from(RATE);
+    let slack_ms = interval_ms / 2;
+    let span = times[RECORDS - 1] - times[0];
+    let bound = (RECORDS as i64 - 1) * interval_ms;
+    assert!(
+        span >= bound - slack_ms,
+        "{RECORDS} records at {rate} were produced within {span} ms, under the {bound} ms the \
+         rate allows: {times:?}"
+    );
+    let window = RATE as usize;
+    for (i, pair) in times.windows(window + 1).enumerate() {
+        let took = pair[window] - pair[0];
+        assert!(
+            took >= 1000 - slack_ms,
+            "records {i}..={} ({} of them) were produced within {took} ms: {times:?}",
+            i + window,
+            window + 1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_crashes_between_publish_and_commit_resumes_without_publishing_twice() {
     let broker = Arc::new(Tansu::start_memory());
     let topic = unique("orders");
