@@ -14,7 +14,8 @@ For the chart's default values and each charts/weir/ci/*-values.yaml it:
     read-only root filesystem;
   - checks the chart's own contracts (grace period = drain timeout + margin from one value, the
     drain timeout env, probes, the TOML config, Secret-sourced credentials, selectors, names,
-    the PrometheusRule equal to files/alerts.yaml).
+    the PrometheusRule equal to files/alerts.yaml, the worker Deployment's `weir --config ...
+    worker` command and the `[temporal]` table it reads).
 It also checks that every key in values.yaml is documented, and that contradictory values fail
 the render. It writes each rendering to .tmp/chart-check/ and the PrometheusRule's groups to
 .tmp/chart-check/prometheusrule-groups.yaml (for promtool). Exit status 1 on any failure.
@@ -322,6 +323,71 @@ def matches(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def worker_contracts(v: dict, objects: list[dict], consumer: dict) -> list[str]:
+    """The Temporal worker Deployment (`weir worker`) and the `[temporal]` table it and the
+    consumers read, on one rendering with merged values `v`."""
+    p: list[str] = []
+    workers = find(objects, "Deployment", "worker")
+    enabled = bool(v["worker"]["enabled"])
+    if len(workers) != (1 if enabled else 0):
+        p.append(f"{len(workers)} worker Deployments with worker.enabled={enabled}")
+    configmaps = find(objects, "ConfigMap")
+    config = tomllib.loads(configmaps[0]["data"]["weir.toml"]) if len(configmaps) == 1 else {}
+    temporal = config.get("temporal", {})
+
+    # What the worker and the consumers read: the chart's temporal values, and who runs the
+    # worker (the consumer pods when there is no worker Deployment).
+    if v["temporal"]["address"]:
+        expected = {
+            "address": v["temporal"]["address"],
+            "namespace": v["temporal"]["namespace"],
+            "task_queue": v["temporal"]["taskQueue"],
+            "worker_in_serve": not enabled,
+        }
+        got = {k: temporal.get(k) for k in expected}
+        if got != expected:
+            p.append(f"weir.toml [temporal] is {got}, expected {expected}")
+    elif "address" in temporal:
+        p.append(f"weir.toml sets temporal.address {temporal['address']!r} with no temporal.address value")
+
+    for worker in workers:
+        name = worker["metadata"]["name"]
+        pod = worker["spec"]["template"]["spec"]
+        containers = pod["containers"]
+        if [c["name"] for c in containers] != ["worker"]:
+            p.append(f"{name}: containers {[c['name'] for c in containers]}, expected [worker]")
+            continue
+        container = containers[0]
+        # The same image as the consumers, running `weir --config <the ConfigMap> worker`.
+        args = container.get("args")
+        if args != ["--config", "/etc/weir/config/weir.toml", "worker"]:
+            p.append(f"{name}: args {args}, expected --config /etc/weir/config/weir.toml worker")
+        if container.get("command"):
+            p.append(f"{name}: sets command {container['command']} (the image's entrypoint is weir)")
+        consumer_image = next(c["image"] for c in consumer["spec"]["template"]["spec"]["containers"] if c["name"] == "weir")
+        if container.get("image") != consumer_image:
+            p.append(f"{name}: image {container.get('image')} differs from the consumer's {consumer_image}")
+        mounted = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+        volumes = {vol["name"]: vol for vol in pod.get("volumes") or []}
+        config_volume = (volumes.get("config") or {}).get("configMap", {}).get("name")
+        if mounted.get("config") != "/etc/weir/config" or not configmaps or config_volume != configmaps[0]["metadata"]["name"]:
+            p.append(f"{name}: the ConfigMap is not mounted at /etc/weir/config (mounts {mounted}, config volume {config_volume})")
+        # A config change rolls the workers too.
+        annotations = worker["spec"]["template"]["metadata"].get("annotations") or {}
+        consumer_annotations = consumer["spec"]["template"]["metadata"].get("annotations") or {}
+        if annotations.get("checksum/config") != consumer_annotations.get("checksum/config"):
+            p.append(f"{name}: checksum/config differs from the consumer's")
+        if worker["spec"].get("replicas") != v["worker"]["replicaCount"]:
+            p.append(f"{name}: replicas {worker['spec'].get('replicas')} != worker.replicaCount {v['worker']['replicaCount']}")
+        # The activities write the task rows: the database URL comes from the Secret.
+        ref = (env_of(container).get("WEIR_DATABASE__URL", {}).get("valueFrom") or {}).get("secretKeyRef")
+        if ref != {"name": v["database"]["existingSecret"], "key": v["database"]["urlKey"]}:
+            p.append(f"{name}: WEIR_DATABASE__URL is {ref}, expected secretKeyRef {v['database']['existingSecret']}/{v['database']['urlKey']}")
+        if container.get("resources") != v["worker"]["resources"]:
+            p.append(f"{name}: resources {container.get('resources')} != worker.resources")
+    return p
+
+
 def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
     """The chart's own promises, checked on one rendering."""
     p: list[str] = []
@@ -419,6 +485,8 @@ def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
             mounted = any(m["name"] == "config" and m["mountPath"] == "/etc/weir/config" for m in container["volumeMounts"])
             if not mounted or container["args"][:2] != ["--config", "/etc/weir/config/weir.toml"]:
                 p.append("the ConfigMap is not mounted at /etc/weir/config and passed with --config")
+
+    p.extend(worker_contracts(v, objects, consumer))
 
     # Selectors: each Service and PDB selects exactly its own component's pods.
     pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in deployments}
@@ -529,7 +597,7 @@ def main() -> int:
                     f"{o['kind']}/{o['metadata']['name']} meets the restricted Pod Security Standard, read-only root",
                     restricted_violations(template["spec"], template.get("metadata", {}).get("annotations", {})),
                 )
-        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, selectors, names, alerts)",
+        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, selectors, names, alerts, worker)",
                      chart_contracts(case, values, objects))
         if case == "default":
             kinds_present = {o["kind"] for o in objects}
@@ -545,6 +613,15 @@ def main() -> int:
         report.check("every name within 63 characters", too_long)
     except Exception as error:
         report.fail("render with a 53-character release name", str(error))
+
+    print("Temporal without a worker Deployment: the consumer pods run the worker")
+    inline = {"temporal": {"address": "temporal-frontend.temporal:7233", "taskQueue": "inline-tasks"}}
+    try:
+        _, objects = render(inline)
+        report.check("no worker Deployment, [temporal] worker_in_serve = true",
+                     worker_contracts(merged_values(inline), objects, find(objects, "Deployment", "consumer")[0]))
+    except Exception as error:
+        report.fail("render with temporal.address and no worker", str(error))
 
     print("contradictory values fail the render")
     bad_cases = [

@@ -340,9 +340,9 @@ async fn replay_brings_back_exactly_the_filtered_dead_letters_and_parks_those_ov
     drop(subscription);
 }
 
-/// Ten synthetic dead letters of `topic`, published one by one.
-async fn dead_letters(bus: &KafkaBus, topic: &str, dlq: &str, n: usize) {
-    for i in 0..n {
+/// Synthetic dead letters `o-<i>` of `topic` for each `i` of `orders`, published one by one.
+async fn dead_letters_of(bus: &KafkaBus, topic: &str, dlq: &str, orders: std::ops::Range<usize>) {
+    for i in orders {
         let envelope = Envelope::new(OrderPlaced {
             order_id: format!("o-{i}"),
         });
@@ -361,6 +361,11 @@ async fn dead_letters(bus: &KafkaBus, topic: &str, dlq: &str, n: usize) {
     }
 }
 
+/// `n` synthetic dead letters of `topic`, published one by one.
+async fn dead_letters(bus: &KafkaBus, topic: &str, dlq: &str, n: usize) {
+    dead_letters_of(bus, topic, dlq, 0..n).await;
+}
+
 /// The dead-letter offsets the replayed records of `topic` came from, in topic order.
 fn sources(records: &[StoredRecord], dlq: &str) -> Vec<i64> {
     records
@@ -371,6 +376,170 @@ fn sources(records: &[StoredRecord], dlq: &str) -> Vec<i64> {
             rest.parse().unwrap()
         })
         .collect()
+}
+
+/// The dead-letter offsets the records of `topic` replayed by replay `id` came from, in topic
+/// order.
+fn sources_of(records: &[StoredRecord], dlq: &str, id: &str) -> Vec<i64> {
+    let mine: Vec<StoredRecord> = records
+        .iter()
+        .filter(|r| header_of(r, header::REPLAY_ID) == Some(id))
+        .cloned()
+        .collect();
+    sources(&mine, dlq)
+}
+
+/// Waits until the wall clock is past the millisecond it reads now: a record produced after
+/// this gets a later timestamp (CreateTime, set by the producer) than one acknowledged before.
+async fn next_millisecond() {
+    let now = chrono::Utc::now().timestamp_millis();
+    while chrono::Utc::now().timestamp_millis() <= now {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Runs `weir dlq replay --topic <dlq> --yes --id <id> <range...>`; returns its summary line.
+async fn replay_range(dir: &TestDir, brokers: &str, dlq: &str, id: &str, range: &[&str]) -> String {
+    let mut args = vec!["dlq", "replay", "--topic", dlq, "--yes", "--id", id];
+    args.extend(range);
+    let (ok, out, err) = weir(dir, id, brokers, &args).await;
+    assert!(ok, "weir {args:?}: {err}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_to_selects_exactly_the_records_inside_the_range_by_offset_or_time() {
+    let broker = Arc::new(Tansu::start_memory());
+    let topic = unique("orders");
+    let dlq = format!("{topic}.dlq");
+    create(&broker, &[&topic, &dlq]);
+    let bus = bus(&broker);
+    // Offsets 0..=6, then 7 and 8 in later milliseconds than 6, then 9 later than 8: a time
+    // range from 7's timestamp to 8's holds exactly 7 and 8.
+    dead_letters_of(&bus, &topic, &dlq, 0..7).await;
+    next_millisecond().await;
+    dead_letters_of(&bus, &topic, &dlq, 7..9).await;
+    next_millisecond().await;
+    dead_letters_of(&bus, &topic, &dlq, 9..10).await;
+    let dead = records(&broker, &dlq, 10).await;
+    assert_eq!(
+        dead.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    let dir = TestDir::new("weir-dlq-range");
+    let brokers = broker.brokers();
+
+    // By offset: both bounds included; each bound alone leaves the other side open.
+    let out = replay_range(
+        &dir,
+        &brokers,
+        &dlq,
+        "middle",
+        &["--from", "3", "--to", "6"],
+    )
+    .await;
+    assert!(
+        out.contains("selected 4, replayed 4, parked 0, skipped 0"),
+        "{out}"
+    );
+    let out = replay_range(&dir, &brokers, &dlq, "head", &["--to", "1"]).await;
+    assert!(
+        out.contains("selected 2, replayed 2, parked 0, skipped 0"),
+        "{out}"
+    );
+    let out = replay_range(&dir, &brokers, &dlq, "tail", &["--from", "8"]).await;
+    assert!(
+        out.contains("selected 2, replayed 2, parked 0, skipped 0"),
+        "{out}"
+    );
+
+    // By time: RFC 3339, to the millisecond, both bounds included.
+    let time = |offset: usize| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(dead[offset].timestamp_ms)
+            .expect("a record timestamp")
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    assert!(dead[6].timestamp_ms < dead[7].timestamp_ms, "{dead:?}");
+    assert!(dead[8].timestamp_ms < dead[9].timestamp_ms, "{dead:?}");
+    let out = replay_range(
+        &dir,
+        &brokers,
+        &dlq,
+        "by-time",
+        &["--from", &time(7), "--to", &time(8)],
+    )
+    .await;
+    assert!(
+        out.contains("selected 2, replayed 2, parked 0, skipped 0"),
+        "{out}"
+    );
+
+    let replayed = records(&broker, &topic, 10).await;
+    assert_eq!(replayed.len(), 10, "4 + 2 + 2 + 2 replayed records");
+    assert_eq!(sources_of(&replayed, &dlq, "middle"), [3, 4, 5, 6]);
+    assert_eq!(sources_of(&replayed, &dlq, "head"), [0, 1]);
+    assert_eq!(sources_of(&replayed, &dlq, "tail"), [8, 9]);
+    assert_eq!(sources_of(&replayed, &dlq, "by-time"), [7, 8]);
+    for r in &replayed {
+        let source = sources(std::slice::from_ref(r), &dlq)[0];
+        assert_eq!(
+            r.key.as_deref(),
+            Some(format!("o-{source}").as_bytes()),
+            "each replayed record is its own dead letter"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_spaces_the_publishes_at_least_one_interval_apart() {
+    const RECORDS: usize = 20;
+    const RATE: u32 = 10;
+    let broker = Arc::new(Tansu::start_memory());
+    let topic = unique("orders");
+    let dlq = format!("{topic}.dlq");
+    create(&broker, &[&topic, &dlq]);
+    let bus = bus(&broker);
+    dead_letters(&bus, &topic, &dlq, RECORDS).await;
+    let dir = TestDir::new("weir-dlq-rate");
+    let rate = format!("{RATE}/s");
+    let out = replay_range(&dir, &broker.brokers(), &dlq, "paced", &["--rate", &rate]).await;
+    assert!(
+        out.contains(&format!("selected {RECORDS}, replayed {RECORDS}")),
+        "{out}"
+    );
+
+    // Each replayed record's timestamp is the time the replay produced it (CreateTime, set by
+    // its producer), so the spacing is read off the records themselves. At most RATE a second
+    // means any k + 1 consecutive publishes span at least k / RATE seconds: the whole run, and
+    // every window of RATE + 1 records (the windows still hold if the first publish alone was
+    // slow, as a producer's first one is). The slack allows for the time between the pacer's
+    // wake-up and the produce call of a window's first record, and for millisecond timestamps;
+    // unpaced, the 20 publishes take a few milliseconds after the first.
+    let replayed = records(&broker, &topic, RECORDS).await;
+    assert_eq!(
+        sources_of(&replayed, &dlq, "paced"),
+        (0..RECORDS as i64).collect::<Vec<_>>()
+    );
+    let times: Vec<i64> = replayed.iter().map(|r| r.timestamp_ms).collect();
+    let interval_ms = 1000 / i64::from(RATE);
+    let slack_ms = interval_ms / 2;
+    let span = times[RECORDS - 1] - times[0];
+    let bound = (RECORDS as i64 - 1) * interval_ms;
+    assert!(
+        span >= bound - slack_ms,
+        "{RECORDS} records at {rate} were produced within {span} ms, under the {bound} ms the \
+         rate allows: {times:?}"
+    );
+    let window = RATE as usize;
+    for (i, pair) in times.windows(window + 1).enumerate() {
+        let took = pair[window] - pair[0];
+        assert!(
+            took >= 1000 - slack_ms,
+            "records {i}..={} ({} of them) were produced within {took} ms: {times:?}",
+            i + window,
+            window + 1
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

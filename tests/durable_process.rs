@@ -471,3 +471,136 @@ async fn a_parked_record_failing_its_last_durable_attempt_is_dead_lettered_and_i
     serve.wait_exit(Duration::from_secs(30)).await;
     db.close().await;
 }
+
+/// Seconds from the database's clock until the row of `offset` is due (negative: overdue), and
+/// its (attempts, durable attempts).
+async fn due_in(db: &TestDb, group: &str, offset: i64) -> Option<(f64, i32, i32)> {
+    sqlx::query_as(
+        "SELECT EXTRACT(EPOCH FROM next_attempt_at - now())::float8, attempts, durable_attempts \
+         FROM weir_parked WHERE group_id = $1 AND \"offset\" = $2",
+    )
+    .bind(group)
+    .bind(offset)
+    .fetch_optional(db.pool())
+    .await
+    .unwrap()
+}
+
+/// `weir serve` with `service.retry_worker = false` parks a failing record and never retries it
+/// itself; a separate `weir retry-worker` process (same group, same database) does, through its
+/// durable attempts, and dead-letters it after the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_retry_worker_process_retries_what_serve_without_its_worker_parked() {
+    let broker = Tansu::start_memory();
+    for topic in [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC] {
+        broker.create_topic(topic, PARTITIONS);
+    }
+    let dlq = format!("{CUSTOMER_TOPIC}.dlq");
+    broker.create_topic(&dlq, 1);
+    let db = TestDb::migrated().await;
+    let dir = TestDir::new("weir-retry-worker");
+    let group = unique("retry-worker");
+    // Three attempts in place, then two durable ones a second apart.
+    let options = serve_options(&broker, &db, &group, &dir)
+        .config(FAST_GROUP_TOML)
+        .env("WEIR_SERVICE__RETRY_WORKER", "false")
+        .env("WEIR_RETRY__INITIAL_INTERVAL", "20ms")
+        .env("WEIR_RETRY__MAXIMUM_ATTEMPTS", "3")
+        .env("WEIR_RETRY__JITTER", "0")
+        .env("WEIR_RETRY__DURABLE__INITIAL_INTERVAL", "1s")
+        .env("WEIR_RETRY__DURABLE__BACKOFF_COEFFICIENT", "1.0")
+        .env("WEIR_RETRY__DURABLE__MAXIMUM_INTERVAL", "1s")
+        .env("WEIR_RETRY__DURABLE__MAXIMUM_ATTEMPTS", "2");
+    let mut serve = WeirProcess::serve(dir.path(), "serve", &options);
+    serving(&serve).await;
+
+    let bus = one_record_per_batch(&broker.brokers());
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    let (failing, _) = publish_doomed(
+        &bus,
+        json!({"simulate": "outage", "until": until.to_rfc3339()}),
+    )
+    .await;
+
+    // Parked by serve after its three in-place attempts.
+    eventually("the record to be parked", PATIENCE, || async {
+        match due_in(&db, &group, failing.offset).await {
+            Some((_, 3, 0)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", serve.stderr_tail(1500))),
+        }
+    })
+    .await;
+
+    // With serve alone nobody retries it: serve registered no parked-record worker (its
+    // metrics have none of the worker's series), and the row stays untouched well past the time
+    // it fell due, by three of the worker's one-second polls.
+    let admin = serve.admin_addr().expect("admin address");
+    let (_, metrics) = http_get(admin, "/metrics").expect("metrics");
+    assert!(
+        !metrics.contains("weir_parked_records"),
+        "serve runs a parked-record worker although service.retry_worker = false:\n{metrics}"
+    );
+    let overdue = 3.0;
+    eventually("the parked row to be overdue", PATIENCE, || {
+        let db = &db;
+        let group = &group;
+        async move {
+            let row = due_in(db, group, failing.offset).await;
+            let Some((due, 3, 0)) = row else {
+                panic!("retried with no retry worker running: {row:?}");
+            };
+            if due <= -overdue {
+                Ok(())
+            } else {
+                Err(format!("{row:?}"))
+            }
+        }
+    })
+    .await;
+    assert!(serve.is_running(), "{}", serve.stderr_tail(1500));
+
+    // A retry-worker process with the same settings takes it: two durable attempts, then the
+    // dead-letter topic.
+    let mut worker = WeirProcess::command(dir.path(), "retry-worker", "retry-worker", &options);
+    let dead = read_topic(&broker.brokers(), &dlq, 1, Duration::from_secs(1), PATIENCE).await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "one dead letter: {dead:?}\n{}",
+        worker.stderr_tail(2000)
+    );
+    assert_eq!(
+        dead[0].headers.get_str(dl::ATTEMPTS),
+        Some("5"),
+        "3 in place + 2 durable"
+    );
+    assert_eq!(
+        dead[0].headers.get_str(dl::ORIGINAL_OFFSET),
+        Some(failing.offset.to_string().as_str())
+    );
+    nothing_left_parked(&db, &group).await;
+    let worker_admin = worker
+        .logged_addr("Retrying parked records.", "admin_addr")
+        .expect("the retry worker's admin address");
+    let (_, metrics) = http_get(worker_admin, "/metrics").expect("retry-worker metrics");
+    let attempts = |result| {
+        metric_sum(
+            &metrics,
+            "weir_parked_attempts_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(attempts("retry"), 1.0, "{metrics}");
+    assert_eq!(attempts("dead_lettered"), 1.0, "{metrics}");
+
+    for process in [&mut worker, &mut serve] {
+        process.sigterm();
+        let status = process.wait_exit(Duration::from_secs(30)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{status:?}\n{}",
+            process.stderr_tail(1500)
+        );
+    }
+    db.close().await;
+}

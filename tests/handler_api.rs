@@ -195,6 +195,88 @@ async fn a_router_layer_sees_every_event_and_can_short_circuit() {
     app.stop().await;
 }
 
+/// What the audit layers saw: (layer, order id, attempt).
+type AuditLog = Arc<Mutex<Vec<(&'static str, String, u32)>>>;
+
+/// A router-wide layer that lets everything through, noting what it saw in a shared log.
+#[derive(Clone)]
+struct Audit<S> {
+    inner: S,
+    label: &'static str,
+    log: AuditLog,
+}
+
+impl<S> tower::Service<Request<AnyEvent>> for Audit<S>
+where
+    S: tower::Service<Request<AnyEvent>, Response = (), Error = HandlerError>,
+{
+    type Response = ();
+    type Error = HandlerError;
+    type Future = S::Future;
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), HandlerError>> {
+        self.inner.poll_ready(cx)
+    }
+    fn call(&mut self, request: Request<AnyEvent>) -> Self::Future {
+        let order = request
+            .event
+            .downcast_ref::<OrderPlaced>()
+            .map(|o| o.order_id.clone())
+            .unwrap_or_default();
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.label, order, request.ctx.attempt()));
+        self.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_router_layer_passes_normal_events_to_the_handler_unchanged() {
+    let log = AuditLog::default();
+    let audit = |label| {
+        let log = log.clone();
+        tower::layer::layer_fn(move |inner| Audit {
+            inner,
+            label,
+            log: log.clone(),
+        })
+    };
+    let ledger = Ledger::default();
+    let router = Router::with_state(ledger.clone())
+        .on(record_order)
+        .layer(audit("inner"))
+        .layer(audit("outer"));
+    let mut app = TestApp::new(router);
+
+    app.publish(order("o-1", 100)).await;
+    let first = app.next_outcome().await;
+    app.publish(order("o-2", 250)).await;
+    let second = app.next_outcome().await;
+
+    for outcome in [&first, &second] {
+        assert!(outcome.is_success(), "{outcome:?}");
+        assert_eq!(outcome.attempts(), 1, "{outcome:?}");
+        assert!(outcome.dead_letters.is_empty(), "{outcome:?}");
+    }
+    assert_eq!(
+        *ledger.seen.lock().unwrap(),
+        vec![("o-1".to_owned(), 1), ("o-2".to_owned(), 1)],
+        "the handler ran once per event, with the event it was sent"
+    );
+    // Both layers saw each event, typed, before the handler; the last one added runs first.
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![
+            ("outer", "o-1".to_owned(), 1),
+            ("inner", "o-1".to_owned(), 1),
+            ("outer", "o-2".to_owned(), 1),
+            ("inner", "o-2".to_owned(), 1),
+        ]
+    );
+    assert!(app.dead_letters(OrderPlaced::TOPIC).is_empty());
+    app.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_tower_concurrency_limit_works_as_a_route_layer() {
     let running = Arc::new(AtomicU32::new(0));

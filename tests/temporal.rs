@@ -337,6 +337,172 @@ async fn signal_with_start_makes_one_workflow_per_entity_and_signals_it_per_requ
     );
 }
 
+/// Standard base64 with padding, as the Temporal CLI prints payload bytes.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A signal's input: `{"event_id": ...}` of the record, as a JSON payload.
+fn signal_of(ctx: &Ctx) -> temporalio_common::data_converters::RawValue {
+    use temporalio_common::protos::temporal::api::common::v1::Payload;
+    temporalio_common::data_converters::RawValue::new(vec![Payload {
+        metadata: HashMap::from([("encoding".to_owned(), b"json/plain".to_vec())]),
+        data: json!({"event_id": ctx.event_id()}).to_string().into_bytes(),
+        ..Default::default()
+    }])
+}
+
+/// The handler form of signal-with-start, on a router: each event signals the workflow of its
+/// record key (`<workflow type>-<key>` when the request names no id), starting it first if it is
+/// not running. Three events for two customers make two workflows, signalled twice and once,
+/// and every record succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signals_with_start_handler_makes_one_workflow_per_key_and_signals_it_per_event() {
+    use support::orders::OrderPlaced;
+    use temporalio_client::{UntypedSignal, UntypedWorkflow};
+    use temporalio_common::data_converters::RawValue;
+    use weir::{Bus as _, ConsumerConfig, Envelope, Event as _, MemoryBus, PublishExt as _};
+
+    let server = shared_temporal().await;
+    let queue = unique("signals-handler");
+    let temporal = Temporal::new(&server.address(), "default", &queue).expect("client");
+    let workflow_type = unique("WeirSignalHandlerProbe");
+    let handler = temporal.signals_with_start(
+        {
+            let workflow_type = workflow_type.clone();
+            move || UntypedWorkflow::new(workflow_type.clone())
+        },
+        || UntypedSignal::new("request"),
+        |_order: OrderPlaced, ctx: &Ctx| (WorkflowRequest::new(RawValue::empty()), signal_of(ctx)),
+    );
+    let bus = MemoryBus::default();
+    bus.create_topic(OrderPlaced::TOPIC, 1);
+    let group = "signals";
+    let subscription = bus
+        .subscribe(weir::Router::new().on(handler), ConsumerConfig::new(group))
+        .expect("subscribe");
+    let (first, second) = (unique("c"), unique("c"));
+    let mut ends = 0;
+    let mut events: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for key in [&first, &second, &first] {
+        let envelope = Envelope::new(OrderPlaced {
+            order_id: key.clone(),
+        });
+        let delivery = bus.publish(&envelope).await.expect("publish");
+        ends = ends.max(delivery.offset + 1);
+        events
+            .entry(key.clone())
+            .or_default()
+            .push(envelope.meta.id);
+    }
+
+    // Every record handled and committed, none dead-lettered.
+    let deadline = Instant::now() + PATIENCE;
+    while bus.committed(group, OrderPlaced::TOPIC).get(&0) != Some(&ends) {
+        assert!(
+            Instant::now() < deadline,
+            "records not all handled: committed {:?} of {ends}",
+            bus.committed(group, OrderPlaced::TOPIC)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = bus.records(&format!("{}.dlq", OrderPlaced::TOPIC));
+    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+
+    // One workflow per key, named after it, with one signal per event of the key.
+    let expected: HashMap<String, &Vec<Uuid>> = events
+        .iter()
+        .map(|(key, ids)| (format!("{workflow_type}-{key}"), ids))
+        .collect();
+    assert_eq!(events[&first].len(), 2);
+    let mut last;
+    let listed = loop {
+        match server.list(&format!("WorkflowType = \"{workflow_type}\"")) {
+            Ok(listed) if listed.len() >= expected.len() => break listed,
+            Ok(listed) => last = format!("{listed:?}"),
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workflows of {workflow_type}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let ids: BTreeSet<String> = listed
+        .iter()
+        .map(|w| {
+            w["execution"]["workflowId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        expected.keys().cloned().collect::<BTreeSet<_>>(),
+        "{listed:?}"
+    );
+    for (id, event_ids) in &expected {
+        let history: Value = serde_json::from_str(
+            &server
+                .cli(&["workflow", "show", "--workflow-id", id, "-o", "json"])
+                .expect("history"),
+        )
+        .expect("history JSON");
+        let of_type = |kind: &str| -> Vec<&Value> {
+            history["events"]
+                .as_array()
+                .expect("events")
+                .iter()
+                .filter(|e| e["eventType"] == kind)
+                .collect()
+        };
+        assert_eq!(
+            of_type("EVENT_TYPE_WORKFLOW_EXECUTION_STARTED").len(),
+            1,
+            "{id}: {history}"
+        );
+        // The signals, in order, carry the events of the key, in order (payload data is base64
+        // in the CLI's JSON).
+        let signals: Vec<&str> = of_type("EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED")
+            .iter()
+            .map(|e| {
+                let attributes = &e["workflowExecutionSignaledEventAttributes"];
+                assert_eq!(attributes["signalName"], "request", "{e}");
+                attributes["input"]["payloads"][0]["data"]
+                    .as_str()
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(
+            base64(b"json/plain"),
+            "anNvbi9wbGFpbg==",
+            "the encoder itself"
+        );
+        let sent: Vec<String> = event_ids
+            .iter()
+            .map(|e| base64(json!({"event_id": e}).to_string().as_bytes()))
+            .collect();
+        assert_eq!(signals, sent, "{id}: {history}");
+    }
+    drop(subscription);
+}
+
 /// API, manual, schedule and webhook each lead to exactly one completed workflow per event,
 /// with exact counts; the record of an event published a second time (what a redelivery after
 /// a crash before the commit looks like to the handler) starts no second workflow.

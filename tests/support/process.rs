@@ -168,6 +168,12 @@ impl WeirProcess {
 
     /// Starts `weir serve` as `name` (its logs are `<dir>/<name>.stderr`).
     pub fn serve(dir: &Path, name: &str, options: &ServeOptions) -> WeirProcess {
+        WeirProcess::command(dir, name, "serve", options)
+    }
+
+    /// Starts `weir <command>` (`serve`, `retry-worker`, ...) as `name` with the settings of
+    /// `options`, as [`serve`](Self::serve) does.
+    pub fn command(dir: &Path, name: &str, command: &str, options: &ServeOptions) -> WeirProcess {
         let mut env = vec![
             ("WEIR_BROKERS".to_owned(), options.brokers.clone()),
             ("WEIR_GROUP_ID".to_owned(), options.group.clone()),
@@ -183,9 +189,9 @@ impl WeirProcess {
                 fs::write(&path, toml)
                     .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
                 let path = path.display().to_string();
-                WeirProcess::spawn(dir, name, &["--config", &path, "serve"], &env)
+                WeirProcess::spawn(dir, name, &["--config", &path, command], &env)
             }
-            None => WeirProcess::spawn(dir, name, &["serve"], &env),
+            None => WeirProcess::spawn(dir, name, &[command], &env),
         }
     }
 
@@ -292,9 +298,15 @@ impl WeirProcess {
     }
 
     fn serving_field(&self, field: &str) -> Option<std::net::SocketAddr> {
+        self.logged_addr("Serving.", field)
+    }
+
+    /// An address field of the first log line with `message` (`None` until it is logged), e.g.
+    /// `admin_addr` of `weir retry-worker`'s "Retrying parked records.".
+    pub fn logged_addr(&self, message: &str, field: &str) -> Option<std::net::SocketAddr> {
         self.stderr().lines().find_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).ok()?;
-            if v["fields"]["message"] != "Serving." {
+            if v["fields"]["message"] != message {
                 return None;
             }
             v["fields"][field].as_str()?.parse().ok()

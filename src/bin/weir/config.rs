@@ -388,4 +388,67 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_every_temporal_setting_from_the_toml_file_and_the_environment_overrides_it() {
+        figment::Jail::expect_with(|jail| {
+            // Every key of `[temporal]`, none at its default; the first four as the Helm chart's
+            // worker-values rendering writes them.
+            jail.create_file(
+                "weir.toml",
+                r#"
+[temporal]
+address = "temporal-frontend.temporal:7233"
+namespace = "weir"
+task_queue = "weir-tasks-ci"
+worker_in_serve = false
+connect_timeout = "7s"
+initial_interval = "250ms"
+backoff_coefficient = 1.5
+maximum_interval = "1m"
+maximum_attempts = 9
+start_to_close = "2h"
+heartbeat_timeout = "45s"
+chunk_records = 500
+"#,
+            )?;
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            let t = &settings.temporal;
+            assert_eq!(t.address(), Some("temporal-frontend.temporal:7233"));
+            assert_eq!(t.namespace, "weir");
+            assert_eq!(t.task_queue, "weir-tasks-ci");
+            assert!(!t.worker_in_serve);
+            assert_eq!(t.connect_timeout, Duration::from_secs(7));
+            assert_eq!(t.initial_interval, Duration::from_millis(250));
+            assert_eq!(t.backoff_coefficient, 1.5);
+            assert_eq!(t.maximum_interval, Duration::from_secs(60));
+            assert_eq!(t.maximum_attempts, 9);
+            assert_eq!(t.start_to_close, Duration::from_secs(2 * 3600));
+            assert_eq!(t.heartbeat_timeout, Duration::from_secs(45));
+            assert_eq!(t.chunk_records, 500);
+            // What the reference service is handed is the same table.
+            let handed = settings.reference().temporal;
+            assert_eq!(handed.task_queue, "weir-tasks-ci");
+            assert_eq!(handed.address(), t.address());
+
+            // The environment still wins over the file, key by key.
+            jail.set_env("WEIR_TEMPORAL__TASK_QUEUE", "from-env");
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.temporal.task_queue, "from-env");
+            assert_eq!(
+                settings.temporal.namespace, "weir",
+                "the rest from the file"
+            );
+
+            // A misspelt key in the table is refused, naming it.
+            jail.clear_env();
+            jail.create_file("typo.toml", "[temporal]\ntask_qeue = \"q\"\n")?;
+            let error = Settings::load(Some(Path::new("typo.toml")), None).unwrap_err();
+            assert!(format!("{error:#}").contains("task_qeue"), "{error:#}");
+            Ok(())
+        });
+    }
 }

@@ -58,6 +58,12 @@ impl GroupClient {
             // A tool must see every record, including those of open transactions.
             .set("isolation.level", "read_uncommitted")
             .set("statistics.interval.ms", "0")
+            // Once the reader has fetched to the end, each fetch waits up to this long on the
+            // broker for new records, and the metadata and offset requests of this client
+            // (`partitions`, `watermarks`) queue behind it on the same connection. At the
+            // default 500 ms, `dlq replay`'s guard after each progress commit cost ~1 s, which
+            // held a replay to about one record a second whatever `--rate` said.
+            .set("fetch.wait.max.ms", "20")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest");
         let consumer: StreamConsumer = config
