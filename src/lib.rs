@@ -95,8 +95,8 @@ pub mod testing;
 pub use admin::{admin_router, serve_admin};
 pub use bus::{
     Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
-    OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport, StoredRecord,
-    Subscription,
+    OutboundRecord, Pause, PauseError, PauseSource, PauseTarget, ProcessingOrder, PublishError,
+    PublishExt, Publisher, StopReport, StoredRecord, Subscription,
 };
 #[cfg(feature = "kafka")]
 pub use bus::{KafkaBus, KafkaConfig};
