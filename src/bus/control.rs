@@ -355,4 +355,82 @@ mod tests {
         );
         assert_eq!(scope.check(&PauseTarget::partition("a", 9)), Ok(()));
     }
+
+    /// Two sources pause one topic: the API's resume leaves the breaker's pause in force, and
+    /// the topic's record is handled only once the breaker resumes too.
+    #[tokio::test(start_paused = true)]
+    async fn resuming_one_source_does_not_resume_what_another_paused() {
+        use crate::bus::{Bus, ConsumerConfig, MemoryBus, Publisher as _};
+        use crate::contracts::{Envelope, Event, EventType};
+        use crate::handlers::{Ctx, Router};
+
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        struct Ping {}
+        impl Event for Ping {
+            const TYPE: EventType = EventType::new("test.ping");
+            const TOPIC: &'static str = "pings";
+            fn key(&self) -> String {
+                String::new()
+            }
+        }
+
+        let bus = MemoryBus::default();
+        bus.create_topic("pings", 1);
+        let (tx, mut handled) = mpsc::unbounded_channel::<i64>();
+        let router = Router::new().on(move |_: Ping, ctx: Ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ctx.offset());
+                Ok(())
+            }
+        });
+        let subscription = bus
+            .subscribe(router, ConsumerConfig::new("pausers"))
+            .expect("subscribes");
+        let topic = PauseTarget::topic("pings");
+        subscription
+            .pause_as(PauseSource::Breaker, topic.clone(), Some("open".into()))
+            .await
+            .expect("the breaker pauses");
+        subscription
+            .pause(topic.clone(), "maintenance")
+            .await
+            .expect("the API pauses");
+        let record = crate::bus::publish::encode(&Envelope::new(Ping {})).expect("encodes");
+        bus.publish_record(record).await.expect("publishes");
+
+        let left = subscription.resume(topic.clone()).await.expect("resumes");
+        assert_eq!(
+            left,
+            vec![Pause {
+                target: topic.clone(),
+                source: PauseSource::Breaker,
+                reason: "open".into()
+            }]
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        assert!(
+            handled.try_recv().is_err(),
+            "the API's resume lifted the breaker's pause"
+        );
+        let gauge = |reason: &str| {
+            bus.metrics()
+                .partition_paused
+                .get_metric_with_label_values(&["pings", "0", reason])
+                .map(|g| g.get())
+                .ok()
+        };
+        assert_eq!((gauge("maintenance"), gauge("open")), (Some(0), Some(1)));
+
+        let left = subscription
+            .pause_as(PauseSource::Breaker, topic, None)
+            .await
+            .expect("the breaker resumes");
+        assert!(left.is_empty());
+        let offset = tokio::time::timeout(std::time::Duration::from_secs(5), handled.recv())
+            .await
+            .expect("handled once nothing holds it");
+        assert_eq!(offset, Some(0));
+        subscription.stop().await.expect("stops");
+    }
 }

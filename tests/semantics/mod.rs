@@ -34,8 +34,9 @@ use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
 use weir::{
     Bus, ConsumerConfig, Ctx, DecodeLimits, Delivery, Envelope, Event, HandlerError,
-    HandlerOptions, Headers, Metrics, OutboundRecord, ProcessingOrder, Publisher, RetryPolicy,
-    Router, StopReport, StoredRecord, Subscription, UnhandledPolicy, CLOUDEVENTS_CONTENT_TYPE,
+    HandlerOptions, Headers, Metrics, OutboundRecord, PauseTarget, ProcessingOrder, Publisher,
+    RetryPolicy, Router, StopReport, StoredRecord, Subscription, UnhandledPolicy,
+    CLOUDEVENTS_CONTENT_TYPE,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -75,6 +76,13 @@ pub trait Harness {
     /// How long any one wait may take before the test fails.
     fn patience(&self) -> Duration {
         Duration::from_secs(10)
+    }
+
+    /// How long a test watches for something that must not happen (a paused partition's
+    /// records being handled), after a positive sign that it would have happened by then if it
+    /// could (later records of another topic were handled). Free on a paused clock.
+    fn quiet(&self) -> Duration {
+        Duration::from_secs(1)
     }
 
     /// A fresh topic or group name, unique across runs (a broker may outlive a test run).
@@ -1486,5 +1494,282 @@ pub async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops<H:
         "the remaining member took every partition over"
     );
     wait_committed(h, &group, &topic, &ends).await;
+    stop(first).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pausing
+// ---------------------------------------------------------------------------------------------
+
+/// The value of `weir_partition_paused{topic,partition,reason}`, if the series exists.
+pub fn paused_gauge(metrics: &Metrics, topic: &str, partition: i32, reason: &str) -> Option<i64> {
+    let partition = partition.to_string();
+    metrics
+        .registry()
+        .gather()
+        .iter()
+        .filter(|family| family.name() == "weir_partition_paused")
+        .flat_map(|family| family.get_metric())
+        .find(|m| {
+            let label = |name: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_owned())
+            };
+            label("topic").as_deref() == Some(topic)
+                && label("partition").as_deref() == Some(partition.as_str())
+                && label("reason").as_deref() == Some(reason)
+        })
+        .map(|m| m.get_gauge().get_value() as i64)
+}
+
+/// Pausing a topic: the record in flight finishes and its offset is committed, no record
+/// published after the pause is handled while another topic's later records are, and on
+/// resume every held record is handled once, in order.
+pub async fn a_paused_topic_is_not_handled_while_another_flows_and_resumes_in_order<H: Harness>(
+    h: &H,
+) {
+    let bus = h.bus();
+    let paused = h.name("paused");
+    let other = h.name("flowing");
+    let group = h.name("pause-group");
+    h.create_topic(&paused, 1).await;
+    h.create_topic(&other, 1).await;
+
+    let release = Arc::new(Notify::new());
+    let (tx, mut seen) = mpsc::unbounded_channel::<(&'static str, Drain)>();
+    let (gate, on_paused) = (release.clone(), tx.clone());
+    let paused_handler = move |event: CustomerCreated, _: Ctx| {
+        let (tx, gate) = (on_paused.clone(), gate.clone());
+        async move {
+            let seq = seq_of(&event.details);
+            let _ = tx.send(("paused", Drain::Started(seq)));
+            if seq == 0 {
+                gate.notified().await;
+            }
+            let _ = tx.send(("paused", Drain::Finished(seq)));
+            Ok(())
+        }
+    };
+    let other_handler = move |event: CustomerCreated, _: Ctx| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(("other", Drain::Finished(seq_of(&event.details))));
+            Ok(())
+        }
+    };
+    let router = Router::new()
+        .on_with(
+            paused_handler,
+            HandlerOptions::new().topic(&paused).name("paused_route"),
+        )
+        .on_with(
+            other_handler,
+            HandlerOptions::new().topic(&other).name("other_route"),
+        );
+    let subscription = subscribe(h, &bus, router, &group, |c| c);
+
+    let (mut paused_ends, mut other_ends) = (Ends::default(), Ends::default());
+    let first = publish(
+        &bus,
+        record(&paused, &numbered("k", 0), Mode::Structured),
+        &mut Ends::default(),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut seen, h.patience(), "the first record to start").await,
+        ("paused", Drain::Started(0))
+    );
+
+    let pauses = subscription
+        .pause(PauseTarget::topic(&paused), "maintenance")
+        .await
+        .expect("the topic pauses");
+    assert_eq!(pauses.len(), 1, "{pauses:?}");
+    assert_eq!(
+        paused_gauge(&h.metrics(), &paused, first.partition, "maintenance"),
+        Some(1)
+    );
+    paused_ends.note(&first);
+    for seq in 1..6 {
+        let event = numbered("k", seq);
+        publish(
+            &bus,
+            record(&paused, &event, Mode::Structured),
+            &mut paused_ends,
+        )
+        .await;
+    }
+    for seq in 0..3 {
+        let event = numbered("o", seq);
+        publish(
+            &bus,
+            record(&other, &event, Mode::Structured),
+            &mut other_ends,
+        )
+        .await;
+    }
+    for seq in 0..3 {
+        assert_eq!(
+            recv(&mut seen, h.patience(), "the other topic's records").await,
+            ("other", Drain::Finished(seq))
+        );
+    }
+    // The record in flight finishes and is committed while its partition is paused.
+    release.notify_one();
+    assert_eq!(
+        recv(&mut seen, h.patience(), "the record in flight to finish").await,
+        ("paused", Drain::Finished(0))
+    );
+    let mut in_flight = Ends::default();
+    in_flight.note(&first);
+    wait_committed(h, &group, &paused, &in_flight).await;
+    wait_committed(h, &group, &other, &other_ends).await;
+    tokio::time::sleep(h.quiet()).await;
+    assert_no_more(&mut seen, "a paused topic's records were handled");
+
+    let pauses = subscription
+        .resume(PauseTarget::topic(&paused))
+        .await
+        .expect("the topic resumes");
+    assert!(pauses.is_empty(), "{pauses:?}");
+    for seq in 1..6 {
+        assert_eq!(
+            recv(&mut seen, h.patience(), "the held records, in order").await,
+            ("paused", Drain::Started(seq))
+        );
+        assert_eq!(
+            recv(&mut seen, h.patience(), "the held records, in order").await,
+            ("paused", Drain::Finished(seq))
+        );
+    }
+    wait_committed(h, &group, &paused, &paused_ends).await;
+    assert_no_more(&mut seen, "a record was handled twice");
+    assert_eq!(
+        paused_gauge(&h.metrics(), &paused, first.partition, "maintenance"),
+        Some(0)
+    );
+    stop(subscription).await;
+}
+
+/// A paused topic stays paused for partitions assigned later: a member that paused its topic
+/// gives half of it to a joining member (which is not paused and handles them), takes them back
+/// when that member leaves, and handles none of them until it resumes.
+pub async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance<H: Harness>(h: &H) {
+    let bus = h.bus();
+    let topic = h.name("pause-rebalance");
+    let group = h.name("pause-rebalance-group");
+    h.create_topic(&topic, 4).await;
+    let (tx, mut handled) = mpsc::unbounded_channel::<(usize, i32, u64)>();
+    let member = |id: usize| {
+        let tx = tx.clone();
+        Router::new().on_with(
+            move |event: CustomerCreated, ctx: Ctx| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().topic(&topic),
+        )
+    };
+    let first = subscribe(h, &bus, member(0), &group, |c| c);
+    first
+        .pause(PauseTarget::topic(&topic), "deploy")
+        .await
+        .expect("the topic pauses");
+    let mut ends = Ends::default();
+    let keys = 16;
+    for seq in 0..64 {
+        let event = numbered(&format!("k{}", seq % keys), seq);
+        publish(&bus, record(&topic, &event, Mode::Structured), &mut ends).await;
+    }
+    let metrics = h.metrics();
+    let all_paused =
+        |metrics: &Metrics| (0..4).all(|p| paused_gauge(metrics, &topic, p, "deploy") == Some(1));
+    let deadline = Instant::now() + h.patience();
+    while !all_paused(&metrics) {
+        assert!(Instant::now() < deadline, "every partition was paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The joining member takes half the partitions and handles their records; it is not paused.
+    let second = subscribe(h, &bus, member(1), &group, |c| c);
+    let deadline = Instant::now() + h.patience();
+    let mut theirs: BTreeMap<i32, Vec<u64>> = BTreeMap::new();
+    let counts: HashMap<i32, usize> = {
+        let mut counts = HashMap::new();
+        let records = h.records(&topic, 64).await;
+        for r in &records {
+            *counts.entry(r.partition).or_insert(0) += 1;
+        }
+        counts
+    };
+    loop {
+        let done = theirs.len() == 2
+            && theirs
+                .iter()
+                .all(|(p, seqs)| seqs.len() == counts.get(p).copied().unwrap_or(0));
+        if done {
+            break;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let (id, partition, seq) =
+            recv(&mut handled, remaining, "the joining member's records").await;
+        assert_eq!(
+            id, 1,
+            "the paused member handled partition {partition}'s record {seq}"
+        );
+        theirs.entry(partition).or_default().push(seq);
+    }
+
+    // It leaves; its partitions come back to the first member, still paused.
+    stop(second).await;
+    for seq in 64..128 {
+        let event = numbered(&format!("k{}", seq % keys), seq);
+        publish(&bus, record(&topic, &event, Mode::Structured), &mut ends).await;
+    }
+    let deadline = Instant::now() + h.patience();
+    while !all_paused(&metrics) {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions that came back were paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(h.quiet()).await;
+    if let Ok(extra) = handled.try_recv() {
+        panic!("a record of a paused topic was handled: {extra:?}");
+    }
+
+    first
+        .resume(PauseTarget::topic(&topic))
+        .await
+        .expect("the topic resumes");
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut mine = Vec::new();
+    let wanted = 128 - theirs.values().map(Vec::len).sum::<usize>();
+    while mine.len() < wanted {
+        let (id, _, seq) = recv(&mut handled, h.patience(), "the held records").await;
+        assert_eq!(id, 0);
+        let key = format!("k{}", seq % keys);
+        if let Some(before) = last.insert(key.clone(), seq) {
+            assert!(before < seq, "key {key}: {seq} after {before}");
+        }
+        mine.push(seq);
+    }
+    wait_committed(h, &group, &topic, &ends).await;
+    let mut all: Vec<u64> = mine
+        .into_iter()
+        .chain(theirs.into_values().flatten())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..128).collect::<Vec<_>>(),
+        "every record handled once"
+    );
     stop(first).await;
 }
