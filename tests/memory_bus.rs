@@ -300,3 +300,12 @@ async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance() {
     semantics::a_topic_pause_covers_partitions_assigned_after_a_rebalance(&MemoryHarness::new())
         .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order() {
+    semantics::a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order(
+        &MemoryHarness::new(),
+        300,
+    )
+    .await;
+}

@@ -1773,3 +1773,82 @@ pub async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance<H: Harne
     );
     stop(first).await;
 }
+
+/// A pause while records are fetched and not yet admitted (the engine's in-flight limit holds
+/// them back; on Kafka some sit in the hand-off and some in librdkafka's prefetch, which a
+/// pause discards): the admitted ones finish, nothing else is handled, and on resume the rest
+/// are handled once each, in order.
+pub async fn a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order<H: Harness>(
+    h: &H,
+    records: u64,
+) {
+    let bus = h.bus();
+    let topic = h.name("pause-fetched");
+    let group = h.name("pause-fetched-group");
+    h.create_topic(&topic, 1).await;
+    let release = Arc::new(Notify::new());
+    let (tx, mut seen) = mpsc::unbounded_channel::<u64>();
+    let gate = release.clone();
+    let handler = move |event: CustomerCreated, _: Ctx| {
+        let (tx, gate) = (tx.clone(), gate.clone());
+        async move {
+            let seq = seq_of(&event.details);
+            if seq == 0 {
+                gate.notified().await;
+            }
+            let _ = tx.send(seq);
+            Ok(())
+        }
+    };
+    let mut ends = Ends::default();
+    for seq in 0..records {
+        let event = numbered("k", seq);
+        publish(&bus, record(&topic, &event, Mode::Structured), &mut ends).await;
+    }
+    let router = Router::new().on_with(handler, HandlerOptions::new().topic(&topic));
+    let in_flight = 4;
+    let subscription = subscribe(h, &bus, router, &group, |c| {
+        c.order(ProcessingOrder::Partition)
+            .max_in_flight(in_flight, in_flight)
+    });
+    // Record 0 holds its lane; the engine admits up to its limit behind it and no more.
+    let metrics = h.metrics();
+    let deadline = Instant::now() + h.patience();
+    while metrics.registry().gather().iter().all(|f| {
+        f.name() != "weir_in_flight_messages"
+            || f.get_metric()[0].get_gauge().get_value() < in_flight as f64
+    }) {
+        assert!(Instant::now() < deadline, "the engine admitted its limit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    subscription
+        .pause(PauseTarget::topic(&topic), "hold")
+        .await
+        .expect("the topic pauses");
+    release.notify_one();
+    for seq in 0..in_flight as u64 {
+        assert_eq!(
+            recv(&mut seen, h.patience(), "the admitted records").await,
+            seq
+        );
+    }
+    let mut admitted = Ends::default();
+    admitted.0.insert(0, in_flight as i64);
+    wait_committed(h, &group, &topic, &admitted).await;
+    tokio::time::sleep(h.quiet()).await;
+    assert_no_more(&mut seen, "a paused partition's record was handled");
+
+    subscription
+        .resume(PauseTarget::topic(&topic))
+        .await
+        .expect("the topic resumes");
+    for seq in in_flight as u64..records {
+        assert_eq!(
+            recv(&mut seen, h.patience(), "the held records, in order").await,
+            seq
+        );
+    }
+    wait_committed(h, &group, &topic, &ends).await;
+    assert_no_more(&mut seen, "a record was handled twice");
+    stop(subscription).await;
+}
