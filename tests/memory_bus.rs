@@ -309,3 +309,11 @@ async fn a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order(
     )
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_route_pause_pauses_its_topics_and_unknown_targets_are_refused() {
+    semantics::a_route_pause_pauses_its_topics_and_unknown_targets_are_refused(
+        &MemoryHarness::new(),
+    )
+    .await;
+}

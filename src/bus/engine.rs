@@ -41,6 +41,10 @@
 //! attempt. With the record's span enabled (a `debug` filter, a sampled trace), the whole
 //! record runs inside its span instead, polled once inline first.
 //!
+//! Pausing ([`control`](super::control)): a partition that a pause covers is closed at the
+//! source whatever the flow ([`Source::set_paused`]); what the engine admitted before finishes
+//! and commits. Pauses are rules kept here, applied again to each partition assigned later.
+//!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
 

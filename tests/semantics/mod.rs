@@ -1852,3 +1852,81 @@ pub async fn a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_or
     assert_no_more(&mut seen, "a record was handled twice");
     stop(subscription).await;
 }
+
+/// Pausing a route pauses its topic's partitions (and no other topic's); a topic or route the
+/// subscription does not have is refused.
+pub async fn a_route_pause_pauses_its_topics_and_unknown_targets_are_refused<H: Harness>(h: &H) {
+    let bus = h.bus();
+    let (audited, other) = (h.name("route-paused"), h.name("route-flowing"));
+    let group = h.name("route-group");
+    h.create_topic(&audited, 1).await;
+    h.create_topic(&other, 1).await;
+    let (tx, mut seen) = mpsc::unbounded_channel::<(&'static str, u64)>();
+    let route = |name: &'static str| {
+        let tx = tx.clone();
+        move |event: CustomerCreated, _: Ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((name, seq_of(&event.details)));
+                Ok(())
+            }
+        }
+    };
+    let router = Router::new()
+        .on_with(
+            route("audit"),
+            HandlerOptions::new().topic(&audited).name("audit"),
+        )
+        .on_with(
+            route("other"),
+            HandlerOptions::new().topic(&other).name("other"),
+        );
+    let subscription = subscribe(h, &bus, router, &group, |c| c);
+    assert_eq!(
+        subscription
+            .pause(PauseTarget::route("nope"), "x")
+            .await
+            .map(|_| ()),
+        Err(weir::PauseError::UnknownRoute("nope".to_owned()))
+    );
+    assert_eq!(
+        subscription
+            .pause(PauseTarget::topic("nope"), "x")
+            .await
+            .map(|_| ()),
+        Err(weir::PauseError::UnknownTopic("nope".to_owned()))
+    );
+    subscription
+        .pause(PauseTarget::route("audit"), "auditor down")
+        .await
+        .expect("the route pauses");
+    let mut ends = Ends::default();
+    publish(
+        &bus,
+        record(&audited, &numbered("a", 0), Mode::Structured),
+        &mut ends,
+    )
+    .await;
+    publish(
+        &bus,
+        record(&other, &numbered("o", 1), Mode::Structured),
+        &mut Ends::default(),
+    )
+    .await;
+    assert_eq!(
+        recv(&mut seen, h.patience(), "the other route's record").await,
+        ("other", 1)
+    );
+    tokio::time::sleep(h.quiet()).await;
+    assert_no_more(&mut seen, "the paused route's record was handled");
+    subscription
+        .resume(PauseTarget::route("audit"))
+        .await
+        .expect("the route resumes");
+    assert_eq!(
+        recv(&mut seen, h.patience(), "the paused route's record").await,
+        ("audit", 0)
+    );
+    wait_committed(h, &group, &audited, &ends).await;
+    stop(subscription).await;
+}
