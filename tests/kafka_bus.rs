@@ -194,3 +194,9 @@ async fn a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order(
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance() {
+    semantics::a_topic_pause_covers_partitions_assigned_after_a_rebalance(&KafkaHarness::new())
+        .await;
+}
