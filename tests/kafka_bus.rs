@@ -200,3 +200,11 @@ async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance() {
     semantics::a_topic_pause_covers_partitions_assigned_after_a_rebalance(&KafkaHarness::new())
         .await;
 }
+
+#[tokio::test]
+async fn a_partition_revoked_while_paused_runs_when_it_comes_back_resumed() {
+    semantics::a_partition_revoked_while_paused_runs_when_it_comes_back_resumed(
+        &KafkaHarness::new(),
+    )
+    .await;
+}

@@ -317,3 +317,11 @@ async fn a_route_pause_pauses_its_topics_and_unknown_targets_are_refused() {
     )
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_revoked_while_paused_runs_when_it_comes_back_resumed() {
+    semantics::a_partition_revoked_while_paused_runs_when_it_comes_back_resumed(
+        &MemoryHarness::new(),
+    )
+    .await;
+}

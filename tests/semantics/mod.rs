@@ -1930,3 +1930,67 @@ pub async fn a_route_pause_pauses_its_topics_and_unknown_targets_are_refused<H: 
     wait_committed(h, &group, &audited, &ends).await;
     stop(subscription).await;
 }
+
+/// A partition revoked while paused, whose pause is lifted while another member has it, runs
+/// when it comes back: the revoke forgot its pause at the source (on Kafka, librdkafka keeps a
+/// partition's pause across assignments, so it was resumed there at the revoke).
+pub async fn a_partition_revoked_while_paused_runs_when_it_comes_back_resumed<H: Harness>(h: &H) {
+    let bus = h.bus();
+    let topic = h.name("pause-revoked");
+    let group = h.name("pause-revoked-group");
+    h.create_topic(&topic, 4).await;
+    let (tx, mut handled) = mpsc::unbounded_channel::<(usize, i32, u64)>();
+    let member = |id: usize| {
+        let tx = tx.clone();
+        Router::new().on_with(
+            move |event: CustomerCreated, ctx: Ctx| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().topic(&topic),
+        )
+    };
+    let first = subscribe(h, &bus, member(0), &group, |c| c);
+    first
+        .pause(PauseTarget::topic(&topic), "deploy")
+        .await
+        .expect("the topic pauses");
+    let metrics = h.metrics();
+    let paused_count = |metrics: &Metrics| {
+        (0..4)
+            .filter(|p| paused_gauge(metrics, &topic, *p, "deploy") == Some(1))
+            .count()
+    };
+    let deadline = Instant::now() + h.patience();
+    while paused_count(&metrics) < 4 {
+        assert!(Instant::now() < deadline, "every partition was paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A second member takes two of the paused partitions away.
+    let second = subscribe(h, &bus, member(1), &group, |c| c);
+    let deadline = Instant::now() + h.patience();
+    while paused_count(&metrics) > 2 || !second.health().status().joined {
+        assert!(Instant::now() < deadline, "two partitions moved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first
+        .resume(PauseTarget::topic(&topic))
+        .await
+        .expect("the topic resumes");
+    stop(second).await;
+    let mut ends = Ends::default();
+    for seq in 0..64 {
+        let event = numbered(&format!("k{}", seq % 16), seq);
+        publish(&bus, record(&topic, &event, Mode::Structured), &mut ends).await;
+    }
+    let seen = handled_until(&mut handled, 0..64, h.patience() * 2).await;
+    assert!(
+        seen.iter().all(|(m, _, _)| *m == 0),
+        "the stopped member handled records: {seen:?}"
+    );
+    wait_committed(h, &group, &topic, &ends).await;
+    stop(first).await;
+}
