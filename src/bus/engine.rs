@@ -447,8 +447,7 @@ impl<S: Source> Engine<S> {
         self.drain().await
     }
 
-    /// Applies a change of pauses to the partitions owned now; those assigned later get theirs
-    /// at assignment ([`pause_assigned`](Self::pause_assigned)).
+    /// A pause command from a [`Control`] handle: applied, then answered with the pauses in force.
     fn command(&mut self, command: Command) {
         let Command {
             source,
@@ -456,6 +455,19 @@ impl<S: Source> Engine<S> {
             reason,
             done,
         } = command;
+        self.set_pause(source, target, reason);
+        let _ = done.send(self.pauses.list());
+    }
+
+    /// Adds (`Some(reason)`) or lifts (`None`) `source`'s pause of `target`, for the partitions
+    /// owned now; those assigned later get theirs at assignment
+    /// ([`pause_assigned`](Self::pause_assigned)). The one entry point of every pause source.
+    fn set_pause(
+        &mut self,
+        source: control::PauseSource,
+        target: control::PauseTarget,
+        reason: Option<String>,
+    ) {
         let owned: Vec<PartitionKey> = self.partitions.keys().map(|k| k.tp.clone()).collect();
         let before: Vec<_> = owned
             .iter()
@@ -479,7 +491,6 @@ impl<S: Source> Engine<S> {
                 self.source.set_paused(tp, !after.is_empty());
             }
         }
-        let _ = done.send(self.pauses.list());
     }
 
     /// A partition just assigned is paused at once if a pause in force covers it.
