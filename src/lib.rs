@@ -53,8 +53,9 @@
 //!   [`Router`] (where types are erased, and layers applied) and the dispatch pipeline that takes
 //!   one record to a final outcome. A handler never sees a transport.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
-//!   in-flight limits, offset tracking, dead-lettering, drain), the [`MemoryBus`] and, with the
-//!   `kafka` feature, the `KafkaBus` (the only rdkafka user).
+//!   in-flight limits, offset tracking, dead-lettering, drain), pausing
+//!   ([`Subscription::pause`], [`PauseTarget`], [`PauseSource`]), the [`MemoryBus`] and, with
+//!   the `kafka` feature, the `KafkaBus` (the only rdkafka user).
 //! - `outbox` (feature `postgres`): the transactional `OutboxWriter` and `OutboxRelay`, the
 //!   idempotent `inbox`, the embedded PostgreSQL `migrate` runner, and durable retries: the
 //!   `ParkedStore` records are parked in and the `ParkedWorker` that retries them (it calls
@@ -95,8 +96,8 @@ pub mod testing;
 pub use admin::{admin_router, serve_admin};
 pub use bus::{
     Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
-    OutboundRecord, ProcessingOrder, PublishError, PublishExt, Publisher, StopReport, StoredRecord,
-    Subscription,
+    OutboundRecord, Pause, PauseError, PauseSource, PauseTarget, ProcessingOrder, PublishError,
+    PublishExt, Publisher, StopReport, StoredRecord, Subscription,
 };
 #[cfg(feature = "kafka")]
 pub use bus::{KafkaBus, KafkaConfig};

@@ -1,7 +1,8 @@
 //! Flow control against a real broker: handlers stuck for longer than `max.poll.interval.ms`
 //! must not cost the consumer its group membership. The engine stops taking records at its
-//! in-flight limit; the poll thread, stalled behind the full hand-off queue, pauses the
-//! assignment after a while and goes on polling.
+//! in-flight limit; the poll thread stops polling a partition whose hand-off is full (so
+//! librdkafka's prefetch for it fills and its fetching stops, without a pause), and goes on
+//! polling the main queue, so the group keeps it.
 
 mod reference;
 mod support;

@@ -284,3 +284,44 @@ async fn committed_records_stay_readable_until_a_full_partition_needs_their_room
         "the committed records made room for record 2"
     );
 }
+
+// Pausing.
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_topic_is_not_handled_while_another_flows_and_resumes_in_order() {
+    semantics::a_paused_topic_is_not_handled_while_another_flows_and_resumes_in_order(
+        &MemoryHarness::new(),
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance() {
+    semantics::a_topic_pause_covers_partitions_assigned_after_a_rebalance(&MemoryHarness::new())
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order() {
+    semantics::a_pause_holds_fetched_records_and_resume_hands_each_over_once_in_order(
+        &MemoryHarness::new(),
+        300,
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_pause_pauses_its_topics_and_unknown_targets_are_refused() {
+    semantics::a_route_pause_pauses_its_topics_and_unknown_targets_are_refused(
+        &MemoryHarness::new(),
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partition_revoked_while_paused_runs_when_it_comes_back_resumed() {
+    semantics::a_partition_revoked_while_paused_runs_when_it_comes_back_resumed(
+        &MemoryHarness::new(),
+    )
+    .await;
+}

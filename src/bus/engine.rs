@@ -41,10 +41,15 @@
 //! attempt. With the record's span enabled (a `debug` filter, a sampled trace), the whole
 //! record runs inside its span instead, polled once inline first.
 //!
+//! Pausing ([`control`](super::control)): a partition that a pause covers is closed at the
+//! source whatever the flow ([`Source::set_paused`]); what the engine admitted before finishes
+//! and commits. Pauses are rules kept here, applied again to each partition assigned later.
+//!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
 
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
+use super::control::{self, Command, Control, Pauses, Scope};
 use super::offsets::OffsetTracker;
 use super::{BusError, Publisher};
 use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
@@ -58,7 +63,7 @@ use std::hash::BuildHasher as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use task::{dead_letter_panic, handle, panic_message};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -96,6 +101,11 @@ pub(crate) trait Source: Send + 'static {
     /// Whether the engine takes records of `tp` whatever the pool (the partition is below its
     /// share). Called only when that changes. Partitions start open.
     fn set_open(&mut self, tp: &PartitionKey, open: bool);
+    /// Whether `tp` is paused: no record of it is handed to the engine, whatever the flow, until
+    /// it is resumed; records fetched meanwhile are kept, in order. Called only when that
+    /// changes: after its assignment (partitions start running), and when a paused partition
+    /// is revoked (resumed, so that it starts running if it is assigned again).
+    fn set_paused(&mut self, tp: &PartitionKey, paused: bool);
     /// Remembers `next_offset` as the partition's position to commit.
     fn store(&mut self, tp: &Tp, next_offset: i64);
     /// Commits stored positions; `sync` waits for the broker. Returns the broker's answer when
@@ -248,6 +258,10 @@ pub(crate) struct Engine<S: Source> {
     /// The metrics of records done in their first call, counted without atomics and flushed
     /// at the end of every turn of the loop.
     local: LocalSeries,
+    /// The pauses in force ([`control`]), and the channel their changes come through.
+    pauses: Pauses,
+    commands: mpsc::UnboundedReceiver<Command>,
+    control: Control,
 }
 
 /// Inline polls longer than [`inline_budget`], [`SLOW_POLLS`] in a row, mean the handler
@@ -350,6 +364,16 @@ impl<S: Source> Engine<S> {
     ) -> Self {
         let naming = Arc::new((config.group_id.clone(), config.dead_letter.clone()));
         let flow = Flow::new(config.max_in_flight);
+        let (topics, pairs) = dispatcher.routes();
+        let mut scope = Scope {
+            topics: topics.into_iter().collect(),
+            ..Scope::default()
+        };
+        for (route, topic) in pairs {
+            scope.routes.entry(route).or_default().insert(topic);
+        }
+        let scope = Arc::new(scope);
+        let (control, commands) = Control::new(scope.clone());
         Self {
             source,
             dispatcher,
@@ -370,7 +394,15 @@ impl<S: Source> Engine<S> {
             inline_budget: inline_budget(),
             slow_polls: 0,
             local: LocalSeries::default(),
+            pauses: Pauses::new(scope),
+            commands,
+            control,
         }
+    }
+
+    /// A handle that pauses and resumes this engine's partitions.
+    pub(crate) fn control(&self) -> Control {
+        self.control.clone()
     }
 
     /// Runs until `stop` fires or the source closes; returns the report and the source, so the
@@ -386,6 +418,7 @@ impl<S: Source> Engine<S> {
                 biased;
                 _ = self.stop.cancelled() => break,
                 _ = commit_tick.tick() => self.commit(false).await,
+                Some(command) = self.commands.recv() => self.command(command),
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
                 event = self.source.next(pool_open) => match event {
                     None => break,
@@ -402,7 +435,8 @@ impl<S: Source> Engine<S> {
                         Rebalanced { kind: "assign", partitions: &partitions }.emit(self.dispatcher.metrics());
                         for tp in &partitions {
                             let key = self.key_of_tp(tp);
-                            self.add_partition(key);
+                            self.add_partition(key.clone());
+                            self.pause_assigned(&key);
                         }
                     }
                 },
@@ -411,6 +445,71 @@ impl<S: Source> Engine<S> {
             self.local.flush();
         }
         self.drain().await
+    }
+
+    /// A pause command from a [`Control`] handle: applied, then answered with the pauses in force.
+    fn command(&mut self, command: Command) {
+        let Command {
+            source,
+            target,
+            reason,
+            done,
+        } = command;
+        self.set_pause(source, target, reason);
+        let _ = done.send(self.pauses.list());
+    }
+
+    /// Adds (`Some(reason)`) or lifts (`None`) `source`'s pause of `target`, for the partitions
+    /// owned now; those assigned later get theirs at assignment
+    /// ([`pause_assigned`](Self::pause_assigned)). The one entry point of every pause source.
+    fn set_pause(
+        &mut self,
+        source: control::PauseSource,
+        target: control::PauseTarget,
+        reason: Option<String>,
+    ) {
+        let owned: Vec<PartitionKey> = self.partitions.keys().map(|k| k.tp.clone()).collect();
+        let before: Vec<_> = owned
+            .iter()
+            .map(|(t, p)| self.pauses.reasons(t, *p))
+            .collect();
+        self.pauses.apply(source, target, reason);
+        for (tp, before) in owned.iter().zip(before) {
+            let after = self.pauses.reasons(&tp.0, tp.1);
+            if after == before {
+                continue;
+            }
+            control::report(
+                self.dispatcher.metrics(),
+                &tp.0,
+                tp.1,
+                &before,
+                &after,
+                false,
+            );
+            if after.is_empty() != before.is_empty() {
+                self.source.set_paused(tp, !after.is_empty());
+            }
+        }
+    }
+
+    /// A partition just assigned is paused at once if a pause in force covers it.
+    fn pause_assigned(&mut self, key: &PartKey) {
+        if self.pauses.is_empty() {
+            return;
+        }
+        let reasons = self.pauses.reasons(&key.tp.0, key.tp.1);
+        if !reasons.is_empty() {
+            control::report(
+                self.dispatcher.metrics(),
+                &key.tp.0,
+                key.tp.1,
+                &control::Reasons::new(),
+                &reasons,
+                false,
+            );
+            self.source.set_paused(&key.tp, true);
+        }
     }
 
     /// The engine's key of a partition.
@@ -916,6 +1015,21 @@ impl<S: Source> Engine<S> {
         for tp in &revoked_keys {
             if let Some(state) = self.partitions.remove(tp) {
                 self.flow.forget(&state.flow, &mut self.source, tp);
+                // The pause stays in force for when the partition comes back; the source
+                // forgets it meanwhile, so that it runs if the pause is lifted before then.
+                let reasons = self.pauses.reasons(&tp.tp.0, tp.tp.1);
+                if !reasons.is_empty() {
+                    let none = control::Reasons::new();
+                    control::report(
+                        self.dispatcher.metrics(),
+                        &tp.tp.0,
+                        tp.tp.1,
+                        &reasons,
+                        &none,
+                        true,
+                    );
+                    self.source.set_paused(&tp.tp, false);
+                }
             }
         }
         self.reshare();

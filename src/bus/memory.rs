@@ -524,6 +524,7 @@ impl Bus for MemoryBus {
             stored: HashMap::new(),
             cursor: 0,
             closed: HashSet::default(),
+            paused: HashSet::default(),
             owned: HashSet::default(),
             settled: None,
             assignments: self.inner.lock().assignments.clone(),
@@ -546,8 +547,9 @@ impl Bus for MemoryBus {
             stop.clone(),
             health.clone(),
         );
+        let control = engine.control();
         let task = tokio::spawn(async move { Ok(engine.run().await.0.into()) });
-        Ok(Subscription::new(stop, health, task))
+        Ok(Subscription::new(stop, health, control, task))
     }
 }
 
@@ -563,6 +565,8 @@ struct MemorySource {
     cursor: usize,
     /// Partitions the engine takes records of only while its pool has room.
     closed: HashSet<PartitionKey, FastHash>,
+    /// Paused partitions: not read at all (Kafka's fetching stops) until resumed.
+    paused: HashSet<PartitionKey, FastHash>,
     /// Partitions this member consumes: (topic index, partition).
     owned: HashSet<(usize, usize), FastHash>,
     /// The [`State::assignments`] count whose assignment this member has fully taken; `None`
@@ -721,7 +725,8 @@ impl MemorySource {
             return None;
         }
         if let Some((_, key)) = &self.batch_of {
-            if pool_open || self.closed.is_empty() || !self.closed.contains(key) {
+            let paused = !self.paused.is_empty() && self.paused.contains(key);
+            if !paused && (pool_open || self.closed.is_empty() || !self.closed.contains(key)) {
                 if let Some(rec) = self.batch.pop_front() {
                     return Some(rec);
                 }
@@ -748,6 +753,9 @@ impl MemorySource {
             }
             let key = (topic.clone(), p as i32);
             if !pool_open && !self.closed.is_empty() && self.closed.contains(&key) {
+                continue;
+            }
+            if !self.paused.is_empty() && self.paused.contains(&key) {
                 continue;
             }
             let log = &state.topics[&**topic][p];
@@ -824,6 +832,14 @@ impl Source for MemorySource {
             self.closed.remove(tp);
         } else {
             self.closed.insert(tp.clone());
+        }
+    }
+
+    fn set_paused(&mut self, tp: &PartitionKey, paused: bool) {
+        if paused {
+            self.paused.insert(tp.clone());
+        } else {
+            self.paused.remove(tp);
         }
     }
 

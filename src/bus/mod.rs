@@ -3,6 +3,7 @@
 //! from and go to. Only `kafka` imports rdkafka.
 
 mod config;
+mod control;
 pub(crate) mod dead_letter;
 mod engine;
 mod error;
@@ -18,6 +19,7 @@ pub(crate) mod dead_letter_header_names {
 }
 
 pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
+pub use control::{Pause, PauseError, PauseSource, PauseTarget};
 pub use error::BusError;
 #[cfg(feature = "kafka")]
 pub use kafka::{KafkaBus, KafkaConfig};
@@ -29,6 +31,7 @@ pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher}
 
 use crate::handlers::Router;
 use crate::telemetry::Health;
+use control::Control;
 use engine::StopReport as EngineReport;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +66,7 @@ impl From<EngineReport> for StopReport {
 pub struct Subscription {
     shutdown: CancellationToken,
     health: Health,
+    control: Control,
     task: Option<JoinHandle<Result<StopReport, BusError>>>,
 }
 
@@ -70,13 +74,55 @@ impl Subscription {
     pub(crate) fn new(
         shutdown: CancellationToken,
         health: Health,
+        control: Control,
         task: JoinHandle<Result<StopReport, BusError>>,
     ) -> Self {
         Self {
             shutdown,
             health,
+            control,
             task: Some(task),
         }
+    }
+
+    /// Pauses `target` (a topic, a partition, or a route: every partition of the topics a named
+    /// handler consumes) for `reason`. Once this returns, no record of a paused partition is
+    /// admitted: its fetching stops, records already running (or waiting in their key's lane
+    /// behind one) finish, and offsets keep committing. The pause covers partitions assigned
+    /// later too, until [`resume`](Self::resume). Pausing the same target again replaces the
+    /// reason. Returns every pause in force.
+    ///
+    /// Pauses have sources ([`PauseSource`]): this is [`PauseSource::Api`]. A partition runs
+    /// only while no source holds it paused, and no source resumes what another paused (a
+    /// circuit breaker's pause, say). While paused, `weir_partition_paused{topic,partition,reason}`
+    /// is 1.
+    pub async fn pause(
+        &self,
+        target: PauseTarget,
+        reason: impl Into<String>,
+    ) -> Result<Vec<Pause>, PauseError> {
+        self.control
+            .set(PauseSource::Api, target, Some(reason.into()))
+            .await
+    }
+
+    /// Lifts the API's pause of `target` (the same target given to [`pause`](Self::pause): a
+    /// topic's resume does not lift a pause of one of its partitions). Its partitions run again
+    /// unless another pause holds them, and their records come in order from where they
+    /// stopped. Returns every pause still in force.
+    pub async fn resume(&self, target: PauseTarget) -> Result<Vec<Pause>, PauseError> {
+        self.control.set(PauseSource::Api, target, None).await
+    }
+
+    /// Pauses or resumes on behalf of another source (the breaker, an operator's command).
+    #[allow(dead_code)] // The breaker and the commands reader come next.
+    pub(crate) async fn pause_as(
+        &self,
+        source: PauseSource,
+        target: PauseTarget,
+        reason: Option<String>,
+    ) -> Result<Vec<Pause>, PauseError> {
+        self.control.set(source, target, reason).await
     }
 
     /// Readiness of this subscription, for `/readyz`.

@@ -128,6 +128,21 @@ impl Dispatcher {
         &self.metrics
     }
 
+    /// The topics consumed, and each (handler name, topic) pair: what pausing a route covers.
+    pub(crate) fn routes(&self) -> (Vec<String>, Vec<(String, String)>) {
+        let pairs = self
+            .router
+            .iter()
+            .flat_map(|(topic, _, route)| {
+                route
+                    .handlers
+                    .iter()
+                    .map(move |h| (h.name.to_string(), topic.to_owned()))
+            })
+            .collect();
+        (self.router.topics(), pairs)
+    }
+
     /// Forgets the parked keys of partitions this consumer gave up: owning one again learns them
     /// again from the store, which another owner may have added to meanwhile.
     pub(crate) fn forget_parked(&self, partitions: &[(String, i32)]) {

@@ -352,6 +352,48 @@ impl PartitionHeldBack<'_> {
     }
 }
 
+/// A pause began or ended to hold a partition (`Subscription::pause`, a breaker, a command).
+pub(crate) struct PartitionPaused<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    /// Who paused: `api`, `breaker`, `command`.
+    pub(crate) source: &'a str,
+    pub(crate) reason: &'a str,
+    /// Whether this source's pause began (true) or ended (false).
+    pub(crate) paused: bool,
+    /// Whether some pause with this reason still holds the partition: the gauge's value.
+    pub(crate) held: bool,
+    /// The partition left this consumer (revoked): its series is removed.
+    pub(crate) gone: bool,
+}
+
+impl PartitionPaused<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let (topic, partition, source, reason) =
+            (self.topic, self.partition, self.source, self.reason);
+        let partition_label = partition.to_string();
+        let labels = [topic, partition_label.as_str(), reason];
+        if self.gone {
+            let _ = m.partition_paused.remove_label_values(&labels);
+        } else {
+            m.partition_paused
+                .with_label_values(&labels)
+                .set(i64::from(self.held));
+        }
+        match (self.paused, self.gone) {
+            (true, _) => info!(topic, partition, source, reason, "Partition paused."),
+            (false, false) => info!(topic, partition, source, reason, "Pause lifted."),
+            (false, true) => debug!(
+                topic,
+                partition,
+                source,
+                reason,
+                "Paused partition revoked; its pause stays for when it comes back."
+            ),
+        }
+    }
+}
+
 pub(crate) struct InFlight(pub(crate) usize);
 
 impl InFlight {

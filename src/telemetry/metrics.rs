@@ -21,6 +21,7 @@ pub struct Metrics {
     pub(crate) consumer_lag: IntGaugeVec,
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,
+    pub(crate) partition_paused: IntGaugeVec,
     pub(crate) published: IntCounterVec,
     pub(crate) publish_duration: HistogramVec,
 }
@@ -112,6 +113,17 @@ impl Metrics {
                 "weir_rebalances_total",
                 "Rebalance events, by kind (assign, revoke).",
                 &["kind"],
+            ),
+            partition_paused: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "weir_partition_paused",
+                        "1 while a pause with this reason holds the partition (its records are not fetched or admitted), 0 once it was resumed.",
+                    ),
+                    &["topic", "partition", "reason"],
+                )
+                .expect("valid metric"),
             ),
             published: counter(
                 "weir_published_total",

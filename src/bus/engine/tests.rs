@@ -136,6 +136,8 @@ impl Source for Scripted {
         }
     }
 
+    fn set_paused(&mut self, _tp: &PartitionKey, _paused: bool) {}
+
     fn store(&mut self, tp: &Tp, next_offset: i64) {
         self.stored.insert(tp.clone(), next_offset);
         self.seen

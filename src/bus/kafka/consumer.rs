@@ -64,6 +64,65 @@ enum Control {
     Assigned(Vec<Tp>),
 }
 
+/// Why a partition is paused in librdkafka. librdkafka's pause is one flag per partition, so
+/// reasons compose here: the first one pauses it there, and it is resumed there only when none
+/// remains. Pausing there discards what librdkafka prefetched for the partition; on resume it
+/// fetches again from the record after the last one polled, so nothing is lost or repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientPause {
+    /// The engine's pauses (`Subscription::pause`, a breaker, an operator's command).
+    Paused,
+}
+
+impl ClientPause {
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// The reasons each partition is paused in librdkafka for ([`ClientPause`]).
+#[derive(Default)]
+pub(crate) struct ClientPauses(Mutex<HashMap<Tp, u8>>);
+
+impl ClientPauses {
+    /// Adds or removes `why` for `tp`, pausing or resuming the partition in librdkafka when its
+    /// first reason comes or its last goes. Under the lock, so that two threads' changes reach
+    /// librdkafka in the order they were decided.
+    pub(crate) fn set(&self, consumer: &WeirConsumer, tp: &Tp, why: ClientPause, on: bool) {
+        let mut reasons = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let before = reasons.get(tp).copied().unwrap_or(0);
+        let after = if on {
+            before | why.bit()
+        } else {
+            before & !why.bit()
+        };
+        if after == 0 {
+            reasons.remove(tp);
+        } else {
+            reasons.insert(tp.clone(), after);
+        }
+        if (before == 0) == (after == 0) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        let result = if after != 0 {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        };
+        if let Err(error) = result {
+            tracing::warn!(topic = %tp.0, partition = tp.1, %error, paused = after != 0, "Could not pause or resume the partition's fetching in the Kafka client.");
+        }
+    }
+
+    /// Whether `tp` is paused in librdkafka for any reason.
+    fn is_paused(&self, tp: &PartitionKey) -> bool {
+        let reasons = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        !reasons.is_empty() && reasons.contains_key(&(tp.0.to_string(), tp.1))
+    }
+}
+
 /// A change of assignment, for the poll thread to apply to its partition queues once `poll`
 /// (which ran the rebalance callback) has returned.
 enum Change {
@@ -85,6 +144,8 @@ pub(crate) struct WeirContext {
     health: Health,
     /// Repeated client errors are logged once per 30 s.
     errors: Throttle,
+    /// Partitions paused in librdkafka, and why.
+    pub(crate) client_pauses: ClientPauses,
     /// Makes the poll thread panic at its next turn, to test that the panic is reported.
     #[cfg(test)]
     panic_next_turn: AtomicBool,
@@ -281,6 +342,7 @@ pub(crate) fn start(
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
+        client_pauses: ClientPauses::default(),
         #[cfg(test)]
         panic_next_turn: AtomicBool::new(false),
     };
@@ -313,6 +375,7 @@ pub(crate) fn start(
         buffered: Vec::new(),
         cursor: 0,
         closed: HashSet::new(),
+        paused: HashSet::new(),
         control,
         revoked_at: HashMap::new(),
         closing,
@@ -365,7 +428,7 @@ fn poll_loop(
         let mut moved = poll_main_queue(&consumer, &mut feeds, &poller, &mut converter);
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
         for feed in &mut feeds {
-            if feed.held_back() {
+            if feed.held_back(&consumer.context().client_pauses) {
                 continue;
             }
             feed.fill(&mut converter);
@@ -438,10 +501,11 @@ impl Feed {
     /// Whether the partition's hand-off is full (the engine is not taking its records): its
     /// queue is then left alone, so librdkafka's prefetch for it fills and its fetching stops.
     /// Warns once it has been full for [`HELD_BACK_WARNING`], and again when it has room.
-    fn held_back(&mut self) -> bool {
+    fn held_back(&mut self, pauses: &ClientPauses) -> bool {
         if self.queued.load(Ordering::Acquire) >= HANDOFF_BATCHES {
             let since = *self.full_since.get_or_insert_with(std::time::Instant::now);
-            if !self.warned && since.elapsed() >= HELD_BACK_WARNING {
+            // A paused partition is held back on purpose.
+            if !self.warned && since.elapsed() >= HELD_BACK_WARNING && !pauses.is_paused(&self.tp) {
                 self.warned = true;
                 PartitionHeldBack {
                     topic: &self.tp.0,
@@ -669,6 +733,9 @@ pub(crate) struct KafkaSource {
     cursor: usize,
     /// Partitions the engine takes records of only while its pool has room.
     closed: HashSet<PartitionKey>,
+    /// Paused partitions: none of their records is handed to the engine (those handed over
+    /// stay buffered, in order), and their fetching is paused in librdkafka.
+    paused: HashSet<PartitionKey>,
     control: mpsc::UnboundedReceiver<Control>,
     /// Epoch at which each partition was last revoked: records of it polled before then were
     /// never started and will be fetched again from the committed offset, so they are dropped.
@@ -776,6 +843,9 @@ impl KafkaSource {
             if !pool_open && !self.closed.is_empty() && self.closed.contains(&buffered.tp) {
                 continue;
             }
+            if !self.paused.is_empty() && self.paused.contains(&buffered.tp) {
+                continue;
+            }
             let record = batch.next();
             if batch.len() == 0 {
                 // The batch is taken: the partition's hand-off has room for another.
@@ -843,6 +913,21 @@ impl Source for KafkaSource {
         }
     }
 
+    fn set_paused(&mut self, tp: &PartitionKey, paused: bool) {
+        if paused {
+            self.paused.insert(tp.clone());
+        } else {
+            self.paused.remove(tp);
+        }
+        let consumer = &*self.consumer;
+        consumer.context().client_pauses.set(
+            consumer,
+            &(tp.0.to_string(), tp.1),
+            ClientPause::Paused,
+            paused,
+        );
+    }
+
     fn store(&mut self, tp: &Tp, next_offset: i64) {
         // `rd_kafka_offsets_store` takes the next offset to consume, as the engine gives it.
         if let Err(error) = self
@@ -890,6 +975,7 @@ mod tests {
             metrics: metrics.clone(),
             health: Health::default(),
             errors: Throttle::new(Duration::from_secs(30)),
+            client_pauses: ClientPauses::default(),
             panic_next_turn: AtomicBool::new(false),
         }
     }

@@ -152,6 +152,7 @@ fn run(
         stop.clone(),
         health.clone(),
     );
+    let control = engine.control();
     let task = tokio::spawn(async move {
         let (report, source) = engine.run().await;
         let close = source.close();
@@ -160,7 +161,7 @@ fn run(
             .map_err(|e| BusError::Task(e.to_string()))??;
         Ok(report.into())
     });
-    Subscription::new(stop, health, task)
+    Subscription::new(stop, health, control, task)
 }
 
 #[cfg(test)]
