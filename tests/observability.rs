@@ -223,18 +223,15 @@ async fn commit_answers_are_counted_as_the_broker_gives_them() {
     let serve = WeirProcess::serve(dir.path(), "serve", &options);
     let admin = admin_addr(&serve).await;
     let scrape = || -> Result<String, String> { Ok(futures_block(get(admin, "/metrics"))?.1) };
-    let commits = |body: &str, result: &str| {
-        metric_sum(body, "weir_commits_total", &[("result", result)])
-    };
+    let commits =
+        |body: &str, result: &str| metric_sum(body, "weir_commits_total", &[("result", result)]);
 
     let bus = KafkaBus::new(KafkaConfig::new(broker.brokers())).expect("bus");
     let mut successes = Vec::new();
     for round in 0..2 {
         for i in 0..50 {
             let created = CustomerCreated::new(format!("c-{round}-{i}"), serde_json::json!({}));
-            bus.publish(&Envelope::new(created))
-                .await
-                .expect("publish");
+            bus.publish(&Envelope::new(created)).await.expect("publish");
         }
         let before = successes.last().copied().unwrap_or(0.0);
         let after = wait_until(
@@ -271,19 +268,23 @@ async fn commit_answers_are_counted_as_the_broker_gives_them() {
     );
     bus.publish(&Envelope::new(outage)).await.expect("publish");
     drop(bus);
-    wait_until("the outage record retrying", Duration::from_secs(30), || {
-        let body = scrape()?;
-        let retried = metric_sum(
-            &body,
-            "weir_messages_handled_total",
-            &[("event_type", "customer.updated"), ("outcome", "retried")],
-        );
-        if retried >= 1.0 {
-            Ok(())
-        } else {
-            Err("not retried yet".to_owned())
-        }
-    })
+    wait_until(
+        "the outage record retrying",
+        Duration::from_secs(30),
+        || {
+            let body = scrape()?;
+            let retried = metric_sum(
+                &body,
+                "weir_messages_handled_total",
+                &[("event_type", "customer.updated"), ("outcome", "retried")],
+            );
+            if retried >= 1.0 {
+                Ok(())
+            } else {
+                Err("not retried yet".to_owned())
+            }
+        },
+    )
     .await;
     broker.stop();
     let failures = wait_until(
@@ -295,7 +296,9 @@ async fn commit_answers_are_counted_as_the_broker_gives_them() {
             if failure >= 1.0 {
                 Ok(failure)
             } else {
-                Err(format!("weir_commits_total{{result=\"failure\"}} {failure}"))
+                Err(format!(
+                    "weir_commits_total{{result=\"failure\"}} {failure}"
+                ))
             }
         },
     )

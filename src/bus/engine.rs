@@ -103,6 +103,9 @@ pub(crate) trait Source: Send + 'static {
     /// commit or when the source counts the answer itself once the broker gives it (Kafka's
     /// commit callback).
     fn commit(&mut self, sync: bool) -> impl Future<Output = Option<Result<(), BusError>>> + Send;
+    /// The positions the broker confirmed, `(topic, partition, next offset)`, of the partitions
+    /// the source still has: never a position only stored, or one whose commit was refused.
+    fn confirmed(&self) -> Vec<(String, i32, i64)>;
 }
 
 /// The flow tells a source which partitions to take records of whatever the pool.
@@ -960,14 +963,9 @@ impl<S: Source> Engine<S> {
         }
         abandoned += self.unfinished;
         self.commit(true).await;
-        let mut committed: Vec<(String, i32, i64)> = self
-            .partitions
-            .iter()
-            .filter_map(|(key, s)| {
-                let (t, p) = &key.tp;
-                s.tracker.committable().map(|o| (t.to_string(), *p, o))
-            })
-            .collect();
+        // What the broker confirmed, not what the trackers would commit: the final commit may
+        // have been refused.
+        let mut committed = self.source.confirmed();
         committed.sort();
         InFlight(0).emit(self.dispatcher.metrics());
         (
