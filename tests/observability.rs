@@ -11,9 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::broker::{unique, Tansu};
-use support::process::{
-    metric_sum, wait_until, RecordFile, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML,
-};
+use support::process::{metric_sum, wait_until, RecordFile, ServeOptions, TestDir, WeirProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, Event, Headers, KafkaBus, KafkaConfig, MemoryBus,
@@ -204,22 +202,31 @@ async fn metrics_count_every_outcome_of_a_real_stream_exactly() {
 
 /// `weir_commits_total` counts what the broker answered, through the running consumer (not a
 /// callback called by hand): successes that grow as records are handled, and a failure when a
-/// handled record's commit cannot reach the broker (it stopped while the record was retrying).
+/// handled record's offset cannot be committed. The broker stops while that record retries; it
+/// succeeds while the broker is away; its commit waits for a coordinator until the consumer
+/// loses its assignment, and the commit at that revoke is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_answers_are_counted_as_the_broker_gives_them() {
     let mut broker = broker_with_topics(Tansu::start_memory());
     let dir = TestDir::new("commits");
     let records_path = dir.join("handled.jsonl");
     let mut records = RecordFile::new(&records_path);
-    // A retry every 100 ms for as long as the simulated outage lasts, and the group's fast
-    // session timeout (3 s), so a commit without a coordinator gives up soon.
+    // A retry every 100 ms for as long as the simulated outage lasts. The session timeout is
+    // long enough for the outage record to finish while the broker is away and before the
+    // consumer gives its partitions up (the commit at that revoke fails too).
     let options = ServeOptions::new(&broker.brokers(), &unique("commits"), &records_path)
         .env("WEIR_CONSUMER__COMMIT_INTERVAL", "100ms")
         .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
         .env("WEIR_RETRY__BACKOFF_COEFFICIENT", "1.0")
         .env("WEIR_RETRY__MAXIMUM_ATTEMPTS", "1000")
         .env("WEIR_RETRY__JITTER", "0")
-        .config(FAST_GROUP_TOML);
+        .config(
+            r#"
+[kafka.consumer]
+"session.timeout.ms" = "10000"
+"heartbeat.interval.ms" = "1000"
+"#,
+        );
     let serve = WeirProcess::serve(dir.path(), "serve", &options);
     let admin = admin_addr(&serve).await;
     let scrape = || -> Result<String, String> { Ok(futures_block(get(admin, "/metrics"))?.1) };
@@ -261,7 +268,7 @@ async fn commit_answers_are_counted_as_the_broker_gives_them() {
 
     // A record that fails until `until`: it is in hand, retrying, when the broker stops, and
     // succeeds while the broker is away, so its offset is stored and its commit has no broker.
-    let until = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let until = chrono::Utc::now() + chrono::Duration::seconds(4);
     let outage = CustomerUpdated::new(
         "outage",
         serde_json::json!({ "simulate": "outage", "until": until.to_rfc3339() }),
@@ -287,6 +294,10 @@ async fn commit_answers_are_counted_as_the_broker_gives_them() {
     )
     .await;
     broker.stop();
+    assert!(
+        chrono::Utc::now() < until,
+        "the broker stopped before the outage record could succeed"
+    );
     let failures = wait_until(
         "a failed commit counted while the broker is away",
         Duration::from_secs(60),
@@ -304,7 +315,12 @@ async fn commit_answers_are_counted_as_the_broker_gives_them() {
     )
     .await;
     assert_eq!(records.count(), 101, "the outage record was handled");
-    println!("commit answers: successes {successes:?}, failures {failures}");
+    let log = serve.stderr();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("Offset commit failed"))
+        .unwrap_or("no warning logged");
+    println!("commit answers: successes {successes:?}, failures {failures}; {warning}");
 }
 
 /// Runs a future to completion from a synchronous closure (for `wait_until`).

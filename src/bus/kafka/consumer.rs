@@ -903,8 +903,8 @@ impl Source for KafkaSource {
 
     /// Periodic (`sync` false): starts a commit on a blocking thread, which counts the answer
     /// when the broker gives it, and returns at once; skipped while the previous one still
-    /// waits (the next carries these offsets too). `sync`: waits for that one, then commits and
-    /// returns the answer for the engine to count.
+    /// waits (the next carries these offsets too). `sync`: commits and returns the answer for
+    /// the engine to count, once the periodic one still out (if any) has its answer too.
     async fn commit(&mut self, sync: bool) -> Option<Result<(), BusError>> {
         let consumer = Arc::clone(&self.consumer);
         let positions = self.positions.clone();
@@ -920,15 +920,21 @@ impl Source for KafkaSource {
             }));
             return None;
         }
-        if let Some(committing) = self.committing.take() {
+        let committing = self.committing.take();
+        let answer =
+            match tokio::task::spawn_blocking(move || commit_stored(&consumer, &positions)).await {
+                Ok(answer) => {
+                    answer.map(|r| r.map_err(|e| BusError::Transport(format!("commit: {e}"))))
+                }
+                Err(e) => Some(Err(BusError::Task(e.to_string()))),
+            };
+        // A periodic commit still out has its answer counted too before the source closes. Not
+        // awaited first: without a coordinator each waits up to the session timeout, and side
+        // by side they wait once.
+        if let Some(committing) = committing {
             let _ = committing.await;
         }
-        match tokio::task::spawn_blocking(move || commit_stored(&consumer, &positions)).await {
-            Ok(answer) => {
-                answer.map(|r| r.map_err(|e| BusError::Transport(format!("commit: {e}"))))
-            }
-            Err(e) => Some(Err(BusError::Task(e.to_string()))),
-        }
+        answer
     }
 
     fn confirmed(&self) -> Vec<(String, i32, i64)> {
