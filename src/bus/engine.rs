@@ -101,7 +101,7 @@ pub(crate) trait Source: Send + 'static {
     /// Commits stored positions; `sync` waits for the broker. Returns the broker's answer when
     /// the source has it now, to be counted by the engine; `None` when there was nothing to
     /// commit or when the source counts the answer itself once the broker gives it (Kafka's
-    /// commit callback).
+    /// periodic commit, which waits for the broker on a thread of its own).
     fn commit(&mut self, sync: bool) -> impl Future<Output = Option<Result<(), BusError>>> + Send;
     /// The positions the broker confirmed, `(topic, partition, next offset)`, of the partitions
     /// the source still has: never a position only stored, or one whose commit was refused.

@@ -242,6 +242,9 @@ fn count(metrics: &Metrics, answer: Option<KafkaResult<()>>) {
 struct Positions {
     stored: HashMap<Tp, i64>,
     confirmed: HashMap<Tp, i64>,
+    /// Stored since the last commit started, or that commit failed: a periodic commit has
+    /// something to do.
+    uncommitted: bool,
 }
 
 /// Commits the stored offsets and waits for the broker's answer (`None`: nothing to commit).
@@ -249,16 +252,22 @@ struct Positions {
 /// committed it, or one after it, or had it committed already.
 fn commit_stored(consumer: &WeirConsumer, positions: &Mutex<Positions>) -> Option<KafkaResult<()>> {
     let lock = || positions.lock().unwrap_or_else(|e| e.into_inner());
-    let before = lock().stored.clone();
-    let answer = commit_answer(consumer.commit_consumer_state(CommitMode::Sync));
-    if matches!(answer, None | Some(Ok(()))) {
+    let before = {
         let mut positions = lock();
+        positions.uncommitted = false;
+        positions.stored.clone()
+    };
+    let answer = commit_answer(consumer.commit_consumer_state(CommitMode::Sync));
+    let mut positions = lock();
+    if matches!(answer, None | Some(Ok(()))) {
         for (tp, offset) in before {
             // Not if the partition was revoked meanwhile.
             if positions.stored.contains_key(&tp) {
                 positions.confirmed.insert(tp, offset);
             }
         }
+    } else {
+        positions.uncommitted = true;
     }
     answer
 }
@@ -898,18 +907,23 @@ impl Source for KafkaSource {
             tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Offset not stored.");
             return;
         }
-        self.positions().stored.insert(tp.clone(), next_offset);
+        let mut positions = self.positions();
+        positions.stored.insert(tp.clone(), next_offset);
+        positions.uncommitted = true;
     }
 
     /// Periodic (`sync` false): starts a commit on a blocking thread, which counts the answer
-    /// when the broker gives it, and returns at once; skipped while the previous one still
-    /// waits (the next carries these offsets too). `sync`: commits and returns the answer for
+    /// when the broker gives it, and returns at once; skipped when nothing was stored since the
+    /// last one succeeded, and while the previous one still waits (the next carries these
+    /// offsets too). `sync`: commits and returns the answer for
     /// the engine to count, once the periodic one still out (if any) has its answer too.
     async fn commit(&mut self, sync: bool) -> Option<Result<(), BusError>> {
         let consumer = Arc::clone(&self.consumer);
         let positions = self.positions.clone();
         if !sync {
-            if self.committing.as_ref().is_some_and(|c| !c.is_finished()) {
+            if self.committing.as_ref().is_some_and(|c| !c.is_finished())
+                || !self.positions().uncommitted
+            {
                 return None;
             }
             self.committing = Some(tokio::task::spawn_blocking(move || {
