@@ -1,6 +1,6 @@
 //! Observability, end to end: `/metrics` counts a real stream exactly (and passes
-//! `promtool check metrics`), `/readyz` follows the broker and the drain, traces reach a real OTLP
-//! receiver, and a SASL password never shows.
+//! `promtool check metrics`) and counts the broker's answers to commits, `/readyz` follows the
+//! broker and the drain, traces reach a real OTLP receiver, and a SASL password never shows.
 
 mod reference;
 mod support;
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::broker::{unique, Tansu};
-use support::process::{wait_until, RecordFile, ServeOptions, TestDir, WeirProcess};
+use support::process::{metric_sum, wait_until, RecordFile, ServeOptions, TestDir, WeirProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, Event, Headers, KafkaBus, KafkaConfig, MemoryBus,
@@ -198,6 +198,129 @@ async fn metrics_count_every_outcome_of_a_real_stream_exactly() {
         out.status.success() && complaints.trim().is_empty(),
         "promtool check metrics: {complaints}"
     );
+}
+
+/// `weir_commits_total` counts what the broker answered, through the running consumer (not a
+/// callback called by hand): successes that grow as records are handled, and a failure when a
+/// handled record's offset cannot be committed. The broker stops while that record retries; it
+/// succeeds while the broker is away; its commit waits for a coordinator until the consumer
+/// loses its assignment, and the commit at that revoke is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_answers_are_counted_as_the_broker_gives_them() {
+    let mut broker = broker_with_topics(Tansu::start_memory());
+    let dir = TestDir::new("commits");
+    let records_path = dir.join("handled.jsonl");
+    let mut records = RecordFile::new(&records_path);
+    // A retry every 100 ms for as long as the simulated outage lasts. The session timeout is
+    // long enough for the outage record to finish while the broker is away and before the
+    // consumer gives its partitions up (the commit at that revoke fails too).
+    let options = ServeOptions::new(&broker.brokers(), &unique("commits"), &records_path)
+        .env("WEIR_CONSUMER__COMMIT_INTERVAL", "100ms")
+        .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
+        .env("WEIR_RETRY__BACKOFF_COEFFICIENT", "1.0")
+        .env("WEIR_RETRY__MAXIMUM_ATTEMPTS", "1000")
+        .env("WEIR_RETRY__JITTER", "0")
+        .config(
+            r#"
+[kafka.consumer]
+"session.timeout.ms" = "10000"
+"heartbeat.interval.ms" = "1000"
+"#,
+        );
+    let serve = WeirProcess::serve(dir.path(), "serve", &options);
+    let admin = admin_addr(&serve).await;
+    let scrape = || -> Result<String, String> { Ok(futures_block(get(admin, "/metrics"))?.1) };
+    let commits =
+        |body: &str, result: &str| metric_sum(body, "weir_commits_total", &[("result", result)]);
+
+    let bus = KafkaBus::new(KafkaConfig::new(broker.brokers())).expect("bus");
+    let mut successes = Vec::new();
+    for round in 0..2 {
+        for i in 0..50 {
+            let created = CustomerCreated::new(format!("c-{round}-{i}"), serde_json::json!({}));
+            bus.publish(&Envelope::new(created)).await.expect("publish");
+        }
+        let before = successes.last().copied().unwrap_or(0.0);
+        let after = wait_until(
+            "the round handled and a successful commit counted after it",
+            Duration::from_secs(60),
+            || {
+                let handled = records.count();
+                let body = scrape()?;
+                let success = commits(&body, "success");
+                if handled == 50 * (round + 1) && success > before {
+                    Ok(success)
+                } else {
+                    Err(format!(
+                        "{handled} handled, weir_commits_total{{result=\"success\"}} {success}"
+                    ))
+                }
+            },
+        )
+        .await;
+        successes.push(after);
+    }
+    assert_eq!(
+        commits(&scrape().unwrap(), "failure"),
+        0.0,
+        "no commit failed while the broker was up"
+    );
+
+    // A record that fails until `until`: it is in hand, retrying, when the broker stops, and
+    // succeeds while the broker is away, so its offset is stored and its commit has no broker.
+    let until = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let outage = CustomerUpdated::new(
+        "outage",
+        serde_json::json!({ "simulate": "outage", "until": until.to_rfc3339() }),
+    );
+    bus.publish(&Envelope::new(outage)).await.expect("publish");
+    drop(bus);
+    wait_until(
+        "the outage record retrying",
+        Duration::from_secs(30),
+        || {
+            let body = scrape()?;
+            let retried = metric_sum(
+                &body,
+                "weir_messages_handled_total",
+                &[("event_type", "customer.updated"), ("outcome", "retried")],
+            );
+            if retried >= 1.0 {
+                Ok(())
+            } else {
+                Err("not retried yet".to_owned())
+            }
+        },
+    )
+    .await;
+    broker.stop();
+    assert!(
+        chrono::Utc::now() < until,
+        "the broker stopped before the outage record could succeed"
+    );
+    let failures = wait_until(
+        "a failed commit counted while the broker is away",
+        Duration::from_secs(60),
+        || {
+            let body = scrape()?;
+            let failure = commits(&body, "failure");
+            if failure >= 1.0 {
+                Ok(failure)
+            } else {
+                Err(format!(
+                    "weir_commits_total{{result=\"failure\"}} {failure}"
+                ))
+            }
+        },
+    )
+    .await;
+    assert_eq!(records.count(), 101, "the outage record was handled");
+    let log = serve.stderr();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("Offset commit failed"))
+        .unwrap_or("no warning logged");
+    println!("commit answers: successes {successes:?}, failures {failures}; {warning}");
 }
 
 /// Runs a future to completion from a synchronous closure (for `wait_until`).

@@ -111,8 +111,11 @@ pub(crate) trait Source: Send + 'static {
     /// Commits stored positions; `sync` waits for the broker. Returns the broker's answer when
     /// the source has it now, to be counted by the engine; `None` when there was nothing to
     /// commit or when the source counts the answer itself once the broker gives it (Kafka's
-    /// commit callback).
+    /// periodic commit, which waits for the broker on a thread of its own).
     fn commit(&mut self, sync: bool) -> impl Future<Output = Option<Result<(), BusError>>> + Send;
+    /// The positions the broker confirmed, `(topic, partition, next offset)`, of the partitions
+    /// the source still has: never a position only stored, or one whose commit was refused.
+    fn confirmed(&self) -> Vec<(String, i32, i64)>;
 }
 
 /// The flow tells a source which partitions to take records of whatever the pool.
@@ -1074,14 +1077,9 @@ impl<S: Source> Engine<S> {
         }
         abandoned += self.unfinished;
         self.commit(true).await;
-        let mut committed: Vec<(String, i32, i64)> = self
-            .partitions
-            .iter()
-            .filter_map(|(key, s)| {
-                let (t, p) = &key.tp;
-                s.tracker.committable().map(|o| (t.to_string(), *p, o))
-            })
-            .collect();
+        // What the broker confirmed, not what the trackers would commit: the final commit may
+        // have been refused.
+        let mut committed = self.source.confirmed();
         committed.sort();
         InFlight(0).emit(self.dispatcher.metrics());
         (

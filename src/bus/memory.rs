@@ -522,6 +522,7 @@ impl Bus for MemoryBus {
             topics: topic_names,
             positions: HashMap::default(),
             stored: HashMap::new(),
+            confirmed: HashMap::new(),
             cursor: 0,
             closed: HashSet::default(),
             paused: HashSet::default(),
@@ -562,6 +563,8 @@ struct MemorySource {
     /// The next offset to read, per (topic index, partition), for owned partitions.
     positions: HashMap<(usize, usize), i64, FastHash>,
     stored: HashMap<Tp, i64>,
+    /// The positions this member committed, of the partitions it still has.
+    confirmed: HashMap<Tp, i64>,
     cursor: usize,
     /// Partitions the engine takes records of only while its pool has room.
     closed: HashSet<PartitionKey, FastHash>,
@@ -682,6 +685,8 @@ impl MemorySource {
         for tp in &lost {
             self.owned.remove(tp);
             self.positions.remove(tp);
+            self.confirmed
+                .remove(&(self.topics[tp.0].to_string(), tp.1 as i32));
         }
         self.settled = None;
         if committed {
@@ -700,6 +705,7 @@ impl MemorySource {
             state
                 .committed
                 .insert((self.group.clone(), topic.clone(), partition), offset);
+            self.confirmed.insert((topic, partition), offset);
         }
         drop(state);
         self.inner.bump();
@@ -849,6 +855,13 @@ impl Source for MemorySource {
 
     async fn commit(&mut self, _sync: bool) -> Option<Result<(), BusError>> {
         self.commit_stored().then_some(Ok(()))
+    }
+
+    fn confirmed(&self) -> Vec<(String, i32, i64)> {
+        self.confirmed
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect()
     }
 }
 

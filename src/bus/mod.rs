@@ -39,7 +39,9 @@ use tokio_util::sync::CancellationToken;
 /// What a stopped subscription left behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StopReport {
-    /// The last committed position of each partition it owned: `(topic, partition, next offset)`.
+    /// The last position the broker confirmed committing for each partition it owned at the
+    /// end, `(topic, partition, next offset)`; a partition none of its commits reached (or whose
+    /// final commit was refused before any other succeeded) is not listed.
     pub committed: Vec<(String, i32, i64)>,
     /// Records fetched but not finished when it stopped: they were not committed and will be
     /// delivered again.

@@ -402,6 +402,8 @@ impl InFlight {
     }
 }
 
+/// The answer to a commit: from the broker, or a refusal before it was sent (no coordinator,
+/// the assignment lost). A failure is a warning whichever it was.
 pub(crate) struct OffsetsCommitted<'a> {
     pub(crate) result: Result<(), &'a dyn std::fmt::Display>,
 }
@@ -412,7 +414,7 @@ impl OffsetsCommitted<'_> {
             Ok(()) => m.commits.with_label_values(&["success"]).inc(),
             Err(error) => {
                 m.commits.with_label_values(&["failure"]).inc();
-                warn!(%error, "Offset commit failed; the next commit will include these offsets.");
+                warn!(%error, "Offset commit failed; the next commit carries these offsets, or the partition's next owner handles them again.");
             }
         }
     }

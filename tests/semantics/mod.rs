@@ -1383,6 +1383,7 @@ pub async fn stop_lets_running_handlers_finish_and_commits_them<H: Harness>(h: &
     tokio::time::timeout(h.patience(), requested.cancelled())
         .await
         .expect("stop was requested");
+    let before = commits(&h.metrics(), "success");
     release.notify_one();
     let report = tokio::time::timeout(h.patience() * 2, stopping)
         .await
@@ -1401,6 +1402,20 @@ pub async fn stop_lets_running_handlers_finish_and_commits_them<H: Harness>(h: &
         h.committed(&group, &topic).await,
         HashMap::from([(last.partition, end)])
     );
+    assert!(
+        commits(&h.metrics(), "success") > before,
+        "the final commit's answer is counted before stop returns"
+    );
+}
+
+/// `weir_commits_total{result}` as the metrics render it.
+fn commits(metrics: &Metrics, result: &str) -> f64 {
+    let series = format!("weir_commits_total{{result=\"{result}\"}} ");
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 // ---------------------------------------------------------------------------------------------

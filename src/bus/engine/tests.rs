@@ -155,6 +155,14 @@ impl Source for Scripted {
         }
         Some(answer)
     }
+
+    fn confirmed(&self) -> Vec<(String, i32, i64)> {
+        let seen = self.seen.lock().unwrap();
+        seen.committed
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect()
+    }
 }
 
 /// A dead-letter publisher that panics on its first `panics` calls, then keeps what it gets.
@@ -457,6 +465,34 @@ async fn a_refused_commit_is_counted_as_a_failure() {
         seen.lock().unwrap().committed.get(&tp(0)),
         Some(&1),
         "the next commit carries the refused offsets"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_stop_report_tells_only_what_the_broker_confirmed() {
+    let handled = Arc::new(Notify::new());
+    let router = {
+        let handled = handled.clone();
+        Router::new().on(move |_: Job, _: Ctx| {
+            handled.notify_one();
+            async { Ok(()) }
+        })
+    };
+    let h = start(router, config(), Arc::default());
+    h.seen.lock().unwrap().answers.extend(
+        std::iter::repeat_with(|| Err(BusError::Transport("coordinator unavailable".into())))
+            .take(1_000),
+    );
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    handled.notified().await;
+    let failures = h.metrics.commits.with_label_values(&["failure"]);
+    let (report, seen) = h.stop().await;
+    assert!(failures.get() >= 1, "the final commit was refused");
+    assert!(seen.lock().unwrap().committed.is_empty());
+    assert_eq!(
+        report.committed,
+        Vec::<(String, i32, i64)>::new(),
+        "nothing was confirmed, though the record is done"
     );
 }
 

@@ -93,8 +93,10 @@ impl KafkaConfig {
     ///
     /// Weir's defaults, each overridable:
     /// - `enable.auto.offset.store=false`: an offset is stored only when its record is final.
-    /// - `enable.auto.commit=false`: the engine commits stored offsets every `commit_interval`,
-    ///   and synchronously on revoke and at shutdown, so every commit is counted and logged.
+    /// - `enable.auto.commit=false`: the engine commits stored offsets itself, every
+    ///   `commit_interval`, on revoke and at shutdown, always synchronously (the periodic one on
+    ///   a thread of its own), so it has every answer to count and log: librdkafka gives the
+    ///   answer to an asynchronous commit to no one.
     /// - `auto.offset.reset=earliest`: a new group starts from the beginning; nothing is skipped.
     /// - Fetch and prefetch queue, measured with `weir bench --kafka KEY=VALUE` (BENCHMARKS.md
     ///   has the numbers):

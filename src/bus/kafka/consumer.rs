@@ -1,9 +1,14 @@
 //! The Kafka source: a dedicated thread polls a `BaseConsumer` and hands records to the engine.
 //!
 //! At-least-once: `enable.auto.offset.store=false`; the engine stores a partition's offset only
-//! once every record before it is final, and commits stored offsets periodically, synchronously
-//! when partitions are revoked, and at shutdown. Commits are counted when the broker answers
-//! (`commit_callback`), not when they are queued.
+//! once every record before it is final, and commits stored offsets periodically, when
+//! partitions are revoked, and at shutdown. Commits are counted when the broker answers, not
+//! when they are queued. Every commit Weir makes is synchronous, because librdkafka answers an
+//! asynchronous `rd_kafka_commit` without a reply queue to nobody (rust-rdkafka's
+//! `CommitMode::Async` never reaches `commit_callback`): the periodic one runs on a blocking
+//! thread, at most one at a time, so neither the engine nor the poll thread waits for the
+//! broker; the one at revoke runs in the rebalance callback, and the final one is awaited by the
+//! engine's drain, so its answer is counted before the poll thread stops.
 //!
 //! Why a thread: librdkafka runs rebalance callbacks inside `poll`. On revoke the callback must
 //! block until the engine has ended the revoked partitions' work and stored their offsets, then
@@ -220,14 +225,6 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
-/// "Nothing to commit" is success: the offsets are where they were.
-fn commit_result(result: KafkaResult<()>) -> KafkaResult<()> {
-    match result {
-        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
-        other => other,
-    }
-}
-
 /// A commit answer to count: `None` for "nothing to commit", which commits nothing.
 fn commit_answer(result: KafkaResult<()>) -> Option<KafkaResult<()>> {
     match result {
@@ -254,10 +251,10 @@ impl ConsumerContext for WeirContext {
             // running handlers and answers once they have ended.
             let _ = drained.blocking_recv();
         }
-        // The broker's answer is counted by `commit_callback`.
-        if let Err(error) = commit_result(consumer.commit_consumer_state(CommitMode::Sync)) {
-            tracing::debug!(%error, "Commit before giving partitions up failed.");
-        }
+        count(
+            &self.metrics,
+            commit_answer(consumer.commit_consumer_state(CommitMode::Sync)),
+        );
         self.change(Change::Revoked(revoked));
     }
 
@@ -280,20 +277,60 @@ impl ConsumerContext for WeirContext {
         }
     }
 
-    /// The broker's answer to a commit, synchronous or not (librdkafka calls this for both, from
-    /// `poll`): the only place commits are counted, so a commit that was queued and then refused
-    /// is counted as a failure, and one that was only queued is not counted as a success.
+    /// The broker's answer to a commit librdkafka made on its own (`enable.auto.commit=true`,
+    /// if a user sets it), served from `poll`. Weir's own commits are synchronous and counted
+    /// where they return: librdkafka sends their answers nowhere else.
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Some(result) = commit_answer(result) {
-            OffsetsCommitted {
-                result: result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| e as &dyn std::fmt::Display),
-            }
-            .emit(&self.metrics);
-        }
+        count(&self.metrics, commit_answer(result));
     }
+}
+
+/// Counts a commit answer; a failure is also a warning.
+fn count(metrics: &Metrics, answer: Option<KafkaResult<()>>) {
+    if let Some(result) = answer {
+        OffsetsCommitted {
+            result: result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| e as &dyn std::fmt::Display),
+        }
+        .emit(metrics);
+    }
+}
+
+/// The offsets the engine stored, and those the broker confirmed, per partition the engine has.
+#[derive(Default)]
+struct Positions {
+    stored: HashMap<Tp, i64>,
+    confirmed: HashMap<Tp, i64>,
+    /// Stored since the last commit started, or that commit failed: a periodic commit has
+    /// something to do.
+    uncommitted: bool,
+}
+
+/// Commits the stored offsets and waits for the broker's answer (`None`: nothing to commit).
+/// Once it has them, every offset stored before the commit started is confirmed: librdkafka
+/// committed it, or one after it, or had it committed already.
+fn commit_stored(consumer: &WeirConsumer, positions: &Mutex<Positions>) -> Option<KafkaResult<()>> {
+    let lock = || positions.lock().unwrap_or_else(|e| e.into_inner());
+    let before = {
+        let mut positions = lock();
+        positions.uncommitted = false;
+        positions.stored.clone()
+    };
+    let answer = commit_answer(consumer.commit_consumer_state(CommitMode::Sync));
+    let mut positions = lock();
+    if matches!(answer, None | Some(Ok(()))) {
+        for (tp, offset) in before {
+            // Not if the partition was revoked meanwhile.
+            if positions.stored.contains_key(&tp) {
+                positions.confirmed.insert(tp, offset);
+            }
+        }
+    } else {
+        positions.uncommitted = true;
+    }
+    answer
 }
 
 /// Records between the group's committed position and the partition's high watermark. Before
@@ -378,6 +415,8 @@ pub(crate) fn start(
         paused: HashSet::new(),
         control,
         revoked_at: HashMap::new(),
+        positions: Arc::default(),
+        committing: None,
         closing,
         poller: thread.thread().clone(),
         thread: Some(thread),
@@ -740,6 +779,10 @@ pub(crate) struct KafkaSource {
     /// Epoch at which each partition was last revoked: records of it polled before then were
     /// never started and will be fetched again from the committed offset, so they are dropped.
     revoked_at: HashMap<Tp, u64>,
+    /// Shared with the commits running on blocking threads.
+    positions: Arc<Mutex<Positions>>,
+    /// The periodic commit still waiting for the broker, if any.
+    committing: Option<tokio::task::JoinHandle<()>>,
     closing: Arc<AtomicBool>,
     poller: std::thread::Thread,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -789,6 +832,10 @@ impl KafkaSource {
         tpl
     }
 
+    fn positions(&self) -> std::sync::MutexGuard<'_, Positions> {
+        self.positions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn control_event(&mut self, control: Control) -> SourceEvent {
         match control {
             Control::Revoked {
@@ -796,6 +843,13 @@ impl KafkaSource {
                 epoch,
                 done,
             } => {
+                {
+                    let mut positions = self.positions();
+                    for tp in &partitions {
+                        positions.stored.remove(tp);
+                        positions.confirmed.remove(tp);
+                    }
+                }
                 for tp in &partitions {
                     self.revoked_at.insert(tp.clone(), epoch);
                     // Handed over and not taken: never started; the new owner has them.
@@ -936,29 +990,58 @@ impl Source for KafkaSource {
         {
             // The partition was revoked meanwhile; its new owner starts from the last commit.
             tracing::debug!(topic = %tp.0, partition = tp.1, %error, "Offset not stored.");
+            return;
         }
+        let mut positions = self.positions();
+        positions.stored.insert(tp.clone(), next_offset);
+        positions.uncommitted = true;
     }
 
-    /// The answer is counted by the context's `commit_callback` when the broker gives it.
+    /// Periodic (`sync` false): starts a commit on a blocking thread, which counts the answer
+    /// when the broker gives it, and returns at once; skipped when nothing was stored since the
+    /// last one succeeded, and while the previous one still waits (the next carries these
+    /// offsets too). `sync`: commits and returns the answer for
+    /// the engine to count, once the periodic one still out (if any) has its answer too.
     async fn commit(&mut self, sync: bool) -> Option<Result<(), BusError>> {
-        let result = if sync {
-            let consumer = self.consumer.clone();
-            match tokio::task::spawn_blocking(move || {
-                consumer.commit_consumer_state(CommitMode::Sync)
-            })
-            .await
+        let consumer = Arc::clone(&self.consumer);
+        let positions = self.positions.clone();
+        if !sync {
+            if self.committing.as_ref().is_some_and(|c| !c.is_finished())
+                || !self.positions().uncommitted
             {
-                Ok(result) => result,
-                Err(e) => return Some(Err(BusError::Task(e.to_string()))),
+                return None;
             }
-        } else {
-            self.consumer.commit_consumer_state(CommitMode::Async)
-        };
-        if let Err(error) = commit_result(result) {
-            // Not sent at all (no answer will come): the next commit carries these offsets.
-            tracing::debug!(%error, "Commit not sent.");
+            self.committing = Some(tokio::task::spawn_blocking(move || {
+                count(
+                    &consumer.context().metrics,
+                    commit_stored(&consumer, &positions),
+                );
+            }));
+            return None;
         }
-        None
+        let committing = self.committing.take();
+        let answer =
+            match tokio::task::spawn_blocking(move || commit_stored(&consumer, &positions)).await {
+                Ok(answer) => {
+                    answer.map(|r| r.map_err(|e| BusError::Transport(format!("commit: {e}"))))
+                }
+                Err(e) => Some(Err(BusError::Task(e.to_string()))),
+            };
+        // A periodic commit still out has its answer counted too before the source closes. Not
+        // awaited first: without a coordinator each waits up to the session timeout, and side
+        // by side they wait once.
+        if let Some(committing) = committing {
+            let _ = committing.await;
+        }
+        answer
+    }
+
+    fn confirmed(&self) -> Vec<(String, i32, i64)> {
+        self.positions()
+            .confirmed
+            .iter()
+            .map(|((t, p), o)| (t.clone(), *p, *o))
+            .collect()
     }
 }
 
