@@ -24,7 +24,7 @@ use crate::bus::BusError;
 use crate::handlers::Inbound;
 use crate::telemetry::events::{
     BrokerReachability, ConsumerLag, KafkaClientError, OffsetsCommitted, PartitionHeldBack,
-    Throttle,
+    PrefetchBytes, Throttle,
 };
 use crate::telemetry::{Health, Metrics};
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -81,6 +81,9 @@ pub(crate) struct WeirContext {
     changes: Mutex<Vec<Change>>,
     /// The poll thread, woken when a queue gets records.
     poller: Arc<OnceLock<std::thread::Thread>>,
+    /// Bytes of records the poll thread holds or has handed over and the engine has not taken,
+    /// all partitions together; librdkafka's statistics add its own queues to it.
+    held_bytes: AtomicUsize,
     metrics: Metrics,
     health: Health,
     /// Repeated client errors are logged once per 30 s.
@@ -134,10 +137,12 @@ impl ClientContext for WeirContext {
             .values()
             .any(|b| b.nodeid >= 0 && b.state == "UP");
         self.broker_up(up);
+        let mut prefetched = self.held_bytes.load(Ordering::Relaxed);
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // -1 is librdkafka's internal unassigned partition.
                 if *partition >= 0 {
+                    prefetched += usize::try_from(p.fetchq_size).unwrap_or(0);
                     if let Some(lag) = lag(p) {
                         ConsumerLag {
                             topic,
@@ -149,6 +154,7 @@ impl ClientContext for WeirContext {
                 }
             }
         }
+        PrefetchBytes(prefetched).emit(&self.metrics);
     }
 }
 
@@ -269,6 +275,7 @@ pub(crate) fn start(
     topics: &[String],
     metrics: Metrics,
     health: Health,
+    max_prefetch_bytes: usize,
     on_error: impl Fn(&KafkaError) -> BusError,
 ) -> Result<KafkaSource, BusError> {
     let (control_tx, control) = mpsc::unbounded_channel();
@@ -278,6 +285,7 @@ pub(crate) fn start(
         epoch: AtomicU64::new(0),
         changes: Mutex::new(Vec::new()),
         poller: poller.clone(),
+        held_bytes: AtomicUsize::new(0),
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
@@ -887,6 +895,7 @@ mod tests {
             epoch: AtomicU64::new(0),
             changes: Mutex::new(Vec::new()),
             poller: Arc::default(),
+            held_bytes: AtomicUsize::new(0),
             metrics: metrics.clone(),
             health: Health::default(),
             errors: Throttle::new(Duration::from_secs(30)),
