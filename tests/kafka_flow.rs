@@ -286,5 +286,6 @@ async fn a_stuck_handler_on_many_partitions_holds_at_most_the_prefetch_budget() 
         );
     }
     assert!(peak > 0.0, "the gauge never counted the prefetch");
+    println!("peak prefetch: {peak} bytes (budget {BUDGET})");
     drop(subscription);
 }

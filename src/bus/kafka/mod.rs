@@ -2,6 +2,7 @@
 
 mod config;
 mod consumer;
+mod pauses;
 mod producer;
 
 pub use config::KafkaConfig;
