@@ -202,11 +202,13 @@ async fn stuck_arms(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::
             .output()
             .await?;
         anyhow::ensure!(output.status.success(), "the stuck process failed");
-        let out = String::from_utf8_lossy(&output.stdout);
-        lines.push_str(&format!(
+        let line = format!(
             "  {partitions:>4} partitions: {}",
-            out.trim_start()
-        ));
+            String::from_utf8_lossy(&output.stdout).trim_start()
+        );
+        // At once too: a run of three partition counts takes minutes.
+        eprint!("{line}");
+        lines.push_str(&line);
     }
     Ok(lines)
 }
