@@ -275,13 +275,14 @@ async fn a_stuck_handler_on_many_partitions_holds_at_most_the_prefetch_budget() 
     )
     .await;
     // Statistics come every 200 ms: 25 samples of what the consumer holds while nothing is
-    // taken from it, each within the budget plus one fetch being purged.
+    // taken from it, each within the budget, with room for a fetch that lands on a partition
+    // as it pauses (measured: 2,101,896 bytes at most; 13,240,077 before the budget).
     let mut peak = 0.0_f64;
     for _ in 0..50 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         peak = peak.max(counter(&metrics, "weir_consumer_prefetch_bytes "));
         assert!(
-            peak <= 2.0 * BUDGET as f64,
+            peak <= 1.5 * BUDGET as f64,
             "the consumer holds {peak} bytes of prefetched records; budget {BUDGET}"
         );
     }

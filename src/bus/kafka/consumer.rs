@@ -20,12 +20,15 @@
 //! served and `max.poll.interval.ms` is never exceeded however slow the handlers are.
 //!
 //! Prefetch budget: librdkafka bounds its prefetch per partition queue, so with many partitions
-//! whose handlers do not keep up it would hold hundreds of MiB. The poll thread therefore keeps
-//! taking records out of a held-back partition's queue into batches of its own, up to the
-//! partition's share of `max_prefetch_bytes` (the budget over the assigned partitions), and
-//! then pauses the partition's fetching in librdkafka, which drops what it had prefetched
-//! beyond; once the engine has taken half of the share, fetching resumes where the poll thread
-//! stopped. So the whole consumer holds about the budget, whatever the partition count.
+//! whose handlers do not keep up it would hold hundreds of MiB. Where librdkafka's own bound for
+//! a partition (`queued.min.messages` records of the size seen so far, at most
+//! `queued.max.messages.kbytes`) fits in the partition's share of `max_prefetch_bytes` (the
+//! budget over the assigned partitions), a held-back partition's records are left in its queue,
+//! as above. Where it does not, the poll thread takes them out of the queue into batches of its
+//! own, up to the share, and then pauses the partition's fetching in librdkafka, which drops
+//! what it had prefetched beyond; once the engine has taken half of the share, fetching resumes
+//! where the poll thread stopped. So the whole consumer holds about the budget, whatever the
+//! partition count.
 
 use super::pauses::{PauseReason, Pauses};
 use crate::bus::engine::{PartitionKey, Source, SourceEvent, Tp};
@@ -304,6 +307,7 @@ pub(crate) fn start(
     max_prefetch_bytes: usize,
     on_error: impl Fn(&KafkaError) -> BusError,
 ) -> Result<KafkaSource, BusError> {
+    let queue_bound = QueueBound::of(&config);
     let (control_tx, control) = mpsc::unbounded_channel();
     let poller = Arc::new(OnceLock::<std::thread::Thread>::new());
     let context = WeirContext {
@@ -338,7 +342,13 @@ pub(crate) fn start(
             .name("weir-kafka-poll".to_owned())
             .spawn(move || {
                 let _ = poller.set(std::thread::current());
-                poll_loop(consumer, handoff_tx, closing, max_prefetch_bytes);
+                poll_loop(
+                    consumer,
+                    handoff_tx,
+                    closing,
+                    max_prefetch_bytes,
+                    queue_bound,
+                );
             })
             .map_err(|e| BusError::Transport(format!("cannot start the poll thread: {e}")))?
     };
@@ -395,6 +405,7 @@ fn poll_loop(
     handoff: mpsc::UnboundedSender<Handoff>,
     closing: Arc<AtomicBool>,
     max_prefetch_bytes: usize,
+    queue_bound: QueueBound,
 ) {
     let mut feeds: Vec<Feed> = Vec::new();
     let mut converter = Converter::default();
@@ -407,15 +418,23 @@ fn poll_loop(
         let mut moved = poll_main_queue(&consumer, &mut feeds, &poller, &mut converter);
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
         let share = max_prefetch_bytes / feeds.len().max(1);
+        // Whether librdkafka's own bound keeps a held-back partition within its share.
+        let queue_fits = queue_bound.bytes(&converter) <= share;
+        let feeds_len = feeds.len();
         let mut held = 0;
         for feed in &mut feeds {
-            feed.held_back();
+            let held_back = feed.held_back();
+            let share = if held_back && queue_fits { 0 } else { share };
             match feed.turn(&mut converter, &handoff, epoch, share) {
                 Ok(m) => moved |= m,
                 // The engine has gone.
                 Err(Gone) => return close(feeds, consumer),
             }
-            feed.bound(&consumer, share, &mut converter);
+            feed.bound(
+                &consumer,
+                max_prefetch_bytes / feeds_len.max(1),
+                &mut converter,
+            );
             held += feed.buffered();
         }
         consumer.context().held_bytes.store(held, Ordering::Relaxed);
@@ -552,7 +571,10 @@ impl Feed {
                 None => break,
                 Some(Ok(message)) => {
                     let inbound = converter.inbound(&message);
-                    self.held_bytes += footprint(&inbound);
+                    let bytes = footprint(&inbound);
+                    converter.records += 1;
+                    converter.bytes += bytes;
+                    self.held_bytes += bytes;
                     self.held.push(inbound);
                     polled = true;
                 }
@@ -763,6 +785,39 @@ fn close(feeds: Vec<Feed>, consumer: Arc<WeirConsumer>) {
 struct Converter {
     names: Vec<Arc<str>>,
     last_headers: crate::contracts::Headers,
+    /// Records polled from partition queues, and their bytes ([`footprint`]).
+    records: usize,
+    bytes: usize,
+}
+
+/// librdkafka's bound on one partition's queue (`queued.min.messages`,
+/// `queued.max.messages.kbytes`; Weir's defaults or the user's).
+#[derive(Clone, Copy)]
+struct QueueBound {
+    records: usize,
+    bytes: usize,
+}
+
+impl QueueBound {
+    fn of(config: &rdkafka::ClientConfig) -> Self {
+        let get = |key: &str, default: usize| {
+            config
+                .get(key)
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(default)
+        };
+        // librdkafka's defaults where neither Weir nor the user set one.
+        Self {
+            records: get("queued.min.messages", 100_000),
+            bytes: get("queued.max.messages.kbytes", 65_536).saturating_mul(1024),
+        }
+    }
+
+    /// What the queue holds at most, with records the size of those polled so far.
+    fn bytes(&self, converter: &Converter) -> usize {
+        let average = converter.bytes / converter.records.max(1);
+        self.bytes.min(self.records.saturating_mul(average))
+    }
 }
 
 impl Converter {
