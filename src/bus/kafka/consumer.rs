@@ -417,24 +417,22 @@ fn poll_loop(
         }
         let mut moved = poll_main_queue(&consumer, &mut feeds, &poller, &mut converter);
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
-        let share = max_prefetch_bytes / feeds.len().max(1);
+        // At least a byte: a partition may always hold one record, so a budget smaller than
+        // the partition count slows consumption and never stops it.
+        let share = (max_prefetch_bytes / feeds.len().max(1)).max(1);
         // Whether librdkafka's own bound keeps a held-back partition within its share.
         let queue_fits = queue_bound.bytes(&converter) <= share;
-        let feeds_len = feeds.len();
         let mut held = 0;
         for feed in &mut feeds {
             let held_back = feed.held_back();
-            let share = if held_back && queue_fits { 0 } else { share };
-            match feed.turn(&mut converter, &handoff, epoch, share) {
+            // Where librdkafka's bound fits, a held-back partition's records stay in its queue.
+            let fill_up_to = if held_back && queue_fits { 0 } else { share };
+            match feed.turn(&mut converter, &handoff, epoch, fill_up_to) {
                 Ok(m) => moved |= m,
                 // The engine has gone.
                 Err(Gone) => return close(feeds, consumer),
             }
-            feed.bound(
-                &consumer,
-                max_prefetch_bytes / feeds_len.max(1),
-                &mut converter,
-            );
+            feed.bound(&consumer, share, &mut converter);
             held += feed.buffered();
         }
         consumer.context().held_bytes.store(held, Ordering::Relaxed);
