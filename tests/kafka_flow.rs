@@ -212,3 +212,175 @@ async fn with_a_slow_partition_the_fast_ones_records_finish_without_waiting_for_
         "the fast partition finished only after {slow} of the slow one's {slow_n} records"
     );
 }
+
+/// librdkafka bounds its prefetch per partition queue, and Weir splits one off per partition:
+/// with many partitions and a downstream that hangs, the consumer held hundreds of MiB (issue
+/// 29: 587 MiB at 64 partitions). The budget is the whole consumer's, whatever the partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_handler_on_many_partitions_holds_at_most_the_prefetch_budget() {
+    const PARTITIONS: i32 = 24;
+    const BUDGET: usize = 2 * 1024 * 1024;
+    let broker = Tansu::start_memory();
+    broker.create_topic("crowded", PARTITIONS);
+    let mut kafka = KafkaConfig::new(broker.brokers());
+    kafka.max_prefetch_bytes = BUDGET;
+    kafka
+        .consumer
+        .insert("statistics.interval.ms".to_owned(), "200".to_owned());
+    let bus = KafkaBus::new(kafka).expect("bus");
+    // About 15 MB in all: far more than the budget, and well within librdkafka's own
+    // per-partition limits (10,000 records, 16 MiB), so without the budget all of it is
+    // prefetched.
+    let n = 36_000;
+    for chunk in (0..n).collect::<Vec<u64>>().chunks(2_000) {
+        let sends = chunk.iter().map(|&seq| {
+            let e = Envelope::new(CustomerCreated::new(
+                format!("c-{seq}"),
+                serde_json::json!({ "seq": seq, "notes": "x".repeat(200) }),
+            ));
+            bus.publish_record(OutboundRecord {
+                topic: "crowded".to_owned(),
+                key: Some(e.key().into_bytes()),
+                value: Some(e.to_structured().unwrap()),
+                headers: weir::Headers::new(),
+            })
+        });
+        for result in futures_util::future::join_all(sends).await {
+            result.expect("publish");
+        }
+    }
+    let started: Arc<Mutex<std::collections::HashSet<i32>>> = Arc::default();
+    let router = {
+        let started = started.clone();
+        Router::new().on_with(
+            move |_: CustomerCreated, ctx: Ctx| {
+                started.lock().unwrap().insert(ctx.partition());
+                // A downstream that hangs.
+                std::future::pending::<Result<(), weir::HandlerError>>()
+            },
+            HandlerOptions::new().topic("crowded"),
+        )
+    };
+    let config = ConsumerConfig::new("crowded-group").max_in_flight(PARTITIONS as usize, 1);
+    let subscription = bus.subscribe(router, config).expect("subscribe");
+    let metrics = bus.metrics().clone();
+    wait_until(
+        "a stuck handler on every partition (each has been fetched)",
+        Duration::from_secs(60),
+        || {
+            let count = started.lock().unwrap().len();
+            (count == PARTITIONS as usize)
+                .then_some(())
+                .ok_or(format!("{count} of {PARTITIONS}"))
+        },
+    )
+    .await;
+    // Statistics come every 200 ms: 25 samples of what the consumer holds while nothing is
+    // taken from it, each within the budget, with room for a fetch that lands on a partition
+    // as it pauses (measured: 2,101,896 bytes at most; 13,240,077 before the budget).
+    let mut peak = 0.0_f64;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(counter(&metrics, "weir_consumer_prefetch_bytes "));
+        assert!(
+            peak <= 1.5 * BUDGET as f64,
+            "the consumer holds {peak} bytes of prefetched records; budget {BUDGET}"
+        );
+    }
+    assert!(peak > 0.0, "the gauge never counted the prefetch");
+    println!("peak prefetch: {peak} bytes (budget {BUDGET})");
+    drop(subscription);
+}
+
+/// Fetching paused for memory resumes where the poll thread stopped: once the handlers move
+/// again, every record is handled, once, in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_paused_for_memory_resume_without_losing_or_repeating_records() {
+    const PARTITIONS: i32 = 8;
+    let broker = Tansu::start_memory();
+    broker.create_topic("budgeted", PARTITIONS);
+    let mut kafka = KafkaConfig::new(broker.brokers());
+    // About 60 records of each partition at a time: every partition pauses and resumes
+    // several times.
+    kafka.max_prefetch_bytes = 256 * 1024;
+    let bus = KafkaBus::new(kafka).expect("bus");
+    // One record per batch: Tansu 0.6 skips the rest of a batch when a fetch (here, the one
+    // after a resume) starts inside it.
+    let n: u64 = 2_000;
+    for seq in 0..n {
+        let e = Envelope::new(CustomerCreated::new(
+            format!("c-{}", seq % 40),
+            serde_json::json!({ "seq": seq, "notes": "x".repeat(200) }),
+        ));
+        bus.publish_record(OutboundRecord {
+            topic: "budgeted".to_owned(),
+            key: Some(e.key().into_bytes()),
+            value: Some(e.to_structured().unwrap()),
+            headers: weir::Headers::new(),
+        })
+        .await
+        .expect("publish");
+    }
+    let gate = Arc::new(Notify::new());
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handled: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let router = {
+        let (gate, open, handled) = (gate.clone(), open.clone(), handled.clone());
+        Router::new().on_with(
+            move |e: CustomerCreated, _ctx: Ctx| {
+                let (gate, open, handled) = (gate.clone(), open.clone(), handled.clone());
+                async move {
+                    let notified = gate.notified();
+                    if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                        notified.await;
+                    }
+                    let seq = e.details["seq"].as_u64().unwrap();
+                    handled.lock().unwrap().push((e.customer_id.clone(), seq));
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().topic("budgeted"),
+        )
+    };
+    let config = ConsumerConfig::new("budgeted-group").max_in_flight(PARTITIONS as usize, 1);
+    let subscription = bus.subscribe(router, config).expect("subscribe");
+    let metrics = bus.metrics().clone();
+    wait_until(
+        "a stuck handler on every partition",
+        Duration::from_secs(60),
+        || {
+            let in_flight = counter(&metrics, "weir_in_flight_messages ");
+            (in_flight >= f64::from(PARTITIONS))
+                .then_some(())
+                .ok_or(format!("in flight {in_flight}"))
+        },
+    )
+    .await;
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    gate.notify_waiters();
+    wait_until(
+        "every record to be handled",
+        Duration::from_secs(120),
+        || {
+            let count = handled.lock().unwrap().len() as u64;
+            (count >= n).then_some(()).ok_or(format!("{count} of {n}"))
+        },
+    )
+    .await;
+    subscription.stop().await.expect("stop");
+    let handled = handled.lock().unwrap().clone();
+    let mut seen = std::collections::HashSet::new();
+    let repeated: Vec<u64> = handled
+        .iter()
+        .filter(|(_, seq)| !seen.insert(*seq))
+        .map(|(_, seq)| *seq)
+        .collect();
+    assert!(repeated.is_empty(), "handled twice: {repeated:?}");
+    assert_eq!(seen.len() as u64, n);
+    let mut last: HashMap<&str, u64> = HashMap::new();
+    for (key, seq) in &handled {
+        if let Some(previous) = last.insert(key, *seq) {
+            assert!(previous < *seq, "key {key}: {seq} after {previous}");
+        }
+    }
+}

@@ -394,6 +394,48 @@ impl PartitionPaused<'_> {
     }
 }
 
+/// What the consumer holds of records fetched and not yet handed to a handler, all partitions
+/// together: librdkafka's prefetch queues and Weir's own hand-offs.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
+pub(crate) struct PrefetchBytes(pub(crate) usize);
+
+impl PrefetchBytes {
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.prefetch_bytes
+            .set(i64::try_from(self.0).unwrap_or(i64::MAX));
+    }
+}
+
+/// A partition's fetching paused because it holds more than its share of
+/// `kafka.max_prefetch_bytes`, or resumed once its handlers took half of it.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
+pub(crate) struct PrefetchPaused<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) paused: bool,
+    /// Bytes it holds.
+    pub(crate) held: usize,
+    /// Its share of the budget.
+    pub(crate) share: usize,
+}
+
+impl PrefetchPaused<'_> {
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.
+    pub(crate) fn emit(&self) {
+        let (topic, partition, held, share) = (self.topic, self.partition, self.held, self.share);
+        if self.paused {
+            debug!(topic, partition, held, share,
+                   "The partition holds its share of the prefetch budget; its fetching pauses until its handlers take half of it.");
+        } else {
+            debug!(
+                topic,
+                partition, held, share, "The partition's fetching resumes."
+            );
+        }
+    }
+}
+
 pub(crate) struct InFlight(pub(crate) usize);
 
 impl InFlight {

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub(crate) in_flight: IntGauge,
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Set from librdkafka statistics.
     pub(crate) consumer_lag: IntGaugeVec,
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Set from librdkafka statistics.
+    pub(crate) prefetch_bytes: IntGauge,
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,
     pub(crate) partition_paused: IntGaugeVec,
@@ -90,6 +92,14 @@ impl Metrics {
                 IntGauge::new(
                     "weir_in_flight_messages",
                     "Records fetched whose outcome is not final yet.",
+                )
+                .expect("valid metric"),
+            ),
+            prefetch_bytes: reg(
+                &registry,
+                IntGauge::new(
+                    "weir_consumer_prefetch_bytes",
+                    "Bytes of records fetched and not yet handed to a handler, all partitions together: librdkafka's prefetch queues (from its statistics) and Weir's hand-offs. Bounded by `kafka.max_prefetch_bytes` (plus what one fetch brings).",
                 )
                 .expect("valid metric"),
             ),

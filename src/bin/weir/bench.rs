@@ -18,6 +18,10 @@
 //! `info`, unless `RUST_LOG` says otherwise: W and W-mem are what `weir serve` pays per record.
 //! W and W-mem also run a second time with the log filter switched to `error`, in the same
 //! rounds: the framework's cost without its logging.
+//!
+//! `--stuck 8,64,256` (a real broker only): peak memory with a handler that never returns (a
+//! downstream that hangs), one fresh process per partition count, so what the consumer
+//! prefetches for partitions whose records cannot be handled is measured alone.
 
 use crate::reference::events::CustomerCreated;
 use crate::telemetry::Telemetry;
@@ -86,6 +90,22 @@ pub(crate) struct BenchArgs {
     /// process's peak RSS (what `--backlog` runs in a fresh process).
     #[arg(long, hide = true)]
     drain_topic: Option<String>,
+    /// Peak RSS with a handler that never returns, for each of these partition counts
+    /// (comma-separated; needs `--brokers`): a topic of that many partitions is pre-filled with
+    /// `--stuck-records` records per partition, and a fresh process subscribes to it with
+    /// Weir's default consumer settings for `--stuck-seconds`.
+    #[arg(long, value_delimiter = ',', value_name = "PARTITIONS")]
+    stuck: Vec<usize>,
+    /// Records per partition for `--stuck`.
+    #[arg(long, default_value_t = 10_000)]
+    stuck_records: usize,
+    /// How long each `--stuck` process runs.
+    #[arg(long, default_value_t = 25)]
+    stuck_seconds: u64,
+    /// Internal: subscribe to this existing topic with a handler that never returns, for
+    /// `--stuck-seconds`, and report the process's peak RSS (what `--stuck` runs).
+    #[arg(long, hide = true)]
+    stuck_topic: Option<String>,
 }
 
 fn parse_property(text: &str) -> Result<(String, String), String> {
@@ -118,6 +138,79 @@ async fn drain(args: &BenchArgs, topic: &str) -> anyhow::Result<()> {
         before.unwrap_or(0) as f64 / 1024.0
     );
     Ok(())
+}
+
+/// A fresh process holds records with a handler that never returns, then reports its peak RSS.
+async fn stuck(args: &BenchArgs, topic: &str) -> anyhow::Result<()> {
+    let brokers = args
+        .brokers
+        .clone()
+        .context("--stuck-topic needs --brokers")?;
+    let bus = KafkaBus::new(kafka_config(args, brokers))?;
+    let consumer = ConsumerConfig::new(format!("bench-{}", uuid::Uuid::new_v4().simple()));
+    let before = rss_kib("VmRSS:");
+    let started = Arc::new(AtomicUsize::new(0));
+    let router = {
+        let started = started.clone();
+        Router::new().on_with(
+            move |event: CustomerCreated, _ctx: Ctx| {
+                started.fetch_add(1, Ordering::Relaxed);
+                std::hint::black_box(&event);
+                // A downstream that hangs.
+                std::future::pending::<Result<(), HandlerError>>()
+            },
+            HandlerOptions::new().topic(topic).name("stuck"),
+        )
+    };
+    let _subscription = bus.subscribe(router, consumer)?;
+    tokio::time::sleep(Duration::from_secs(args.stuck_seconds)).await;
+    println!(
+        "stuck: {} s, {} handlers started; peak RSS {:.1} MiB (at start {:.1} MiB)",
+        args.stuck_seconds,
+        started.load(Ordering::Relaxed),
+        rss_kib("VmHWM:").unwrap_or(0) as f64 / 1024.0,
+        before.unwrap_or(0) as f64 / 1024.0
+    );
+    // The handlers never return: stopping would only wait for the drain timeout.
+    std::process::exit(0);
+}
+
+/// `--stuck`: one topic and one fresh process per partition count; returns the report's lines.
+async fn stuck_arms(args: &BenchArgs, target: &Target, run_id: &str) -> anyhow::Result<String> {
+    let mut lines = format!(
+        "stuck handler: {} records of ~{} bytes per partition, {} s, Weir's default consumer settings\n",
+        args.stuck_records,
+        payload(0).to_structured().map_or(0, |v| v.len()),
+        args.stuck_seconds
+    );
+    for &partitions in &args.stuck {
+        let topic = format!("bench-stuck-{partitions}-{run_id}");
+        target
+            .create_topic(&topic, i32::try_from(partitions)?)
+            .await?;
+        prefill(&target.kafka, &topic, partitions * args.stuck_records).await?;
+        let output = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["bench", "--stuck-topic", &topic])
+            .args(["--stuck-seconds", &args.stuck_seconds.to_string()])
+            .args(["--brokers", &target.kafka.brokers])
+            .args(
+                args.kafka
+                    .iter()
+                    .flat_map(|(k, v)| ["--kafka".to_owned(), format!("{k}={v}")]),
+            )
+            .stderr(std::process::Stdio::null())
+            .output()
+            .await?;
+        anyhow::ensure!(output.status.success(), "the stuck process failed");
+        let line = format!(
+            "  {partitions:>4} partitions: {}",
+            String::from_utf8_lossy(&output.stdout).trim_start()
+        );
+        // At once too: a run of three partition counts takes minutes.
+        eprint!("{line}");
+        lines.push_str(&line);
+    }
+    Ok(lines)
 }
 
 const KEYS: usize = 1_000;
@@ -610,11 +703,19 @@ pub(crate) async fn run(args: BenchArgs, telemetry: &Telemetry) -> anyhow::Resul
     if let Some(topic) = &args.drain_topic {
         return drain(&args, topic).await;
     }
+    if let Some(topic) = &args.stuck_topic {
+        return stuck(&args, topic).await;
+    }
     let wants = |group: &str| args.only.is_empty() || args.only.iter().any(|o| o == group);
     let level = telemetry.log_filter().to_owned();
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let mut report = Report::new(&level);
-    if wants("base") || wants("io") || wants("cpu") || args.backlog.is_some() {
+    if wants("base")
+        || wants("io")
+        || wants("cpu")
+        || args.backlog.is_some()
+        || !args.stuck.is_empty()
+    {
         kafka_arms(&args, telemetry, &run_id, &mut report).await?;
     } else {
         println!(
@@ -625,6 +726,10 @@ pub(crate) async fn run(args: BenchArgs, telemetry: &Telemetry) -> anyhow::Resul
     in_process_arms(&args, telemetry, &run_id, &mut report).await?;
     report.print();
     if let Some(output) = report.backlog {
+        println!();
+        print!("{output}");
+    }
+    if let Some(output) = report.stuck {
         println!();
         print!("{output}");
     }
@@ -648,6 +753,7 @@ struct Report {
     /// W's consumer settings, for the in-flight bound.
     max_in_flight: usize,
     backlog: Option<String>,
+    stuck: Option<String>,
 }
 
 impl Report {
@@ -667,6 +773,7 @@ impl Report {
             w_mem_error: Arm::new("W-mem weir no-op [error]"),
             max_in_flight: ConsumerConfig::new("bench").max_in_flight,
             backlog: None,
+            stuck: None,
         }
     }
 
@@ -760,6 +867,10 @@ async fn kafka_arms(
         anyhow::ensure!(
             args.backlog.is_none(),
             "--backlog needs --brokers: the mock cluster keeps about 5 MB per partition"
+        );
+        anyhow::ensure!(
+            args.stuck.is_empty(),
+            "--stuck needs --brokers: the mock cluster keeps about 5 MB per partition"
         );
         anyhow::ensure!(
             args.records * 440 / 8 < MOCK_RETENTION_BYTES && args.io_records * 440 / IO_PARTITIONS < MOCK_RETENTION_BYTES,
@@ -947,6 +1058,9 @@ async fn kafka_arms(
             .await?;
         anyhow::ensure!(output.status.success(), "the drain process failed");
         report.backlog = Some(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    if !args.stuck.is_empty() {
+        report.stuck = Some(stuck_arms(args, &target, run_id).await?);
     }
     Ok(())
 }

@@ -24,7 +24,17 @@ pub struct KafkaConfig {
     /// How long a publish may take until the broker acknowledges it (`message.timeout.ms`).
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
+    /// The most the consumer holds of records fetched and not yet handed to a handler, all
+    /// partitions together (default 64 MiB). librdkafka bounds its prefetch per partition
+    /// (`queued.min.messages`, `queued.max.messages.kbytes`), so with many partitions and
+    /// handlers that do not keep up it would hold hundreds of MiB; Weir divides this budget
+    /// over the assigned partitions and pauses fetching a partition that holds more than its
+    /// share, until the handlers have taken half of it.
+    pub max_prefetch_bytes: usize,
 }
+
+/// [`KafkaConfig::max_prefetch_bytes`]'s default.
+const MAX_PREFETCH_BYTES: usize = 64 * 1024 * 1024;
 
 impl Default for KafkaConfig {
     fn default() -> Self {
@@ -34,6 +44,7 @@ impl Default for KafkaConfig {
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
             delivery_timeout: Duration::from_secs(30),
+            max_prefetch_bytes: MAX_PREFETCH_BYTES,
         }
     }
 }
@@ -70,6 +81,7 @@ impl fmt::Debug for KafkaConfig {
             .field("consumer", &redact(&self.consumer))
             .field("producer", &redact(&self.producer))
             .field("delivery_timeout", &self.delivery_timeout)
+            .field("max_prefetch_bytes", &self.max_prefetch_bytes)
             .finish()
     }
 }
@@ -106,9 +118,9 @@ impl KafkaConfig {
     ///   - `queued.min.messages=10000` (librdkafka: 100000 per partition): halves the peak
     ///     memory of a consumer that drains a backlog (W: 52 to 27 MiB) at no measured cost in
     ///     throughput; 2000 halved the raw loop's ceiling.
-    ///   - `queued.max.messages.kbytes=16384` (librdkafka: 65536): a hard bound on the whole
-    ///     prefetch queue, whatever the record size or the number of partitions; no measured
-    ///     cost.
+    ///   - `queued.max.messages.kbytes=16384` (librdkafka: 65536): no measured cost. Both
+    ///     bound each partition's queue (Weir splits one off per partition), so the whole
+    ///     consumer's prefetch is bounded by [`KafkaConfig::max_prefetch_bytes`] instead.
     ///   - `fetch.wait.max.ms`, `fetch.max.bytes`, `max.partition.fetch.bytes`: librdkafka's
     ///     defaults; changing them made no difference beyond run-to-run noise.
     /// - `statistics.interval.ms=2000`: feeds `weir_consumer_lag` and broker reachability for

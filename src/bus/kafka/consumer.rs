@@ -23,13 +23,25 @@
 //! and stops fetching, while every other partition flows on. The main queue (rebalances, commit
 //! answers, statistics) is polled on every turn whatever the partitions do, so rebalances are
 //! served and `max.poll.interval.ms` is never exceeded however slow the handlers are.
+//!
+//! Prefetch budget: librdkafka bounds its prefetch per partition queue, so with many partitions
+//! whose handlers do not keep up it would hold hundreds of MiB. Where librdkafka's own bound for
+//! a partition (`queued.min.messages` records of the size seen so far, at most
+//! `queued.max.messages.kbytes`) fits in the partition's share of `max_prefetch_bytes` (the
+//! budget over the assigned partitions), a held-back partition's records are left in its queue,
+//! as above. Where it does not, the poll thread takes them out of the queue into batches of its
+//! own, up to the share, and then pauses the partition's fetching in librdkafka, which drops
+//! what it had prefetched beyond; once the engine has taken half of the share, fetching resumes
+//! where the poll thread stopped. So the whole consumer holds about the budget, whatever the
+//! partition count.
 
+use super::pauses::{PauseReason, Pauses};
 use crate::bus::engine::{PartitionKey, Source, SourceEvent, Tp};
 use crate::bus::BusError;
 use crate::handlers::Inbound;
 use crate::telemetry::events::{
     BrokerReachability, ConsumerLag, KafkaClientError, OffsetsCommitted, PartitionHeldBack,
-    Throttle,
+    PrefetchBytes, PrefetchPaused, Throttle,
 };
 use crate::telemetry::{Health, Metrics};
 use rdkafka::consumer::base_consumer::PartitionQueue;
@@ -57,6 +69,9 @@ const HANDOFF_BATCHES: usize = 2;
 /// The longest the poll thread sleeps when nothing moves; librdkafka and the engine wake it
 /// sooner when a queue gets records or a hand-off gets room.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Batches of one partition the poll thread takes out of its queue in one turn at most, so the
+/// main queue and the other partitions are served between them.
+const BATCHES_PER_TURN: usize = 8;
 /// A hand-off full this long is worth a warning: the partition's handlers are not keeping up.
 const HELD_BACK_WARNING: Duration = Duration::from_secs(10);
 
@@ -67,65 +82,6 @@ enum Control {
         done: oneshot::Sender<()>,
     },
     Assigned(Vec<Tp>),
-}
-
-/// Why a partition is paused in librdkafka. librdkafka's pause is one flag per partition, so
-/// reasons compose here: the first one pauses it there, and it is resumed there only when none
-/// remains. Pausing there discards what librdkafka prefetched for the partition; on resume it
-/// fetches again from the record after the last one polled, so nothing is lost or repeated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ClientPause {
-    /// The engine's pauses (`Subscription::pause`, a breaker, an operator's command).
-    Paused,
-}
-
-impl ClientPause {
-    fn bit(self) -> u8 {
-        1 << (self as u8)
-    }
-}
-
-/// The reasons each partition is paused in librdkafka for ([`ClientPause`]).
-#[derive(Default)]
-pub(crate) struct ClientPauses(Mutex<HashMap<Tp, u8>>);
-
-impl ClientPauses {
-    /// Adds or removes `why` for `tp`, pausing or resuming the partition in librdkafka when its
-    /// first reason comes or its last goes. Under the lock, so that two threads' changes reach
-    /// librdkafka in the order they were decided.
-    pub(crate) fn set(&self, consumer: &WeirConsumer, tp: &Tp, why: ClientPause, on: bool) {
-        let mut reasons = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let before = reasons.get(tp).copied().unwrap_or(0);
-        let after = if on {
-            before | why.bit()
-        } else {
-            before & !why.bit()
-        };
-        if after == 0 {
-            reasons.remove(tp);
-        } else {
-            reasons.insert(tp.clone(), after);
-        }
-        if (before == 0) == (after == 0) {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
-        let result = if after != 0 {
-            consumer.pause(&tpl)
-        } else {
-            consumer.resume(&tpl)
-        };
-        if let Err(error) = result {
-            tracing::warn!(topic = %tp.0, partition = tp.1, %error, paused = after != 0, "Could not pause or resume the partition's fetching in the Kafka client.");
-        }
-    }
-
-    /// Whether `tp` is paused in librdkafka for any reason.
-    fn is_paused(&self, tp: &PartitionKey) -> bool {
-        let reasons = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        !reasons.is_empty() && reasons.contains_key(&(tp.0.to_string(), tp.1))
-    }
 }
 
 /// A change of assignment, for the poll thread to apply to its partition queues once `poll`
@@ -145,12 +101,16 @@ pub(crate) struct WeirContext {
     changes: Mutex<Vec<Change>>,
     /// The poll thread, woken when a queue gets records.
     poller: Arc<OnceLock<std::thread::Thread>>,
+    /// Bytes of records the poll thread holds or has handed over and the engine has not taken,
+    /// all partitions together; librdkafka's statistics add its own queues to it.
+    held_bytes: AtomicUsize,
+    /// Why each partition's fetching is paused.
+    pauses: Pauses,
     metrics: Metrics,
     health: Health,
     /// Repeated client errors are logged once per 30 s.
     errors: Throttle,
     /// Partitions paused in librdkafka, and why.
-    pub(crate) client_pauses: ClientPauses,
     /// Makes the poll thread panic at its next turn, to test that the panic is reported.
     #[cfg(test)]
     panic_next_turn: AtomicBool,
@@ -200,10 +160,12 @@ impl ClientContext for WeirContext {
             .values()
             .any(|b| b.nodeid >= 0 && b.state == "UP");
         self.broker_up(up);
+        let mut prefetched = self.held_bytes.load(Ordering::Relaxed);
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // -1 is librdkafka's internal unassigned partition.
                 if *partition >= 0 {
+                    prefetched += usize::try_from(p.fetchq_size).unwrap_or(0);
                     if let Some(lag) = lag(p) {
                         ConsumerLag {
                             topic,
@@ -215,6 +177,7 @@ impl ClientContext for WeirContext {
                 }
             }
         }
+        PrefetchBytes(prefetched).emit(&self.metrics);
     }
 }
 
@@ -357,8 +320,20 @@ struct Handoff {
     /// The rebalance epoch they were polled in.
     epoch: u64,
     records: Vec<Inbound>,
-    /// The partition's count of batches handed over and not yet taken.
-    queued: Arc<AtomicUsize>,
+    /// What the records cost in memory ([`footprint`]).
+    bytes: usize,
+    /// The partition's hand-off.
+    pending: Arc<Pending>,
+}
+
+/// One partition's hand-off: batches handed over and not yet taken by the engine.
+#[derive(Default)]
+struct Pending {
+    batches: AtomicUsize,
+    bytes: AtomicUsize,
+    /// The partition's fetching is paused for memory: the engine wakes the poll thread at each
+    /// batch it takes, so that it can resume.
+    paused: AtomicBool,
 }
 
 /// Creates the consumer and its poll thread, subscribed to `topics`.
@@ -367,8 +342,10 @@ pub(crate) fn start(
     topics: &[String],
     metrics: Metrics,
     health: Health,
+    max_prefetch_bytes: usize,
     on_error: impl Fn(&KafkaError) -> BusError,
 ) -> Result<KafkaSource, BusError> {
+    let queue_bound = QueueBound::of(&config);
     let (control_tx, control) = mpsc::unbounded_channel();
     let poller = Arc::new(OnceLock::<std::thread::Thread>::new());
     let context = WeirContext {
@@ -376,10 +353,11 @@ pub(crate) fn start(
         epoch: AtomicU64::new(0),
         changes: Mutex::new(Vec::new()),
         poller: poller.clone(),
+        held_bytes: AtomicUsize::new(0),
+        pauses: Pauses::default(),
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
-        client_pauses: ClientPauses::default(),
         #[cfg(test)]
         panic_next_turn: AtomicBool::new(false),
     };
@@ -402,7 +380,13 @@ pub(crate) fn start(
             .name("weir-kafka-poll".to_owned())
             .spawn(move || {
                 let _ = poller.set(std::thread::current());
-                poll_loop(consumer, handoff_tx, closing);
+                poll_loop(
+                    consumer,
+                    handoff_tx,
+                    closing,
+                    max_prefetch_bytes,
+                    queue_bound,
+                );
             })
             .map_err(|e| BusError::Transport(format!("cannot start the poll thread: {e}")))?
     };
@@ -439,9 +423,15 @@ struct Feed {
     /// Its own queue; `None` if librdkafka would not split it (its records then come through
     /// the main queue).
     queue: Option<PartitionQueue<WeirContext>>,
-    /// Polled and not handed over yet.
+    /// Polled and not handed over yet: the batch being filled, and its bytes ([`footprint`]).
     held: Vec<Inbound>,
-    queued: Arc<AtomicUsize>,
+    held_bytes: usize,
+    /// Full batches the hand-off had no room for, and their bytes.
+    waiting: VecDeque<(Vec<Inbound>, usize)>,
+    waiting_bytes: usize,
+    pending: Arc<Pending>,
+    /// Its fetching is paused for memory.
+    paused: bool,
     /// Split again after a record of it came through the main queue.
     resplit: bool,
     /// Since when the hand-off has been full, and whether that was logged.
@@ -455,6 +445,8 @@ fn poll_loop(
     consumer: Arc<WeirConsumer>,
     handoff: mpsc::UnboundedSender<Handoff>,
     closing: Arc<AtomicBool>,
+    max_prefetch_bytes: usize,
+    queue_bound: QueueBound,
 ) {
     let mut feeds: Vec<Feed> = Vec::new();
     let mut converter = Converter::default();
@@ -466,20 +458,25 @@ fn poll_loop(
         }
         let mut moved = poll_main_queue(&consumer, &mut feeds, &poller, &mut converter);
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
+        // At least a byte: a partition may always hold one record, so a budget smaller than
+        // the partition count slows consumption and never stops it.
+        let share = (max_prefetch_bytes / feeds.len().max(1)).max(1);
+        // Whether librdkafka's own bound keeps a held-back partition within its share.
+        let queue_fits = queue_bound.bytes(&converter) <= share;
+        let mut held = 0;
         for feed in &mut feeds {
-            if feed.held_back(&consumer.context().client_pauses) {
-                continue;
-            }
-            feed.fill(&mut converter);
-            if feed.held.is_empty() {
-                continue;
-            }
-            if handoff.send(feed.batch(epoch)).is_err() {
+            let held_back = feed.held_back(&consumer.context().pauses);
+            // Where librdkafka's bound fits, a held-back partition's records stay in its queue.
+            let fill_up_to = if held_back && queue_fits { 0 } else { share };
+            match feed.turn(&mut converter, &handoff, epoch, fill_up_to) {
+                Ok(m) => moved |= m,
                 // The engine has gone.
-                return close(feeds, consumer);
+                Err(Gone) => return close(feeds, consumer),
             }
-            moved = true;
+            feed.bound(&consumer, share, &mut converter);
+            held += feed.buffered();
         }
+        consumer.context().held_bytes.store(held, Ordering::Relaxed);
         if !moved {
             std::thread::park_timeout(POLL_INTERVAL);
         }
@@ -534,14 +531,15 @@ impl Feed {
             self.queue = None;
             self.queue = split(consumer, &self.tp, poller);
         }
+        self.held_bytes += footprint(&inbound);
         self.held.push(inbound);
     }
 
-    /// Whether the partition's hand-off is full (the engine is not taking its records): its
-    /// queue is then left alone, so librdkafka's prefetch for it fills and its fetching stops.
+    /// Whether the partition's hand-off is full (the engine is not taking its records): what
+    /// is polled of it then waits in the poll thread, up to its share of the prefetch budget.
     /// Warns once it has been full for [`HELD_BACK_WARNING`], and again when it has room.
-    fn held_back(&mut self, pauses: &ClientPauses) -> bool {
-        if self.queued.load(Ordering::Acquire) >= HANDOFF_BATCHES {
+    fn held_back(&mut self, pauses: &Pauses) -> bool {
+        if self.pending.batches.load(Ordering::Acquire) >= HANDOFF_BATCHES {
             let since = *self.full_since.get_or_insert_with(std::time::Instant::now);
             // A paused partition is held back on purpose.
             if !self.warned && since.elapsed() >= HELD_BACK_WARNING && !pauses.is_paused(&self.tp) {
@@ -567,20 +565,58 @@ impl Feed {
         false
     }
 
-    /// Polls the partition's own queue into what it holds, up to a batch: [`BATCH`] records
-    /// or [`BATCH_BYTES`] of values.
-    fn fill(&mut self, converter: &mut Converter) {
+    /// Bytes of its records the partition holds: polled, or handed over and not yet taken.
+    fn buffered(&self) -> usize {
+        self.held_bytes + self.waiting_bytes + self.pending.bytes.load(Ordering::Acquire)
+    }
+
+    /// Hands batches over while the hand-off has room, and polls the partition's queue into
+    /// batches while it holds less than its `share` (up to [`BATCHES_PER_TURN`] batches).
+    /// Returns whether anything moved.
+    fn turn(
+        &mut self,
+        converter: &mut Converter,
+        handoff: &mpsc::UnboundedSender<Handoff>,
+        epoch: u64,
+        share: usize,
+    ) -> Result<bool, Gone> {
+        let mut moved = self.hand_over(handoff, epoch)?;
+        if self.paused {
+            self.drop_prefetched(converter);
+        }
+        for _ in 0..BATCHES_PER_TURN {
+            if self.paused || self.buffered() >= share || !self.fill(converter, share) {
+                break;
+            }
+            moved = true;
+            self.hand_over(handoff, epoch)?;
+        }
+        Ok(moved)
+    }
+
+    /// Polls the partition's own queue into the batch being filled, up to [`BATCH`] records or
+    /// [`BATCH_BYTES`], and while the partition holds less than its `share`; a full batch
+    /// waits for room in the hand-off. Returns whether a record came.
+    fn fill(&mut self, converter: &mut Converter, share: usize) -> bool {
         let Some(queue) = &self.queue else {
-            return;
+            return false;
         };
-        let mut bytes: usize = self.held.iter().map(value_len).sum();
-        while self.held.len() < BATCH && bytes < BATCH_BYTES {
+        let others = self.waiting_bytes + self.pending.bytes.load(Ordering::Acquire);
+        let mut polled = false;
+        while self.held.len() < BATCH
+            && self.held_bytes < BATCH_BYTES
+            && others + self.held_bytes < share
+        {
             match queue.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => {
                     let inbound = converter.inbound(&message);
-                    bytes += value_len(&inbound);
+                    let bytes = footprint(&inbound);
+                    converter.records += 1;
+                    converter.bytes += bytes;
+                    self.held_bytes += bytes;
                     self.held.push(inbound);
+                    polled = true;
                 }
                 Some(Err(error)) => {
                     tracing::debug!(%error, "Kafka partition error; still polling.");
@@ -588,22 +624,118 @@ impl Feed {
                 }
             }
         }
+        if self.held.len() >= BATCH || self.held_bytes >= BATCH_BYTES {
+            let bytes = std::mem::take(&mut self.held_bytes);
+            let batch = std::mem::replace(&mut self.held, Vec::with_capacity(BATCH));
+            self.waiting_bytes += bytes;
+            self.waiting.push_back((batch, bytes));
+        }
+        polled
     }
 
-    /// What it holds, as a batch for the engine, counted in its hand-off.
-    fn batch(&mut self, epoch: u64) -> Handoff {
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        Handoff {
-            tp: self.tp.clone(),
-            epoch,
-            records: std::mem::replace(&mut self.held, Vec::with_capacity(BATCH)),
-            queued: self.queued.clone(),
+    /// Frees what librdkafka prefetched for the partition before its pause. The pause makes
+    /// those records stale, but librdkafka frees them only when its queue is polled (the pause
+    /// puts a barrier at the queue's head, which stops its own purge): polling yields none of
+    /// them. A record it does yield is current, and is held.
+    fn drop_prefetched(&mut self, converter: &mut Converter) {
+        let Some(queue) = &self.queue else {
+            return;
+        };
+        loop {
+            match queue.poll(Duration::ZERO) {
+                None => return,
+                Some(Ok(message)) => {
+                    let inbound = converter.inbound(&message);
+                    self.held_bytes += footprint(&inbound);
+                    self.held.push(inbound);
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "Kafka partition error; still polling.");
+                    return;
+                }
+            }
         }
+    }
+
+    /// Hands the waiting batches over, then the batch being filled, while the hand-off has
+    /// room. Returns whether it handed anything over.
+    fn hand_over(
+        &mut self,
+        handoff: &mpsc::UnboundedSender<Handoff>,
+        epoch: u64,
+    ) -> Result<bool, Gone> {
+        let mut moved = false;
+        while self.pending.batches.load(Ordering::Acquire) < HANDOFF_BATCHES {
+            let (records, bytes) = match self.waiting.pop_front() {
+                Some((records, bytes)) => {
+                    self.waiting_bytes -= bytes;
+                    (records, bytes)
+                }
+                None if !self.held.is_empty() => (
+                    std::mem::replace(&mut self.held, Vec::with_capacity(BATCH)),
+                    std::mem::take(&mut self.held_bytes),
+                ),
+                None => break,
+            };
+            self.pending.batches.fetch_add(1, Ordering::AcqRel);
+            self.pending.bytes.fetch_add(bytes, Ordering::AcqRel);
+            handoff
+                .send(Handoff {
+                    tp: self.tp.clone(),
+                    epoch,
+                    records,
+                    bytes,
+                    pending: self.pending.clone(),
+                })
+                .map_err(|_| Gone)?;
+            moved = true;
+        }
+        Ok(moved)
+    }
+
+    /// Pauses the partition's fetching once it holds its `share`, which drops what librdkafka
+    /// prefetched for it beyond what was polled; resumes it (from the record after the last
+    /// one polled) once the engine has taken half of it.
+    fn bound(&mut self, consumer: &WeirConsumer, share: usize, converter: &mut Converter) {
+        let held = self.buffered();
+        let pause = if !self.paused && held >= share {
+            true
+        } else if self.paused && held <= share / 2 {
+            false
+        } else {
+            return;
+        };
+        let pauses = &consumer.context().pauses;
+        if pause {
+            pauses.pause(consumer, &self.tp, PauseReason::Memory);
+        } else {
+            pauses.resume(consumer, &self.tp, PauseReason::Memory);
+        }
+        self.paused = pause;
+        self.pending.paused.store(pause, Ordering::Release);
+        if pause {
+            self.drop_prefetched(converter);
+        }
+        PrefetchPaused {
+            topic: &self.tp.0,
+            partition: self.tp.1,
+            paused: pause,
+            held,
+            share,
+        }
+        .emit();
     }
 }
 
-fn value_len(inbound: &Inbound) -> usize {
-    inbound.value.as_ref().map_or(0, bytes::Bytes::len)
+/// The engine has gone: the hand-off's receiver is closed.
+struct Gone;
+
+/// What a record costs while it waits: its key and value, and the record itself (the headers
+/// are shared with the records around it).
+fn footprint(inbound: &Inbound) -> usize {
+    std::mem::size_of::<Inbound>()
+        + inbound.value.as_ref().map_or(0, bytes::Bytes::len)
+        + inbound.key.as_ref().map_or(0, bytes::Bytes::len)
 }
 
 /// Applies the assignment changes the rebalance callbacks recorded: splits off the queues of
@@ -623,9 +755,19 @@ fn apply_changes(
     );
     for change in changes {
         match change {
-            Change::Revoked(revoked) => {
-                feeds.retain(|f| !revoked.iter().any(|(t, p)| *p == f.tp.1 && **t == *f.tp.0))
-            }
+            Change::Revoked(revoked) => feeds.retain(|f| {
+                let keep = !revoked.iter().any(|(t, p)| *p == f.tp.1 && **t == *f.tp.0);
+                if !keep && f.paused {
+                    // librdkafka keeps a partition's pause across an unassign: a later owner
+                    // of it in this process must not find it paused for memory it no longer
+                    // holds.
+                    consumer
+                        .context()
+                        .pauses
+                        .resume(consumer, &f.tp, PauseReason::Memory);
+                }
+                keep
+            }),
             Change::Assigned(assigned) => {
                 for (topic, partition) in assigned {
                     if feeds
@@ -639,7 +781,11 @@ fn apply_changes(
                         queue: split(consumer, &tp, poller),
                         tp,
                         held: Vec::with_capacity(BATCH),
-                        queued: Arc::new(AtomicUsize::new(0)),
+                        held_bytes: 0,
+                        waiting: VecDeque::new(),
+                        waiting_bytes: 0,
+                        pending: Arc::default(),
+                        paused: false,
                         resplit: false,
                         full_since: None,
                         warned: false,
@@ -679,6 +825,39 @@ fn close(feeds: Vec<Feed>, consumer: Arc<WeirConsumer>) {
 struct Converter {
     names: Vec<Arc<str>>,
     last_headers: crate::contracts::Headers,
+    /// Records polled from partition queues, and their bytes ([`footprint`]).
+    records: usize,
+    bytes: usize,
+}
+
+/// librdkafka's bound on one partition's queue (`queued.min.messages`,
+/// `queued.max.messages.kbytes`; Weir's defaults or the user's).
+#[derive(Clone, Copy)]
+struct QueueBound {
+    records: usize,
+    bytes: usize,
+}
+
+impl QueueBound {
+    fn of(config: &rdkafka::ClientConfig) -> Self {
+        let get = |key: &str, default: usize| {
+            config
+                .get(key)
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(default)
+        };
+        // librdkafka's defaults where neither Weir nor the user set one.
+        Self {
+            records: get("queued.min.messages", 100_000),
+            bytes: get("queued.max.messages.kbytes", 65_536).saturating_mul(1024),
+        }
+    }
+
+    /// What the queue holds at most, with records the size of those polled so far.
+    fn bytes(&self, converter: &Converter) -> usize {
+        let average = converter.bytes / converter.records.max(1);
+        self.bytes.min(self.records.saturating_mul(average))
+    }
 }
 
 impl Converter {
@@ -735,7 +914,8 @@ fn to_inbound(
 /// Batches of one partition handed over and not yet taken by the engine.
 struct Buffered {
     tp: PartitionKey,
-    batches: VecDeque<(std::vec::IntoIter<Inbound>, Arc<AtomicUsize>)>,
+    /// Each batch with its bytes and its partition's hand-off.
+    batches: VecDeque<(std::vec::IntoIter<Inbound>, usize, Arc<Pending>)>,
 }
 
 /// The engine's handle on the consumer. The drop of the last handle closes the consumer, which
@@ -875,7 +1055,7 @@ impl KafkaSource {
         if stale {
             return;
         }
-        let entry = (batch.records.into_iter(), batch.queued);
+        let entry = (batch.records.into_iter(), batch.bytes, batch.pending);
         match self.buffered.iter_mut().find(|b| b.tp == batch.tp) {
             Some(buffered) => buffered.batches.push_back(entry),
             None => self.buffered.push(Buffered {
@@ -891,7 +1071,7 @@ impl KafkaSource {
         for i in 0..n {
             let at = (self.cursor + i) % n;
             let buffered = &mut self.buffered[at];
-            let Some((batch, queued)) = buffered.batches.front_mut() else {
+            let Some((batch, bytes, pending)) = buffered.batches.front_mut() else {
                 continue;
             };
             if !pool_open && !self.closed.is_empty() && self.closed.contains(&buffered.tp) {
@@ -902,8 +1082,12 @@ impl KafkaSource {
             }
             let record = batch.next();
             if batch.len() == 0 {
-                // The batch is taken: the partition's hand-off has room for another.
-                if queued.fetch_sub(1, Ordering::AcqRel) == HANDOFF_BATCHES {
+                // The batch is taken: the partition's hand-off has room for another, and its
+                // fetching may resume.
+                pending.bytes.fetch_sub(*bytes, Ordering::AcqRel);
+                if pending.batches.fetch_sub(1, Ordering::AcqRel) == HANDOFF_BATCHES
+                    || pending.paused.load(Ordering::Acquire)
+                {
                     self.poller.unpark();
                 }
                 buffered.batches.pop_front();
@@ -974,12 +1158,12 @@ impl Source for KafkaSource {
             self.paused.remove(tp);
         }
         let consumer = &*self.consumer;
-        consumer.context().client_pauses.set(
-            consumer,
-            &(tp.0.to_string(), tp.1),
-            ClientPause::Paused,
-            paused,
-        );
+        let pauses = &consumer.context().pauses;
+        if paused {
+            pauses.pause(consumer, tp, PauseReason::Engine);
+        } else {
+            pauses.resume(consumer, tp, PauseReason::Engine);
+        }
     }
 
     fn store(&mut self, tp: &Tp, next_offset: i64) {
@@ -1055,10 +1239,11 @@ mod tests {
             epoch: AtomicU64::new(0),
             changes: Mutex::new(Vec::new()),
             poller: Arc::default(),
+            held_bytes: AtomicUsize::new(0),
+            pauses: Pauses::default(),
             metrics: metrics.clone(),
             health: Health::default(),
             errors: Throttle::new(Duration::from_secs(30)),
-            client_pauses: ClientPauses::default(),
             panic_next_turn: AtomicBool::new(false),
         }
     }

@@ -2,6 +2,7 @@
 
 mod config;
 mod consumer;
+mod pauses;
 mod producer;
 
 pub use config::KafkaConfig;
@@ -120,6 +121,7 @@ impl Bus for KafkaBus {
             &topics,
             self.inner.metrics.clone(),
             health.clone(),
+            kafka.max_prefetch_bytes,
             |e| kafka.creation_error(e),
         )?;
         let metrics = self.inner.metrics.clone();
@@ -201,6 +203,7 @@ mod tests {
             &["pings".to_owned()],
             metrics.clone(),
             health.clone(),
+            64 * 1024 * 1024,
             |e| BusError::Transport(e.to_string()),
         )
         .expect("the consumer starts");

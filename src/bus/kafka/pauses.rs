@@ -1,0 +1,76 @@
+//! Why each partition's fetching is paused. Several parts of Weir pause partitions in
+//! librdkafka (the engine's pauses and the prefetch budget), and none may resume what another paused; librdkafka
+//! keeps one flag per partition, so the reasons are kept here and the flag follows "any reason".
+
+use crate::bus::engine::PartitionKey;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+
+/// Why a partition's fetching is paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum PauseReason {
+    /// The engine's pauses: `Subscription::pause`, a breaker, an operator's command.
+    Engine,
+    /// It holds its share of `kafka.max_prefetch_bytes`.
+    Memory,
+}
+
+/// Each partition's pause reasons; librdkafka pauses it while it has any.
+#[derive(Default)]
+pub(crate) struct Pauses {
+    reasons: Mutex<HashMap<PartitionKey, BTreeSet<PauseReason>>>,
+}
+
+impl Pauses {
+    /// Adds `reason`; pauses the partition in librdkafka if it had none.
+    pub(crate) fn pause<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tp: &PartitionKey,
+        reason: PauseReason,
+    ) {
+        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let set = reasons.entry(tp.clone()).or_default();
+        if set.insert(reason) && set.len() == 1 {
+            if let Err(error) = consumer.pause(&tpl(tp)) {
+                tracing::warn!(topic = %tp.0, partition = tp.1, %error, ?reason, "Could not pause the partition's fetching.");
+            }
+        }
+    }
+
+    /// Removes `reason`; resumes the partition in librdkafka if no other reason is left.
+    pub(crate) fn resume<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tp: &PartitionKey,
+        reason: PauseReason,
+    ) {
+        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(set) = reasons.get_mut(tp) else {
+            return;
+        };
+        if set.remove(&reason) && set.is_empty() {
+            reasons.remove(tp);
+            if let Err(error) = consumer.resume(&tpl(tp)) {
+                tracing::warn!(topic = %tp.0, partition = tp.1, %error, ?reason, "Could not resume the partition's fetching.");
+            }
+        }
+    }
+}
+
+impl Pauses {
+    /// Whether `tp` is paused in librdkafka for any reason.
+    pub(crate) fn is_paused(&self, tp: &PartitionKey) -> bool {
+        let reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        !reasons.is_empty() && reasons.contains_key(tp)
+    }
+}
+
+fn tpl(tp: &PartitionKey) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    // Adding a partition to a fresh list cannot fail for a valid offset.
+    let _ = tpl.add_partition_offset(&tp.0, tp.1, Offset::Invalid);
+    tpl
+}
