@@ -106,10 +106,10 @@ pub use contracts::{
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
 };
 pub use handlers::{
-    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError, Ctx,
-    DurableRetry, FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions,
-    HandlerService, IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State,
-    TraceContext, UnhandledPolicy, WithLayer,
+    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError,
+    BreakerConfig, BreakerState, Ctx, DurableRetry, FromBatch, FromCtx, HandlerError, HandlerExt,
+    HandlerFn, HandlerOptions, HandlerService, IntoHandler, Layered, Request, RetryDecision,
+    RetryPolicy, Router, State, TraceContext, UnhandledPolicy, WithLayer,
 };
 #[cfg(feature = "postgres")]
 pub use outbox::{

@@ -3,6 +3,7 @@
 //! Depends on `contracts` and `telemetry`: a handler never sees a transport.
 
 mod batch;
+mod breaker;
 mod ctx;
 mod dispatch;
 mod erased;
@@ -15,6 +16,8 @@ mod retry;
 mod router;
 
 pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
+pub(crate) use breaker::{Breaker, CallOutcome, OpenedBecause, Transition};
+pub use breaker::{BreakerConfig, BreakerState};
 pub use ctx::{Ctx, TraceContext};
 #[cfg(feature = "postgres")]
 pub(crate) use dispatch::ParkedAttempt;
