@@ -4,6 +4,7 @@
 
 mod batch;
 mod breaker;
+mod circuit;
 mod ctx;
 mod dispatch;
 mod erased;
@@ -16,8 +17,8 @@ mod retry;
 mod router;
 
 pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
-pub(crate) use breaker::{Breaker, CallOutcome, OpenedBecause, Transition};
 pub use breaker::{BreakerConfig, BreakerState};
+pub(crate) use circuit::PauseRequest;
 pub use ctx::{Ctx, TraceContext};
 #[cfg(feature = "postgres")]
 pub(crate) use dispatch::ParkedAttempt;
