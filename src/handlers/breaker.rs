@@ -21,12 +21,16 @@
 //!   cool-down. Any other outcome (acknowledged) says nothing about the downstream: the next
 //!   call is the probe.
 
+use serde::Deserialize;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// When a route's circuit breaker opens and how long it stays open. Off unless given to
-/// [`HandlerOptions::breaker`](crate::HandlerOptions::breaker).
-#[derive(Debug, Clone, PartialEq)]
+/// [`HandlerOptions::breaker`](crate::HandlerOptions::breaker) (or
+/// [`Router::set_breaker`](crate::Router::set_breaker)). Deserializes from the keys below, with
+/// durations in humantime (`"30s"`), each optional.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct BreakerConfig {
     /// The share of calls in the window that failed retryably at which the breaker opens
@@ -35,12 +39,15 @@ pub struct BreakerConfig {
     /// The calls the window must hold before the ratio can open the breaker. Default 20.
     pub minimum_calls: u32,
     /// How far back calls count. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub window: Duration,
     /// How long the breaker stays open the first time. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub cool_down: Duration,
     /// The factor applied to the cool-down at each reopening. Default 2.
     pub backoff: f64,
     /// The longest cool-down. Default 5 minutes.
+    #[serde(with = "humantime_serde")]
     pub max_cool_down: Duration,
 }
 
@@ -98,6 +105,15 @@ impl BreakerConfig {
     pub fn max_cool_down(mut self, max: Duration) -> Self {
         self.max_cool_down = max;
         self
+    }
+
+    /// The values kept in range, as the builder methods keep them (a deserialized config
+    /// skips them).
+    fn normalized(self) -> Self {
+        let (ratio, calls, backoff) = (self.failure_ratio, self.minimum_calls, self.backoff);
+        self.failure_ratio(if ratio.is_nan() { 0.5 } else { ratio })
+            .minimum_calls(calls)
+            .backoff(if backoff.is_nan() { 1.0 } else { backoff })
     }
 
     /// The cool-down after `reopenings` reopenings in a row (0 for the first opening).
@@ -223,7 +239,7 @@ pub(crate) struct Breaker {
 impl Breaker {
     pub(crate) fn new(config: BreakerConfig) -> Self {
         Self {
-            config,
+            config: config.normalized(),
             state: State::Closed,
             calls: VecDeque::new(),
             failures: 0,

@@ -262,6 +262,23 @@ impl<S> Router<S> {
         self.on_with(handler, HandlerOptions::default())
     }
 
+    /// Gives every handler named `route` (its [`HandlerOptions::name`]) a circuit breaker,
+    /// replacing any it had: the same as [`HandlerOptions::breaker`] at registration, for
+    /// configuration read later (the `weir` binary's `[routes.<name>.breaker]`). Returns
+    /// whether a handler has that name.
+    pub fn set_breaker(&mut self, route: &str, config: BreakerConfig) -> bool {
+        let mut found = false;
+        for types in self.routes.values_mut() {
+            for entry in types.values_mut() {
+                for handler in entry.handlers.iter_mut().filter(|h| &*h.name == route) {
+                    handler.breaker = Some(config.clone());
+                    found = true;
+                }
+            }
+        }
+        found
+    }
+
     /// Wraps every handler registered so far in `layer`, a `tower::Layer` over a handler's
     /// service of [`AnyEvent`]s (the route decodes the event before; the layer can
     /// [`downcast_ref`](AnyEvent::downcast_ref) it). As in axum, handlers registered after this
