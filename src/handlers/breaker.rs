@@ -544,11 +544,11 @@ mod tests {
     fn a_failed_probe_reopens_it_with_a_longer_cool_down_up_to_the_cap() {
         let t0 = Instant::now();
         let mut breaker = Breaker::new(config());
-        open(&mut breaker, t0);
-        let mut now = t0;
-        // Cool-downs 5 s, then 10, then 15 (the cap), then 15.
+        let first = open(&mut breaker, t0);
+        assert_eq!(first.opened.expect("why").cool_down, secs(5));
+        // Then cool-downs of 10 s, 15 (the cap), 15.
         for expected in [10, 15, 15] {
-            now = breaker.deadline().expect("open");
+            let now = breaker.deadline().expect("open");
             assert!(breaker.admit(now), "the probe");
             let t = breaker
                 .record(now, CallOutcome::RetryableFailure)
@@ -560,7 +560,7 @@ mod tests {
             assert_eq!(breaker.deadline(), Some(now + secs(expected)));
         }
         // A close resets the cool-down.
-        now = breaker.deadline().expect("open");
+        let now = breaker.deadline().expect("open");
         assert!(breaker.admit(now));
         breaker.record(now, CallOutcome::Success).expect("closes");
         let t = open(&mut breaker, now);
