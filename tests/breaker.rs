@@ -246,6 +246,11 @@ async fn a_five_minute_outage_dead_letters_nothing_and_spends_no_attempts_while_
     assert!(entered(&metrics, "open") >= 1.0, "it opened");
     let during: Vec<Call> = downstream.calls.lock().unwrap()[10..].to_vec();
     let probes = entered(&metrics, "half_open") as usize;
+    assert_eq!(
+        bus.committed("breakers", "jobs").get(&0),
+        Some(&10),
+        "the records finished before the outage commit while it is open"
+    );
     downstream.down.store(false, Ordering::SeqCst);
 
     until(Duration::from_secs(60), "every record handled", || {

@@ -44,6 +44,8 @@
 //! Pausing ([`control`](super::control)): a partition that a pause covers is closed at the
 //! source whatever the flow ([`Source::set_paused`]); what the engine admitted before finishes
 //! and commits. Pauses are rules kept here, applied again to each partition assigned later.
+//! A route's circuit breaker asks for its pause and its resume through a channel of its own
+//! (`breaker_requests`), applied as [`PauseSource::Breaker`](control::PauseSource::Breaker).
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
