@@ -281,9 +281,9 @@ impl Breaker {
     }
 
     /// Whether a call may run now: always when closed, never when open, and once (the probe)
-    /// when half-open until the probe's outcome is recorded.
-    pub(crate) fn admit(&mut self, now: Instant) -> bool {
-        self.poll(now);
+    /// when half-open until the probe's outcome is recorded. Only [`poll`](Self::poll) ends
+    /// the cool-down, so that every change of state is one its owner sees and reports.
+    pub(crate) fn admit(&mut self) -> bool {
         match &mut self.state {
             State::Closed => true,
             State::Open { .. } => false,
@@ -498,13 +498,13 @@ mod tests {
         let t0 = Instant::now();
         let mut breaker = Breaker::new(config());
         open(&mut breaker, t0);
-        assert!(!breaker.admit(t0 + secs(4)));
+        assert!(!breaker.admit());
         assert_eq!(breaker.poll(t0 + secs(4)), None);
         let t = breaker.poll(t0 + secs(5)).expect("half-opens");
         assert_eq!((t.from, t.to), (BreakerState::Open, BreakerState::HalfOpen));
-        assert!(breaker.admit(t0 + secs(5)), "the probe");
-        assert!(!breaker.admit(t0 + secs(5)), "only one probe");
-        assert!(!breaker.admit(t0 + secs(60)), "still only one probe");
+        assert!(breaker.admit(), "the probe");
+        assert!(!breaker.admit(), "only one probe");
+        assert!(!breaker.admit(), "still only one probe");
     }
 
     #[test]
@@ -521,7 +521,9 @@ mod tests {
         let t0 = Instant::now();
         let mut breaker = Breaker::new(config());
         open(&mut breaker, t0);
-        assert!(breaker.admit(t0 + secs(5)));
+        assert!(!breaker.admit(), "open until polled after the cool-down");
+        breaker.poll(t0 + secs(5)).expect("half-opens");
+        assert!(breaker.admit());
         let t = breaker
             .record(t0 + secs(6), CallOutcome::Success)
             .expect("closes");
@@ -529,8 +531,8 @@ mod tests {
             (t.from, t.to),
             (BreakerState::HalfOpen, BreakerState::Closed)
         );
-        assert!(breaker.admit(t0 + secs(6)));
-        assert!(breaker.admit(t0 + secs(6)), "closed admits every call");
+        assert!(breaker.admit());
+        assert!(breaker.admit(), "closed admits every call");
         // The window starts empty: three failures are under the minimum again.
         for _ in 0..3 {
             assert_eq!(
@@ -549,7 +551,8 @@ mod tests {
         // Then cool-downs of 10 s, 15 (the cap), 15.
         for expected in [10, 15, 15] {
             let now = breaker.deadline().expect("open");
-            assert!(breaker.admit(now), "the probe");
+            breaker.poll(now).expect("half-opens");
+            assert!(breaker.admit(), "the probe");
             let t = breaker
                 .record(now, CallOutcome::RetryableFailure)
                 .expect("reopens");
@@ -561,7 +564,8 @@ mod tests {
         }
         // A close resets the cool-down.
         let now = breaker.deadline().expect("open");
-        assert!(breaker.admit(now));
+        breaker.poll(now).expect("half-opens");
+        assert!(breaker.admit());
         breaker.record(now, CallOutcome::Success).expect("closes");
         let t = open(&mut breaker, now);
         assert_eq!(t.opened.expect("why").cool_down, secs(5));
@@ -572,10 +576,11 @@ mod tests {
         let t0 = Instant::now();
         let mut breaker = Breaker::new(config());
         open(&mut breaker, t0);
-        assert!(breaker.admit(t0 + secs(5)));
+        breaker.poll(t0 + secs(5)).expect("half-opens");
+        assert!(breaker.admit());
         assert_eq!(breaker.record(t0 + secs(5), CallOutcome::Ignored), None);
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
-        assert!(breaker.admit(t0 + secs(5)), "the next probe");
+        assert!(breaker.admit(), "the next probe");
     }
 
     #[test]

@@ -81,7 +81,16 @@ impl Circuit {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.lock().admit(now()) {
+            let (admitted, late) = {
+                let mut breaker = self.lock();
+                // The cool-down's timer may not have run yet: end it here, reported the same.
+                let late = breaker.poll(now());
+                (breaker.admit(), late)
+            };
+            if let Some(transition) = late {
+                self.transitioned(transition);
+            }
+            if admitted {
                 break Some(Ticket {
                     circuit: self.clone(),
                     recorded: false,
