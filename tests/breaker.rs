@@ -66,8 +66,9 @@ fn retry(attempts: u32) -> RetryPolicy {
     }
 }
 
+/// Subscribes a replica (group `breakers`) whose handler calls `downstream`; the topic `jobs`
+/// must exist.
 fn subscribe(bus: &MemoryBus, downstream: &Arc<Downstream>, attempts: u32) -> Subscription {
-    bus.create_topic("jobs", 1);
     let d = downstream.clone();
     let router = Router::new().on_with(
         move |job: Job, ctx: Ctx| {
@@ -147,6 +148,7 @@ async fn until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
 #[tokio::test(start_paused = true)]
 async fn the_breaker_opens_half_opens_reopens_and_closes_through_a_subscription() {
     let bus = MemoryBus::default();
+    bus.create_topic("jobs", 1);
     let downstream = Arc::new(Downstream::default());
     downstream.down.store(true, Ordering::SeqCst);
     let subscription = subscribe(&bus, &downstream, 3);
@@ -198,6 +200,7 @@ async fn the_breaker_opens_half_opens_reopens_and_closes_through_a_subscription(
 #[tokio::test(start_paused = true)]
 async fn a_single_poison_record_never_opens_the_breaker_and_dead_letters_as_normal() {
     let bus = MemoryBus::default();
+    bus.create_topic("jobs", 1);
     let downstream = Arc::new(Downstream {
         poison: Some(0),
         ..Downstream::default()
@@ -230,6 +233,7 @@ async fn a_single_poison_record_never_opens_the_breaker_and_dead_letters_as_norm
 #[tokio::test(start_paused = true)]
 async fn a_five_minute_outage_dead_letters_nothing_and_spends_no_attempts_while_open() {
     let bus = MemoryBus::default();
+    bus.create_topic("jobs", 1);
     let downstream = Arc::new(Downstream::default());
     let subscription = subscribe(&bus, &downstream, 3);
     let metrics = bus.metrics().clone();
@@ -289,6 +293,7 @@ async fn a_five_minute_outage_dead_letters_nothing_and_spends_no_attempts_while_
 #[tokio::test(start_paused = true)]
 async fn an_api_pause_and_the_breaker_do_not_resume_what_the_other_paused() {
     let bus = MemoryBus::default();
+    bus.create_topic("jobs", 1);
     let downstream = Arc::new(Downstream::default());
     downstream.down.store(true, Ordering::SeqCst);
     let subscription = subscribe(&bus, &downstream, 3);
@@ -345,4 +350,71 @@ async fn an_api_pause_and_the_breaker_do_not_resume_what_the_other_paused() {
     })
     .await;
     subscription.stop().await.expect("stops");
+}
+
+/// Ids whose records land on `partition` of a two-partition `jobs` topic (the partitioner
+/// hashes the key, the same on every bus).
+async fn ids_on(partition: i32, count: usize) -> Vec<u32> {
+    let scratch = MemoryBus::default();
+    scratch.create_topic("jobs", 2);
+    let mut ids = Vec::new();
+    for id in 1000.. {
+        let delivery = scratch
+            .publish(&Envelope::new(Job { id }))
+            .await
+            .expect("publishes");
+        if delivery.partition == partition {
+            ids.push(id);
+            if ids.len() == count {
+                return ids;
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Breaker state is per replica: the partition whose records held replica A's breaker open
+/// moves to replica B, where the route's breaker is closed, and is handled there at once. A,
+/// with no record left waiting when its cool-down ends, lifts its pause so that a new record
+/// can probe, and closes on that probe's success.
+#[tokio::test(start_paused = true)]
+async fn a_moved_partition_starts_in_the_new_replicas_state_and_a_new_record_probes() {
+    let bus = MemoryBus::default();
+    bus.create_topic("jobs", 2);
+    let (on_0, on_1) = (ids_on(0, 1).await, ids_on(1, 6).await);
+    let a = Arc::new(Downstream::default());
+    a.down.store(true, Ordering::SeqCst);
+    let replica_a = subscribe(&bus, &a, 3);
+    let metrics_a = bus.metrics().clone();
+
+    publish(&bus, on_1.iter().copied()).await;
+    until(Duration::from_secs(5), "A opens", || {
+        entered(&metrics_a, "open") == 1.0
+    })
+    .await;
+    let calls_in_a = a.calls.lock().unwrap().len();
+
+    // B joins: partition 1 moves to it, with its records, which B's downstream serves.
+    let b = Arc::new(Downstream::default());
+    let replica_b = subscribe(&bus, &b, 3);
+    until(Duration::from_secs(30), "B handles partition 1", || {
+        b.handled.lock().unwrap().len() == on_1.len()
+    })
+    .await;
+    assert_eq!(a.calls.lock().unwrap().len(), calls_in_a, "A called again");
+
+    // A's cool-down ends with nothing waiting: its pause is lifted and a new record probes.
+    a.down.store(false, Ordering::SeqCst);
+    publish(&bus, on_0.iter().copied()).await;
+    until(Duration::from_secs(30), "A closes", || {
+        entered(&metrics_a, "closed") == 1.0
+    })
+    .await;
+    until(Duration::from_secs(5), "A handles the probe", || {
+        a.handled.lock().unwrap().as_slice() == on_0.as_slice()
+    })
+    .await;
+    assert!(bus.records("jobs.dlq").is_empty());
+    replica_b.stop().await.expect("B stops");
+    replica_a.stop().await.expect("A stops");
 }
