@@ -50,8 +50,9 @@
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`).
 //! - `handlers`: [`HandlerFn`], [`Ctx`], [`State`], [`HandlerError`], the [`RetryPolicy`], the
-//!   [`Router`] (where types are erased, and layers applied) and the dispatch pipeline that takes
-//!   one record to a final outcome. A handler never sees a transport.
+//!   [`Router`] (where types are erased, and layers applied), the dispatch pipeline that takes
+//!   one record to a final outcome, and each route's circuit breaker ([`BreakerConfig`]: it
+//!   decides; the engine pauses the route). A handler never sees a transport.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
 //!   in-flight limits, offset tracking, dead-lettering, drain), pausing
 //!   ([`Subscription::pause`], [`PauseTarget`], [`PauseSource`]), the [`MemoryBus`] and, with
@@ -106,10 +107,10 @@ pub use contracts::{
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
 };
 pub use handlers::{
-    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError, Ctx,
-    DurableRetry, FromBatch, FromCtx, HandlerError, HandlerExt, HandlerFn, HandlerOptions,
-    HandlerService, IntoHandler, Layered, Request, RetryDecision, RetryPolicy, Router, State,
-    TraceContext, UnhandledPolicy, WithLayer,
+    AckPolicy, AnyEvent, BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, BoxError,
+    BreakerConfig, BreakerState, Ctx, DurableRetry, FromBatch, FromCtx, HandlerError, HandlerExt,
+    HandlerFn, HandlerOptions, HandlerService, IntoHandler, Layered, Request, RetryDecision,
+    RetryPolicy, Router, State, TraceContext, UnhandledPolicy, WithLayer,
 };
 #[cfg(feature = "postgres")]
 pub use outbox::{

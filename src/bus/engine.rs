@@ -44,6 +44,8 @@
 //! Pausing ([`control`](super::control)): a partition that a pause covers is closed at the
 //! source whatever the flow ([`Source::set_paused`]); what the engine admitted before finishes
 //! and commits. Pauses are rules kept here, applied again to each partition assigned later.
+//! A route's circuit breaker asks for its pause and its resume through a channel of its own
+//! (`breaker_requests`), applied as [`PauseSource::Breaker`](control::PauseSource::Breaker).
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
 //! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
@@ -265,6 +267,8 @@ pub(crate) struct Engine<S: Source> {
     pauses: Pauses,
     commands: mpsc::UnboundedReceiver<Command>,
     control: Control,
+    /// The routes' circuit breakers asking to pause or resume their route (`None`: no breaker).
+    breaker_requests: Option<mpsc::UnboundedReceiver<crate::handlers::PauseRequest>>,
 }
 
 /// Inline polls longer than [`inline_budget`], [`SLOW_POLLS`] in a row, mean the handler
@@ -377,7 +381,9 @@ impl<S: Source> Engine<S> {
         }
         let scope = Arc::new(scope);
         let (control, commands) = Control::new(scope.clone());
+        let breaker_requests = dispatcher.breaker_requests();
         Self {
+            breaker_requests,
             source,
             dispatcher,
             dead_letters,
@@ -422,6 +428,10 @@ impl<S: Source> Engine<S> {
                 _ = self.stop.cancelled() => break,
                 _ = commit_tick.tick() => self.commit(false).await,
                 Some(command) = self.commands.recv() => self.command(command),
+                Some(request) = breaker_request(&mut self.breaker_requests) => {
+                    let target = control::PauseTarget::route(&*request.route);
+                    self.set_pause(control::PauseSource::Breaker, target, request.reason);
+                }
                 Some(joined) = self.tasks.join_next() => self.joined(joined, true),
                 event = self.source.next(pool_open) => match event {
                     None => break,
@@ -1111,3 +1121,13 @@ mod flow;
 mod task;
 #[cfg(test)]
 mod tests;
+
+/// The next request of a route's circuit breaker; never, without breakers.
+async fn breaker_request(
+    requests: &mut Option<mpsc::UnboundedReceiver<crate::handlers::PauseRequest>>,
+) -> Option<crate::handlers::PauseRequest> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}

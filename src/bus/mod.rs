@@ -117,7 +117,7 @@ impl Subscription {
     }
 
     /// Pauses or resumes on behalf of another source (the breaker, an operator's command).
-    #[allow(dead_code)] // The breaker and the commands reader come next.
+    #[allow(dead_code)] // For the commands reader, next; the breaker asks the engine directly.
     pub(crate) async fn pause_as(
         &self,
         source: PauseSource,

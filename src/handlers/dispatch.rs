@@ -2,6 +2,8 @@
 //! every handler with its retry policy, and report a final outcome. Transport-agnostic: both
 //! buses feed it records and act on what it returns.
 
+use super::breaker::CallOutcome;
+use super::circuit::{Circuit, PauseRequest, Requests};
 use super::ctx::RecordInfo;
 use super::erased::{BoxFuture, ErasedEvent};
 use super::record::{DeadLetterKind, Failure, Inbound, Outcome};
@@ -23,7 +25,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -101,6 +103,10 @@ pub(crate) struct Dispatcher {
     /// `weir_messages_received_total` of each subscribed topic, resolved once. Looked up per
     /// record, so with foldhash: SipHash over a topic name cost more than the increment.
     received: HashMap<String, IntCounter, foldhash::fast::RandomState>,
+    /// The circuit breaker of each route (handler name) that has one.
+    circuits: HashMap<Arc<str>, Arc<Circuit>>,
+    /// Where the breakers' pause and resume requests go ([`breaker_requests`](Self::breaker_requests)).
+    requests: Requests,
 }
 
 impl Dispatcher {
@@ -115,8 +121,26 @@ impl Dispatcher {
                 (t, counter)
             })
             .collect();
+        let requests = Requests::default();
+        let mut circuits = HashMap::new();
+        for (_, _, route) in router.iter() {
+            for handler in &route.handlers {
+                if let Some(config) = &handler.breaker {
+                    circuits.entry(handler.name.clone()).or_insert_with(|| {
+                        Circuit::new(
+                            handler.name.clone(),
+                            config.clone(),
+                            requests.clone(),
+                            metrics.clone(),
+                        )
+                    });
+                }
+            }
+        }
         Self {
             received,
+            circuits,
+            requests,
             router,
             metrics,
             group: group.into(),
@@ -126,6 +150,17 @@ impl Dispatcher {
 
     pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The channel the routes' circuit breakers ask the engine to pause and resume them
+    /// through; `None` if no route has a breaker (or it was taken already).
+    pub(crate) fn breaker_requests(&self) -> Option<mpsc::UnboundedReceiver<PauseRequest>> {
+        if self.circuits.is_empty() {
+            return None;
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.requests.set(sender).ok()?;
+        Some(receiver)
     }
 
     /// The topics consumed, and each (handler name, topic) pair: what pausing a route covers.
@@ -200,7 +235,7 @@ impl Dispatcher {
         let [handler] = route.handlers.as_slice() else {
             return FirstCall::Fresh;
         };
-        if handler.cpu_bound {
+        if handler.cpu_bound || self.circuits.contains_key(&handler.name) {
             return FirstCall::Fresh;
         }
         let decoded =
@@ -463,12 +498,28 @@ impl Dispatcher {
         }
         let mut attempt = 1;
         let mut first = Some(first);
+        let circuit = self.circuits.get(&handler.name);
         loop {
+            // The breaker's gate: while it is open, the record waits here, spending no attempt.
+            let ticket = match circuit {
+                None => None,
+                Some(circuit) => match circuit.admit(stop).await {
+                    Some(ticket) => Some(ticket),
+                    None => return HandlerResult::Abandoned,
+                },
+            };
             let (started, result) = match self.call_attempt(&run, first.take(), attempt).await {
                 Ok(called) => called,
                 Err(undecodable) => return undecodable,
             };
             self.note_call(&run, attempt, started);
+            if let Some(ticket) = ticket {
+                ticket.record(match &result {
+                    Ok(Ok(())) => CallOutcome::Success,
+                    Ok(Err(HandlerError::Retryable { .. })) => CallOutcome::RetryableFailure,
+                    Ok(Err(HandlerError::Acknowledged { .. })) | Err(_) => CallOutcome::Ignored,
+                });
+            }
             let error = match result {
                 Ok(Ok(())) => return self.succeeded(&run, attempt),
                 Err(panic) => {
@@ -476,6 +527,13 @@ impl Dispatcher {
                 }
                 Ok(Err(error)) => error,
             };
+            if matches!(error, HandlerError::Retryable { .. })
+                && circuit.is_some_and(|c| c.holding())
+            {
+                // A failure of the outage the breaker has seen: not the record's, so it spends
+                // no attempt and no retry decision; the record waits at the gate for the close.
+                continue;
+            }
             match self.after_failure(&run, attempt, error).await {
                 std::ops::ControlFlow::Continue(()) => attempt += 1,
                 std::ops::ControlFlow::Break(result) => return result,

@@ -3,6 +3,8 @@
 //! Depends on `contracts` and `telemetry`: a handler never sees a transport.
 
 mod batch;
+mod breaker;
+mod circuit;
 mod ctx;
 mod dispatch;
 mod erased;
@@ -15,6 +17,8 @@ mod retry;
 mod router;
 
 pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
+pub use breaker::{BreakerConfig, BreakerState};
+pub(crate) use circuit::PauseRequest;
 pub use ctx::{Ctx, TraceContext};
 #[cfg(feature = "postgres")]
 pub(crate) use dispatch::ParkedAttempt;

@@ -2,6 +2,7 @@
 //! only here; everything downstream works on erased routes.
 
 use super::batch::{BatchHandlerFn, BatchWindow, Batcher};
+use super::breaker::BreakerConfig;
 use super::erased::{handler_name, BoxFuture, ErasedEvent};
 use super::layer::{layer_erased, AnyEvent, HandlerService, IntoHandler, Request};
 use super::{BoxError, Ctx, HandlerError, RetryPolicy};
@@ -57,6 +58,7 @@ pub struct HandlerOptions {
     timeout: Option<Duration>,
     on_acknowledged: Option<AckPolicy>,
     cpu_bound: bool,
+    breaker: Option<BreakerConfig>,
 }
 
 impl HandlerOptions {
@@ -104,6 +106,15 @@ impl HandlerOptions {
         self.cpu_bound = true;
         self
     }
+
+    /// A circuit breaker for this handler (off by default): when its calls fail retryably
+    /// over the configured ratio, the engine pauses the route, holds its in-flight records
+    /// without spending attempts, and probes with one record after a cool-down. See
+    /// [`BreakerConfig`].
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = Some(config);
+        self
+    }
 }
 
 /// One registered handler, its type erased.
@@ -113,6 +124,8 @@ pub(crate) struct Route {
     pub(crate) timeout: Option<Duration>,
     pub(crate) on_acknowledged: Option<AckPolicy>,
     pub(crate) cpu_bound: bool,
+    /// The route's circuit breaker, if configured.
+    pub(crate) breaker: Option<BreakerConfig>,
     pub(crate) call: Call,
 }
 
@@ -249,6 +262,23 @@ impl<S> Router<S> {
         self.on_with(handler, HandlerOptions::default())
     }
 
+    /// Gives every handler named `route` (its [`HandlerOptions::name`]) a circuit breaker,
+    /// replacing any it had: the same as [`HandlerOptions::breaker`] at registration, for
+    /// configuration read later (the `weir` binary's `[routes.<name>.breaker]`). Returns
+    /// whether a handler has that name.
+    pub fn set_breaker(&mut self, route: &str, config: BreakerConfig) -> bool {
+        let mut found = false;
+        for types in self.routes.values_mut() {
+            for entry in types.values_mut() {
+                for handler in entry.handlers.iter_mut().filter(|h| &*h.name == route) {
+                    handler.breaker = Some(config.clone());
+                    found = true;
+                }
+            }
+        }
+        found
+    }
+
     /// Wraps every handler registered so far in `layer`, a `tower::Layer` over a handler's
     /// service of [`AnyEvent`]s (the route decodes the event before; the layer can
     /// [`downcast_ref`](AnyEvent::downcast_ref) it). As in axum, handlers registered after this
@@ -316,6 +346,7 @@ impl<S> Router<S> {
             timeout: options.timeout,
             on_acknowledged: options.on_acknowledged,
             cpu_bound: options.cpu_bound,
+            breaker: options.breaker,
             call: Arc::new(move |event, ctx| {
                 let event = event
                     .downcast::<T>()

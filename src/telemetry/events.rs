@@ -436,6 +436,55 @@ impl PrefetchPaused<'_> {
     }
 }
 
+/// A route's circuit breaker came to `to` (`closed`, `open`, `half_open`; `gauge` its
+/// `weir_breaker_state` value). `opened` says why it opened.
+pub(crate) struct BreakerTransitioned<'a> {
+    pub(crate) route: &'a str,
+    pub(crate) from: &'a str,
+    pub(crate) to: &'a str,
+    pub(crate) gauge: i64,
+    pub(crate) opened: Option<BreakerOpenedBecause>,
+}
+
+/// What the window held when a breaker opened, or that a half-open probe failed.
+pub(crate) struct BreakerOpenedBecause {
+    pub(crate) failures: u32,
+    pub(crate) calls: u32,
+    pub(crate) window: std::time::Duration,
+    pub(crate) threshold: f64,
+    pub(crate) probe_failed: bool,
+    pub(crate) cool_down: std::time::Duration,
+}
+
+impl BreakerTransitioned<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let (route, from, to) = (self.route, self.from, self.to);
+        m.breaker_state.with_label_values(&[route]).set(self.gauge);
+        m.breaker_transitions.with_label_values(&[route, to]).inc();
+        match &self.opened {
+            Some(why) if why.probe_failed => warn!(
+                route,
+                from,
+                to,
+                cool_down = ?why.cool_down,
+                "Circuit breaker reopened: the half-open probe failed retryably; the route stays paused."
+            ),
+            Some(why) => warn!(
+                route,
+                from,
+                to,
+                failures = why.failures,
+                calls = why.calls,
+                window = ?why.window,
+                threshold = why.threshold,
+                cool_down = ?why.cool_down,
+                "Circuit breaker opened: retryable failures reached the threshold; the route is paused."
+            ),
+            None => info!(route, from, to, "Circuit breaker changed state."),
+        }
+    }
+}
+
 pub(crate) struct InFlight(pub(crate) usize);
 
 impl InFlight {

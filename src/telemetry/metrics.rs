@@ -24,6 +24,8 @@ pub struct Metrics {
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,
     pub(crate) partition_paused: IntGaugeVec,
+    pub(crate) breaker_state: IntGaugeVec,
+    pub(crate) breaker_transitions: IntCounterVec,
     pub(crate) published: IntCounterVec,
     pub(crate) publish_duration: HistogramVec,
 }
@@ -134,6 +136,22 @@ impl Metrics {
                     &["topic", "partition", "reason"],
                 )
                 .expect("valid metric"),
+            ),
+            breaker_state: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "weir_breaker_state",
+                        "A route's circuit breaker: 0 closed, 1 open, 2 half-open.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
+            breaker_transitions: counter(
+                "weir_breaker_transitions_total",
+                "Circuit breaker state changes, by route and the state entered (closed, open, half_open).",
+                &["route", "to"],
             ),
             published: counter(
                 "weir_published_total",

@@ -7,13 +7,14 @@ use anyhow::Context as _;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use weir::{ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
+use weir::{BreakerConfig, ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPolicy};
 
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
 /// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
 /// the service; a typo in the TOML file, by contrast, is an error.
-const SECTIONS: [&str; 14] = [
+const SECTIONS: [&str; 15] = [
     "brokers",
     "group_id",
     "kafka",
@@ -28,6 +29,7 @@ const SECTIONS: [&str; 14] = [
     "storage",
     "tasks",
     "temporal",
+    "routes",
 ];
 
 /// librdkafka property maps, read from the environment verbatim: their names contain dots (which
@@ -72,6 +74,32 @@ pub(crate) struct Settings {
     pub(crate) tasks: crate::reference::settings::TaskSettings,
     /// Temporal, for task processing as a workflow (`[temporal]`, `WEIR_TEMPORAL__ADDRESS`).
     pub(crate) temporal: crate::reference::settings::TemporalSettings,
+    /// Per-route settings, by handler name (`[routes.record_customer_created.breaker]`,
+    /// `WEIR_ROUTES__RECORD_CUSTOMER_CREATED__BREAKER__MINIMUM_CALLS=...`).
+    pub(crate) routes: BTreeMap<String, RouteSettings>,
+}
+
+/// One route's (handler's) settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct RouteSettings {
+    /// Its circuit breaker; off unless the section is present.
+    pub(crate) breaker: Option<BreakerConfig>,
+}
+
+impl Settings {
+    /// Applies `[routes.<name>]` to the router; an unknown route name is an error.
+    pub(crate) fn apply_routes(&self, router: &mut weir::Router) -> anyhow::Result<()> {
+        for (name, route) in &self.routes {
+            if let Some(breaker) = &route.breaker {
+                anyhow::ensure!(
+                    router.set_breaker(name, breaker.clone()),
+                    "[routes.{name}.breaker]: the service has no route (handler) named `{name}`"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The reference service's HTTP API. It runs only when a database is configured: every route
@@ -186,6 +214,7 @@ impl Default for Settings {
             storage: Default::default(),
             tasks: Default::default(),
             temporal: Default::default(),
+            routes: BTreeMap::new(),
         }
     }
 }
@@ -448,6 +477,57 @@ chunk_records = 500
             jail.create_file("typo.toml", "[temporal]\ntask_qeue = \"q\"\n")?;
             let error = Settings::load(Some(Path::new("typo.toml")), None).unwrap_err();
             assert!(format!("{error:#}").contains("task_qeue"), "{error:#}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn reads_a_routes_breaker_from_the_toml_file_and_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert!(settings.routes.is_empty(), "no breaker unless configured");
+
+            jail.create_file(
+                "weir.toml",
+                "[routes.record_customer_created.breaker]\n\
+                 failure_ratio = 0.25\nwindow = \"1m\"\ncool_down = \"2s\"\n",
+            )?;
+            jail.set_env(
+                "WEIR_ROUTES__RECORD_CUSTOMER_CREATED__BREAKER__MINIMUM_CALLS",
+                "7",
+            );
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            let breaker = settings.routes["record_customer_created"]
+                .breaker
+                .clone()
+                .expect("a breaker");
+            let expected = BreakerConfig::new()
+                .failure_ratio(0.25)
+                .minimum_calls(7)
+                .window(Duration::from_secs(60))
+                .cool_down(Duration::from_secs(2));
+            assert_eq!(breaker, expected, "the rest are the defaults");
+
+            // The reference service has that route; an empty router has not.
+            let recorder = crate::reference::Recorder::default();
+            let mut router =
+                crate::reference::router(&recorder, None).map_err(|e| e.to_string())?;
+            settings
+                .apply_routes(&mut router)
+                .map_err(|e| e.to_string())?;
+            let mut router = weir::Router::new();
+            let error = settings.apply_routes(&mut router).unwrap_err();
+            assert!(
+                error.to_string().contains("record_customer_created"),
+                "{error}"
+            );
+
+            jail.clear_env();
+            jail.create_file("typo.toml", "[routes.x.breaker]\nfailure_rate = 0.5\n")?;
+            let error = Settings::load(Some(Path::new("typo.toml")), None).unwrap_err();
+            assert!(format!("{error:#}").contains("failure_rate"), "{error:#}");
             Ok(())
         });
     }

@@ -62,6 +62,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     let mut router = reference::router(&recorder, services.as_ref())?
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
+    settings.apply_routes(&mut router)?;
     // Durable retries need the database: without one, [retry.durable] has nowhere to park and
     // records are dead-lettered after the in-place attempts as usual.
     let parked = match (&services, &settings.retry.durable) {
