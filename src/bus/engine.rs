@@ -175,6 +175,16 @@ struct Place {
     tokens: Arc<Tokens>,
 }
 
+impl Completion {
+    /// The same record's completion, for a task that takes the record over.
+    fn clone_place(&self) -> Completion {
+        Completion {
+            tp: self.tp.clone(),
+            ..*self
+        }
+    }
+}
+
 impl Place {
     fn completion(&self, offset: i64, is_final: bool) -> Completion {
         Completion {
@@ -195,6 +205,26 @@ impl Place {
             is_final,
         }
     }
+}
+
+/// A spawned record, as the engine remembers it until its task ends: the completion of the
+/// record unfinished, the record (to dead-letter it if its task panics), and its partition's
+/// tokens.
+struct Launched {
+    unfinished: Completion,
+    rec: Arc<Inbound>,
+    tokens: Arc<Tokens>,
+}
+
+/// How a started record's task begins.
+enum Start {
+    /// From the start.
+    Fresh,
+    /// From where the engine's first call of its handler left off.
+    Resume(Resume),
+    /// Its handler's first call returned, then something after it panicked: that call was the
+    /// attempt, so the record is dead-lettered with kind `panic` without calling it again.
+    Panicked(String),
 }
 
 impl PartitionState {
@@ -227,7 +257,11 @@ pub(crate) struct Engine<S: Source> {
     /// a topic name is hashed once, not once per record. Holding the `Arc` keeps its address
     /// from being reused by another name.
     last_topic: Option<(Arc<str>, u64)>,
-    tasks: JoinSet<Completion>,
+    /// Spawned records; a task ends with `None` when its partition aborted it.
+    tasks: JoinSet<Option<Completion>>,
+    /// What each spawned record's task is about, by task id: a task that ends without its
+    /// completion (a panic that escaped it, an abort) still ends its record.
+    launched: HashMap<tokio::task::Id, Launched, FastHash>,
     /// Records in flight, the partitions' shares of `max_in_flight` and what they hold of it.
     flow: Flow,
     generations: u64,
@@ -359,6 +393,7 @@ impl<S: Source> Engine<S> {
             health,
             partitions: HashMap::default(),
             tasks: JoinSet::new(),
+            launched: HashMap::default(),
             flow,
             generations: 0,
             unfinished: 0,
@@ -386,7 +421,7 @@ impl<S: Source> Engine<S> {
                 biased;
                 _ = self.stop.cancelled() => break,
                 _ = commit_tick.tick() => self.commit(false).await,
-                Some(joined) = self.tasks.join_next() => self.joined(joined, true),
+                Some(joined) = self.tasks.join_next_with_id() => self.joined(joined, true),
                 event = self.source.next(pool_open) => match event {
                     None => break,
                     Some(SourceEvent::Record(rec)) => {
@@ -539,8 +574,9 @@ impl<S: Source> Engine<S> {
                 }
                 return;
             }
-            FirstCall::Resume { resume, .. } => Some(resume),
-            FirstCall::Fresh => None,
+            FirstCall::Resume { resume, .. } => Start::Resume(resume),
+            FirstCall::Panicked { message, .. } => Start::Panicked(message),
+            FirstCall::Fresh => Start::Fresh,
         };
         self.count_in(&key, rec.offset);
         let Some(state) = self.partitions.get_mut(&key) else {
@@ -597,8 +633,9 @@ impl<S: Source> Engine<S> {
                     .push(place.into_completion(rec.offset, true));
                 return;
             }
-            FirstCall::Resume { resume, .. } => Some(resume),
-            FirstCall::Fresh => None,
+            FirstCall::Resume { resume, .. } => Start::Resume(resume),
+            FirstCall::Panicked { message, .. } => Start::Panicked(message),
+            FirstCall::Fresh => Start::Fresh,
         };
         self.launch(place, rec, span, resume);
     }
@@ -621,36 +658,46 @@ impl<S: Source> Engine<S> {
             self.dispatcher.first_call(rec, &mut self.local)
         }))
         .unwrap_or(FirstCall::Fresh);
-        if let FirstCall::Handled { polled } | FirstCall::Resume { polled, .. } = &first {
+        if let FirstCall::Handled { polled }
+        | FirstCall::Resume { polled, .. }
+        | FirstCall::Panicked { polled, .. } = &first
+        {
             self.note_inline_poll(*polled);
         }
         first
     }
 
-    /// Runs a started record as a task: from where its first call left off (`resume`), or
-    /// from the start, polled once inline first unless the engine is cooling down.
-    fn launch(
-        &mut self,
-        place: Place,
-        rec: Arc<Inbound>,
-        span: tracing::Span,
-        resume: Option<Resume>,
-    ) {
-        let aborted = place.completion(rec.offset, false);
-        let abort = place.tokens.clone();
-        let resumed = resume.is_some();
-        let task = self.record_task(place, rec, resume, span.clone());
+    /// Runs a started record as a task: from where its first call left off, or from the
+    /// start, polled once inline first unless the engine is cooling down.
+    fn launch(&mut self, place: Place, rec: Arc<Inbound>, span: tracing::Span, start: Start) {
+        let launched = Launched {
+            unfinished: place.completion(rec.offset, false),
+            rec: rec.clone(),
+            tokens: place.tokens.clone(),
+        };
+        let fresh = matches!(start, Start::Fresh);
+        let task = self.record_task(place, rec, start, span.clone());
         let task = Box::pin(task.instrument(span));
-        if resumed {
-            self.tasks.spawn(abortable(task, abort, aborted));
+        if !fresh {
+            self.spawn_task(task, launched);
             return;
         }
         if self.inline_cooldown > 0 {
             self.inline_cooldown -= 1;
-            self.tasks.spawn(abortable(task, abort, aborted));
+            self.spawn_task(task, launched);
             return;
         }
-        self.poll_inline(task, abort, aborted);
+        self.poll_inline(task, launched);
+    }
+
+    /// Spawns a record's task, remembered by its id until it ends.
+    fn spawn_task<F>(&mut self, task: F, launched: Launched)
+    where
+        F: Future<Output = Completion> + Send + 'static,
+    {
+        let abort = launched.tokens.clone();
+        let id = self.tasks.spawn(abortable(task, abort)).id();
+        self.launched.insert(id, launched);
     }
 
     /// The record's future: [`handle`] to its final outcome. A panic in there is caught and
@@ -659,7 +706,7 @@ impl<S: Source> Engine<S> {
         &self,
         place: Place,
         rec: Arc<Inbound>,
-        resume: Option<Resume>,
+        start: Start,
         span: tracing::Span,
     ) -> impl Future<Output = Completion> + Send + 'static {
         let dispatcher = self.dispatcher.clone();
@@ -680,21 +727,29 @@ impl<S: Source> Engine<S> {
             is_final: true,
         };
         async move {
-            let handled = AssertUnwindSafe(handle(
-                &rec,
-                resume,
-                &dispatcher,
-                &*publisher,
-                &naming,
-                &tokens.stop,
-                &span,
-            ))
-            .catch_unwind()
-            .await;
+            let resume = match start {
+                Start::Fresh => Ok(None),
+                Start::Resume(resume) => Ok(Some(resume)),
+                Start::Panicked(message) => Err(message),
+            };
+            let handled = match resume {
+                Ok(resume) => AssertUnwindSafe(handle(
+                    &rec,
+                    resume,
+                    &dispatcher,
+                    &*publisher,
+                    &naming,
+                    &tokens.stop,
+                    &span,
+                ))
+                .catch_unwind()
+                .await
+                .map_err(|panic| panic_message(&*panic)),
+                Err(message) => Err(message),
+            };
             let is_final = match handled {
                 Ok(is_final) => is_final,
-                Err(panic) => {
-                    let message = panic_message(&*panic);
+                Err(message) => {
                     RecordTaskPanicked {
                         at: rec.at(),
                         error: &message,
@@ -720,12 +775,8 @@ impl<S: Source> Engine<S> {
     /// path: see [`FirstCall::Fresh`]) may still finish without waiting: its whole future is
     /// polled once here, for the reason [`first_call`](Self::first_call) gives, and spawned
     /// only if it waits. The task catches its own panics, so this poll does not unwind.
-    fn poll_inline<F>(
-        &mut self,
-        mut task: std::pin::Pin<Box<F>>,
-        abort: Arc<Tokens>,
-        aborted: Completion,
-    ) where
+    fn poll_inline<F>(&mut self, mut task: std::pin::Pin<Box<F>>, launched: Launched)
+    where
         F: Future<Output = Completion> + Send + 'static,
     {
         let started = std::time::Instant::now();
@@ -734,9 +785,7 @@ impl<S: Source> Engine<S> {
         self.note_inline_poll(started.elapsed());
         match polled {
             std::task::Poll::Ready(done) => self.finished_inline.push(done),
-            std::task::Poll::Pending => {
-                self.tasks.spawn(abortable(task, abort, aborted));
-            }
+            std::task::Poll::Pending => self.spawn_task(task, launched),
         }
     }
 
@@ -762,13 +811,75 @@ impl<S: Source> Engine<S> {
         }
     }
 
-    fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {
-        match joined {
-            Ok(done) => self.complete(done, start_next),
-            // Record tasks catch their own panics, so this is an abort at shutdown.
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => tracing::error!(error = %e, "Record task failed unexpectedly."),
+    /// A record's task ended: its completion, or, if the task ended without one, the
+    /// record's from what the engine remembers of it. A record task catches the panics of its
+    /// record's handling; one that escapes it (a handler future whose drop panics when its
+    /// partition aborts it, say) still ends the record, so its slot, lane and offset are freed.
+    fn joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, Option<Completion>), tokio::task::JoinError>,
+        start_next: bool,
+    ) {
+        let (id, done) = match joined {
+            Ok((id, done)) => (id, Ok(done)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let Some(launched) = self.launched.remove(&id) else {
+            return;
+        };
+        match done {
+            Ok(Some(done)) => self.complete(done, start_next),
+            // Aborted with its partition: unfinished, redelivered to the partition's next owner.
+            Ok(None) => self.complete(launched.unfinished, start_next),
+            Err(e) => self.task_failed(e, launched, start_next),
         }
+    }
+
+    /// A record's task ended without its completion. Cancelled, or panicked while its
+    /// partition was aborting or stopping it: the record ends unfinished and is redelivered.
+    /// Panicked otherwise: the record is dead-lettered with kind `panic`, in a task of its own.
+    fn task_failed(&mut self, error: tokio::task::JoinError, launched: Launched, start_next: bool) {
+        let stopping = launched.tokens.abort.is_cancelled() || launched.tokens.stop.is_cancelled();
+        let message = match error.try_into_panic() {
+            Ok(panic) => panic_message(&*panic),
+            Err(_) => {
+                self.complete(launched.unfinished, start_next);
+                return;
+            }
+        };
+        RecordTaskPanicked {
+            at: launched.rec.at(),
+            error: &message,
+            dead_lettering: !stopping,
+        }
+        .emit_escaped();
+        if stopping {
+            self.complete(launched.unfinished, start_next);
+            return;
+        }
+        let done = Completion {
+            is_final: true,
+            ..launched.unfinished.clone_place()
+        };
+        let (dispatcher, publisher) = (self.dispatcher.clone(), self.dead_letters.clone());
+        let (naming, tokens, rec) = (
+            self.naming.clone(),
+            launched.tokens.clone(),
+            launched.rec.clone(),
+        );
+        let task = async move {
+            let is_final = dead_letter_panic(
+                &rec,
+                message,
+                &dispatcher,
+                &*publisher,
+                &naming,
+                &tokens.stop,
+            )
+            .await;
+            Completion { is_final, ..done }
+        };
+        self.spawn_task(task, launched);
     }
 
     fn complete(&mut self, done: Completion, start_next: bool) {
@@ -893,7 +1004,7 @@ impl<S: Source> Engine<S> {
         let mut aborted = false;
         while busy(self) {
             tokio::select! {
-                Some(joined) = self.tasks.join_next() => {
+                Some(joined) = self.tasks.join_next_with_id() => {
                     self.joined(joined, true);
                     self.settle_inline();
                 }
@@ -908,6 +1019,9 @@ impl<S: Source> Engine<S> {
                     // with an unfinished completion; the loop waits for all of them.
                     aborted = true;
                 }
+                // Every task of a running record ends with its record (`joined`), so this is not
+                // reached; if it were, waiting would be forever.
+                else => break,
             }
         }
         // The source commits when the engine answers: every position must be with it by then.
@@ -948,12 +1062,13 @@ impl<S: Source> Engine<S> {
         let deadline = Instant::now() + self.config.drain_timeout;
         while !self.tasks.is_empty() {
             tokio::select! {
-                Some(joined) = self.tasks.join_next() => self.joined(joined, false),
+                Some(joined) = self.tasks.join_next_with_id() => self.joined(joined, false),
                 _ = tokio::time::sleep_until(deadline) => {
                     abandoned += self.tasks.len();
                     tracing::warn!(running = self.tasks.len(), "Drain timeout reached; abandoning running handlers (not committed).");
                     self.tasks.abort_all();
                     while self.tasks.join_next().await.is_some() {}
+                    self.launched.clear();
                     break;
                 }
             }
@@ -981,17 +1096,16 @@ impl<S: Source> Engine<S> {
 }
 
 /// A spawned record's future, dropped at its partition's abort token: the record then ends
-/// unfinished (`aborted`). Only a spawned record can be aborted: one that finishes in its
-/// inline poll never needs the token (registering with it costs a lock per record).
+/// unfinished (`None`). Only a spawned record can be aborted: one that finishes in its inline
+/// poll never needs the token (registering with it costs a lock per record).
 async fn abortable(
     task: impl Future<Output = Completion>,
     tokens: Arc<Tokens>,
-    aborted: Completion,
-) -> Completion {
+) -> Option<Completion> {
     tokio::select! {
         biased;
-        _ = tokens.abort.cancelled() => aborted,
-        done = task => done,
+        _ = tokens.abort.cancelled() => None,
+        done = task => Some(done),
     }
 }
 

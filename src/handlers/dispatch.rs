@@ -16,7 +16,7 @@ use crate::telemetry::events::{
     DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded, ParkFailed,
     RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
-use crate::telemetry::{trace, LocalSeries, Metrics, RouteSeries};
+use crate::telemetry::{trace, LocalRouteSeries, LocalSeries, Metrics, RouteSeries};
 use futures_util::FutureExt;
 use prometheus::IntCounter;
 use std::collections::HashMap;
@@ -66,6 +66,9 @@ pub(crate) enum FirstCall {
     /// The rest runs as the record's task, from where the first call left off
     /// ([`Dispatcher::dispatch`] with the [`Resume`]).
     Resume { resume: Resume, polled: Duration },
+    /// The handler was called and returned, then something after it panicked (the observer,
+    /// say): that call was attempt 1, so the record's task must not call the handler again.
+    Panicked { message: String, polled: Duration },
     /// Off the path the first call covers (several handlers, a `cpu_bound` one, durable retries,
     /// a record that does not decode in one pass): the record's task runs it from the start.
     Fresh,
@@ -225,22 +228,17 @@ impl Dispatcher {
         .unwrap_or_else(|panic| Started::Returned(Err(panic_message(&*panic))));
         let duration = started.elapsed();
         if let Started::Returned(Ok(Ok(()))) = polled {
-            HandlerCalled { duration }.emit_local(counts);
-            if let Some(observer) = &self.router.observer {
-                observer.call(rec, &handler.name, 1, started);
-            }
-            HandlerSucceeded {
-                at: rec.at(),
-                event_id: info.event.id,
-                event_type: &info.event.event_type,
-                handler: &handler.name,
-                attempt: 1,
-            }
-            .emit_local(counts);
-            if let Some(observer) = &self.router.observer {
-                observer.outcome(rec, &Outcome::Done(Vec::new()));
-            }
-            return FirstCall::Handled { polled: duration };
+            // The handler has run: a panic from here on ends the record as that attempt's.
+            let succeeded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.first_call_succeeded(rec, handler, &info, counts, started, duration)
+            }));
+            return match succeeded {
+                Ok(()) => FirstCall::Handled { polled: duration },
+                Err(panic) => FirstCall::Panicked {
+                    message: panic_message(&*panic),
+                    polled: duration,
+                },
+            };
         }
         FirstCall::Resume {
             resume: Resume {
@@ -249,6 +247,33 @@ impl Dispatcher {
                 call: polled,
             },
             polled: duration,
+        }
+    }
+
+    /// What follows a first call that succeeded: its metrics and the observer's view of it.
+    fn first_call_succeeded(
+        &self,
+        rec: &Arc<Inbound>,
+        handler: &Route,
+        info: &RecordInfo,
+        counts: &LocalRouteSeries,
+        started: Instant,
+        duration: Duration,
+    ) {
+        HandlerCalled { duration }.emit_local(counts);
+        if let Some(observer) = &self.router.observer {
+            observer.call(rec, &handler.name, 1, started);
+        }
+        HandlerSucceeded {
+            at: rec.at(),
+            event_id: info.event.id,
+            event_type: &info.event.event_type,
+            handler: &handler.name,
+            attempt: 1,
+        }
+        .emit_local(counts);
+        if let Some(observer) = &self.router.observer {
+            observer.outcome(rec, &Outcome::Done(Vec::new()));
         }
     }
 

@@ -327,6 +327,34 @@ impl RecordTaskPanicked<'_> {
     }
 }
 
+impl RecordTaskPanicked<'_> {
+    /// A panic that escaped the record's task itself (a handler future whose drop panicked
+    /// when its partition aborted it, say). `dead_lettering` false: the record was being
+    /// aborted or stopped, so it ends unfinished and is redelivered.
+    pub(crate) fn emit_escaped(&self) {
+        let At {
+            topic,
+            partition,
+            offset,
+            ..
+        } = self.at;
+        let trace_id = self.at.trace_id();
+        if self.dead_lettering {
+            error!(
+                topic,
+                partition,
+                offset,
+                trace_id,
+                error = self.error,
+                "A panic escaped the record's task; dead-lettering the record with kind panic."
+            );
+        } else {
+            error!(topic, partition, offset, trace_id, error = self.error,
+                   "The record's task panicked while it was being cancelled; the record is not committed and will be redelivered.");
+        }
+    }
+}
+
 /// A partition's hand-off to the engine stayed full for a while (its handlers are not keeping
 /// up, so its fetching has stopped at librdkafka's prefetch limit), or has room again.
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.

@@ -608,3 +608,106 @@ async fn records_done_in_their_first_call_are_in_the_metrics_before_their_offset
     assert_eq!((received, handled, timed), (3, 3, 3));
     h.stop().await;
 }
+
+/// Panics when dropped: a handler future whose cleanup breaks when it is cancelled.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("cleanup failed while the handler was cancelled");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_escaping_an_aborted_record_task_still_ends_the_record_and_frees_its_partition() {
+    let started = Arc::new(Notify::new());
+    let (tx, mut handled) = mpsc::unbounded_channel::<i64>();
+    let stuck_once = Arc::new(AtomicBool::new(true));
+    let router = {
+        let started = started.clone();
+        Router::new().on(move |_: Job, ctx: Ctx| {
+            let (started, tx) = (started.clone(), tx.clone());
+            let stuck = stuck_once.swap(false, Ordering::SeqCst);
+            async move {
+                if stuck {
+                    let _guard = PanicsOnDrop;
+                    started.notify_one();
+                    // Stuck: only an abort ends it, and its drop panics.
+                    std::future::pending::<()>().await;
+                }
+                let _ = tx.send(ctx.offset());
+                Ok(())
+            }
+        })
+    };
+    let config = ConsumerConfig {
+        order: ProcessingOrder::Partition,
+        ..config()
+    };
+    let h = start(router, config, Arc::default());
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    started.notified().await;
+    // The revoke reaches its deadline, aborts the stuck record, and must still be answered.
+    h.revoke(0).await;
+    assert!(
+        !h.seen.lock().unwrap().committed.contains_key(&tp(0)),
+        "the aborted record must not be committed"
+    );
+    // The partition comes back: its lane and slot are free, so the record runs again.
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    for offset in 0..3 {
+        h.send(SourceEvent::Record(job(0, offset, false)));
+    }
+    for offset in 0..3 {
+        assert_eq!(handled.recv().await, Some(offset));
+    }
+    let (report, seen) = h.stop().await;
+    assert_eq!(seen.lock().unwrap().committed.get(&tp(0)), Some(&3));
+    assert_eq!(report.abandoned, 0);
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test(start_paused = true)]
+async fn a_panic_after_the_handler_returned_counts_as_the_attempt_that_ran() {
+    /// Panics on every call it is told of: a panic after the handler has returned.
+    struct PanickingObserver;
+    impl crate::handlers::Observe for PanickingObserver {
+        fn call(&self, _: &Inbound, _: &str, _: u32, _: Instant) {
+            panic!("the observer broke");
+        }
+        fn outcome(&self, _: &Inbound, _: &crate::handlers::Outcome) {}
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut router = {
+        let calls = calls.clone();
+        Router::new().on(move |_: Job, _: Ctx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        })
+    };
+    router.observer = Some(Arc::new(PanickingObserver));
+    let dead_letters = Arc::new(DeadLetters::default());
+    let h = start(router, config(), dead_letters.clone());
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    while h.seen.lock().unwrap().committed.get(&tp(0)) != Some(&1) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (report, _) = h.stop().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran again for attempt 1 after a panic that followed its return"
+    );
+    let records = dead_letters.records.lock().unwrap();
+    assert_eq!(records.len(), 1, "the record ends dead-lettered, once");
+    assert_eq!(
+        records[0]
+            .headers
+            .get(crate::bus::dead_letter::header::ERROR_KIND),
+        Some(&b"panic"[..])
+    );
+    assert_eq!(report.abandoned, 0);
+}
