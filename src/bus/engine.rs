@@ -47,8 +47,10 @@
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 use super::offsets::OffsetTracker;
 use super::{BusError, Publisher};
-use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
-use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
+use crate::handlers::{BlockingCalls, Dispatcher, FirstCall, Inbound, Resume};
+use crate::telemetry::events::{
+    BlockingCallsOrphaned, InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked,
+};
 use crate::telemetry::{trace, Health, LocalSeries};
 use flow::{Flow, PartitionFlow};
 use futures_util::FutureExt as _;
@@ -57,7 +59,7 @@ use std::future::Future;
 use std::hash::BuildHasher as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use task::{dead_letter_panic, handle, panic_message};
+use task::{dead_letter_panic, handle, panic_message, Tokens};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -149,14 +151,6 @@ struct PartitionState {
     revoking: bool,
 }
 
-struct Tokens {
-    /// Ends the partition's retry backoffs and dead-letter retries (a child of the engine's
-    /// stop token): at a revoke, and at stop.
-    stop: CancellationToken,
-    /// Drops the partition's running record futures: at a revoke's deadline.
-    abort: CancellationToken,
-}
-
 struct Completion {
     tp: PartKey,
     offset: i64,
@@ -243,6 +237,9 @@ impl PartitionState {
 pub(crate) struct StopReport {
     pub(crate) committed: Vec<(String, i32, i64)>,
     pub(crate) abandoned: usize,
+    /// `cpu_bound` calls still running when their partition was given up (at a revoke or at
+    /// stop), past the bound the engine waits for them.
+    pub(crate) orphaned: usize,
 }
 
 pub(crate) struct Engine<S: Source> {
@@ -267,6 +264,8 @@ pub(crate) struct Engine<S: Source> {
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
+    /// Blocking calls given up on while they ran ([`BLOCKING_GRACE`]).
+    orphaned: usize,
     /// The consumer group and dead-letter naming, for dead-letter records.
     naming: Arc<(String, DeadLetterTopics)>,
     /// Hashes record keys into lanes; one instance, so a key's lane is stable.
@@ -317,6 +316,13 @@ fn inline_budget() -> std::time::Duration {
         (unit * 36).max(std::time::Duration::from_micros(50))
     })
 }
+/// How long a revoke or a drain waits, after aborting its records, for their `cpu_bound` calls
+/// to return (at most its own timeout). Such a call runs on a blocking thread and cannot be
+/// interrupted: until it returns the partition is not given up, so the next owner never runs
+/// the record while this one still does. Past this bound the call is reported as an orphan
+/// (a log event, `weir_blocking_calls_orphaned_total` and the stop report), never silently.
+const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Records taken per turn of the engine loop at most, so completions and commits get their turn.
 const BURST: usize = 256;
 
@@ -397,6 +403,7 @@ impl<S: Source> Engine<S> {
             flow,
             generations: 0,
             unfinished: 0,
+            orphaned: 0,
             naming,
             lane_hasher: Default::default(),
             finished_inline: Vec::new(),
@@ -505,6 +512,7 @@ impl<S: Source> Engine<S> {
                     tokens: Arc::new(Tokens {
                         stop,
                         abort: CancellationToken::new(),
+                        blocking: Arc::default(),
                     }),
                     revoking: false,
                 },
@@ -739,7 +747,7 @@ impl<S: Source> Engine<S> {
                     &dispatcher,
                     &*publisher,
                     &naming,
-                    &tokens.stop,
+                    &tokens,
                     &span,
                 ))
                 .catch_unwind()
@@ -1024,6 +1032,9 @@ impl<S: Source> Engine<S> {
                 else => break,
             }
         }
+        let grace = self.config.revoke_timeout.min(BLOCKING_GRACE);
+        self.await_blocking(|tp| revoked_keys.contains(tp), grace, "revoke", true)
+            .await;
         // The source commits when the engine answers: every position must be with it by then.
         self.store_positions(|_| true);
         self.dispatcher.forget_parked(revoked);
@@ -1034,6 +1045,52 @@ impl<S: Source> Engine<S> {
         }
         self.reshare();
         InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
+    }
+
+    /// Waits up to `grace` for the blocking calls of matching partitions to return (each
+    /// record's task has ended, but an aborted `cpu_bound` call goes on), completing other
+    /// records meanwhile; reports the calls still running then as orphans.
+    async fn await_blocking(
+        &mut self,
+        matches: impl Fn(&PartKey) -> bool,
+        grace: std::time::Duration,
+        during: &'static str,
+        start_next: bool,
+    ) {
+        let running: Vec<(PartKey, Arc<BlockingCalls>)> = self
+            .partitions
+            .iter()
+            .filter(|(tp, s)| matches(tp) && s.tokens.blocking.running() > 0)
+            .map(|(tp, s)| (tp.clone(), s.tokens.blocking.clone()))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let until = Instant::now() + grace;
+        for (tp, calls) in running {
+            loop {
+                tokio::select! {
+                    _ = calls.returned() => break,
+                    Some(joined) = self.tasks.join_next_with_id() => {
+                        self.joined(joined, start_next);
+                        self.settle_inline();
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            let left = calls.running();
+            if left > 0 {
+                BlockingCallsOrphaned {
+                    topic: &tp.0,
+                    partition: tp.1,
+                    calls: left,
+                    waited: grace,
+                    during,
+                }
+                .emit(self.dispatcher.metrics());
+                self.orphaned += left;
+            }
+        }
     }
 
     async fn commit(&mut self, sync: bool) {
@@ -1073,6 +1130,8 @@ impl<S: Source> Engine<S> {
                 }
             }
         }
+        let grace = self.config.drain_timeout.min(BLOCKING_GRACE);
+        self.await_blocking(|_| true, grace, "stop", false).await;
         abandoned += self.unfinished;
         self.commit(true).await;
         let mut committed: Vec<(String, i32, i64)> = self
@@ -1089,6 +1148,7 @@ impl<S: Source> Engine<S> {
             StopReport {
                 committed,
                 abandoned,
+                orphaned: self.orphaned,
             },
             self.source,
         )

@@ -2,6 +2,7 @@
 //! every handler with its retry policy, and report a final outcome. Transport-agnostic: both
 //! buses feed it records and act on what it returns.
 
+use super::blocking::BlockingCalls;
 use super::ctx::RecordInfo;
 use super::erased::{BoxFuture, ErasedEvent};
 use super::record::{DeadLetterKind, Failure, Inbound, Outcome};
@@ -49,12 +50,15 @@ enum HandlerResult {
 }
 
 /// One handler's attempts at one record: what each attempt, and what it reports, refers to.
+#[derive(Clone, Copy)]
 struct HandlerRun<'a> {
     handler: &'a Route,
     route: &'a TypeRoute,
     info: &'a Arc<RecordInfo>,
     series: &'a RouteSeries,
     stop: &'a CancellationToken,
+    /// Counts its `cpu_bound` calls until they return, for whoever gives the record up.
+    blocking: &'a Arc<BlockingCalls>,
 }
 
 /// What the engine's synchronous first call of a record's handler came to
@@ -159,11 +163,12 @@ impl Dispatcher {
         rec: &Arc<Inbound>,
         resume: Option<Resume>,
         stop: &CancellationToken,
+        blocking: &Arc<BlockingCalls>,
         span: &tracing::Span,
     ) -> Outcome {
         let outcome = match resume {
-            None => self.dispatch_record(rec, stop, span).await,
-            Some(resume) => self.dispatch_resumed(rec, resume, stop).await,
+            None => self.dispatch_record(rec, stop, blocking, span).await,
+            Some(resume) => self.dispatch_resumed(rec, resume, stop, blocking).await,
         };
         if let Some(observer) = &self.router.observer {
             observer.outcome(rec, &outcome);
@@ -284,6 +289,7 @@ impl Dispatcher {
         rec: &Arc<Inbound>,
         resume: Resume,
         stop: &CancellationToken,
+        blocking: &Arc<BlockingCalls>,
     ) -> Outcome {
         let Some((_, route)) = self.router.sole_route(&rec.topic) else {
             unreachable!("a resumed record's topic has one route");
@@ -296,10 +302,15 @@ impl Dispatcher {
         } = resume;
         let series = &*self.series(route, &rec.topic, &info.event.event_type);
         let first = FirstAttempt::Started(started, call);
-        match self
-            .run_handler(handler, route, first, &info, series, stop)
-            .await
-        {
+        let run = HandlerRun {
+            handler,
+            route,
+            info: &info,
+            series,
+            stop,
+            blocking,
+        };
+        match self.run_handler(run, first).await {
             HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
             HandlerResult::Abandoned => Outcome::Abandoned,
         }
@@ -309,6 +320,7 @@ impl Dispatcher {
         &self,
         rec: &Arc<Inbound>,
         stop: &CancellationToken,
+        blocking: &Arc<BlockingCalls>,
         span: &tracing::Span,
     ) -> Outcome {
         RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
@@ -337,27 +349,28 @@ impl Dispatcher {
             child_spans: children,
         });
         let series = &*self.series(route, &rec.topic, &info.event.event_type);
-        if let [handler] = route.handlers.as_slice() {
+        let Some(first_handler) = route.handlers.first() else {
+            return Outcome::Done(Vec::new());
+        };
+        let run = HandlerRun {
+            handler: first_handler,
+            route,
+            info: &info,
+            series,
+            stop,
+            blocking,
+        };
+        if let [_] = route.handlers.as_slice() {
             // The common case, without join_all's allocation and bookkeeping; the handler gets
             // the decoded event itself, not a copy.
-            return match self
-                .run_handler(
-                    handler,
-                    route,
-                    FirstAttempt::Event(event),
-                    &info,
-                    series,
-                    stop,
-                )
-                .await
-            {
+            return match self.run_handler(run, FirstAttempt::Event(event)).await {
                 HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
                 HandlerResult::Abandoned => Outcome::Abandoned,
             };
         }
         let runs = route.handlers.iter().map(|handler| {
             let first = FirstAttempt::Event(event.clone());
-            self.run_handler(handler, route, first, &info, series, stop)
+            self.run_handler(HandlerRun { handler, ..run }, first)
         });
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(runs).await {
@@ -452,22 +465,7 @@ impl Dispatcher {
 
     /// Runs one handler on the record until its result is final: attempt after attempt, as
     /// its retry policy decides, starting from `first` (the call the engine began, or the event).
-    async fn run_handler(
-        &self,
-        handler: &Route,
-        route: &TypeRoute,
-        first: FirstAttempt,
-        info: &Arc<RecordInfo>,
-        series: &RouteSeries,
-        stop: &CancellationToken,
-    ) -> HandlerResult {
-        let run = HandlerRun {
-            handler,
-            route,
-            info,
-            series,
-            stop,
-        };
+    async fn run_handler(&self, run: HandlerRun<'_>, first: FirstAttempt) -> HandlerResult {
         if let Some(parked) = self.park_if_behind(&run).await {
             return parked;
         }
@@ -544,7 +542,7 @@ impl Dispatcher {
         };
         let ctx = Ctx::new(run.info.clone(), attempt, run.handler.name.clone());
         let started = Instant::now();
-        let call = self.call_once(run.handler, event, ctx);
+        let call = self.call_once(run.handler, event, ctx, Some(run.blocking));
         let result = if run.info.child_spans {
             call.instrument(trace::handle_span(&run.handler.name, attempt))
                 .await
@@ -819,7 +817,7 @@ impl Dispatcher {
         });
         let ctx = Ctx::new(info, attempt, handler.name.clone());
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
-        match self.call_once(handler, event, ctx).await {
+        match self.call_once(handler, event, ctx, None).await {
             Ok(Ok(())) => ParkedAttempt::Succeeded,
             Err(panic) => ParkedAttempt::Final(failure(DeadLetterKind::Panic, "panic", panic)),
             Ok(Err(error)) => match policy.decide(1, &error) {
@@ -889,12 +887,14 @@ impl Dispatcher {
     /// A `cpu_bound` call runs on a blocking thread, which nothing can interrupt: it keeps its
     /// core permit and this record's lane until it has really returned, even past its timeout
     /// (which then only cuts its waits), so a retry never overlaps it. If this future is dropped
-    /// (the record was aborted), the call's waits are cut too.
+    /// (the record was aborted), the call's waits are cut too, and the call stays counted in
+    /// `blocking` until it has returned.
     async fn call_once(
         &self,
         handler: &Route,
         event: ErasedEvent,
         ctx: Ctx,
+        blocking: Option<&Arc<BlockingCalls>>,
     ) -> Result<Result<(), HandlerError>, String> {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))
             .map_err(|p| panic_message(&*p))?;
@@ -918,7 +918,9 @@ impl Dispatcher {
             let cut = CancellationToken::new();
             let cut_inside = cut.clone();
             let _cut_on_drop = cut.clone().drop_guard();
+            let counted = blocking.map(|calls| calls.enter());
             let mut call = tokio::task::spawn_blocking(move || {
+                let _counted = counted;
                 let _permit = permit;
                 runtime.block_on(async {
                     tokio::select! {

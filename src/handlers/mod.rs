@@ -3,6 +3,7 @@
 //! Depends on `contracts` and `telemetry`: a handler never sees a transport.
 
 mod batch;
+mod blocking;
 mod ctx;
 mod dispatch;
 mod erased;
@@ -15,6 +16,7 @@ mod retry;
 mod router;
 
 pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
+pub(crate) use blocking::BlockingCalls;
 pub use ctx::{Ctx, TraceContext};
 #[cfg(feature = "postgres")]
 pub(crate) use dispatch::ParkedAttempt;

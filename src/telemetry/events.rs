@@ -355,6 +355,29 @@ impl RecordTaskPanicked<'_> {
     }
 }
 
+/// `cpu_bound` calls of a partition were still running on their blocking threads when the
+/// partition was given up, after the engine waited `waited` for them: their records may run
+/// again at the partition's next owner while they finish here.
+pub(crate) struct BlockingCallsOrphaned<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) calls: usize,
+    pub(crate) waited: Duration,
+    /// `revoke` or `stop`.
+    pub(crate) during: &'static str,
+}
+
+impl BlockingCallsOrphaned<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.orphaned_calls
+            .with_label_values(&[self.topic])
+            .inc_by(self.calls as u64);
+        error!(topic = self.topic, partition = self.partition, calls = self.calls, waited = ?self.waited,
+               during = self.during,
+               "cpu_bound calls still run after their partition was given up; their records may run again elsewhere meanwhile.");
+    }
+}
+
 /// A partition's hand-off to the engine stayed full for a while (its handlers are not keeping
 /// up, so its fetching has stopped at librdkafka's prefetch limit), or has room again.
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.

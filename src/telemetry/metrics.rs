@@ -23,6 +23,7 @@ pub struct Metrics {
     pub(crate) rebalances: IntCounterVec,
     pub(crate) published: IntCounterVec,
     pub(crate) publish_duration: HistogramVec,
+    pub(crate) orphaned_calls: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,6 +122,11 @@ impl Metrics {
             publish_duration: histogram(
                 "weir_publish_duration_seconds",
                 "Time from publish to broker acknowledgement.",
+                &["topic"],
+            ),
+            orphaned_calls: counter(
+                "weir_blocking_calls_orphaned_total",
+                "cpu_bound calls still running when their partition was given up (revoked, or at stop).",
                 &["topic"],
             ),
             registry,

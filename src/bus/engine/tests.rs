@@ -711,3 +711,133 @@ async fn a_panic_after_the_handler_returned_counts_as_the_attempt_that_ran() {
     );
     assert_eq!(report.abandoned, 0);
 }
+
+/// A `cpu_bound` handler that blocks its thread until the test lets it go, and says when it
+/// entered and when it returned.
+struct Blocker {
+    entered: Arc<Notify>,
+    release: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    returned: Arc<AtomicBool>,
+}
+
+impl Blocker {
+    fn new() -> Self {
+        Self {
+            entered: Arc::default(),
+            release: Arc::default(),
+            returned: Arc::default(),
+        }
+    }
+
+    fn router(&self) -> Router {
+        let (entered, release, returned) = (
+            self.entered.clone(),
+            self.release.clone(),
+            self.returned.clone(),
+        );
+        Router::new().on_with(
+            move |_: Job, _: Ctx| {
+                let (entered, release, returned) =
+                    (entered.clone(), release.clone(), returned.clone());
+                async move {
+                    entered.notify_one();
+                    let (lock, wake) = &*release;
+                    let mut go = lock.lock().unwrap();
+                    while !*go {
+                        go = wake.wait(go).unwrap();
+                    }
+                    returned.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().cpu_bound(),
+        )
+    }
+
+    fn release(&self) {
+        let (lock, wake) = &*self.release;
+        *lock.lock().unwrap() = true;
+        wake.notify_all();
+    }
+}
+
+/// A failing test still lets the call go, or the runtime would wait for its thread forever.
+impl Drop for Blocker {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_waits_for_its_partitions_cpu_bound_call_to_return() {
+    let blocker = Blocker::new();
+    let h = Arc::new(start(blocker.router(), config(), Arc::default()));
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    blocker.entered.notified().await;
+    let revoking = tokio::spawn({
+        let h = h.clone();
+        async move { h.revoke(0).await }
+    });
+    // Past the revoke's deadline (1 s), the call still runs on its blocking thread: the
+    // partition must not be given up yet.
+    let mut revoking = std::pin::pin!(revoking);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), &mut revoking)
+            .await
+            .is_err(),
+        "the revoke was answered while its partition's cpu_bound call was still running"
+    );
+    blocker.release();
+    revoking.await.expect("the revoke is answered");
+    assert!(blocker.returned.load(Ordering::SeqCst));
+    let h = Arc::into_inner(h).expect("the revoke task is done");
+    let (report, _) = h.stop().await;
+    assert_eq!(report.orphaned, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_bound_call_that_outlives_its_revoke_is_reported_as_an_orphan() {
+    let blocker = Blocker::new();
+    let config = ConsumerConfig {
+        revoke_timeout: Duration::from_millis(100),
+        ..config()
+    };
+    let h = start(blocker.router(), config, Arc::default());
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    blocker.entered.notified().await;
+    h.revoke(0).await;
+    assert!(
+        !blocker.returned.load(Ordering::SeqCst),
+        "the call is still blocked"
+    );
+    let orphaned = h.metrics.orphaned_calls.with_label_values(&["jobs"]).get();
+    let (report, _) = h.stop().await;
+    blocker.release();
+    assert_eq!(orphaned, 1, "the orphan is counted");
+    assert_eq!(report.orphaned, 1, "the orphan is in the stop report");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_a_cpu_bound_call_to_return_before_committing() {
+    let blocker = Blocker::new();
+    let h = start(blocker.router(), config(), Arc::default());
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    blocker.entered.notified().await;
+    let returned = blocker.returned.clone();
+    let stopping = tokio::spawn(h.stop());
+    let mut stopping = std::pin::pin!(stopping);
+    // Past the drain timeout (1 s) the call still runs: the drain must not end yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), &mut stopping)
+            .await
+            .is_err(),
+        "the drain ended while a cpu_bound call was still running"
+    );
+    blocker.release();
+    let (report, _) = stopping.await.expect("the drain ends");
+    assert!(returned.load(Ordering::SeqCst));
+    assert_eq!(report.orphaned, 0);
+}
