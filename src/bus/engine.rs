@@ -214,6 +214,8 @@ struct Launched {
 enum Start {
     /// From the start.
     Fresh,
+    /// From the start, spawned at once: its route's handler blocked the engine's thread lately.
+    Spawn,
     /// From where the engine's first call of its handler left off.
     Resume(Resume),
     /// Its handler's first call returned, then something after it panicked: that call was the
@@ -584,6 +586,7 @@ impl<S: Source> Engine<S> {
             }
             FirstCall::Resume { resume, .. } => Start::Resume(resume),
             FirstCall::Panicked { message, .. } => Start::Panicked(message),
+            FirstCall::Spawn => Start::Spawn,
             FirstCall::Fresh => Start::Fresh,
         };
         self.count_in(&key, rec.offset);
@@ -643,6 +646,7 @@ impl<S: Source> Engine<S> {
             }
             FirstCall::Resume { resume, .. } => Start::Resume(resume),
             FirstCall::Panicked { message, .. } => Start::Panicked(message),
+            FirstCall::Spawn => Start::Spawn,
             FirstCall::Fresh => Start::Fresh,
         };
         self.launch(place, rec, span, resume);
@@ -663,7 +667,8 @@ impl<S: Source> Engine<S> {
         // A panic outside the handler's call (a payload's `Deserialize`, say) leaves the
         // record to its task, which catches it again and dead-letters the record.
         let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.dispatcher.first_call(rec, &mut self.local)
+            self.dispatcher
+                .first_call(rec, &mut self.local, self.inline_budget)
         }))
         .unwrap_or(FirstCall::Fresh);
         if let FirstCall::Handled { polled }
@@ -736,7 +741,7 @@ impl<S: Source> Engine<S> {
         };
         async move {
             let resume = match start {
-                Start::Fresh => Ok(None),
+                Start::Fresh | Start::Spawn => Ok(None),
                 Start::Resume(resume) => Ok(Some(resume)),
                 Start::Panicked(message) => Err(message),
             };

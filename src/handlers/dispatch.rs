@@ -14,14 +14,15 @@ use super::Parking;
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
 use crate::contracts::{decode_envelope, DecodeError, EventMeta};
 use crate::telemetry::events::{
-    DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded, ParkFailed,
-    RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
+    DecodeFailed, HandlerBlockedThread, HandlerCalled, HandlerGaveUp, HandlerRetrying,
+    HandlerSucceeded, ParkFailed, RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
 use crate::telemetry::{trace, LocalRouteSeries, LocalSeries, Metrics, RouteSeries};
 use futures_util::FutureExt;
 use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -40,6 +41,13 @@ pub(crate) enum ParkedAttempt {
     /// Failed for good (acknowledged, panic, undecodable): dead-letter now.
     Final(Failure),
 }
+
+/// Records of a route run as tasks straight away after one of its first calls ran long.
+const SPAWN_AFTER_SLOW_POLL: u32 = 1024;
+
+/// A first poll this long is a handler blocking its thread (synchronous I/O, a sleep, a lock
+/// held across a slow call): far beyond anything a computing poll between two awaits takes.
+const BLOCKING_POLL: Duration = Duration::from_millis(10);
 
 /// The error recorded for a record parked only because its key had parked records.
 const BEHIND: &str = "parked behind an earlier record of its key";
@@ -73,6 +81,10 @@ pub(crate) enum FirstCall {
     /// The handler was called and returned, then something after it panicked (the observer,
     /// say): that call was attempt 1, so the record's task must not call the handler again.
     Panicked { message: String, polled: Duration },
+    /// The handler's first calls ran long lately (it computes or blocks its thread): the
+    /// record's task runs it from the start, spawned at once, so the engine's thread does not
+    /// wait for it. Nothing of the record was done.
+    Spawn,
     /// Off the path the first call covers (several handlers, a `cpu_bound` one, durable retries,
     /// a record that does not decode in one pass): the record's task runs it from the start.
     Fresh,
@@ -183,7 +195,17 @@ impl Dispatcher {
     /// durable retries and no `cpu_bound` work; anything else is [`FirstCall::Fresh`], before
     /// any of it was done. Only where the record's span is disabled: the engine then has no span
     /// to run this in.
-    pub(crate) fn first_call(&self, rec: &Arc<Inbound>, local: &mut LocalSeries) -> FirstCall {
+    ///
+    /// A call whose poll takes longer than `budget` sends the route's next
+    /// [`SPAWN_AFTER_SLOW_POLL`] records straight to tasks: a handler that computes or blocks
+    /// in its poll must not hold the engine's thread, and every partition with it. A poll longer
+    /// than [`BLOCKING_POLL`] is a handler blocking its thread: a warning names the route.
+    pub(crate) fn first_call(
+        &self,
+        rec: &Arc<Inbound>,
+        local: &mut LocalSeries,
+        budget: Duration,
+    ) -> FirstCall {
         if self.router.parking.is_some() {
             return FirstCall::Fresh;
         }
@@ -195,6 +217,11 @@ impl Dispatcher {
         };
         if handler.cpu_bound {
             return FirstCall::Fresh;
+        }
+        if handler.spawn_next.load(Ordering::Relaxed) > 0 {
+            // Only the engine's thread calls this (one engine per dispatcher): no race.
+            handler.spawn_next.fetch_sub(1, Ordering::Relaxed);
+            return FirstCall::Spawn;
         }
         let decoded =
             (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, &self.router.limits);
@@ -232,6 +259,9 @@ impl Dispatcher {
         }))
         .unwrap_or_else(|panic| Started::Returned(Err(panic_message(&*panic))));
         let duration = started.elapsed();
+        if duration > budget {
+            self.slow_first_call(rec, handler, wire_type, duration);
+        }
         if let Started::Returned(Ok(Ok(()))) = polled {
             // The handler has run: a panic from here on ends the record as that attempt's.
             let succeeded = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -252,6 +282,23 @@ impl Dispatcher {
                 call: polled,
             },
             polled: duration,
+        }
+    }
+
+    /// A first call whose poll ran long: the route's next records go straight to tasks, and a
+    /// handler that blocked its thread is named.
+    fn slow_first_call(&self, rec: &Inbound, handler: &Route, event_type: &str, polled: Duration) {
+        handler
+            .spawn_next
+            .store(SPAWN_AFTER_SLOW_POLL, Ordering::Relaxed);
+        if polled >= BLOCKING_POLL {
+            HandlerBlockedThread {
+                topic: &rec.topic,
+                event_type,
+                handler: &handler.name,
+                polled,
+            }
+            .emit(&self.metrics);
         }
     }
 

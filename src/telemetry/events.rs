@@ -355,6 +355,25 @@ impl RecordTaskPanicked<'_> {
     }
 }
 
+/// A handler's poll held the engine's thread for `polled`: it blocks its thread (synchronous
+/// I/O in an `async fn`, say). Its route's next records run as tasks, off the engine's thread.
+pub(crate) struct HandlerBlockedThread<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) event_type: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) polled: Duration,
+}
+
+impl HandlerBlockedThread<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.blocking_polls
+            .with_label_values(&[self.topic, self.event_type, self.handler])
+            .inc();
+        warn!(topic = self.topic, event_type = self.event_type, handler = self.handler, polled = ?self.polled,
+              "Handler blocked its thread in a poll; running its records as tasks. Make its I/O async, or mark it cpu_bound.");
+    }
+}
+
 /// `cpu_bound` calls of a partition were still running on their blocking threads when the
 /// partition was given up, after the engine waited `waited` for them: their records may run
 /// again at the partition's next owner while they finish here.

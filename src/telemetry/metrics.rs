@@ -24,6 +24,7 @@ pub struct Metrics {
     pub(crate) published: IntCounterVec,
     pub(crate) publish_duration: HistogramVec,
     pub(crate) orphaned_calls: IntCounterVec,
+    pub(crate) blocking_polls: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,6 +129,11 @@ impl Metrics {
                 "weir_blocking_calls_orphaned_total",
                 "cpu_bound calls still running when their partition was given up (revoked, or at stop).",
                 &["topic"],
+            ),
+            blocking_polls: counter(
+                "weir_handler_blocking_polls_total",
+                "Handler polls that held the engine's thread long enough to be blocking it (synchronous I/O in an async fn, say).",
+                &["topic", "event_type", "handler"],
             ),
             registry,
         }

@@ -841,3 +841,103 @@ async fn a_drain_waits_for_a_cpu_bound_call_to_return_before_committing() {
     assert!(returned.load(Ordering::SeqCst));
     assert_eq!(report.orphaned, 0);
 }
+
+/// An event of a second route, on a topic of its own.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Blocking {
+    id: u32,
+}
+
+impl Event for Blocking {
+    const TYPE: EventType = EventType::new("test.blocking");
+    const TOPIC: &'static str = "blocking";
+    fn key(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+/// Fast records of partitions 0..4 of `jobs` handled per second of a `window`, with (or
+/// without) a backlog of records on another route whose handler blocks its thread 200 ms in
+/// its poll.
+async fn fast_rate_beside(blocking_route: bool, window: Duration) -> (f64, u64) {
+    let fast = Arc::new(AtomicUsize::new(0));
+    let blocked = Arc::new(Notify::new());
+    let router = {
+        let (fast, blocked) = (fast.clone(), blocked.clone());
+        Router::new()
+            .on(move |_: Job, _: Ctx| {
+                let fast = fast.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    fast.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+            .on_with(
+                move |_: Blocking, _: Ctx| {
+                    let blocked = blocked.clone();
+                    async move {
+                        // Synchronous I/O in an async fn.
+                        std::thread::sleep(Duration::from_millis(200));
+                        blocked.notify_one();
+                        Ok(())
+                    }
+                },
+                HandlerOptions::new().name("blocker"),
+            )
+    };
+    let config = ConsumerConfig {
+        order: ProcessingOrder::Partition,
+        ..config()
+    };
+    let h = start(router, config, Arc::default());
+    let partitions = 0..4;
+    for offset in 0..2_000 {
+        for partition in partitions.clone() {
+            h.send(SourceEvent::Record(job(partition, offset, false)));
+        }
+    }
+    if blocking_route {
+        for offset in 0..40 {
+            let envelope = Envelope::new(Blocking { id: offset as u32 });
+            h.send(SourceEvent::Record(Inbound {
+                topic: Arc::from("blocking"),
+                partition: 9,
+                offset,
+                key: Some(envelope.key().into_bytes().into()),
+                value: Some(envelope.to_structured().expect("serializes").into()),
+                headers: Headers::new().with("content-type", CLOUDEVENTS_CONTENT_TYPE),
+                timestamp_ms: None,
+            }));
+        }
+        // The first blocking poll is where the engine learns of it.
+        blocked.notified().await;
+    } else {
+        while fast.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let (before, started) = (fast.load(Ordering::SeqCst), std::time::Instant::now());
+    tokio::time::sleep(window).await;
+    let handled = fast.load(Ordering::SeqCst) - before;
+    let rate = handled as f64 / started.elapsed().as_secs_f64();
+    let warned = h
+        .metrics
+        .blocking_polls
+        .with_label_values(&["blocking", "test.blocking", "blocker"])
+        .get();
+    h.stop.cancel();
+    (rate, warned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_its_thread_does_not_stall_the_other_partitions() {
+    let window = Duration::from_secs(2);
+    let (alone, _) = fast_rate_beside(false, window).await;
+    let (beside, warned) = fast_rate_beside(true, window).await;
+    assert!(
+        beside >= 0.8 * alone,
+        "the other partitions fell to {beside:.0} records/s beside a blocking route, from {alone:.0} alone"
+    );
+    assert!(warned >= 1, "the blocking route was not reported");
+}
