@@ -1,7 +1,9 @@
 //! Flow control against a real broker: handlers stuck for longer than `max.poll.interval.ms`
 //! must not cost the consumer its group membership. The engine stops taking records at its
-//! in-flight limit; the poll thread, stalled behind the full hand-off queue, pauses the
-//! assignment after a while and goes on polling.
+//! in-flight limit; the stuck partition's own hand-off fills and the poll thread stops polling
+//! that partition's queue (librdkafka's bounded prefetch then stops fetching it; nothing is
+//! paused at the client), while it keeps polling the main queue, so the member stays in the
+//! group.
 
 mod reference;
 mod support;

@@ -26,9 +26,18 @@
 //! which drops its running record futures at their next poll, as vector's Kafka source aborts a
 //! revoked partition's task. A revoke first stops the partition's backoffs, lets its running
 //! handlers finish until `revoke_timeout`, then aborts the rest and waits until every one of
-//! them has ended before it answers the source: nothing of a revoked partition runs once the
-//! source gives it up. A panic anywhere in a record's task ends the record with a final
-//! outcome (dead-lettered with kind `panic`), so no panic leaves a partition stuck.
+//! them has ended before it answers the source. An aborted `cpu_bound` call cannot be
+//! interrupted on its blocking thread: the revoke (and the drain at stop) also waits for those
+//! to return, up to its timeout capped at [`BLOCKING_GRACE`], and reports any still running
+//! then as orphans (a log event, a metric, `StopReport::orphaned`). So nothing of a revoked
+//! partition runs once the source gives it up, except a reported orphan. Every spawned record
+//! is known by its task id: a panic anywhere in a record's task, even one that escapes it,
+//! ends the record (dead-lettered with kind `panic`, or redelivered if it was being aborted),
+//! so no panic leaves a partition stuck.
+//!
+//! A handler whose first call runs long on the engine's thread (it computes, or blocks its
+//! thread with synchronous I/O) has its route's next records run as tasks at once, and a poll
+//! long enough to be blocking is named in a warning: one such route never stalls the others.
 //!
 //! Per-record cost, measured with `weir bench` and callgrind: keying a record allocates nothing
 //! (shared topic names, lanes keyed by a hash), positions reach the source once per commit, not
@@ -42,7 +51,8 @@
 //! record runs inside its span instead, polled once inline first.
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
-//! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
+//! the drain timeout (retry backoffs end at once), abort the rest, wait for their `cpu_bound`
+//! calls as a revoke does, commit synchronously.
 
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 use super::offsets::OffsetTracker;
@@ -72,7 +82,6 @@ pub(crate) type Tp = (String, i32);
 pub(crate) type PartitionKey = (Arc<str>, i32);
 
 /// What a source hands the engine.
-#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // The memory bus does not rebalance.
 pub(crate) enum SourceEvent {
     Record(Inbound),
     /// These partitions are being taken away; reply on `done` once their work has ended and
