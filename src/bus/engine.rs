@@ -26,9 +26,18 @@
 //! which drops its running record futures at their next poll, as vector's Kafka source aborts a
 //! revoked partition's task. A revoke first stops the partition's backoffs, lets its running
 //! handlers finish until `revoke_timeout`, then aborts the rest and waits until every one of
-//! them has ended before it answers the source: nothing of a revoked partition runs once the
-//! source gives it up. A panic anywhere in a record's task ends the record with a final
-//! outcome (dead-lettered with kind `panic`), so no panic leaves a partition stuck.
+//! them has ended before it answers the source. An aborted `cpu_bound` call cannot be
+//! interrupted on its blocking thread: the revoke (and the drain at stop) also waits for those
+//! to return, up to its timeout capped at [`BLOCKING_GRACE`], and reports any still running
+//! then as orphans (a log event, a metric, `StopReport::orphaned`). So nothing of a revoked
+//! partition runs once the source gives it up, except a reported orphan. Every spawned record
+//! is known by its task id: a panic anywhere in a record's task, even one that escapes it,
+//! ends the record (dead-lettered with kind `panic`, or redelivered if it was being aborted),
+//! so no panic leaves a partition stuck.
+//!
+//! A handler whose first call runs long on the engine's thread (it computes, or blocks its
+//! thread with synchronous I/O) has its route's next records run as tasks at once, and a poll
+//! long enough to be blocking is named in a warning: one such route never stalls the others.
 //!
 //! Per-record cost, measured with `weir bench` and callgrind: keying a record allocates nothing
 //! (shared topic names, lanes keyed by a hash), positions reach the source once per commit, not
@@ -48,14 +57,17 @@
 //! (`breaker_requests`), applied as [`PauseSource::Breaker`](control::PauseSource::Breaker).
 //!
 //! Stop: stop fetching, drop records that have not started, let running handlers finish within
-//! the drain timeout (retry backoffs end at once), abort the rest, commit synchronously.
+//! the drain timeout (retry backoffs end at once), abort the rest, wait for their `cpu_bound`
+//! calls as a revoke does, commit synchronously.
 
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 use super::control::{self, Command, Control, Pauses, Scope};
 use super::offsets::OffsetTracker;
 use super::{BusError, Publisher};
-use crate::handlers::{Dispatcher, FirstCall, Inbound, Resume};
-use crate::telemetry::events::{InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked};
+use crate::handlers::{BlockingCalls, Dispatcher, FirstCall, Inbound, Resume};
+use crate::telemetry::events::{
+    BlockingCallsOrphaned, InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked,
+};
 use crate::telemetry::{trace, Health, LocalSeries};
 use flow::{Flow, PartitionFlow};
 use futures_util::FutureExt as _;
@@ -64,7 +76,7 @@ use std::future::Future;
 use std::hash::BuildHasher as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use task::{dead_letter_panic, handle, panic_message};
+use task::{dead_letter_panic, handle, panic_message, Tokens};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -77,7 +89,6 @@ pub(crate) type Tp = (String, i32);
 pub(crate) type PartitionKey = (Arc<str>, i32);
 
 /// What a source hands the engine.
-#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // The memory bus does not rebalance.
 pub(crate) enum SourceEvent {
     Record(Inbound),
     /// These partitions are being taken away; reply on `done` once their work has ended and
@@ -164,14 +175,6 @@ struct PartitionState {
     revoking: bool,
 }
 
-struct Tokens {
-    /// Ends the partition's retry backoffs and dead-letter retries (a child of the engine's
-    /// stop token): at a revoke, and at stop.
-    stop: CancellationToken,
-    /// Drops the partition's running record futures: at a revoke's deadline.
-    abort: CancellationToken,
-}
-
 struct Completion {
     tp: PartKey,
     offset: i64,
@@ -188,6 +191,16 @@ struct Place {
     lane: Option<Lane>,
     generation: u64,
     tokens: Arc<Tokens>,
+}
+
+impl Completion {
+    /// The same record's completion, for a task that takes the record over.
+    fn clone_place(&self) -> Completion {
+        Completion {
+            tp: self.tp.clone(),
+            ..*self
+        }
+    }
 }
 
 impl Place {
@@ -212,6 +225,28 @@ impl Place {
     }
 }
 
+/// A spawned record, as the engine remembers it until its task ends: the completion of the
+/// record unfinished, the record (to dead-letter it if its task panics), and its partition's
+/// tokens.
+struct Launched {
+    unfinished: Completion,
+    rec: Arc<Inbound>,
+    tokens: Arc<Tokens>,
+}
+
+/// How a started record's task begins.
+enum Start {
+    /// From the start.
+    Fresh,
+    /// From the start, spawned at once: its route's handler blocked the engine's thread lately.
+    Spawn,
+    /// From where the engine's first call of its handler left off.
+    Resume(Resume),
+    /// Its handler's first call returned, then something after it panicked: that call was the
+    /// attempt, so the record is dead-lettered with kind `panic` without calling it again.
+    Panicked(String),
+}
+
 impl PartitionState {
     /// The place of a record of this partition, in `lane`, started now.
     fn place(&self, key: PartKey, lane: Option<Lane>) -> Place {
@@ -228,6 +263,9 @@ impl PartitionState {
 pub(crate) struct StopReport {
     pub(crate) committed: Vec<(String, i32, i64)>,
     pub(crate) abandoned: usize,
+    /// `cpu_bound` calls still running when their partition was given up (at a revoke or at
+    /// stop), past the bound the engine waits for them.
+    pub(crate) orphaned: usize,
 }
 
 pub(crate) struct Engine<S: Source> {
@@ -242,12 +280,18 @@ pub(crate) struct Engine<S: Source> {
     /// a topic name is hashed once, not once per record. Holding the `Arc` keeps its address
     /// from being reused by another name.
     last_topic: Option<(Arc<str>, u64)>,
-    tasks: JoinSet<Completion>,
+    /// Spawned records; a task ends with `None` when its partition aborted it.
+    tasks: JoinSet<Option<Completion>>,
+    /// What each spawned record's task is about, by task id: a task that ends without its
+    /// completion (a panic that escaped it, an abort) still ends its record.
+    launched: HashMap<tokio::task::Id, Launched, FastHash>,
     /// Records in flight, the partitions' shares of `max_in_flight` and what they hold of it.
     flow: Flow,
     generations: u64,
     /// Records that ended without a final outcome (abandoned at stop).
     unfinished: usize,
+    /// Blocking calls given up on while they ran ([`BLOCKING_GRACE`]).
+    orphaned: usize,
     /// The consumer group and dead-letter naming, for dead-letter records.
     naming: Arc<(String, DeadLetterTopics)>,
     /// Hashes record keys into lanes; one instance, so a key's lane is stable.
@@ -304,6 +348,13 @@ fn inline_budget() -> std::time::Duration {
         (unit * 36).max(std::time::Duration::from_micros(50))
     })
 }
+/// How long a revoke or a drain waits, after aborting its records, for their `cpu_bound` calls
+/// to return (at most its own timeout). Such a call runs on a blocking thread and cannot be
+/// interrupted: until it returns the partition is not given up, so the next owner never runs
+/// the record while this one still does. Past this bound the call is reported as an orphan
+/// (a log event, `weir_blocking_calls_orphaned_total` and the stop report), never silently.
+const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Records taken per turn of the engine loop at most, so completions and commits get their turn.
 const BURST: usize = 256;
 
@@ -392,9 +443,11 @@ impl<S: Source> Engine<S> {
             health,
             partitions: HashMap::default(),
             tasks: JoinSet::new(),
+            launched: HashMap::default(),
             flow,
             generations: 0,
             unfinished: 0,
+            orphaned: 0,
             naming,
             lane_hasher: Default::default(),
             finished_inline: Vec::new(),
@@ -432,7 +485,7 @@ impl<S: Source> Engine<S> {
                     let target = control::PauseTarget::route(&*request.route);
                     self.set_pause(control::PauseSource::Breaker, target, request.reason);
                 }
-                Some(joined) = self.tasks.join_next() => self.joined(joined, true),
+                Some(joined) = self.tasks.join_next_with_id() => self.joined(joined, true),
                 event = self.source.next(pool_open) => match event {
                     None => break,
                     Some(SourceEvent::Record(rec)) => {
@@ -582,6 +635,7 @@ impl<S: Source> Engine<S> {
                     tokens: Arc::new(Tokens {
                         stop,
                         abort: CancellationToken::new(),
+                        blocking: Arc::default(),
                     }),
                     revoking: false,
                 },
@@ -651,8 +705,10 @@ impl<S: Source> Engine<S> {
                 }
                 return;
             }
-            FirstCall::Resume { resume, .. } => Some(resume),
-            FirstCall::Fresh => None,
+            FirstCall::Resume { resume, .. } => Start::Resume(resume),
+            FirstCall::Panicked { message, .. } => Start::Panicked(message),
+            FirstCall::Spawn => Start::Spawn,
+            FirstCall::Fresh => Start::Fresh,
         };
         self.count_in(&key, rec.offset);
         let Some(state) = self.partitions.get_mut(&key) else {
@@ -709,8 +765,10 @@ impl<S: Source> Engine<S> {
                     .push(place.into_completion(rec.offset, true));
                 return;
             }
-            FirstCall::Resume { resume, .. } => Some(resume),
-            FirstCall::Fresh => None,
+            FirstCall::Resume { resume, .. } => Start::Resume(resume),
+            FirstCall::Panicked { message, .. } => Start::Panicked(message),
+            FirstCall::Spawn => Start::Spawn,
+            FirstCall::Fresh => Start::Fresh,
         };
         self.launch(place, rec, span, resume);
     }
@@ -730,39 +788,50 @@ impl<S: Source> Engine<S> {
         // A panic outside the handler's call (a payload's `Deserialize`, say) leaves the
         // record to its task, which catches it again and dead-letters the record.
         let first = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.dispatcher.first_call(rec, &mut self.local)
+            self.dispatcher
+                .first_call(rec, &mut self.local, self.inline_budget)
         }))
         .unwrap_or(FirstCall::Fresh);
-        if let FirstCall::Handled { polled } | FirstCall::Resume { polled, .. } = &first {
+        if let FirstCall::Handled { polled }
+        | FirstCall::Resume { polled, .. }
+        | FirstCall::Panicked { polled, .. } = &first
+        {
             self.note_inline_poll(*polled);
         }
         first
     }
 
-    /// Runs a started record as a task: from where its first call left off (`resume`), or
-    /// from the start, polled once inline first unless the engine is cooling down.
-    fn launch(
-        &mut self,
-        place: Place,
-        rec: Arc<Inbound>,
-        span: tracing::Span,
-        resume: Option<Resume>,
-    ) {
-        let aborted = place.completion(rec.offset, false);
-        let abort = place.tokens.clone();
-        let resumed = resume.is_some();
-        let task = self.record_task(place, rec, resume, span.clone());
+    /// Runs a started record as a task: from where its first call left off, or from the
+    /// start, polled once inline first unless the engine is cooling down.
+    fn launch(&mut self, place: Place, rec: Arc<Inbound>, span: tracing::Span, start: Start) {
+        let launched = Launched {
+            unfinished: place.completion(rec.offset, false),
+            rec: rec.clone(),
+            tokens: place.tokens.clone(),
+        };
+        let fresh = matches!(start, Start::Fresh);
+        let task = self.record_task(place, rec, start, span.clone());
         let task = Box::pin(task.instrument(span));
-        if resumed {
-            self.tasks.spawn(abortable(task, abort, aborted));
+        if !fresh {
+            self.spawn_task(task, launched);
             return;
         }
         if self.inline_cooldown > 0 {
             self.inline_cooldown -= 1;
-            self.tasks.spawn(abortable(task, abort, aborted));
+            self.spawn_task(task, launched);
             return;
         }
-        self.poll_inline(task, abort, aborted);
+        self.poll_inline(task, launched);
+    }
+
+    /// Spawns a record's task, remembered by its id until it ends.
+    fn spawn_task<F>(&mut self, task: F, launched: Launched)
+    where
+        F: Future<Output = Completion> + Send + 'static,
+    {
+        let abort = launched.tokens.clone();
+        let id = self.tasks.spawn(abortable(task, abort)).id();
+        self.launched.insert(id, launched);
     }
 
     /// The record's future: [`handle`] to its final outcome. A panic in there is caught and
@@ -771,7 +840,7 @@ impl<S: Source> Engine<S> {
         &self,
         place: Place,
         rec: Arc<Inbound>,
-        resume: Option<Resume>,
+        start: Start,
         span: tracing::Span,
     ) -> impl Future<Output = Completion> + Send + 'static {
         let dispatcher = self.dispatcher.clone();
@@ -792,21 +861,29 @@ impl<S: Source> Engine<S> {
             is_final: true,
         };
         async move {
-            let handled = AssertUnwindSafe(handle(
-                &rec,
-                resume,
-                &dispatcher,
-                &*publisher,
-                &naming,
-                &tokens.stop,
-                &span,
-            ))
-            .catch_unwind()
-            .await;
+            let resume = match start {
+                Start::Fresh | Start::Spawn => Ok(None),
+                Start::Resume(resume) => Ok(Some(resume)),
+                Start::Panicked(message) => Err(message),
+            };
+            let handled = match resume {
+                Ok(resume) => AssertUnwindSafe(handle(
+                    &rec,
+                    resume,
+                    &dispatcher,
+                    &*publisher,
+                    &naming,
+                    &tokens,
+                    &span,
+                ))
+                .catch_unwind()
+                .await
+                .map_err(|panic| panic_message(&*panic)),
+                Err(message) => Err(message),
+            };
             let is_final = match handled {
                 Ok(is_final) => is_final,
-                Err(panic) => {
-                    let message = panic_message(&*panic);
+                Err(message) => {
                     RecordTaskPanicked {
                         at: rec.at(),
                         error: &message,
@@ -832,12 +909,8 @@ impl<S: Source> Engine<S> {
     /// path: see [`FirstCall::Fresh`]) may still finish without waiting: its whole future is
     /// polled once here, for the reason [`first_call`](Self::first_call) gives, and spawned
     /// only if it waits. The task catches its own panics, so this poll does not unwind.
-    fn poll_inline<F>(
-        &mut self,
-        mut task: std::pin::Pin<Box<F>>,
-        abort: Arc<Tokens>,
-        aborted: Completion,
-    ) where
+    fn poll_inline<F>(&mut self, mut task: std::pin::Pin<Box<F>>, launched: Launched)
+    where
         F: Future<Output = Completion> + Send + 'static,
     {
         let started = std::time::Instant::now();
@@ -846,9 +919,7 @@ impl<S: Source> Engine<S> {
         self.note_inline_poll(started.elapsed());
         match polled {
             std::task::Poll::Ready(done) => self.finished_inline.push(done),
-            std::task::Poll::Pending => {
-                self.tasks.spawn(abortable(task, abort, aborted));
-            }
+            std::task::Poll::Pending => self.spawn_task(task, launched),
         }
     }
 
@@ -874,13 +945,75 @@ impl<S: Source> Engine<S> {
         }
     }
 
-    fn joined(&mut self, joined: Result<Completion, tokio::task::JoinError>, start_next: bool) {
-        match joined {
-            Ok(done) => self.complete(done, start_next),
-            // Record tasks catch their own panics, so this is an abort at shutdown.
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => tracing::error!(error = %e, "Record task failed unexpectedly."),
+    /// A record's task ended: its completion, or, if the task ended without one, the
+    /// record's from what the engine remembers of it. A record task catches the panics of its
+    /// record's handling; one that escapes it (a handler future whose drop panics when its
+    /// partition aborts it, say) still ends the record, so its slot, lane and offset are freed.
+    fn joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, Option<Completion>), tokio::task::JoinError>,
+        start_next: bool,
+    ) {
+        let (id, done) = match joined {
+            Ok((id, done)) => (id, Ok(done)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let Some(launched) = self.launched.remove(&id) else {
+            return;
+        };
+        match done {
+            Ok(Some(done)) => self.complete(done, start_next),
+            // Aborted with its partition: unfinished, redelivered to the partition's next owner.
+            Ok(None) => self.complete(launched.unfinished, start_next),
+            Err(e) => self.task_failed(e, launched, start_next),
         }
+    }
+
+    /// A record's task ended without its completion. Cancelled, or panicked while its
+    /// partition was aborting or stopping it: the record ends unfinished and is redelivered.
+    /// Panicked otherwise: the record is dead-lettered with kind `panic`, in a task of its own.
+    fn task_failed(&mut self, error: tokio::task::JoinError, launched: Launched, start_next: bool) {
+        let stopping = launched.tokens.abort.is_cancelled() || launched.tokens.stop.is_cancelled();
+        let message = match error.try_into_panic() {
+            Ok(panic) => panic_message(&*panic),
+            Err(_) => {
+                self.complete(launched.unfinished, start_next);
+                return;
+            }
+        };
+        RecordTaskPanicked {
+            at: launched.rec.at(),
+            error: &message,
+            dead_lettering: !stopping,
+        }
+        .emit_escaped();
+        if stopping {
+            self.complete(launched.unfinished, start_next);
+            return;
+        }
+        let done = Completion {
+            is_final: true,
+            ..launched.unfinished.clone_place()
+        };
+        let (dispatcher, publisher) = (self.dispatcher.clone(), self.dead_letters.clone());
+        let (naming, tokens, rec) = (
+            self.naming.clone(),
+            launched.tokens.clone(),
+            launched.rec.clone(),
+        );
+        let task = async move {
+            let is_final = dead_letter_panic(
+                &rec,
+                message,
+                &dispatcher,
+                &*publisher,
+                &naming,
+                &tokens.stop,
+            )
+            .await;
+            Completion { is_final, ..done }
+        };
+        self.spawn_task(task, launched);
     }
 
     fn complete(&mut self, done: Completion, start_next: bool) {
@@ -1005,7 +1138,7 @@ impl<S: Source> Engine<S> {
         let mut aborted = false;
         while busy(self) {
             tokio::select! {
-                Some(joined) = self.tasks.join_next() => {
+                Some(joined) = self.tasks.join_next_with_id() => {
                     self.joined(joined, true);
                     self.settle_inline();
                 }
@@ -1020,8 +1153,14 @@ impl<S: Source> Engine<S> {
                     // with an unfinished completion; the loop waits for all of them.
                     aborted = true;
                 }
+                // Every task of a running record ends with its record (`joined`), so this is not
+                // reached; if it were, waiting would be forever.
+                else => break,
             }
         }
+        let grace = self.config.revoke_timeout.min(BLOCKING_GRACE);
+        self.await_blocking(|tp| revoked_keys.contains(tp), grace, "revoke", true)
+            .await;
         // The source commits when the engine answers: every position must be with it by then.
         self.store_positions(|_| true);
         self.dispatcher.forget_parked(revoked);
@@ -1047,6 +1186,52 @@ impl<S: Source> Engine<S> {
         }
         self.reshare();
         InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
+    }
+
+    /// Waits up to `grace` for the blocking calls of matching partitions to return (each
+    /// record's task has ended, but an aborted `cpu_bound` call goes on), completing other
+    /// records meanwhile; reports the calls still running then as orphans.
+    async fn await_blocking(
+        &mut self,
+        matches: impl Fn(&PartKey) -> bool,
+        grace: std::time::Duration,
+        during: &'static str,
+        start_next: bool,
+    ) {
+        let running: Vec<(PartKey, Arc<BlockingCalls>)> = self
+            .partitions
+            .iter()
+            .filter(|(tp, s)| matches(tp) && s.tokens.blocking.running() > 0)
+            .map(|(tp, s)| (tp.clone(), s.tokens.blocking.clone()))
+            .collect();
+        if running.is_empty() {
+            return;
+        }
+        let until = Instant::now() + grace;
+        for (tp, calls) in running {
+            loop {
+                tokio::select! {
+                    _ = calls.returned() => break,
+                    Some(joined) = self.tasks.join_next_with_id() => {
+                        self.joined(joined, start_next);
+                        self.settle_inline();
+                    }
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+            let left = calls.running();
+            if left > 0 {
+                BlockingCallsOrphaned {
+                    topic: &tp.0,
+                    partition: tp.1,
+                    calls: left,
+                    waited: grace,
+                    during,
+                }
+                .emit(self.dispatcher.metrics());
+                self.orphaned += left;
+            }
+        }
     }
 
     async fn commit(&mut self, sync: bool) {
@@ -1075,16 +1260,19 @@ impl<S: Source> Engine<S> {
         let deadline = Instant::now() + self.config.drain_timeout;
         while !self.tasks.is_empty() {
             tokio::select! {
-                Some(joined) = self.tasks.join_next() => self.joined(joined, false),
+                Some(joined) = self.tasks.join_next_with_id() => self.joined(joined, false),
                 _ = tokio::time::sleep_until(deadline) => {
                     abandoned += self.tasks.len();
                     tracing::warn!(running = self.tasks.len(), "Drain timeout reached; abandoning running handlers (not committed).");
                     self.tasks.abort_all();
                     while self.tasks.join_next().await.is_some() {}
+                    self.launched.clear();
                     break;
                 }
             }
         }
+        let grace = self.config.drain_timeout.min(BLOCKING_GRACE);
+        self.await_blocking(|_| true, grace, "stop", false).await;
         abandoned += self.unfinished;
         self.commit(true).await;
         // What the broker confirmed, not what the trackers would commit: the final commit may
@@ -1096,6 +1284,7 @@ impl<S: Source> Engine<S> {
             StopReport {
                 committed,
                 abandoned,
+                orphaned: self.orphaned,
             },
             self.source,
         )
@@ -1103,17 +1292,16 @@ impl<S: Source> Engine<S> {
 }
 
 /// A spawned record's future, dropped at its partition's abort token: the record then ends
-/// unfinished (`aborted`). Only a spawned record can be aborted: one that finishes in its
-/// inline poll never needs the token (registering with it costs a lock per record).
+/// unfinished (`None`). Only a spawned record can be aborted: one that finishes in its inline
+/// poll never needs the token (registering with it costs a lock per record).
 async fn abortable(
     task: impl Future<Output = Completion>,
     tokens: Arc<Tokens>,
-    aborted: Completion,
-) -> Completion {
+) -> Option<Completion> {
     tokio::select! {
         biased;
-        _ = tokens.abort.cancelled() => aborted,
-        done = task => done,
+        _ = tokens.abort.cancelled() => None,
+        done = task => Some(done),
     }
 }
 

@@ -46,6 +46,11 @@ pub struct StopReport {
     /// Records fetched but not finished when it stopped: they were not committed and will be
     /// delivered again.
     pub abandoned: usize,
+    /// `cpu_bound` calls still running on a blocking thread when their partition was given up
+    /// (revoked, or at this stop), after the engine waited for them as long as it could: their
+    /// records may run again elsewhere while these calls finish. Also logged and counted in
+    /// `weir_blocking_calls_orphaned_total`.
+    pub orphaned: usize,
 }
 
 impl From<EngineReport> for StopReport {
@@ -53,6 +58,7 @@ impl From<EngineReport> for StopReport {
         Self {
             committed: r.committed,
             abandoned: r.abandoned,
+            orphaned: r.orphaned,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! every handler with its retry policy, and report a final outcome. Transport-agnostic: both
 //! buses feed it records and act on what it returns.
 
+use super::blocking::BlockingCalls;
 use super::breaker::CallOutcome;
 use super::circuit::{Circuit, PauseRequest, Requests};
 use super::ctx::RecordInfo;
@@ -15,14 +16,15 @@ use super::Parking;
 use super::{AckPolicy, Ctx, HandlerError, Router, TraceContext, UnhandledPolicy};
 use crate::contracts::{decode_envelope, DecodeError, EventMeta};
 use crate::telemetry::events::{
-    DecodeFailed, HandlerCalled, HandlerGaveUp, HandlerRetrying, HandlerSucceeded, ParkFailed,
-    RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
+    DecodeFailed, HandlerBlockedThread, HandlerCalled, HandlerGaveUp, HandlerRetrying,
+    HandlerSucceeded, ParkFailed, RecordParked, RecordReceived, RecordSkipped, UNKNOWN_TYPE,
 };
-use crate::telemetry::{trace, LocalSeries, Metrics, RouteSeries};
+use crate::telemetry::{trace, LocalRouteSeries, LocalSeries, Metrics, RouteSeries};
 use futures_util::FutureExt;
 use prometheus::IntCounter;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
@@ -42,6 +44,13 @@ pub(crate) enum ParkedAttempt {
     Final(Failure),
 }
 
+/// Records of a route run as tasks straight away after one of its first calls ran long.
+const SPAWN_AFTER_SLOW_POLL: u32 = 1024;
+
+/// A first poll this long is a handler blocking its thread (synchronous I/O, a sleep, a lock
+/// held across a slow call): far beyond anything a computing poll between two awaits takes.
+const BLOCKING_POLL: Duration = Duration::from_millis(10);
+
 /// The error recorded for a record parked only because its key had parked records.
 const BEHIND: &str = "parked behind an earlier record of its key";
 
@@ -51,12 +60,15 @@ enum HandlerResult {
 }
 
 /// One handler's attempts at one record: what each attempt, and what it reports, refers to.
+#[derive(Clone, Copy)]
 struct HandlerRun<'a> {
     handler: &'a Route,
     route: &'a TypeRoute,
     info: &'a Arc<RecordInfo>,
     series: &'a RouteSeries,
     stop: &'a CancellationToken,
+    /// Counts its `cpu_bound` calls until they return, for whoever gives the record up.
+    blocking: &'a Arc<BlockingCalls>,
 }
 
 /// What the engine's synchronous first call of a record's handler came to
@@ -68,6 +80,13 @@ pub(crate) enum FirstCall {
     /// The rest runs as the record's task, from where the first call left off
     /// ([`Dispatcher::dispatch`] with the [`Resume`]).
     Resume { resume: Resume, polled: Duration },
+    /// The handler was called and returned, then something after it panicked (the observer,
+    /// say): that call was attempt 1, so the record's task must not call the handler again.
+    Panicked { message: String, polled: Duration },
+    /// The handler's first calls ran long lately (it computes or blocks its thread): the
+    /// record's task runs it from the start, spawned at once, so the engine's thread does not
+    /// wait for it. Nothing of the record was done.
+    Spawn,
     /// Off the path the first call covers (several handlers, a `cpu_bound` one, durable retries,
     /// a record that does not decode in one pass): the record's task runs it from the start.
     Fresh,
@@ -206,11 +225,12 @@ impl Dispatcher {
         rec: &Arc<Inbound>,
         resume: Option<Resume>,
         stop: &CancellationToken,
+        blocking: &Arc<BlockingCalls>,
         span: &tracing::Span,
     ) -> Outcome {
         let outcome = match resume {
-            None => self.dispatch_record(rec, stop, span).await,
-            Some(resume) => self.dispatch_resumed(rec, resume, stop).await,
+            None => self.dispatch_record(rec, stop, blocking, span).await,
+            Some(resume) => self.dispatch_resumed(rec, resume, stop, blocking).await,
         };
         if let Some(observer) = &self.router.observer {
             observer.outcome(rec, &outcome);
@@ -225,7 +245,17 @@ impl Dispatcher {
     /// durable retries and no `cpu_bound` work; anything else is [`FirstCall::Fresh`], before
     /// any of it was done. Only where the record's span is disabled: the engine then has no span
     /// to run this in.
-    pub(crate) fn first_call(&self, rec: &Arc<Inbound>, local: &mut LocalSeries) -> FirstCall {
+    ///
+    /// A call whose poll takes longer than `budget` sends the route's next
+    /// [`SPAWN_AFTER_SLOW_POLL`] records straight to tasks: a handler that computes or blocks
+    /// in its poll must not hold the engine's thread, and every partition with it. A poll longer
+    /// than [`BLOCKING_POLL`] is a handler blocking its thread: a warning names the route.
+    pub(crate) fn first_call(
+        &self,
+        rec: &Arc<Inbound>,
+        local: &mut LocalSeries,
+        budget: Duration,
+    ) -> FirstCall {
         if self.router.parking.is_some() {
             return FirstCall::Fresh;
         }
@@ -237,6 +267,11 @@ impl Dispatcher {
         };
         if handler.cpu_bound || self.circuits.contains_key(&handler.name) {
             return FirstCall::Fresh;
+        }
+        if handler.spawn_next.load(Ordering::Relaxed) > 0 {
+            // Only the engine's thread calls this (one engine per dispatcher): no race.
+            handler.spawn_next.fetch_sub(1, Ordering::Relaxed);
+            return FirstCall::Spawn;
         }
         let decoded =
             (route.decode_one_pass)(rec.value.as_deref(), &rec.headers, &self.router.limits);
@@ -274,23 +309,21 @@ impl Dispatcher {
         }))
         .unwrap_or_else(|panic| Started::Returned(Err(panic_message(&*panic))));
         let duration = started.elapsed();
+        if duration > budget {
+            self.slow_first_call(rec, handler, wire_type, duration);
+        }
         if let Started::Returned(Ok(Ok(()))) = polled {
-            HandlerCalled { duration }.emit_local(counts);
-            if let Some(observer) = &self.router.observer {
-                observer.call(rec, &handler.name, 1, started);
-            }
-            HandlerSucceeded {
-                at: rec.at(),
-                event_id: info.event.id,
-                event_type: &info.event.event_type,
-                handler: &handler.name,
-                attempt: 1,
-            }
-            .emit_local(counts);
-            if let Some(observer) = &self.router.observer {
-                observer.outcome(rec, &Outcome::Done(Vec::new()));
-            }
-            return FirstCall::Handled { polled: duration };
+            // The handler has run: a panic from here on ends the record as that attempt's.
+            let succeeded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.first_call_succeeded(rec, handler, &info, counts, started, duration)
+            }));
+            return match succeeded {
+                Ok(()) => FirstCall::Handled { polled: duration },
+                Err(panic) => FirstCall::Panicked {
+                    message: panic_message(&*panic),
+                    polled: duration,
+                },
+            };
         }
         FirstCall::Resume {
             resume: Resume {
@@ -302,6 +335,50 @@ impl Dispatcher {
         }
     }
 
+    /// A first call whose poll ran long: the route's next records go straight to tasks, and a
+    /// handler that blocked its thread is named.
+    fn slow_first_call(&self, rec: &Inbound, handler: &Route, event_type: &str, polled: Duration) {
+        handler
+            .spawn_next
+            .store(SPAWN_AFTER_SLOW_POLL, Ordering::Relaxed);
+        if polled >= BLOCKING_POLL {
+            HandlerBlockedThread {
+                topic: &rec.topic,
+                event_type,
+                handler: &handler.name,
+                polled,
+            }
+            .emit(&self.metrics);
+        }
+    }
+
+    /// What follows a first call that succeeded: its metrics and the observer's view of it.
+    fn first_call_succeeded(
+        &self,
+        rec: &Arc<Inbound>,
+        handler: &Route,
+        info: &RecordInfo,
+        counts: &LocalRouteSeries,
+        started: Instant,
+        duration: Duration,
+    ) {
+        HandlerCalled { duration }.emit_local(counts);
+        if let Some(observer) = &self.router.observer {
+            observer.call(rec, &handler.name, 1, started);
+        }
+        HandlerSucceeded {
+            at: rec.at(),
+            event_id: info.event.id,
+            event_type: &info.event.event_type,
+            handler: &handler.name,
+            attempt: 1,
+        }
+        .emit_local(counts);
+        if let Some(observer) = &self.router.observer {
+            observer.outcome(rec, &Outcome::Done(Vec::new()));
+        }
+    }
+
     /// The rest of a record whose first call the engine began ([`first_call`](Self::first_call)):
     /// its route is the one that call found, the topic's only one.
     async fn dispatch_resumed(
@@ -309,6 +386,7 @@ impl Dispatcher {
         rec: &Arc<Inbound>,
         resume: Resume,
         stop: &CancellationToken,
+        blocking: &Arc<BlockingCalls>,
     ) -> Outcome {
         let Some((_, route)) = self.router.sole_route(&rec.topic) else {
             unreachable!("a resumed record's topic has one route");
@@ -321,10 +399,15 @@ impl Dispatcher {
         } = resume;
         let series = &*self.series(route, &rec.topic, &info.event.event_type);
         let first = FirstAttempt::Started(started, call);
-        match self
-            .run_handler(handler, route, first, &info, series, stop)
-            .await
-        {
+        let run = HandlerRun {
+            handler,
+            route,
+            info: &info,
+            series,
+            stop,
+            blocking,
+        };
+        match self.run_handler(run, first).await {
             HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
             HandlerResult::Abandoned => Outcome::Abandoned,
         }
@@ -334,6 +417,7 @@ impl Dispatcher {
         &self,
         rec: &Arc<Inbound>,
         stop: &CancellationToken,
+        blocking: &Arc<BlockingCalls>,
         span: &tracing::Span,
     ) -> Outcome {
         RecordReceived { at: rec.at() }.emit(&self.metrics, self.received.get(&*rec.topic));
@@ -362,27 +446,28 @@ impl Dispatcher {
             child_spans: children,
         });
         let series = &*self.series(route, &rec.topic, &info.event.event_type);
-        if let [handler] = route.handlers.as_slice() {
+        let Some(first_handler) = route.handlers.first() else {
+            return Outcome::Done(Vec::new());
+        };
+        let run = HandlerRun {
+            handler: first_handler,
+            route,
+            info: &info,
+            series,
+            stop,
+            blocking,
+        };
+        if let [_] = route.handlers.as_slice() {
             // The common case, without join_all's allocation and bookkeeping; the handler gets
             // the decoded event itself, not a copy.
-            return match self
-                .run_handler(
-                    handler,
-                    route,
-                    FirstAttempt::Event(event),
-                    &info,
-                    series,
-                    stop,
-                )
-                .await
-            {
+            return match self.run_handler(run, FirstAttempt::Event(event)).await {
                 HandlerResult::Final(failure) => Outcome::Done(failure.into_iter().collect()),
                 HandlerResult::Abandoned => Outcome::Abandoned,
             };
         }
         let runs = route.handlers.iter().map(|handler| {
             let first = FirstAttempt::Event(event.clone());
-            self.run_handler(handler, route, first, &info, series, stop)
+            self.run_handler(HandlerRun { handler, ..run }, first)
         });
         let mut failures = Vec::new();
         for result in futures_util::future::join_all(runs).await {
@@ -477,33 +562,18 @@ impl Dispatcher {
 
     /// Runs one handler on the record until its result is final: attempt after attempt, as
     /// its retry policy decides, starting from `first` (the call the engine began, or the event).
-    async fn run_handler(
-        &self,
-        handler: &Route,
-        route: &TypeRoute,
-        first: FirstAttempt,
-        info: &Arc<RecordInfo>,
-        series: &RouteSeries,
-        stop: &CancellationToken,
-    ) -> HandlerResult {
-        let run = HandlerRun {
-            handler,
-            route,
-            info,
-            series,
-            stop,
-        };
+    async fn run_handler(&self, run: HandlerRun<'_>, first: FirstAttempt) -> HandlerResult {
         if let Some(parked) = self.park_if_behind(&run).await {
             return parked;
         }
         let mut attempt = 1;
         let mut first = Some(first);
-        let circuit = self.circuits.get(&handler.name);
+        let circuit = self.circuits.get(&run.handler.name);
         loop {
             // The breaker's gate: while it is open, the record waits here, spending no attempt.
             let ticket = match circuit {
                 None => None,
-                Some(circuit) => match circuit.admit(stop).await {
+                Some(circuit) => match circuit.admit(run.stop).await {
                     Some(ticket) => Some(ticket),
                     None => return HandlerResult::Abandoned,
                 },
@@ -592,7 +662,7 @@ impl Dispatcher {
         };
         let ctx = Ctx::new(run.info.clone(), attempt, run.handler.name.clone());
         let started = Instant::now();
-        let call = self.call_once(run.handler, event, ctx);
+        let call = self.call_once(run.handler, event, ctx, Some(run.blocking));
         let result = if run.info.child_spans {
             call.instrument(trace::handle_span(&run.handler.name, attempt))
                 .await
@@ -867,7 +937,7 @@ impl Dispatcher {
         });
         let ctx = Ctx::new(info, attempt, handler.name.clone());
         let policy = handler.retry.as_ref().unwrap_or(&self.router.default_retry);
-        match self.call_once(handler, event, ctx).await {
+        match self.call_once(handler, event, ctx, None).await {
             Ok(Ok(())) => ParkedAttempt::Succeeded,
             Err(panic) => ParkedAttempt::Final(failure(DeadLetterKind::Panic, "panic", panic)),
             Ok(Err(error)) => match policy.decide(1, &error) {
@@ -937,12 +1007,14 @@ impl Dispatcher {
     /// A `cpu_bound` call runs on a blocking thread, which nothing can interrupt: it keeps its
     /// core permit and this record's lane until it has really returned, even past its timeout
     /// (which then only cuts its waits), so a retry never overlaps it. If this future is dropped
-    /// (the record was aborted), the call's waits are cut too.
+    /// (the record was aborted), the call's waits are cut too, and the call stays counted in
+    /// `blocking` until it has returned.
     async fn call_once(
         &self,
         handler: &Route,
         event: ErasedEvent,
         ctx: Ctx,
+        blocking: Option<&Arc<BlockingCalls>>,
     ) -> Result<Result<(), HandlerError>, String> {
         let future = std::panic::catch_unwind(AssertUnwindSafe(|| (handler.call)(event, ctx)))
             .map_err(|p| panic_message(&*p))?;
@@ -966,7 +1038,9 @@ impl Dispatcher {
             let cut = CancellationToken::new();
             let cut_inside = cut.clone();
             let _cut_on_drop = cut.clone().drop_guard();
+            let counted = blocking.map(|calls| calls.enter());
             let mut call = tokio::task::spawn_blocking(move || {
+                let _counted = counted;
                 let _permit = permit;
                 runtime.block_on(async {
                     tokio::select! {

@@ -3,6 +3,7 @@
 //! Depends on `contracts` and `telemetry`: a handler never sees a transport.
 
 mod batch;
+mod blocking;
 mod breaker;
 mod circuit;
 mod ctx;
@@ -17,6 +18,7 @@ mod retry;
 mod router;
 
 pub use batch::{BatchCtx, BatchHandlerFn, BatchResult, BatchWindow, FromBatch};
+pub(crate) use blocking::BlockingCalls;
 pub use breaker::{BreakerConfig, BreakerState};
 pub(crate) use circuit::PauseRequest;
 pub use ctx::{Ctx, TraceContext};

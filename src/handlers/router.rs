@@ -127,6 +127,10 @@ pub(crate) struct Route {
     /// The route's circuit breaker, if configured.
     pub(crate) breaker: Option<BreakerConfig>,
     pub(crate) call: Call,
+    /// Records of this route the engine is to run as tasks straight away, without calling the
+    /// handler on its own thread first: set when such a call ran long (the handler computes
+    /// or blocks its thread in its poll), counted down per record.
+    pub(crate) spawn_next: std::sync::atomic::AtomicU32,
 }
 
 /// Everything registered for one (topic, event type): one decoder, one or more handlers.
@@ -347,6 +351,7 @@ impl<S> Router<S> {
             on_acknowledged: options.on_acknowledged,
             cpu_bound: options.cpu_bound,
             breaker: options.breaker,
+            spawn_next: std::sync::atomic::AtomicU32::new(0),
             call: Arc::new(move |event, ctx| {
                 let event = event
                     .downcast::<T>()

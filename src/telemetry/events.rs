@@ -327,6 +327,76 @@ impl RecordTaskPanicked<'_> {
     }
 }
 
+impl RecordTaskPanicked<'_> {
+    /// A panic that escaped the record's task itself (a handler future whose drop panicked
+    /// when its partition aborted it, say). `dead_lettering` false: the record was being
+    /// aborted or stopped, so it ends unfinished and is redelivered.
+    pub(crate) fn emit_escaped(&self) {
+        let At {
+            topic,
+            partition,
+            offset,
+            ..
+        } = self.at;
+        let trace_id = self.at.trace_id();
+        if self.dead_lettering {
+            error!(
+                topic,
+                partition,
+                offset,
+                trace_id,
+                error = self.error,
+                "A panic escaped the record's task; dead-lettering the record with kind panic."
+            );
+        } else {
+            error!(topic, partition, offset, trace_id, error = self.error,
+                   "The record's task panicked while it was being cancelled; the record is not committed and will be redelivered.");
+        }
+    }
+}
+
+/// A handler's poll held the engine's thread for `polled`: it blocks its thread (synchronous
+/// I/O in an `async fn`, say). Its route's next records run as tasks, off the engine's thread.
+pub(crate) struct HandlerBlockedThread<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) event_type: &'a str,
+    pub(crate) handler: &'a str,
+    pub(crate) polled: Duration,
+}
+
+impl HandlerBlockedThread<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.blocking_polls
+            .with_label_values(&[self.topic, self.event_type, self.handler])
+            .inc();
+        warn!(topic = self.topic, event_type = self.event_type, handler = self.handler, polled = ?self.polled,
+              "Handler blocked its thread in a poll; running its records as tasks. Make its I/O async, or mark it cpu_bound.");
+    }
+}
+
+/// `cpu_bound` calls of a partition were still running on their blocking threads when the
+/// partition was given up, after the engine waited `waited` for them: their records may run
+/// again at the partition's next owner while they finish here.
+pub(crate) struct BlockingCallsOrphaned<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) calls: usize,
+    pub(crate) waited: Duration,
+    /// `revoke` or `stop`.
+    pub(crate) during: &'static str,
+}
+
+impl BlockingCallsOrphaned<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.orphaned_calls
+            .with_label_values(&[self.topic])
+            .inc_by(self.calls as u64);
+        error!(topic = self.topic, partition = self.partition, calls = self.calls, waited = ?self.waited,
+               during = self.during,
+               "cpu_bound calls still run after their partition was given up; their records may run again elsewhere meanwhile.");
+    }
+}
+
 /// A partition's hand-off to the engine stayed full for a while (its handlers are not keeping
 /// up, so its fetching has stopped at librdkafka's prefetch limit), or has room again.
 #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Only the Kafka bus emits it.

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub(crate) breaker_transitions: IntCounterVec,
     pub(crate) published: IntCounterVec,
     pub(crate) publish_duration: HistogramVec,
+    pub(crate) orphaned_calls: IntCounterVec,
+    pub(crate) blocking_polls: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -162,6 +164,16 @@ impl Metrics {
                 "weir_publish_duration_seconds",
                 "Time from publish to broker acknowledgement.",
                 &["topic"],
+            ),
+            orphaned_calls: counter(
+                "weir_blocking_calls_orphaned_total",
+                "cpu_bound calls still running when their partition was given up (revoked, or at stop).",
+                &["topic"],
+            ),
+            blocking_polls: counter(
+                "weir_handler_blocking_polls_total",
+                "Handler polls that held the engine's thread long enough to be blocking it (synchronous I/O in an async fn, say).",
+                &["topic", "event_type", "handler"],
             ),
             registry,
         }

@@ -177,7 +177,7 @@ impl Running {
             services.pool.close().await;
         }
         let report = report?;
-        tracing::info!(committed = ?report.committed, abandoned = report.abandoned, "Stopped.");
+        tracing::info!(committed = ?report.committed, abandoned = report.abandoned, orphaned = report.orphaned, "Stopped.");
         Ok(())
     }
 }

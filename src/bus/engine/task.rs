@@ -3,12 +3,27 @@
 
 use super::super::config::DeadLetterTopics;
 use super::super::{dead_letter, Publisher};
-use crate::handlers::{DeadLetterKind, Dispatcher, Failure, Inbound, Outcome, Resume};
+use crate::handlers::{
+    BlockingCalls, DeadLetterKind, Dispatcher, Failure, Inbound, Outcome, Resume,
+};
 use crate::telemetry::events::RecordTaskPanicked;
 use futures_util::FutureExt as _;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+/// A partition's tokens, shared with its records' tasks: one reference count per record
+/// rather than two tokens' (each clone of a token takes its tree's lock).
+pub(super) struct Tokens {
+    /// Ends the partition's retry backoffs and dead-letter retries (a child of the engine's
+    /// stop token): at a revoke, and at stop.
+    pub(super) stop: CancellationToken,
+    /// Drops the partition's running record futures: at a revoke's deadline.
+    pub(super) abort: CancellationToken,
+    /// The partition's `cpu_bound` calls that have not returned: an aborted record's call goes
+    /// on until it returns, and the partition is not given up before (up to a bound).
+    pub(super) blocking: Arc<BlockingCalls>,
+}
 
 /// A record to its final outcome: dispatched (from where the engine's first call left off, with
 /// `resume`), then each failure dead-lettered. `false` if it ended unfinished (`stop` fired
@@ -19,10 +34,14 @@ pub(super) async fn handle(
     dispatcher: &Dispatcher,
     publisher: &dyn Publisher,
     naming: &(String, DeadLetterTopics),
-    stop: &CancellationToken,
+    tokens: &Tokens,
     span: &tracing::Span,
 ) -> bool {
-    let failures = match dispatcher.dispatch(rec, resume, stop, span).await {
+    let stop = &tokens.stop;
+    let failures = match dispatcher
+        .dispatch(rec, resume, stop, &tokens.blocking, span)
+        .await
+    {
         Outcome::Abandoned => return false,
         Outcome::Done(failures) => failures,
     };

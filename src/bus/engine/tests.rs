@@ -646,3 +646,336 @@ async fn records_done_in_their_first_call_are_in_the_metrics_before_their_offset
     assert_eq!((received, handled, timed), (3, 3, 3));
     h.stop().await;
 }
+
+/// Panics when dropped: a handler future whose cleanup breaks when it is cancelled.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("cleanup failed while the handler was cancelled");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_escaping_an_aborted_record_task_still_ends_the_record_and_frees_its_partition() {
+    let started = Arc::new(Notify::new());
+    let (tx, mut handled) = mpsc::unbounded_channel::<i64>();
+    let stuck_once = Arc::new(AtomicBool::new(true));
+    let router = {
+        let started = started.clone();
+        Router::new().on(move |_: Job, ctx: Ctx| {
+            let (started, tx) = (started.clone(), tx.clone());
+            let stuck = stuck_once.swap(false, Ordering::SeqCst);
+            async move {
+                if stuck {
+                    let _guard = PanicsOnDrop;
+                    started.notify_one();
+                    // Stuck: only an abort ends it, and its drop panics.
+                    std::future::pending::<()>().await;
+                }
+                let _ = tx.send(ctx.offset());
+                Ok(())
+            }
+        })
+    };
+    let config = ConsumerConfig {
+        order: ProcessingOrder::Partition,
+        ..config()
+    };
+    let h = start(router, config, Arc::default());
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    started.notified().await;
+    // The revoke reaches its deadline, aborts the stuck record, and must still be answered.
+    h.revoke(0).await;
+    assert!(
+        !h.seen.lock().unwrap().committed.contains_key(&tp(0)),
+        "the aborted record must not be committed"
+    );
+    // The partition comes back: its lane and slot are free, so the record runs again.
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    for offset in 0..3 {
+        h.send(SourceEvent::Record(job(0, offset, false)));
+    }
+    for offset in 0..3 {
+        assert_eq!(handled.recv().await, Some(offset));
+    }
+    let (report, seen) = h.stop().await;
+    assert_eq!(seen.lock().unwrap().committed.get(&tp(0)), Some(&3));
+    assert_eq!(report.abandoned, 0);
+}
+
+#[cfg(feature = "testing")]
+#[tokio::test(start_paused = true)]
+async fn a_panic_after_the_handler_returned_counts_as_the_attempt_that_ran() {
+    /// Panics on every call it is told of: a panic after the handler has returned.
+    struct PanickingObserver;
+    impl crate::handlers::Observe for PanickingObserver {
+        fn call(&self, _: &Inbound, _: &str, _: u32, _: Instant) {
+            panic!("the observer broke");
+        }
+        fn outcome(&self, _: &Inbound, _: &crate::handlers::Outcome) {}
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut router = {
+        let calls = calls.clone();
+        Router::new().on(move |_: Job, _: Ctx| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        })
+    };
+    router.observer = Some(Arc::new(PanickingObserver));
+    let dead_letters = Arc::new(DeadLetters::default());
+    let h = start(router, config(), dead_letters.clone());
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    while h.seen.lock().unwrap().committed.get(&tp(0)) != Some(&1) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (report, _) = h.stop().await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler ran again for attempt 1 after a panic that followed its return"
+    );
+    let records = dead_letters.records.lock().unwrap();
+    assert_eq!(records.len(), 1, "the record ends dead-lettered, once");
+    assert_eq!(
+        records[0]
+            .headers
+            .get(crate::bus::dead_letter::header::ERROR_KIND),
+        Some(&b"panic"[..])
+    );
+    assert_eq!(report.abandoned, 0);
+}
+
+/// A `cpu_bound` handler that blocks its thread until the test lets it go, and says when it
+/// entered and when it returned.
+struct Blocker {
+    entered: Arc<Notify>,
+    release: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    returned: Arc<AtomicBool>,
+}
+
+impl Blocker {
+    fn new() -> Self {
+        Self {
+            entered: Arc::default(),
+            release: Arc::default(),
+            returned: Arc::default(),
+        }
+    }
+
+    fn router(&self) -> Router {
+        let (entered, release, returned) = (
+            self.entered.clone(),
+            self.release.clone(),
+            self.returned.clone(),
+        );
+        Router::new().on_with(
+            move |_: Job, _: Ctx| {
+                let (entered, release, returned) =
+                    (entered.clone(), release.clone(), returned.clone());
+                async move {
+                    entered.notify_one();
+                    let (lock, wake) = &*release;
+                    let mut go = lock.lock().unwrap();
+                    while !*go {
+                        go = wake.wait(go).unwrap();
+                    }
+                    returned.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+            HandlerOptions::new().cpu_bound(),
+        )
+    }
+
+    fn release(&self) {
+        let (lock, wake) = &*self.release;
+        *lock.lock().unwrap() = true;
+        wake.notify_all();
+    }
+}
+
+/// A failing test still lets the call go, or the runtime would wait for its thread forever.
+impl Drop for Blocker {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_waits_for_its_partitions_cpu_bound_call_to_return() {
+    let blocker = Blocker::new();
+    let h = Arc::new(start(blocker.router(), config(), Arc::default()));
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    blocker.entered.notified().await;
+    let revoking = tokio::spawn({
+        let h = h.clone();
+        async move { h.revoke(0).await }
+    });
+    // Past the revoke's deadline (1 s), the call still runs on its blocking thread: the
+    // partition must not be given up yet.
+    let mut revoking = std::pin::pin!(revoking);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), &mut revoking)
+            .await
+            .is_err(),
+        "the revoke was answered while its partition's cpu_bound call was still running"
+    );
+    blocker.release();
+    revoking.await.expect("the revoke is answered");
+    assert!(blocker.returned.load(Ordering::SeqCst));
+    let h = Arc::into_inner(h).expect("the revoke task is done");
+    let (report, _) = h.stop().await;
+    assert_eq!(report.orphaned, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_bound_call_that_outlives_its_revoke_is_reported_as_an_orphan() {
+    let blocker = Blocker::new();
+    let config = ConsumerConfig {
+        revoke_timeout: Duration::from_millis(100),
+        ..config()
+    };
+    let h = start(blocker.router(), config, Arc::default());
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    blocker.entered.notified().await;
+    h.revoke(0).await;
+    assert!(
+        !blocker.returned.load(Ordering::SeqCst),
+        "the call is still blocked"
+    );
+    let orphaned = h.metrics.orphaned_calls.with_label_values(&["jobs"]).get();
+    let (report, _) = h.stop().await;
+    blocker.release();
+    assert_eq!(orphaned, 1, "the orphan is counted");
+    assert_eq!(report.orphaned, 1, "the orphan is in the stop report");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_a_cpu_bound_call_to_return_before_committing() {
+    let blocker = Blocker::new();
+    let h = start(blocker.router(), config(), Arc::default());
+    h.send(SourceEvent::Assigned(vec![tp(0)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    blocker.entered.notified().await;
+    let returned = blocker.returned.clone();
+    let stopping = tokio::spawn(h.stop());
+    let mut stopping = std::pin::pin!(stopping);
+    // Past the drain timeout (1 s) the call still runs: the drain must not end yet.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_500), &mut stopping)
+            .await
+            .is_err(),
+        "the drain ended while a cpu_bound call was still running"
+    );
+    blocker.release();
+    let (report, _) = stopping.await.expect("the drain ends");
+    assert!(returned.load(Ordering::SeqCst));
+    assert_eq!(report.orphaned, 0);
+}
+
+/// An event of a second route, on a topic of its own.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Blocking {
+    id: u32,
+}
+
+impl Event for Blocking {
+    const TYPE: EventType = EventType::new("test.blocking");
+    const TOPIC: &'static str = "blocking";
+    fn key(&self) -> String {
+        self.id.to_string()
+    }
+}
+
+/// Fast records of partitions 0..4 of `jobs` handled per second of a `window`, with (or
+/// without) a backlog of records on another route whose handler blocks its thread 200 ms in
+/// its poll.
+async fn fast_rate_beside(blocking_route: bool, window: Duration) -> (f64, u64) {
+    let fast = Arc::new(AtomicUsize::new(0));
+    let blocked = Arc::new(Notify::new());
+    let router = {
+        let (fast, blocked) = (fast.clone(), blocked.clone());
+        Router::new()
+            .on(move |_: Job, _: Ctx| {
+                let fast = fast.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    fast.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            })
+            .on_with(
+                move |_: Blocking, _: Ctx| {
+                    let blocked = blocked.clone();
+                    async move {
+                        // Synchronous I/O in an async fn.
+                        std::thread::sleep(Duration::from_millis(200));
+                        blocked.notify_one();
+                        Ok(())
+                    }
+                },
+                HandlerOptions::new().name("blocker"),
+            )
+    };
+    let config = ConsumerConfig {
+        order: ProcessingOrder::Partition,
+        ..config()
+    };
+    let h = start(router, config, Arc::default());
+    let partitions = 0..4;
+    for offset in 0..2_000 {
+        for partition in partitions.clone() {
+            h.send(SourceEvent::Record(job(partition, offset, false)));
+        }
+    }
+    if blocking_route {
+        for offset in 0..40 {
+            let envelope = Envelope::new(Blocking { id: offset as u32 });
+            h.send(SourceEvent::Record(Inbound {
+                topic: Arc::from("blocking"),
+                partition: 9,
+                offset,
+                key: Some(envelope.key().into_bytes().into()),
+                value: Some(envelope.to_structured().expect("serializes").into()),
+                headers: Headers::new().with("content-type", CLOUDEVENTS_CONTENT_TYPE),
+                timestamp_ms: None,
+            }));
+        }
+        // The first blocking poll is where the engine learns of it.
+        blocked.notified().await;
+    } else {
+        while fast.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let (before, started) = (fast.load(Ordering::SeqCst), std::time::Instant::now());
+    tokio::time::sleep(window).await;
+    let handled = fast.load(Ordering::SeqCst) - before;
+    let rate = handled as f64 / started.elapsed().as_secs_f64();
+    let warned = h
+        .metrics
+        .blocking_polls
+        .with_label_values(&["blocking", "test.blocking", "blocker"])
+        .get();
+    h.stop.cancel();
+    (rate, warned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_its_thread_does_not_stall_the_other_partitions() {
+    let window = Duration::from_secs(2);
+    let (alone, _) = fast_rate_beside(false, window).await;
+    let (beside, warned) = fast_rate_beside(true, window).await;
+    assert!(
+        beside >= 0.8 * alone,
+        "the other partitions fell to {beside:.0} records/s beside a blocking route, from {alone:.0} alone"
+    );
+    assert!(warned >= 1, "the blocking route was not reported");
+}
