@@ -1440,6 +1440,22 @@ async fn handled_until(
     seen
 }
 
+/// A member of a consumer group on `topic` that reports each record it handles as
+/// `(member id, partition, seq)`.
+fn group_member(id: usize, topic: &str, tx: &mpsc::UnboundedSender<(usize, i32, u64)>) -> Router {
+    let tx = tx.clone();
+    Router::new().on_with(
+        move |event: CustomerCreated, ctx: Ctx| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
+                Ok(())
+            }
+        },
+        HandlerOptions::new().topic(topic),
+    )
+}
+
 /// Two subscriptions in one group share the topic's partitions, each partition with one of
 /// them; when one stops, the other takes its partitions over, from where it committed.
 pub async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops<H: Harness>(h: &H) {
@@ -1448,19 +1464,7 @@ pub async fn a_group_shares_the_partitions_and_moves_them_when_a_member_stops<H:
     let group = h.name("group-members");
     h.create_topic(&topic, 4).await;
     let (tx, mut handled) = mpsc::unbounded_channel::<(usize, i32, u64)>();
-    let member = |id: usize| {
-        let tx = tx.clone();
-        Router::new().on_with(
-            move |event: CustomerCreated, ctx: Ctx| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
-                    Ok(())
-                }
-            },
-            HandlerOptions::new().topic(&topic),
-        )
-    };
+    let member = |id: usize| group_member(id, &topic, &tx);
     let first = subscribe(h, &bus, member(0), &group, |c| c);
     let second = subscribe(h, &bus, member(1), &group, |c| c);
     let deadline = Instant::now() + h.patience();
@@ -1677,19 +1681,7 @@ pub async fn a_topic_pause_covers_partitions_assigned_after_a_rebalance<H: Harne
     let group = h.name("pause-rebalance-group");
     h.create_topic(&topic, 4).await;
     let (tx, mut handled) = mpsc::unbounded_channel::<(usize, i32, u64)>();
-    let member = |id: usize| {
-        let tx = tx.clone();
-        Router::new().on_with(
-            move |event: CustomerCreated, ctx: Ctx| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
-                    Ok(())
-                }
-            },
-            HandlerOptions::new().topic(&topic),
-        )
-    };
+    let member = |id: usize| group_member(id, &topic, &tx);
     let first = subscribe(h, &bus, member(0), &group, |c| c);
     first
         .pause(PauseTarget::topic(&topic), "deploy")
@@ -1955,19 +1947,7 @@ pub async fn a_partition_revoked_while_paused_runs_when_it_comes_back_resumed<H:
     let group = h.name("pause-revoked-group");
     h.create_topic(&topic, 4).await;
     let (tx, mut handled) = mpsc::unbounded_channel::<(usize, i32, u64)>();
-    let member = |id: usize| {
-        let tx = tx.clone();
-        Router::new().on_with(
-            move |event: CustomerCreated, ctx: Ctx| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send((id, ctx.partition(), seq_of(&event.details)));
-                    Ok(())
-                }
-            },
-            HandlerOptions::new().topic(&topic),
-        )
-    };
+    let member = |id: usize| group_member(id, &topic, &tx);
     let first = subscribe(h, &bus, member(0), &group, |c| c);
     first
         .pause(PauseTarget::topic(&topic), "deploy")
