@@ -1164,14 +1164,15 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
 /// Flow control end to end: handlers stuck on a dead dependency while the backlog grows to many
 /// times the memory the consumer may use. Weir stops taking records at its in-flight limit, the
 /// poll thread stops behind the full hand-off, librdkafka stops prefetching at
-/// `queued.max.messages.kbytes` (each partition has its own queue and hand-off; nothing is
-/// paused), and after a while the consumer warns that the partition is held back: the
+/// `queued.max.messages.kbytes` and the poll thread within the prefetch budget
+/// (`kafka.max_prefetch_bytes`), and after a while the consumer warns that the partition is held back: the
 /// process's peak memory grows by a bounded amount, not by the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_handler_keeps_memory_bounded_whatever_the_backlog() {
     const BACKLOG: usize = 10_000;
     const PAD: usize = 8 * 1024;
     const QUEUE_KIB: u64 = 4 * 1024;
+    const PREFETCH_MIB: u64 = 8;
     let broker = broker_with_topics(Tansu::start_memory(), &[]);
     let dir = TestDir::new("weir-bounded");
     let mut records = RecordFile::new(&dir.join("handled.jsonl"));
@@ -1181,6 +1182,12 @@ async fn a_stuck_handler_keeps_memory_bounded_whatever_the_backlog() {
         .env(
             "WEIR_KAFKA__CONSUMER__QUEUED.MAX.MESSAGES.KBYTES",
             QUEUE_KIB.to_string(),
+        )
+        // The whole consumer's prefetch budget: what it may hold of the backlog, whatever the
+        // partition count. The default (64 MiB) is near this test's whole backlog.
+        .env(
+            "WEIR_KAFKA__MAX_PREFETCH_BYTES",
+            (PREFETCH_MIB * 1024 * 1024).to_string(),
         );
     let mut serve = WeirProcess::serve(dir.path(), "serve-0", &options);
     let admin = wait_until("the admin address", PATIENCE, || {
@@ -1255,7 +1262,7 @@ async fn a_stuck_handler_keeps_memory_bounded_whatever_the_backlog() {
     assert!(
         growth_mib < backlog_mib / 2,
         "peak memory grew by {growth_mib} MiB with a {backlog_mib} MiB backlog: the prefetch \
-         queue ({QUEUE_KIB} KiB) or the hand-off is not bounded"
+         queue ({QUEUE_KIB} KiB), the budget ({PREFETCH_MIB} MiB) or the hand-off is not bounded"
     );
     assert_eq!(
         metric("weir_in_flight_messages"),

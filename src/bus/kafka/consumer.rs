@@ -541,8 +541,12 @@ impl Feed {
     fn held_back(&mut self, pauses: &Pauses) -> bool {
         if self.pending.batches.load(Ordering::Acquire) >= HANDOFF_BATCHES {
             let since = *self.full_since.get_or_insert_with(std::time::Instant::now);
-            // A paused partition is held back on purpose.
-            if !self.warned && since.elapsed() >= HELD_BACK_WARNING && !pauses.is_paused(&self.tp) {
+            // A partition the engine paused is held back on purpose; one paused for the
+            // prefetch budget is held back by its handlers, which is worth the warning.
+            if !self.warned
+                && since.elapsed() >= HELD_BACK_WARNING
+                && !pauses.has(&self.tp, PauseReason::Engine)
+            {
                 self.warned = true;
                 PartitionHeldBack {
                     topic: &self.tp.0,

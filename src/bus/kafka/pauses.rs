@@ -61,10 +61,10 @@ impl Pauses {
 }
 
 impl Pauses {
-    /// Whether `tp` is paused in librdkafka for any reason.
-    pub(crate) fn is_paused(&self, tp: &PartitionKey) -> bool {
+    /// Whether `tp` is paused in librdkafka for `reason`.
+    pub(crate) fn has(&self, tp: &PartitionKey, reason: PauseReason) -> bool {
         let reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
-        !reasons.is_empty() && reasons.contains_key(tp)
+        !reasons.is_empty() && reasons.get(tp).is_some_and(|set| set.contains(&reason))
     }
 }
 
