@@ -265,7 +265,9 @@ impl Dispatcher {
         let [handler] = route.handlers.as_slice() else {
             return FirstCall::Fresh;
         };
-        if handler.cpu_bound || self.circuits.contains_key(&handler.name) {
+        // Without breakers (the usual case) no lookup per record: one length check.
+        let gated = !self.circuits.is_empty() && self.circuits.contains_key(&handler.name);
+        if handler.cpu_bound || gated {
             return FirstCall::Fresh;
         }
         if handler.spawn_next.load(Ordering::Relaxed) > 0 {
@@ -568,7 +570,11 @@ impl Dispatcher {
         }
         let mut attempt = 1;
         let mut first = Some(first);
-        let circuit = self.circuits.get(&run.handler.name);
+        let circuit = if self.circuits.is_empty() {
+            None
+        } else {
+            self.circuits.get(&run.handler.name)
+        };
         loop {
             // The breaker's gate: while it is open, the record waits here, spending no attempt.
             let ticket = match circuit {
