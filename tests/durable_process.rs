@@ -150,11 +150,7 @@ fn bad_order(lines: &[Handled], bad: &HashSet<(i32, i64)>) -> Vec<(i32, i64)> {
 }
 
 async fn key_order_holds_across_parking(crash_and_rebalance: bool) {
-    let broker = Tansu::start_memory();
-    for topic in [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC] {
-        broker.create_topic(topic, PARTITIONS);
-    }
-    broker.create_topic(&format!("{CUSTOMER_TOPIC}.dlq"), 1);
+    let broker = reference_broker();
     let db = TestDb::migrated().await;
     let dir = TestDir::new("weir-durable");
     let group = unique("durable");
@@ -301,6 +297,16 @@ async fn publish_doomed(bus: &KafkaBus, details: serde_json::Value) -> (Delivery
     (delivery, value)
 }
 
+/// A broker with the reference service's topics, and the customers' dead-letter topic.
+fn reference_broker() -> Tansu {
+    let broker = Tansu::start_memory();
+    for topic in [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC] {
+        broker.create_topic(topic, PARTITIONS);
+    }
+    broker.create_topic(&format!("{CUSTOMER_TOPIC}.dlq"), 1);
+    broker
+}
+
 /// The parked rows of the group: (offset, attempts, durable attempts), by offset.
 async fn parked_rows(db: &TestDb, group: &str) -> Vec<(i64, i32, i32)> {
     sqlx::query_as(
@@ -315,12 +321,8 @@ async fn parked_rows(db: &TestDb, group: &str) -> Vec<(i64, i32, i32)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_record_failing_its_last_durable_attempt_is_dead_lettered_and_its_key_moves_on() {
-    let broker = Tansu::start_memory();
-    for topic in [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC] {
-        broker.create_topic(topic, PARTITIONS);
-    }
+    let broker = reference_broker();
     let dlq = format!("{CUSTOMER_TOPIC}.dlq");
-    broker.create_topic(&dlq, 1);
     let db = TestDb::migrated().await;
     let dir = TestDir::new("weir-durable-exhausted");
     let group = unique("durable-exhausted");
@@ -491,12 +493,8 @@ async fn due_in(db: &TestDb, group: &str, offset: i64) -> Option<(f64, i32, i32)
 /// durable attempts, and dead-letters it after the last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_retry_worker_process_retries_what_serve_without_its_worker_parked() {
-    let broker = Tansu::start_memory();
-    for topic in [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC] {
-        broker.create_topic(topic, PARTITIONS);
-    }
+    let broker = reference_broker();
     let dlq = format!("{CUSTOMER_TOPIC}.dlq");
-    broker.create_topic(&dlq, 1);
     let db = TestDb::migrated().await;
     let dir = TestDir::new("weir-retry-worker");
     let group = unique("retry-worker");
