@@ -59,7 +59,7 @@ class Module:
         self.crate = crate
         self.children = {}  # name -> Module
         self.items = set()  # names defined here
-        self.reexports = {}  # name -> (absolute path, is_glob)
+        self.bindings = {}  # name -> the absolute path a `use` binds it to
         self.globs = []  # absolute module paths re-exported with `pub use x::*`
         self.uses = []  # (absolute path) imported by the module's own code
         self.macros = {}  # at the crate root: exported macro -> the file defining it
@@ -150,7 +150,7 @@ def load_crate(root_file, crate):
         raw = file.read_text() if text is None else text
         code = strip_test_modules(strip_comments(raw))
         # Inline modules are rare here; `mod x;` names a file.
-        for m in re.finditer(r"(?:#\[path\s*=\s*\"([^\"]+)\"\]\s*)?(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", raw_code(raw)):
+        for m in re.finditer(r"(?:#\[path\s*=\s*\"([^\"]+)\"\]\s*)?(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", code):
             name = m.group(2)
             if m.group(1):
                 child = (file.parent / m.group(1)).resolve()
@@ -183,11 +183,10 @@ def load_crate(root_file, crate):
                 # `pub use` is its facade (a re-export), not an import of its own.
                 if not (is_pub and file.name in ("mod.rs", "lib.rs", "main.rs")):
                     module.uses.append(absolute)
-                if True:
-                    if absolute[-1] == "*":
-                        module.globs.append(absolute[:-1])
-                    else:
-                        module.reexports[alias or absolute[-1]] = absolute
+                if absolute[-1] == "*":
+                    module.globs.append(absolute[:-1])
+                else:
+                    module.bindings[alias or absolute[-1]] = absolute
         for m in re.finditer(r"\$crate((?:::[A-Za-z_][A-Za-z0-9_]*)+)", code):
             # An exported macro's `$crate::` paths are its defining file's dependencies.
             module.uses.append(("crate",) + tuple(m.group(1).split("::")[1:]))
@@ -202,10 +201,6 @@ def load_crate(root_file, crate):
     for name, file in macros.items():
         modules[()].macros[name] = file
     return modules
-
-
-def raw_code(raw):
-    return strip_test_modules(strip_comments(raw))
 
 
 def absolutize(segments, module_path, module):
@@ -234,7 +229,7 @@ class Resolver:
 
     def resolve(self, absolute, seen=None):
         """The file defining the item `absolute` names (or the module's file if it names a
-        module); follows re-exports. Returns (file, through_root)."""
+        module); follows `use` bindings and re-exports."""
         seen = seen or set()
         if absolute in seen:
             return None
@@ -252,8 +247,8 @@ class Resolver:
         name = parts[i]
         if i == 0 and name in module.macros:
             return module.macros[name]
-        if name in module.reexports:
-            target = module.reexports[name]
+        if name in module.bindings:
+            target = module.bindings[name]
             return self.resolve(target + tuple(parts[i + 1 :]), seen)
         if name in module.items:
             return module.file
@@ -329,7 +324,7 @@ def main():
                     and module.path
                     and len(absolute) >= 2
                     and absolute[1] not in root_module.children
-                    and absolute[1] in root_module.reexports
+                    and absolute[1] in root_module.bindings
                 ):
                     problems.append(
                         f"{rel}: imports {'::'.join(absolute)} through the crate root; name its module"
