@@ -30,7 +30,12 @@
 //! interrupted on its blocking thread: the revoke (and the drain at stop) also waits for those
 //! to return, up to its timeout capped at [`BLOCKING_GRACE`], and reports any still running
 //! then as orphans (a log event, a metric, `StopReport::orphaned`). So nothing of a revoked
-//! partition runs once the source gives it up, except a reported orphan. Every spawned record
+//! partition runs once the source gives it up, except a reported orphan.
+//!
+//! A revoke never stops the loop: the revoked partitions *drain* ([`Revoke`]) while the loop
+//! goes on admitting, completing and committing the records of every partition that stays, as
+//! vector's per-partition finalizers do. With the cooperative assignor a rebalance revokes only
+//! the partitions that move, so a rolling deploy no longer pauses the partitions that stay. Every spawned record
 //! is known by its task id: a panic anywhere in a record's task, even one that escapes it,
 //! ends the record (dead-lettered with kind `panic`, or redelivered if it was being aborted),
 //! so no panic leaves a partition stuck.
@@ -67,6 +72,7 @@ use super::{BusError, Publisher};
 use crate::handlers::{BlockingCalls, Dispatcher, FirstCall, Inbound, Resume};
 use crate::telemetry::events::{
     BlockingCallsOrphaned, InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked,
+    RevokeDrained,
 };
 use crate::telemetry::{trace, Health, LocalSeries};
 use flow::{Flow, PartitionFlow};
@@ -129,6 +135,9 @@ pub(crate) trait Source: Send + 'static {
     /// The positions the broker confirmed, `(topic, partition, next offset)`, of the partitions
     /// the source still has: never a position only stored, or one whose commit was refused.
     fn confirmed(&self) -> Vec<(String, i32, i64)>;
+    /// The engine is done with these revoked partitions: their last positions were stored
+    /// before it answered the revoke, just now. A source forgets what it keeps of them.
+    fn released(&mut self, _partitions: &[Tp]) {}
 }
 
 /// The flow tells a source which partitions to take records of whatever the pool.
@@ -259,6 +268,22 @@ impl PartitionState {
     }
 }
 
+/// A revoke in progress: its partitions drain (their running records finish, or are aborted at
+/// the deadline, and their `cpu_bound` calls return) while the others go on; then their
+/// positions are stored, their state is dropped and the source is answered.
+struct Revoke {
+    id: u64,
+    keys: Vec<PartKey>,
+    partitions: Vec<Tp>,
+    started: Instant,
+    deadline: Instant,
+    aborted: bool,
+    /// Its records have ended; a task waits for their blocking calls to return (up to the
+    /// grace), then sends `id` on the engine's `blocking_returned` channel.
+    awaiting_blocking: bool,
+    done: Option<oneshot::Sender<()>>,
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct StopReport {
     pub(crate) committed: Vec<(String, i32, i64)>,
@@ -313,6 +338,13 @@ pub(crate) struct Engine<S: Source> {
     control: Control,
     /// The routes' circuit breakers asking to pause or resume their route (`None`: no breaker).
     breaker_requests: Option<mpsc::UnboundedReceiver<crate::handlers::PauseRequest>>,
+    /// Revokes whose partitions are draining, oldest first.
+    revokes: Vec<Revoke>,
+    revoke_ids: u64,
+    /// The earliest deadline of a revoke that has not aborted its records yet.
+    revoke_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Revokes whose partitions' blocking calls returned (or whose grace ran out), by id.
+    blocking_returned: (mpsc::UnboundedSender<u64>, mpsc::UnboundedReceiver<u64>),
 }
 
 /// Inline polls longer than [`inline_budget`], [`SLOW_POLLS`] in a row, mean the handler
@@ -353,7 +385,7 @@ fn inline_budget() -> std::time::Duration {
 /// interrupted: until it returns the partition is not given up, so the next owner never runs
 /// the record while this one still does. Past this bound the call is reported as an orphan
 /// (a log event, `weir_blocking_calls_orphaned_total` and the stop report), never silently.
-const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Records taken per turn of the engine loop at most, so completions and commits get their turn.
 const BURST: usize = 256;
@@ -459,6 +491,10 @@ impl<S: Source> Engine<S> {
             pauses: Pauses::new(scope),
             commands,
             control,
+            revokes: Vec::new(),
+            revoke_ids: 0,
+            revoke_timer: None,
+            blocking_returned: mpsc::unbounded_channel(),
         }
     }
 
@@ -485,6 +521,8 @@ impl<S: Source> Engine<S> {
                     let target = control::PauseTarget::route(&*request.route);
                     self.set_pause(control::PauseSource::Breaker, target, request.reason);
                 }
+                () = revoke_deadline(&mut self.revoke_timer) => self.revoke_deadline_passed(),
+                Some(id) = self.blocking_returned.1.recv() => self.blocking_returned(id),
                 Some(joined) = self.tasks.join_next_with_id() => self.joined(joined, true),
                 event = self.source.next(pool_open) => match event {
                     None => break,
@@ -493,10 +531,7 @@ impl<S: Source> Engine<S> {
                         self.settle_inline();
                         self.admit_ready();
                     }
-                    Some(SourceEvent::Revoked { partitions, done }) => {
-                        self.revoke(&partitions).await;
-                        let _ = done.send(());
-                    }
+                    Some(SourceEvent::Revoked { partitions, done }) => self.revoke(partitions, done),
                     Some(SourceEvent::Assigned(partitions)) => {
                         Rebalanced { kind: "assign", partitions: &partitions }.emit(self.dispatcher.metrics());
                         for tp in &partitions {
@@ -508,6 +543,9 @@ impl<S: Source> Engine<S> {
                 },
             }
             self.settle_inline();
+            if !self.revokes.is_empty() {
+                self.advance_revokes();
+            }
             self.local.flush();
         }
         self.drain().await
@@ -668,6 +706,10 @@ impl<S: Source> Engine<S> {
         let Some(state) = self.partitions.get_mut(&key) else {
             return;
         };
+        if state.revoking {
+            // Its partition is draining: the record is the next owner's.
+            return;
+        }
         if state.last_admitted.is_some_and(|last| rec.offset <= last) {
             tracing::debug!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, "Record already admitted; ignoring the repeat.");
             return;
@@ -1114,57 +1156,152 @@ impl<S: Source> Engine<S> {
         total
     }
 
-    async fn revoke(&mut self, revoked: &[Tp]) {
+    /// Starts draining revoked partitions: what has not started goes to the next owner (so do
+    /// records waiting for a retry), running handlers get until `revoke_timeout`. The loop goes
+    /// on meanwhile; [`advance_revokes`](Self::advance_revokes) answers the source once they
+    /// have ended.
+    fn revoke(&mut self, partitions: Vec<Tp>, done: oneshot::Sender<()>) {
         Rebalanced {
             kind: "revoke",
-            partitions: revoked,
+            partitions: &partitions,
         }
         .emit(self.dispatcher.metrics());
-        let revoked_keys: Vec<PartKey> = revoked.iter().map(|tp| self.key_of_tp(tp)).collect();
-        // Records that have not started go to the new owner; so do those waiting for a retry.
-        self.drop_waiting(|tp| revoked_keys.contains(tp));
-        for tp in &revoked_keys {
+        let keys: Vec<PartKey> = partitions.iter().map(|tp| self.key_of_tp(tp)).collect();
+        self.drop_waiting(|tp| keys.contains(tp));
+        for tp in &keys {
             if let Some(state) = self.partitions.get_mut(tp) {
                 state.revoking = true;
                 state.tokens.stop.cancel();
             }
         }
-        let deadline = Instant::now() + self.config.revoke_timeout;
-        let busy = |engine: &Self| {
-            revoked_keys
+        self.revoke_ids += 1;
+        let started = Instant::now();
+        let deadline = started + self.config.revoke_timeout;
+        if self.revoke_timer.is_none() {
+            self.revoke_timer = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        }
+        self.revokes.push(Revoke {
+            id: self.revoke_ids,
+            keys,
+            partitions,
+            started,
+            deadline,
+            aborted: false,
+            awaiting_blocking: false,
+            done: Some(done),
+        });
+        self.advance_revokes();
+    }
+
+    /// A revoke's deadline passed with records of its partitions still running: they are
+    /// aborted (each dropped at its next poll, ending unfinished, redelivered to the next owner).
+    fn revoke_deadline_passed(&mut self) {
+        let now = Instant::now();
+        let mut next = None;
+        for revoke in self.revokes.iter_mut().filter(|r| !r.aborted) {
+            if revoke.deadline > now {
+                next = Some(next.map_or(revoke.deadline, |n: Instant| n.min(revoke.deadline)));
+                continue;
+            }
+            revoke.aborted = true;
+            let running = revoke
+                .keys
                 .iter()
-                .any(|tp| engine.partitions.get(tp).is_some_and(|s| s.running > 0))
-        };
-        let mut aborted = false;
-        while busy(self) {
-            tokio::select! {
-                Some(joined) = self.tasks.join_next_with_id() => {
-                    self.joined(joined, true);
-                    self.settle_inline();
+                .any(|tp| self.partitions.get(tp).is_some_and(|s| s.running > 0));
+            if running {
+                tracing::warn!(partitions = ?revoke.partitions, "Revoked partitions did not drain in time; cancelling their running handlers, whose records will be redelivered.");
+            }
+            for tp in &revoke.keys {
+                if let Some(state) = self.partitions.get(tp) {
+                    state.tokens.abort.cancel();
                 }
-                _ = tokio::time::sleep_until(deadline), if !aborted => {
-                    tracing::warn!(partitions = ?revoked, "Revoked partitions did not drain in time; cancelling their running handlers, whose records will be redelivered.");
-                    for tp in &revoked_keys {
-                        if let Some(state) = self.partitions.get(tp) {
-                            state.tokens.abort.cancel();
-                        }
-                    }
-                    // Each aborted record future is dropped at its next poll and ends its task
-                    // with an unfinished completion; the loop waits for all of them.
-                    aborted = true;
-                }
-                // Every task of a running record ends with its record (`joined`), so this is not
-                // reached; if it were, waiting would be forever.
-                else => break,
             }
         }
+        self.revoke_timer = next.map(|at| Box::pin(tokio::time::sleep_until(at)));
+    }
+
+    /// Ends the revokes whose partitions have nothing running: once their blocking calls have
+    /// returned too (a task waits for them, up to the grace), the partitions are given up.
+    fn advance_revokes(&mut self) {
+        let mut i = 0;
+        while i < self.revokes.len() {
+            let revoke = &self.revokes[i];
+            let running = revoke
+                .keys
+                .iter()
+                .any(|tp| self.partitions.get(tp).is_some_and(|s| s.running > 0));
+            if revoke.awaiting_blocking || running {
+                i += 1;
+                continue;
+            }
+            let calls: Vec<Arc<BlockingCalls>> = revoke
+                .keys
+                .iter()
+                .filter_map(|tp| self.partitions.get(tp))
+                .filter(|s| s.tokens.blocking.running() > 0)
+                .map(|s| s.tokens.blocking.clone())
+                .collect();
+            if calls.is_empty() {
+                let revoke = self.revokes.remove(i);
+                self.give_up(revoke);
+                continue;
+            }
+            let grace = self.config.revoke_timeout.min(BLOCKING_GRACE);
+            let (id, returned) = (revoke.id, self.blocking_returned.0.clone());
+            tokio::spawn(async move {
+                let all = async {
+                    for calls in calls {
+                        calls.returned().await;
+                    }
+                };
+                let _ = tokio::time::timeout(grace, all).await;
+                let _ = returned.send(id);
+            });
+            self.revokes[i].awaiting_blocking = true;
+            i += 1;
+        }
+    }
+
+    /// A revoke's blocking calls returned, or its grace ran out: those still running are
+    /// reported as orphans, and its partitions are given up.
+    fn blocking_returned(&mut self, id: u64) {
+        let Some(at) = self.revokes.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let revoke = self.revokes.remove(at);
         let grace = self.config.revoke_timeout.min(BLOCKING_GRACE);
-        self.await_blocking(|tp| revoked_keys.contains(tp), grace, "revoke", true)
-            .await;
-        // The source commits when the engine answers: every position must be with it by then.
+        for tp in &revoke.keys {
+            let left = self
+                .partitions
+                .get(tp)
+                .map_or(0, |s| s.tokens.blocking.running());
+            if left > 0 {
+                BlockingCallsOrphaned {
+                    topic: &tp.0,
+                    partition: tp.1,
+                    calls: left,
+                    waited: grace,
+                    during: "revoke",
+                }
+                .emit(self.dispatcher.metrics());
+                self.orphaned += left;
+            }
+        }
+        self.give_up(revoke);
+    }
+
+    /// Gives a drained revoke's partitions up: their positions go to the source (which commits
+    /// when answered), their state goes, and the source is answered.
+    fn give_up(&mut self, revoke: Revoke) {
+        RevokeDrained {
+            partitions: &revoke.partitions,
+            took: revoke.started.elapsed(),
+            aborted: revoke.aborted,
+        }
+        .emit(self.dispatcher.metrics());
         self.store_positions(|_| true);
-        self.dispatcher.forget_parked(revoked);
-        for tp in &revoked_keys {
+        self.dispatcher.forget_parked(&revoke.partitions);
+        for tp in &revoke.keys {
             if let Some(state) = self.partitions.remove(tp) {
                 self.flow.forget(&state.flow, &mut self.source, tp);
                 // The pause stays in force for when the partition comes back; the source
@@ -1186,6 +1323,10 @@ impl<S: Source> Engine<S> {
         }
         self.reshare();
         InFlight(self.flow.in_flight()).emit(self.dispatcher.metrics());
+        if let Some(done) = revoke.done {
+            let _ = done.send(());
+        }
+        self.source.released(&revoke.partitions);
     }
 
     /// Waits up to `grace` for the blocking calls of matching partitions to return (each
@@ -1275,6 +1416,14 @@ impl<S: Source> Engine<S> {
         self.await_blocking(|_| true, grace, "stop", false).await;
         abandoned += self.unfinished;
         self.commit(true).await;
+        // Revokes still draining at stop: their records ended with the others; answered now,
+        // after the final commit, so the source gives their partitions up committed.
+        for revoke in std::mem::take(&mut self.revokes) {
+            if let Some(done) = revoke.done {
+                let _ = done.send(());
+            }
+            self.source.released(&revoke.partitions);
+        }
         // What the broker confirmed, not what the trackers would commit: the final commit may
         // have been refused.
         let mut committed = self.source.confirmed();
@@ -1309,6 +1458,14 @@ mod flow;
 mod task;
 #[cfg(test)]
 mod tests;
+
+/// The earliest deadline of a draining revoke; never, without one.
+async fn revoke_deadline(timer: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// The next request of a route's circuit breaker; never, without breakers.
 async fn breaker_request(

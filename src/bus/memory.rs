@@ -723,12 +723,23 @@ impl MemorySource {
     }
 
     /// The next record of the first owned partition with one that the engine takes records of,
-    /// round-robin across partitions, a batch at a time. None while a rebalance is pending, so
-    /// it is handled first.
+    /// round-robin across partitions, a batch at a time. None while a rebalance step is
+    /// pending, so it is handled first; while the engine drains a revoke, the partitions that
+    /// stay go on (as Kafka's cooperative protocol does) and the revoked ones give nothing.
     fn try_next(&mut self, pool_open: bool) -> Option<Inbound> {
-        if self.releasing.is_some() || self.unsettled() {
+        if self.releasing.is_none() && self.unsettled() {
             self.unbatch();
             return None;
+        }
+        let lost: Vec<(usize, usize)> = match &self.releasing {
+            Some((_, lost)) => lost.clone(),
+            None => Vec::new(),
+        };
+        if let Some((tp, _)) = &self.batch_of {
+            if lost.contains(tp) {
+                self.batch_of = None;
+                self.batch.clear();
+            }
         }
         if let Some((_, key)) = &self.batch_of {
             let paused = !self.paused.is_empty() && self.paused.contains(key);
@@ -754,7 +765,7 @@ impl MemorySource {
                 ti += 1;
             }
             let (topic, p) = (&self.topics[ti], at);
-            if !self.owned.contains(&(ti, p)) {
+            if !self.owned.contains(&(ti, p)) || lost.contains(&(ti, p)) {
                 continue;
             }
             let key = (topic.clone(), p as i32);
@@ -823,7 +834,15 @@ impl Source for MemorySource {
             if let Some(rec) = self.try_next(pool_open) {
                 return Some(SourceEvent::Record(rec));
             }
-            if self.changes.changed().await.is_err() {
+            // The engine answers a revoke while the loop goes on: wait for that too.
+            let changed = match &mut self.releasing {
+                Some((answered, _)) => tokio::select! {
+                    _ = answered => Ok(()),
+                    changed = self.changes.changed() => changed,
+                },
+                None => self.changes.changed().await,
+            };
+            if changed.is_err() {
                 return None;
             }
         }

@@ -593,6 +593,24 @@ impl Rebalanced<'_> {
     }
 }
 
+/// Revoked partitions drained and were given up: their running records finished (or were
+/// aborted at `revoke_timeout`) while the partitions that stay ran on.
+pub(crate) struct RevokeDrained<'a> {
+    pub(crate) partitions: &'a [(String, i32)],
+    pub(crate) took: Duration,
+    /// The revoke timeout cut the drain short: the aborted records go to the next owner.
+    pub(crate) aborted: bool,
+}
+
+impl RevokeDrained<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.revoke_drain
+            .with_label_values(&[if self.aborted { "true" } else { "false" }])
+            .observe(self.took.as_secs_f64());
+        info!(partitions = ?self.partitions, took = ?self.took, aborted = self.aborted, "Revoked partitions drained; giving them up.");
+    }
+}
+
 pub(crate) struct Published<'a> {
     pub(crate) topic: &'a str,
     pub(crate) duration: Duration,

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub(crate) prefetch_bytes: IntGauge,
     pub(crate) commits: IntCounterVec,
     pub(crate) rebalances: IntCounterVec,
+    pub(crate) revoke_drain: HistogramVec,
     pub(crate) partition_paused: IntGaugeVec,
     pub(crate) breaker_state: IntGaugeVec,
     pub(crate) breaker_transitions: IntCounterVec,
@@ -127,6 +128,11 @@ impl Metrics {
                 "weir_rebalances_total",
                 "Rebalance events, by kind (assign, revoke).",
                 &["kind"],
+            ),
+            revoke_drain: histogram(
+                "weir_revoke_drain_seconds",
+                "How long revoked partitions drained before they were given up (the group waits that long for this replica); the other partitions run on meanwhile. `aborted` is true when revoke_timeout cut the drain short.",
+                &["aborted"],
             ),
             partition_paused: reg(
                 &registry,

@@ -979,3 +979,80 @@ async fn a_handler_that_blocks_its_thread_does_not_stall_the_other_partitions() 
     );
     assert!(warned >= 1, "the blocking route was not reported");
 }
+
+#[tokio::test(start_paused = true)]
+async fn while_a_revoked_partition_drains_the_partitions_that_stay_keep_handling_and_committing() {
+    let gate = Arc::new(Notify::new());
+    let (tx, mut handled) = mpsc::unbounded_channel::<(i32, i64)>();
+    let router = {
+        let gate = gate.clone();
+        Router::new().on(move |_: Job, ctx: Ctx| {
+            let (gate, tx) = (gate.clone(), tx.clone());
+            async move {
+                if ctx.partition() == 0 {
+                    // The moved partition's record is slow: it holds the revoke.
+                    gate.notified().await;
+                }
+                let _ = tx.send((ctx.partition(), ctx.offset()));
+                Ok(())
+            }
+        })
+    };
+    let config = ConsumerConfig {
+        revoke_timeout: Duration::from_secs(20),
+        ..config()
+    };
+    let h = Arc::new(start(router, config, Arc::default()));
+    h.send(SourceEvent::Assigned(vec![tp(0), tp(1)]));
+    h.send(SourceEvent::Record(job(0, 0, false)));
+    h.send(SourceEvent::Record(job(1, 0, false)));
+    assert_eq!(handled.recv().await, Some((1, 0)));
+    let answered = Arc::new(AtomicBool::new(false));
+    let revoking = tokio::spawn({
+        let (h, answered) = (h.clone(), answered.clone());
+        async move {
+            h.revoke(0).await;
+            answered.store(true, Ordering::SeqCst);
+        }
+    });
+    tokio::task::yield_now().await;
+    // Partition 1 stays: its new records run and commit while partition 0 drains.
+    for offset in 1..4 {
+        h.send(SourceEvent::Record(job(1, offset, false)));
+    }
+    for offset in 1..4 {
+        assert_eq!(handled.recv().await, Some((1, offset)));
+    }
+    let committed_1 = || h.seen.lock().unwrap().committed.get(&tp(1)).copied();
+    while committed_1() != Some(4) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !answered.load(Ordering::SeqCst),
+        "the revoke was answered before its slow record finished"
+    );
+    gate.notify_one();
+    revoking.await.expect("the revoke is answered");
+    assert_eq!(
+        handled.recv().await,
+        Some((0, 0)),
+        "the moved record finished"
+    );
+    let stored_for_0 = h
+        .seen
+        .lock()
+        .unwrap()
+        .stored
+        .iter()
+        .rev()
+        .find(|(t, _)| *t == tp(0))
+        .cloned();
+    assert_eq!(
+        stored_for_0,
+        Some((tp(0), 1)),
+        "partition 0's position was with the source when the revoke was answered"
+    );
+    let h = Arc::into_inner(h).expect("the revoke task is done");
+    let (report, _) = h.stop().await;
+    assert_eq!(report.abandoned, 0);
+}
