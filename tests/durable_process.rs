@@ -45,7 +45,7 @@ fn serve_options(broker: &Tansu, db: &TestDb, group: &str, dir: &TestDir) -> Ser
             "WEIR_STORAGE__DIR",
             dir.join("storage").display().to_string(),
         )
-        .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
+        .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "2s")
         .env("WEIR_CONSUMER__COMMIT_INTERVAL", "50ms")
         .env("WEIR_KAFKA__PRODUCER__BATCH.NUM.MESSAGES", "1")
 }

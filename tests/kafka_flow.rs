@@ -72,7 +72,12 @@ async fn a_stall_longer_than_max_poll_interval_keeps_the_partitions() {
             HandlerOptions::new().topic("stalled"),
         )
     };
-    let config = ConsumerConfig::new("stalled-group").max_in_flight(4, 4);
+    // Both waits fit inside the 6 s session timeout, as subscribing checks.
+    let config = ConsumerConfig {
+        revoke_timeout: Duration::from_secs(2),
+        drain_timeout: Duration::from_secs(2),
+        ..ConsumerConfig::new("stalled-group").max_in_flight(4, 4)
+    };
     let subscription = bus.subscribe(router, config).expect("subscribe");
     let metrics = bus.metrics().clone();
     wait_until(

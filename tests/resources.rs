@@ -84,7 +84,7 @@ impl Rig {
         .env("WEIR_SERVICE__RELAY", relay.to_string())
         .env("WEIR_OUTBOX__POLL_INTERVAL", "100ms")
         .env("WEIR_KAFKA__PRODUCER__BATCH.NUM.MESSAGES", "1")
-        .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
+        .env("WEIR_CONSUMER__REVOKE_TIMEOUT", "2s")
         .env("WEIR_CONSUMER__COMMIT_INTERVAL", "10ms")
         .env("WEIR_RETRY__INITIAL_INTERVAL", "100ms")
         .env("WEIR_RETRY__MAXIMUM_INTERVAL", "500ms")

@@ -36,7 +36,7 @@ const PATIENCE: Duration = Duration::from_secs(120);
 
 /// [`serve_options`] with a short revoke timeout, for the rebalances here.
 fn options(broker: &Tansu, db: &TestDb, group: &str, dir: &TestDir, name: &str) -> ServeOptions {
-    serve_options(broker, db, group, dir, name).env("WEIR_CONSUMER__REVOKE_TIMEOUT", "5s")
+    serve_options(broker, db, group, dir, name).env("WEIR_CONSUMER__REVOKE_TIMEOUT", "2s")
 }
 
 /// A task's row: status, good, bad, error.

@@ -67,11 +67,14 @@ pub struct ConsumerConfig {
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// How long a stop waits for running handlers before abandoning them (uncommitted).
-    /// Keep it below the orchestrator's grace period (Kubernetes' default is 30 s).
+    /// Keep it below the orchestrator's grace period (Kubernetes' default is 30 s). With Kafka
+    /// it must fit inside the session timeout too (a rebalance during the drain waits for it):
+    /// checked at subscribe.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// How long a rebalance waits for the revoked partitions' handlers. Keep it below the
-    /// group's session timeout, or the group moves on without us.
+    /// How long a rebalance waits for the revoked partitions' handlers; the partitions that
+    /// stay go on meanwhile. With Kafka it must fit inside the session timeout (and
+    /// `max.poll.interval.ms`), or the group moves on without us: checked at subscribe.
     #[serde(with = "humantime_serde")]
     pub revoke_timeout: Duration,
 }

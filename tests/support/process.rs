@@ -78,15 +78,17 @@ pub struct ServeOptions {
 }
 
 impl ServeOptions {
-    /// Brokers, group and record file; a 5 s drain timeout; the admin server on an ephemeral
-    /// port of 127.0.0.1 (see [`WeirProcess::admin_addr`]).
+    /// Brokers, group and record file; 2 s drain and revoke timeouts (they fit inside
+    /// [`FAST_GROUP_TOML`]'s session timeout); the admin server on an ephemeral port of
+    /// 127.0.0.1 (see [`WeirProcess::admin_addr`]).
     pub fn new(brokers: &str, group: &str, record_file: &Path) -> ServeOptions {
         ServeOptions {
             brokers: brokers.to_owned(),
             group: group.to_owned(),
             record_file: record_file.to_owned(),
             env: vec![
-                ("WEIR_CONSUMER__DRAIN_TIMEOUT".into(), "5s".into()),
+                ("WEIR_CONSUMER__DRAIN_TIMEOUT".into(), "2s".into()),
+                ("WEIR_CONSUMER__REVOKE_TIMEOUT".into(), "2s".into()),
                 // An ephemeral port: tests run several services at once.
                 ("WEIR_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
             ],
@@ -395,14 +397,16 @@ where
 
 /// librdkafka settings for `weir serve` processes in tests (pass to [`ServeOptions::config`]):
 /// a short session timeout, so a killed member leaves the group in seconds rather than
-/// librdkafka's default 45 s; and a shorter rebalance timeout (`max.poll.interval.ms`, sent in
+/// librdkafka's default 45 s (6 s: `weir serve` refuses a revoke or drain timeout that, with
+/// the time `cpu_bound` calls get to return, does not fit inside it; [`ServeOptions::new`]'s
+/// 2 s each do); and a shorter rebalance timeout (`max.poll.interval.ms`, sent in
 /// JoinGroup), so a rebalance waiting for a member that will not rejoin gives up in 20 s rather
 /// than 5 minutes (it must stay above the poll thread's 10 s stall valve). (Once in ~12 full
 /// runs Tansu 0.6 kept the survivor of a rebalance revoked and unassigned for over 2 minutes
 /// after the other member left during it.)
 pub const FAST_GROUP_TOML: &str = r#"
 [kafka.consumer]
-"session.timeout.ms" = "3000"
+"session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
 "max.poll.interval.ms" = "20000"
 "#;

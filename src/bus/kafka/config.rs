@@ -125,6 +125,11 @@ impl KafkaConfig {
     ///     defaults; changing them made no difference beyond run-to-run noise.
     /// - `statistics.interval.ms=2000`: feeds `weir_consumer_lag` and broker reachability for
     ///   `/readyz`.
+    /// - `partition.assignment.strategy=cooperative-sticky`: a rebalance revokes only the
+    ///   partitions that move, and the others never stop (librdkafka's default, `range,roundrobin`,
+    ///   revokes every partition of every member at each rebalance). Measured on Tansu with two
+    ///   replicas, BENCHMARKS.md "Rebalancing". Every member of a group must use the same
+    ///   protocol: set `range` here to join a group of eager consumers.
     pub fn consumer_config(&self, group_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
@@ -135,11 +140,62 @@ impl KafkaConfig {
             .set("fetch.queue.backoff.ms", "10")
             .set("queued.min.messages", "10000")
             .set("queued.max.messages.kbytes", "16384")
-            .set("statistics.interval.ms", "2000");
+            .set("statistics.interval.ms", "2000")
+            .set("partition.assignment.strategy", "cooperative-sticky");
         for (k, v) in self.properties.iter().chain(&self.consumer) {
             c.set(k, v);
         }
         c
+    }
+
+    /// Checks that a revoke and a drain fit inside the group's patience with this member: the
+    /// rebalance timeout it sends (`max.poll.interval.ms`) and its session timeout, whichever
+    /// is shorter (librdkafka requires the session timeout to be the shorter). Past either the
+    /// group moves on without it, and a record still running here runs twice. The session
+    /// timeout counts although librdkafka heartbeats from a thread of its own: measured on
+    /// Tansu with the eager protocol, a 1.9 s drain under a 3 s session made the group
+    /// rebalance again and again, and under a 10 s session once. Each wait is its timeout plus
+    /// the time its aborted `cpu_bound` calls get to return (at most the timeout, capped at 5 s).
+    pub(crate) fn check_timeouts(
+        client: &ClientConfig,
+        consumer: &crate::bus::ConsumerConfig,
+    ) -> Result<(), BusError> {
+        let ms = |key: &str, default: u64| -> u64 {
+            client
+                .get(key)
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(default)
+        };
+        // librdkafka's defaults.
+        let bounds = [
+            ("session.timeout.ms", ms("session.timeout.ms", 45_000)),
+            ("max.poll.interval.ms", ms("max.poll.interval.ms", 300_000)),
+        ];
+        let (bound_key, bound_ms) = bounds
+            .into_iter()
+            .min_by_key(|(_, ms)| *ms)
+            .expect("two bounds");
+        let bound = Duration::from_millis(bound_ms);
+        for (key, timeout) in [
+            ("revoke_timeout", consumer.revoke_timeout),
+            ("drain_timeout", consumer.drain_timeout),
+        ] {
+            let grace = timeout.min(crate::bus::engine::BLOCKING_GRACE);
+            if timeout + grace >= bound {
+                return Err(BusError::Config {
+                    key: key.to_owned(),
+                    message: format!(
+                        "{} (with up to {} for cpu_bound calls to return) does not fit inside \
+                         kafka.{bound_key} ({bound_ms} ms): the group would move on while the \
+                         partitions still drain, and their records would run twice. Lower \
+                         {key} or raise {bound_key}",
+                        humantime::format_duration(timeout),
+                        humantime::format_duration(grace),
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The producer's configuration.

@@ -7,13 +7,19 @@
 //! asynchronous `rd_kafka_commit` without a reply queue to nobody (rust-rdkafka's
 //! `CommitMode::Async` never reaches `commit_callback`): the periodic one runs on a blocking
 //! thread, at most one at a time, so neither the engine nor the poll thread waits for the
-//! broker; the one at revoke runs in the rebalance callback, and the final one is awaited by the
-//! engine's drain, so its answer is counted before the poll thread stops.
+//! broker; the one at revoke runs on the poll thread before it gives the partitions up, and the
+//! final one is awaited by the engine's drain, so its answer is counted before the poll thread stops.
 //!
-//! Why a thread: librdkafka runs rebalance callbacks inside `poll`. On revoke the callback must
-//! block until the engine has ended the revoked partitions' work and stored their offsets, then
-//! commit, before librdkafka gives the partitions away. Polling on a thread of its own lets that
-//! callback block while the engine (on the Tokio runtime) keeps running handlers.
+//! Why a thread: librdkafka runs rebalance callbacks inside `poll`, and serves the group only
+//! while it is polled.
+//!
+//! Rebalances: `partition.assignment.strategy` is `cooperative-sticky` unless set otherwise, so
+//! a rebalance revokes only the partitions that move. A revoke does not block the callback:
+//! the revoked partitions stop fetching and feeding the engine at once, the engine drains them
+//! while every other partition flows on, and once it answers (their offsets stored) the poll
+//! thread commits and gives them up (`incremental_unassign`; `unassign` with the eager
+//! protocol). librdkafka, and the group, wait for that unassign, so the wait is bounded by the
+//! engine's `revoke_timeout`, which must fit inside `max.poll.interval.ms`.
 //!
 //! Per-partition flow: each assigned partition's records are split off into a queue of their
 //! own (`split_partition_queue`, as vector's Kafka source does) and cross to the engine through
@@ -45,10 +51,11 @@ use crate::telemetry::events::{
 };
 use crate::telemetry::{Health, Metrics};
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -110,7 +117,8 @@ pub(crate) struct WeirContext {
     health: Health,
     /// Repeated client errors are logged once per 30 s.
     errors: Throttle,
-    /// Partitions paused in librdkafka, and why.
+    /// The revoke the engine is draining, if any ([`PendingRevoke`]).
+    pending_revoke: Mutex<Option<PendingRevoke>>,
     /// Makes the poll thread panic at its next turn, to test that the panic is reported.
     #[cfg(test)]
     panic_next_turn: AtomicBool,
@@ -196,47 +204,154 @@ fn commit_answer(result: KafkaResult<()>) -> Option<KafkaResult<()>> {
     }
 }
 
-impl ConsumerContext for WeirContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            return;
+/// A revoke the engine is draining. The partitions stay assigned, and the group waits for this
+/// member, until the engine answers `drained`; then the poll thread commits and gives them up
+/// ([`finish_revoke`]). Meanwhile the poll thread goes on serving every other partition.
+struct PendingRevoke {
+    tpl: TopicPartitionList,
+    drained: oneshot::Receiver<()>,
+}
+
+impl WeirContext {
+    /// An assignment: the partitions are added (cooperative: only the new ones are listed),
+    /// split off by the poll thread and announced to the engine.
+    fn assign(&self, consumer: &WeirConsumer, tpl: &TopicPartitionList) {
+        let result = if cooperative(consumer) {
+            consumer.incremental_assign(tpl)
+        } else {
+            consumer.assign(tpl)
         };
+        if let Err(error) = result {
+            tracing::warn!(%error, "Could not take the assigned partitions.");
+        }
+        self.health.set_joined(true);
+        // The group coordinator just answered: a broker is up. Without this, readiness waited
+        // for the first statistics (statistics.interval.ms) even while records were already
+        // being handled.
+        if !self.health.status().broker_up {
+            self.broker_up(true);
+        }
+        let assigned = partitions(tpl);
+        self.change(Change::Assigned(assigned.clone()));
+        let _ = self.control.send(Control::Assigned(assigned));
+    }
+
+    /// A revoke: the partitions stop fetching and feeding the engine at once, and the engine
+    /// drains them while the rest flows. Not answered here: librdkafka waits for the unassign,
+    /// which the poll thread makes once the engine is done ([`finish_revoke`]), so the poll
+    /// thread never blocks on handlers.
+    fn revoke(&self, consumer: &WeirConsumer, tpl: &TopicPartitionList) {
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         let revoked = partitions(tpl);
+        for (topic, partition) in &revoked {
+            let tp = (Arc::from(topic.as_str()), *partition);
+            self.pauses.pause(consumer, &tp, PauseReason::Revoking);
+        }
+        self.change(Change::Revoked(revoked.clone()));
         let (done, drained) = oneshot::channel();
         let sent = self.control.send(Control::Revoked {
-            partitions: revoked.clone(),
+            partitions: revoked,
             epoch,
             done,
         });
+        let pending = PendingRevoke {
+            tpl: tpl.clone(),
+            drained,
+        };
         if sent.is_ok() {
-            // The engine bounds this wait: at its revoke timeout it aborts the partitions'
-            // running handlers and answers once they have ended.
-            let _ = drained.blocking_recv();
+            *self
+                .pending_revoke
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(pending);
+        } else {
+            // The engine has gone (the consumer is closing): nothing runs to drain.
+            finish_revoke(consumer, pending);
         }
+    }
+}
+
+/// Whether the group uses the cooperative protocol (`cooperative-sticky`): rebalances then add
+/// and revoke only the partitions that move.
+fn cooperative(consumer: &WeirConsumer) -> bool {
+    matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    )
+}
+
+/// Ends a revoke the engine has drained: commits the positions it stored (not when the
+/// assignment was lost: the group has moved on, and the commit could only be refused), then
+/// gives the partitions up, which lets the group's rebalance go on.
+fn finish_revoke(consumer: &WeirConsumer, pending: PendingRevoke) {
+    if !consumer.assignment_lost() {
         count(
-            &self.metrics,
+            &consumer.context().metrics,
             commit_answer(consumer.commit_consumer_state(CommitMode::Sync)),
         );
-        self.change(Change::Revoked(revoked));
     }
+    let result = if cooperative(consumer) {
+        consumer.incremental_unassign(&pending.tpl)
+    } else {
+        consumer.unassign()
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, "Could not give up the revoked partitions.");
+    }
+    // librdkafka keeps a partition's pause across an unassign: a later owner of it in this
+    // process must not find it paused.
+    let pauses = &consumer.context().pauses;
+    for (topic, partition) in partitions(&pending.tpl) {
+        let tp = (Arc::from(topic.as_str()), partition);
+        pauses.resume(consumer, &tp, PauseReason::Revoking);
+    }
+}
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                self.health.set_joined(true);
-                // The group coordinator just answered: a broker is up. Without this, readiness
-                // waited for the first statistics (statistics.interval.ms) even while records
-                // were already being handled.
-                if !self.health.status().broker_up {
-                    self.broker_up(true);
+/// Finishes the pending revoke if the engine has answered it (or has gone).
+fn finish_drained_revoke(consumer: &WeirConsumer) {
+    let context = consumer.context();
+    let mut pending = context
+        .pending_revoke
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let drained = match pending.as_mut() {
+        None => return,
+        Some(p) => !matches!(
+            p.drained.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ),
+    };
+    if drained {
+        let revoke = pending.take().expect("checked above");
+        drop(pending);
+        finish_revoke(consumer, revoke);
+    }
+}
+
+impl ConsumerContext for WeirContext {
+    /// Replaces rust-rdkafka's rebalance, which assigns and unassigns inside the callback: a
+    /// revoke is answered later, from the poll thread, once the engine has drained it.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.revoke(consumer, tpl),
+            other => {
+                let error = RDKafkaErrorCode::from(other);
+                tracing::warn!(%error, "Rebalance error; giving the partitions up.");
+                // As rust-rdkafka does: the assignment is dropped, and the group assigns again.
+                let result = if cooperative(consumer) {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(error) = result {
+                    tracing::warn!(%error, "Could not give up the partitions.");
                 }
-                let assigned = partitions(tpl);
-                self.change(Change::Assigned(assigned.clone()));
-                let _ = self.control.send(Control::Assigned(assigned));
             }
-            Rebalance::Error(error) => tracing::warn!(%error, "Rebalance error."),
-            Rebalance::Revoke(_) => {}
         }
     }
 
@@ -355,6 +470,7 @@ pub(crate) fn start(
         poller: poller.clone(),
         held_bytes: AtomicUsize::new(0),
         pauses: Pauses::default(),
+        pending_revoke: Mutex::new(None),
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
@@ -456,6 +572,7 @@ fn poll_loop(
         if consumer.context().panic_next_turn.load(Ordering::SeqCst) {
             panic!("injected poll-thread panic");
         }
+        finish_drained_revoke(&consumer);
         let mut moved = poll_main_queue(&consumer, &mut feeds, &poller, &mut converter);
         let epoch = consumer.context().epoch.load(Ordering::SeqCst);
         // At least a byte: a partition may always hold one record, so a budget smaller than
@@ -762,9 +879,8 @@ fn apply_changes(
             Change::Revoked(revoked) => feeds.retain(|f| {
                 let keep = !revoked.iter().any(|(t, p)| *p == f.tp.1 && **t == *f.tp.0);
                 if !keep && f.paused {
-                    // librdkafka keeps a partition's pause across an unassign: a later owner
-                    // of it in this process must not find it paused for memory it no longer
-                    // holds.
+                    // Its memory is freed with the feed (the revoke keeps its fetching paused
+                    // until librdkafka gives it up).
                     consumer
                         .context()
                         .pauses
@@ -820,6 +936,17 @@ fn split(
 /// the other members at once instead of after the session timeout. The partition queues go
 /// first: each holds a handle of the consumer.
 fn close(feeds: Vec<Feed>, consumer: Arc<WeirConsumer>) {
+    // A revoke still pending: the engine has ended, so it is over; the close would otherwise
+    // wait for its unassign.
+    let pending = consumer
+        .context()
+        .pending_revoke
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(pending) = pending {
+        finish_revoke(&consumer, pending);
+    }
     drop(feeds);
     drop(consumer);
 }
@@ -1027,13 +1154,6 @@ impl KafkaSource {
                 epoch,
                 done,
             } => {
-                {
-                    let mut positions = self.positions();
-                    for tp in &partitions {
-                        positions.stored.remove(tp);
-                        positions.confirmed.remove(tp);
-                    }
-                }
                 for tp in &partitions {
                     self.revoked_at.insert(tp.clone(), epoch);
                     // Handed over and not taken: never started; the new owner has them.
@@ -1224,6 +1344,20 @@ impl Source for KafkaSource {
         answer
     }
 
+    /// The engine stored the revoked partitions' last positions: the commit at the revoke
+    /// carries them, and the partitions are no longer this consumer's to report.
+    fn released(&mut self, partitions: &[Tp]) {
+        {
+            let mut positions = self.positions();
+            for tp in partitions {
+                positions.stored.remove(tp);
+                positions.confirmed.remove(tp);
+            }
+        }
+        // The engine has just answered the revoke: the poll thread commits and unassigns.
+        self.poller.unpark();
+    }
+
     fn confirmed(&self) -> Vec<(String, i32, i64)> {
         self.positions()
             .confirmed
@@ -1245,6 +1379,7 @@ mod tests {
             poller: Arc::default(),
             held_bytes: AtomicUsize::new(0),
             pauses: Pauses::default(),
+            pending_revoke: Mutex::new(None),
             metrics: metrics.clone(),
             health: Health::default(),
             errors: Throttle::new(Duration::from_secs(30)),

@@ -115,9 +115,11 @@ impl Bus for KafkaBus {
             return Err(BusError::NoHandlers);
         }
         let kafka = &self.inner.config;
+        let client = kafka.consumer_config(&config.group_id);
+        KafkaConfig::check_timeouts(&client, &config)?;
         let health = Health::default();
         let source = consumer::start(
-            kafka.consumer_config(&config.group_id),
+            client,
             &topics,
             self.inner.metrics.clone(),
             health.clone(),
@@ -224,5 +226,42 @@ mod tests {
             Err(BusError::Task(message)) => assert!(message.contains("panicked"), "{message}"),
             other => panic!("a poll-thread panic ended the subscription as {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_revoke_or_drain_longer_than_the_rebalance_timeout_is_refused_at_subscribe() {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9");
+        for (key, value) in [
+            ("max.poll.interval.ms", "12000"),
+            ("session.timeout.ms", "6000"),
+        ] {
+            kafka.consumer.insert(key.to_owned(), value.to_owned());
+        }
+        let bus = KafkaBus::new(kafka).expect("the bus");
+        let subscribe = |revoke: u64, drain: u64| {
+            let router = Router::new().on(|_: Ping, _: Ctx| async { Ok(()) });
+            let config = ConsumerConfig {
+                revoke_timeout: std::time::Duration::from_secs(revoke),
+                drain_timeout: std::time::Duration::from_secs(drain),
+                ..ConsumerConfig::new("weir-test")
+            };
+            bus.subscribe(router, config)
+        };
+        // 7 s plus up to 5 s for cpu_bound calls reaches the 12 s rebalance timeout.
+        for (revoke, drain, key) in [(7, 1, "revoke_timeout"), (1, 7, "drain_timeout")] {
+            match subscribe(revoke, drain) {
+                Err(BusError::Config { key: k, message }) => {
+                    assert_eq!(k, key);
+                    assert!(
+                        message.contains("max.poll.interval.ms (12000 ms)"),
+                        "{message}"
+                    );
+                }
+                Err(other) => panic!("refused for another reason: {other}"),
+                Ok(_) => panic!("revoke {revoke} s, drain {drain} s subscribed"),
+            }
+        }
+        let fits = subscribe(6, 6).expect("6 s plus 5 s fits inside 12 s");
+        fits.stop().await.expect("stops");
     }
 }

@@ -1,6 +1,6 @@
 //! Why each partition's fetching is paused. Several parts of Weir pause partitions in
-//! librdkafka (the engine's pauses and the prefetch budget), and none may resume what another paused; librdkafka
-//! keeps one flag per partition, so the reasons are kept here and the flag follows "any reason".
+//! librdkafka (the engine's pauses, the prefetch budget, a draining revoke), and none may resume what
+//! another paused; librdkafka keeps one flag per partition, so the reasons are kept here and the flag follows "any reason".
 
 use crate::bus::engine::PartitionKey;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -15,6 +15,9 @@ pub(crate) enum PauseReason {
     Engine,
     /// It holds its share of `kafka.max_prefetch_bytes`.
     Memory,
+    /// It is revoked and drains: what it fetched now would be dropped. Lifted once librdkafka
+    /// has given it up.
+    Revoking,
 }
 
 /// Each partition's pause reasons; librdkafka pauses it while it has any.
