@@ -13,8 +13,10 @@
 //! Each handler records the event it handled (see `ServiceSettings::record_file`). Customer
 //! events carry a test hook: `details.simulate = "transient"` fails the first attempt
 //! retryably; `"permanent"` fails acknowledged; `"panic"` panics; `"hang"` never completes (a
-//! handler stuck on a dead dependency, for the flow-control tests); `"outage"` fails retryably
-//! until `details.until` (RFC 3339), a dependency down for a while (durable-retry tests).
+//! handler stuck on a dead dependency, for the flow-control tests); `"slow"` completes after
+//! `details.ms` (default 2,000), a slow dependency (the rebalancing tests); `"outage"` fails
+//! retryably until `details.until` (RFC 3339), a dependency down for a while (durable-retry
+//! tests).
 
 mod api;
 pub(crate) mod events;
@@ -114,19 +116,36 @@ fn recording<T: 'static>(r: &Recorder) -> impl Fn(T, Ctx) -> Done + Clone + Send
     move |_, ctx| std::future::ready(r.record(&ctx))
 }
 
-/// A customer handler's future: done at once, or (`simulate = "hang"`) never.
-type MaybeHung = futures_util::future::Either<Done, std::future::Pending<Result<(), HandlerError>>>;
+/// A customer handler's future: done at once, or one that waits (`simulate = "hang"` never
+/// ends, `"slow"` ends after `details.ms`).
+type MaybeWaits = futures_util::future::Either<
+    Done,
+    futures_util::future::BoxFuture<'static, Result<(), HandlerError>>,
+>;
 
 /// A customer handler: obeys the `simulate` hook, then records.
 fn customer<T: 'static>(
     r: &Recorder,
     details: fn(&T) -> &serde_json::Value,
-) -> impl Fn(T, Ctx) -> MaybeHung + Clone + Send + Sync + 'static {
+) -> impl Fn(T, Ctx) -> MaybeWaits + Clone + Send + Sync + 'static {
+    use futures_util::FutureExt as _;
     let r = r.clone();
     move |e, ctx| {
         let details = details(&e);
-        if details.get("simulate").and_then(|v| v.as_str()) == Some("hang") {
-            return futures_util::future::Either::Right(std::future::pending());
+        match details.get("simulate").and_then(|v| v.as_str()) {
+            Some("hang") => {
+                return futures_util::future::Either::Right(std::future::pending().boxed());
+            }
+            Some("slow") => {
+                let ms = details.get("ms").and_then(|v| v.as_u64()).unwrap_or(2_000);
+                let r = r.clone();
+                let slow = async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    r.record(&ctx)
+                };
+                return futures_util::future::Either::Right(slow.boxed());
+            }
+            _ => {}
         }
         futures_util::future::Either::Left(std::future::ready(
             simulate(details, &ctx).and_then(|()| r.record(&ctx)),
