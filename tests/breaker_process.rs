@@ -223,7 +223,9 @@ fn sample_metrics(
 
 /// Calls made while the breaker was open, and the half-open probes it let through meanwhile:
 /// the calls between consecutive scrapes that both saw it open with no close in between. Any
-/// call there must be a probe, and each half-open admits one.
+/// call there must be a probe, and each half-open admits one. (A call admitted just before the
+/// breaker opened counts itself before it reports its outcome, so it cannot land there unless
+/// a scrape falls in the microseconds between another call's opening and its count.)
 fn calls_while_open(samples: &[Sample]) -> (f64, f64) {
     samples
         .windows(2)
