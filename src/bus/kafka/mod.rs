@@ -229,7 +229,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_revoke_or_drain_longer_than_the_rebalance_timeout_is_refused_at_subscribe() {
+    async fn a_revoke_or_drain_that_outlasts_the_session_timeout_is_refused_at_subscribe() {
         let mut kafka = KafkaConfig::new("127.0.0.1:9");
         for (key, value) in [
             ("max.poll.interval.ms", "12000"),
@@ -247,13 +247,13 @@ mod tests {
             };
             bus.subscribe(router, config)
         };
-        // 7 s plus up to 5 s for cpu_bound calls reaches the 12 s rebalance timeout.
-        for (revoke, drain, key) in [(7, 1, "revoke_timeout"), (1, 7, "drain_timeout")] {
+        // 3 s plus up to 3 s for cpu_bound calls reaches the 6 s session timeout.
+        for (revoke, drain, key) in [(3, 1, "revoke_timeout"), (1, 3, "drain_timeout")] {
             match subscribe(revoke, drain) {
                 Err(BusError::Config { key: k, message }) => {
                     assert_eq!(k, key);
                     assert!(
-                        message.contains("max.poll.interval.ms (12000 ms)"),
+                        message.contains("session.timeout.ms (6000 ms)"),
                         "{message}"
                     );
                 }
@@ -261,7 +261,7 @@ mod tests {
                 Ok(_) => panic!("revoke {revoke} s, drain {drain} s subscribed"),
             }
         }
-        let fits = subscribe(6, 6).expect("6 s plus 5 s fits inside 12 s");
+        let fits = subscribe(2, 2).expect("2 s plus 2 s fits inside 6 s");
         fits.stop().await.expect("stops");
     }
 }
