@@ -13,7 +13,8 @@ For the chart's default values and each charts/weir/ci/*-values.yaml it:
   - checks every pod template against the "restricted" Pod Security Standard, plus a
     read-only root filesystem;
   - checks the chart's own contracts (grace period = drain timeout + margin from one value, the
-    drain timeout env, probes, the TOML config, Secret-sourced credentials, selectors, names,
+    drain timeout env, probes, the TOML config, Secret-sourced credentials, the reference
+    service's test hooks never set (`service.test_hooks`), selectors, names,
     the PrometheusRule equal to files/alerts.yaml, the worker Deployment's `weir --config ...
     worker` command and the `[temporal]` table it reads).
 It also checks that every key in values.yaml is documented, and that contradictory values fail
@@ -449,6 +450,14 @@ def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
         if "PASSWORD" in e["name"].upper() and "value" in e:
             p.append(f"{e['name']} carries a literal value")
 
+    # The reference service's test hooks (anyone who can publish could panic or hang a pod)
+    # stay off: no container of any workload sets them.
+    for o in objects:
+        pod_spec = (o.get("spec", {}).get("template") or o.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template") or {}).get("spec", {})
+        for c in pod_spec.get("containers", []) + pod_spec.get("initContainers", []):
+            if any(e["name"].upper() == "WEIR_SERVICE__TEST_HOOKS" for e in c.get("env") or []):
+                p.append(f"{o['kind']}/{o['metadata']['name']}/{c['name']} sets WEIR_SERVICE__TEST_HOOKS")
+
     # The TOML configuration.
     configmaps = find(objects, "ConfigMap")
     if len(configmaps) != 1 or "weir.toml" not in configmaps[0].get("data", {}):
@@ -463,6 +472,8 @@ def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
                 p.append(f"weir.toml kafka.brokers {config.get('kafka', {}).get('brokers')!r}")
             if config.get("consumer", {}).get("group_id") != v["config"]["consumer"]["group_id"]:
                 p.append("weir.toml consumer.group_id differs from config.consumer.group_id")
+            if "test_hooks" in config.get("service", {}):
+                p.append("weir.toml sets service.test_hooks (the test hooks are never on in a deployment)")
             if "drain_timeout" in config.get("consumer", {}):
                 p.append("weir.toml sets consumer.drain_timeout (it comes from shutdown.drainTimeoutSeconds)")
             for key, value in (v["kafka"]["properties"] or {}).items():
@@ -597,7 +608,7 @@ def main() -> int:
                     f"{o['kind']}/{o['metadata']['name']} meets the restricted Pod Security Standard, read-only root",
                     restricted_violations(template["spec"], template.get("metadata", {}).get("annotations", {})),
                 )
-        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, selectors, names, alerts, worker)",
+        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, test hooks off, selectors, names, alerts, worker)",
                      chart_contracts(case, values, objects))
         if case == "default":
             kinds_present = {o["kind"] for o in objects}
@@ -633,6 +644,8 @@ def main() -> int:
         ("worker without a Temporal address", {"worker": {"enabled": True}, "database": {"existingSecret": "db"}}, "temporal.address"),
         ("worker without a database Secret", {"worker": {"enabled": True}, "temporal": {"address": "t:7233"}}, "database.existingSecret"),
         ("Temporal address set in config", {"config": {"temporal": {"address": "t:7233"}}}, "temporal.address"),
+        ("test hooks set in config", {"config": {"service": {"test_hooks": True}}}, "test hooks"),
+        ("test hooks set in extraEnv", {"extraEnv": [{"name": "WEIR_SERVICE__TEST_HOOKS", "value": "true"}]}, "test hooks"),
     ]
     for what, values, message in bad_cases:
         try:

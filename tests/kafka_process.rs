@@ -685,6 +685,78 @@ async fn dead_letters_poison_with_original_bytes_and_continues() {
     assert!(serve.is_running());
 }
 
+/// The reference service's test hooks (`details.simulate`) are off unless
+/// `service.test_hooks` turns them on: otherwise whoever can publish to `customer-events` could
+/// make a production replica panic, hang or dead-letter at will. With the default settings an
+/// event asking for any hook is an ordinary event: recorded once, on its first attempt, nothing
+/// retried or dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_in_a_payload_is_plain_data_without_test_hooks() {
+    let dlq = format!("{CUSTOMER_TOPIC}.dlq");
+    let broker = broker_with_topics(Tansu::start_memory(), &[&dlq]);
+    let dir = TestDir::new("weir-no-hooks");
+    let mut records = RecordFile::new(&dir.join("handled.jsonl"));
+    let options = serve_options(&broker, &unique("no-hooks"), records.path())
+        .without("WEIR_SERVICE__TEST_HOOKS");
+    let mut serve = WeirProcess::serve(dir.path(), "serve", &options);
+    let admin = wait_until("the admin address", PATIENCE, || {
+        assert_running(&mut serve);
+        serve
+            .admin_addr()
+            .ok_or_else(|| "not logged yet".to_owned())
+    })
+    .await;
+
+    let bus = bus(&broker.brokers());
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    let mut sent = Vec::new();
+    for hook in ["panic", "permanent", "transient", "hang", "slow", "outage"] {
+        let details = json!({"simulate": hook, "ms": 600_000, "until": until.to_rfc3339()});
+        let envelope = Envelope::new(CustomerCreated::new(format!("hook-{hook}"), details));
+        let delivery = bus.publish(&envelope).await.expect("publish");
+        sent.push(Sent {
+            id: envelope.meta.id.to_string(),
+            topic: delivery.topic,
+            partition: delivery.partition,
+            offset: delivery.offset,
+        });
+    }
+
+    // Done when every event is recorded; a retry or a dead letter fails at once (with the
+    // hooks obeyed, `panic` and `permanent` dead-letter within a second).
+    let metric = |name: &str, labels: &[(&str, &str)]| {
+        let (_, body) = http_get(admin, "/metrics").expect("GET /metrics");
+        support::process::metric_sum(&body, name, labels)
+    };
+    wait_until("every hook event recorded", PATIENCE, || {
+        assert_running(&mut serve);
+        let dead = metric("weir_dead_letters_total", &[]);
+        let retried = metric("weir_messages_handled_total", &[("outcome", "retried")]);
+        assert!(
+            dead == 0.0 && retried == 0.0,
+            "{dead} dead-lettered, {retried} retried: the hooks were obeyed\n{}",
+            serve.stderr_tail(4 * 1024)
+        );
+        let handled: HashSet<String> = records.ids();
+        match sent.iter().filter(|s| !handled.contains(&s.id)).count() {
+            0 => Ok(()),
+            n => Err(format!("{n} of {} not recorded yet", sent.len())),
+        }
+    })
+    .await;
+
+    let lines = records.refresh().to_vec();
+    assert_eq!(lines.len(), sent.len(), "each recorded once: {lines:?}");
+    assert!(lines.iter().all(|l| l.attempt == 1), "{lines:?}");
+    assert_coordinates(&lines, &sent);
+    assert_eq!(metric("weir_dead_letters_total", &[]), 0.0);
+    assert!(
+        !serve.stderr().contains("test hooks are on"),
+        "warned about test hooks that are off"
+    );
+    assert!(serve.is_running());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Group and broker
 // ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
@@ -794,6 +795,223 @@ async fn bad_requests_leave_nothing_behind_renames_are_searchable_and_deletes_re
     );
     let left: Vec<PathBuf> = files_under(&rig.storage());
     assert_eq!(left.len(), 1, "only the text file is left: {left:?}");
+    rig.db.close().await;
+}
+
+/// Hostile uploads, generated from a table: bodies over the limit, types not on the allowlist
+/// (or none, or a multipart body that is not one), names that look like paths, empty files;
+/// raw and multipart alike. Each gets a 4xx naming what is wrong, and nothing is left: no
+/// file (temporary or not) in storage, no row, no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_oversized_mistyped_path_named_or_empty_upload_gets_a_4xx_and_writes_nothing() {
+    const LIMIT: usize = 65_536;
+    let rig = Rig::new("resources-hostile").await;
+    let serve = rig.serve(
+        "serve",
+        &rig.serve_options(true)
+            .env("WEIR_STORAGE__MAX_UPLOAD_BYTES", LIMIT.to_string()),
+    );
+    let api = rig.api(&serve).await;
+    let client = reqwest::Client::new();
+    let raw = |name: &str, content_type: Option<&str>, body: Vec<u8>| {
+        // Percent-encoded whole, so separators reach the service as the name's own.
+        let name: String = name.bytes().map(|b| format!("%{b:02X}")).collect();
+        let request = client
+            .post(format!("{api}/resources?name={name}"))
+            .body(body);
+        match content_type {
+            Some(t) => request.header("content-type", t),
+            None => request,
+        }
+    };
+    let multipart =
+        |file_name: &str, part_type: Option<&str>, body: Vec<u8>, fields: &[(&str, &str)]| {
+            let mut part = reqwest::multipart::Part::bytes(body).file_name(file_name.to_owned());
+            if let Some(t) = part_type {
+                part = part.mime_str(t).expect("mime");
+            }
+            let mut form = reqwest::multipart::Form::new().part("file", part);
+            for (name, value) in fields {
+                form = form.text(name.to_string(), value.to_string());
+            }
+            client.post(format!("{api}/resources")).multipart(form)
+        };
+    let text = b"some text".to_vec();
+    let mut cases: Vec<(String, reqwest::RequestBuilder, u16, &str)> = Vec::new();
+
+    // Over the limit.
+    for size in [LIMIT + 1, 4 * LIMIT, 64 * LIMIT] {
+        cases.push((
+            format!("raw {size} bytes"),
+            raw("big.bin", Some("application/octet-stream"), vec![7; size]),
+            413,
+            "too_large",
+        ));
+        cases.push((
+            format!("multipart {size} bytes"),
+            multipart(
+                "big.bin",
+                Some("application/octet-stream"),
+                vec![7; size],
+                &[],
+            ),
+            413,
+            "too_large",
+        ));
+    }
+    // Types off the allowlist, or none.
+    for content_type in [
+        "text/html",
+        "image/svg+xml",
+        "application/x-sh",
+        "application/javascript",
+        "text/plain-ish",
+        "",
+        "*/*",
+    ] {
+        cases.push((
+            format!("raw type {content_type:?}"),
+            raw("file.txt", Some(content_type), text.clone()),
+            415,
+            "unsupported_media_type",
+        ));
+        if !content_type.is_empty() && content_type != "*/*" {
+            cases.push((
+                format!("part type {content_type:?}"),
+                multipart("file.txt", Some(content_type), text.clone(), &[]),
+                415,
+                "unsupported_media_type",
+            ));
+            cases.push((
+                format!("declared type {content_type:?}"),
+                multipart(
+                    "file.txt",
+                    Some("text/plain"),
+                    text.clone(),
+                    &[("content_type", content_type)],
+                ),
+                415,
+                "unsupported_media_type",
+            ));
+        }
+    }
+    cases.push((
+        "raw without a type".into(),
+        raw("file.txt", None, text.clone()),
+        415,
+        "unsupported_media_type",
+    ));
+    cases.push((
+        "part without a type".into(),
+        multipart("file.txt", None, text.clone(), &[]),
+        415,
+        "unsupported_media_type",
+    ));
+    cases.push((
+        "multipart without a boundary".into(),
+        raw("file.txt", Some("multipart/form-data"), text.clone()),
+        400,
+        "bad_multipart",
+    ));
+    cases.push((
+        "multipart that is not".into(),
+        raw(
+            "file.txt",
+            Some("multipart/form-data; boundary=xyz"),
+            text.clone(),
+        ),
+        400,
+        "bad_multipart",
+    ));
+    // Names that look like paths.
+    for name in [
+        "../../etc/passwd",
+        "../x.txt",
+        "a/b.txt",
+        "/abs.txt",
+        "a\\b.txt",
+        "..\\x.txt",
+        "C:\\Users\\x.txt",
+        "..",
+        ".",
+        "x/..",
+        "./x.txt",
+    ] {
+        cases.push((
+            format!("raw name {name:?}"),
+            raw(name, Some("text/plain"), text.clone()),
+            400,
+            "bad_name",
+        ));
+        cases.push((
+            format!("file name {name:?}"),
+            multipart(name, Some("text/plain"), text.clone(), &[]),
+            400,
+            "bad_name",
+        ));
+        cases.push((
+            format!("name field {name:?}"),
+            multipart(
+                "ok.txt",
+                Some("text/plain"),
+                text.clone(),
+                &[("name", name)],
+            ),
+            400,
+            "bad_name",
+        ));
+    }
+    // Empty files.
+    for content_type in ["text/plain", "image/png", "application/octet-stream"] {
+        cases.push((
+            format!("raw empty {content_type}"),
+            raw("empty", Some(content_type), Vec::new()),
+            400,
+            "empty_body",
+        ));
+        cases.push((
+            format!("multipart empty {content_type}"),
+            multipart("empty", Some(content_type), Vec::new(), &[]),
+            400,
+            "empty_body",
+        ));
+    }
+
+    let tried = cases.len();
+    let mut wrong = Vec::new();
+    for (what, request, status, kind) in cases {
+        let response = request.send().await.expect("request");
+        let got = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if (got, body["error"].as_str()) != (status, Some(kind))
+            || body["message"].as_str().is_none_or(str::is_empty)
+        {
+            wrong.push(format!(
+                "{what}: expected {status} {kind}, got {got} {body}"
+            ));
+        }
+    }
+    let left = files_under(&rig.storage());
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM resources) + (SELECT count(*) FROM weir_outbox)",
+    )
+    .fetch_one(rig.db.pool())
+    .await
+    .expect("count");
+    let _ = writeln!(
+        std::io::stderr(),
+        "uploads: {tried} hostile uploads tried, {} answered otherwise, {} files and {rows} rows left",
+        wrong.len(),
+        left.len()
+    );
+    assert!(
+        wrong.is_empty(),
+        "{} of {tried} cases:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(left, Vec::<PathBuf>::new(), "no files left");
+    assert_eq!(rows, 0, "no rows and no events");
     rig.db.close().await;
 }
 

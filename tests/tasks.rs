@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write as _;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -609,6 +610,235 @@ async fn each_trigger_processes_its_task_once_and_the_webhook_rejects_bad_calls_
             bad: 2,
             error: None
         }
+    );
+    db.close().await;
+}
+
+/// A generated webhook call: (what, headers, body, expected status and error kind).
+type HostileCall = (
+    String,
+    Vec<(&'static str, String)>,
+    String,
+    (StatusCode, &'static str),
+);
+
+/// What a webhook call may leave behind: accepted deliveries and processing requests.
+async fn webhook_writes(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM task_webhook_deliveries),
+                (SELECT count(*) FROM weir_outbox WHERE event_type = 'task.processing_requested')",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("count")
+}
+
+/// Hostile webhook calls, generated from a table: every way the signature, the timestamp or
+/// the body can be wrong, missing or replayed. Each gets a 4xx naming what is wrong, and none
+/// writes a delivery or a processing request; only the one good call does, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_stale_or_replayed_webhook_call_gets_a_4xx_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let broker = broker(PARTITIONS).await;
+    let dir = TestDir::new("weir-tasks-webhook");
+    let service = start(
+        &dir,
+        "serve",
+        &options(&broker, &db, &unique("webhook"), &dir, "serve"),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let base = &service.base;
+    let file = dir.join("customers.csv");
+    std::fs::write(&file, customers_csv(2, 0)).unwrap();
+    let task = create_task(&client, base, &file.display().to_string(), "customers").await;
+    let before = webhook_writes(db.pool()).await;
+
+    let now = chrono::Utc::now().timestamp();
+    let window = 5 * 60; // tasks.webhook_window's default
+    let body = json!({"task_id": task, "triggered_by": "webhook"}).to_string();
+    let good = signed(SECRET, now, &body);
+    let [(ts_name, ts), (sig_name, sig)] = good.clone();
+    let hex = sig.trim_start_matches("sha256=").to_owned();
+    let unauthorized = |kind: &'static str| (StatusCode::UNAUTHORIZED, kind);
+    let mut cases: Vec<HostileCall> = Vec::new();
+    let mut case = |what: &str, headers: Vec<(&'static str, String)>, body: &str, expected| {
+        cases.push((what.to_owned(), headers, body.to_owned(), expected));
+    };
+
+    // Missing or malformed headers.
+    case(
+        "no headers",
+        vec![],
+        &body,
+        unauthorized("invalid_signature"),
+    );
+    case(
+        "no signature",
+        vec![(ts_name, ts.clone())],
+        &body,
+        unauthorized("invalid_signature"),
+    );
+    case(
+        "no timestamp",
+        vec![(sig_name, sig.clone())],
+        &body,
+        unauthorized("invalid_signature"),
+    );
+    for bad_ts in ["", "abc", "1e9", "1.5", "-", "0x10", "99999999999999999999"] {
+        case(
+            &format!("timestamp {bad_ts:?}"),
+            vec![(ts_name, bad_ts.to_owned()), (sig_name, sig.clone())],
+            &body,
+            unauthorized("invalid_signature"),
+        );
+    }
+    for bad_sig in [
+        String::new(),
+        "sha256=".to_owned(),
+        "sha256=zz".to_owned(),
+        hex.clone(),
+        format!("sha1={hex}"),
+        format!("SHA256={hex}"),
+        format!("sha256={}", &hex[..hex.len() - 1]),
+        format!("sha256={}", &hex[..hex.len() - 2]),
+        format!("sha256={hex}00"),
+        format!("sha256={}", "0".repeat(64)),
+        format!("sha256={}", "f".repeat(4096)),
+    ] {
+        case(
+            &format!("signature {:?}", &bad_sig[..bad_sig.len().min(24)]),
+            vec![(ts_name, ts.clone()), (sig_name, bad_sig)],
+            &body,
+            unauthorized("invalid_signature"),
+        );
+    }
+    // Signed, but not by this secret or not for this request.
+    for (what, headers) in [
+        ("another secret", signed("not-the-secret", now, &body)),
+        ("an empty secret", signed("", now, &body)),
+        ("another body", signed(SECRET, now, "{}")),
+        ("another timestamp", {
+            let [_, (name, value)] = signed(SECRET, now - 1, &body);
+            [(ts_name, ts.clone()), (name, value)]
+        }),
+    ] {
+        case(
+            what,
+            headers.to_vec(),
+            &body,
+            unauthorized("invalid_signature"),
+        );
+    }
+    // Signed with the secret, at a time outside the window (a replay of an old call, or a
+    // clock far off), down to the extremes of the timestamp's type.
+    for signed_at in [
+        now - window - 2,
+        now + window + 2,
+        now - 10 * 365 * 24 * 3600,
+        0,
+        -1,
+        i64::MIN,
+        i64::MAX,
+    ] {
+        case(
+            &format!("signed at {signed_at}"),
+            signed(SECRET, signed_at, &body).to_vec(),
+            &body,
+            unauthorized("stale_timestamp"),
+        );
+    }
+    // Signed correctly, but not a request this route takes.
+    let bad_request = (StatusCode::BAD_REQUEST, "invalid_body");
+    let unknown = json!({"task_id": Uuid::now_v7()}).to_string();
+    for (bad_body, expected) in [
+        ("", bad_request),
+        ("null", bad_request),
+        ("[]", bad_request),
+        ("{}", bad_request),
+        ("{\"task_id\": \"not-a-uuid\"}", bad_request),
+        ("{\"task_id\": 7}", bad_request),
+        (
+            &*format!("{{\"task_id\": \"{task}\", \"extra\": 1}}"),
+            bad_request,
+        ),
+        (
+            &*format!("{{\"task_id\": \"{task}\"}} trailing"),
+            bad_request,
+        ),
+        (
+            &*format!("{{\"task_id\": \"{task}\", \"triggered_by\": \"nobody\"}}"),
+            bad_request,
+        ),
+        (
+            &*format!("{{\"task_id\": \"{task}\", \"triggered_by\": \"manual\"}}"),
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_trigger"),
+        ),
+        (&*unknown, (StatusCode::NOT_FOUND, "not_found")),
+    ] {
+        case(
+            &format!("body {:?}", &bad_body[..bad_body.len().min(40)]),
+            signed(SECRET, now, bad_body).to_vec(),
+            bad_body,
+            expected,
+        );
+    }
+
+    let tried = cases.len() + 3; // and the three replays below
+    for (what, headers, body, (status, kind)) in &cases {
+        let (got, answer) = webhook(&client, base, headers, body).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (*status, Some(*kind)),
+            "{what}: {answer}"
+        );
+        assert!(got.is_client_error(), "{what}: {got}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {answer}"
+        );
+    }
+    assert_eq!(
+        webhook_writes(db.pool()).await,
+        before,
+        "a refused call wrote a delivery or a request"
+    );
+
+    // The good call once, then its replays: the same bytes, the same signature spelled in
+    // upper case, the timestamp padded with spaces.
+    let (status, answer) = webhook(&client, base, &good, &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let after_good = webhook_writes(db.pool()).await;
+    assert_eq!(after_good, (before.0 + 1, before.1 + 1));
+    for (what, headers) in [
+        ("the same call", good.to_vec()),
+        (
+            "upper-case hex",
+            vec![
+                (ts_name, ts.clone()),
+                (sig_name, format!("sha256={}", hex.to_uppercase())),
+            ],
+        ),
+        (
+            "a padded timestamp",
+            vec![(ts_name, format!(" {ts} ")), (sig_name, sig.clone())],
+        ),
+    ] {
+        let (status, answer) = webhook(&client, base, &headers, &body).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (StatusCode::CONFLICT, Some("replayed")),
+            "replay with {what}: {answer}"
+        );
+    }
+    assert_eq!(
+        webhook_writes(db.pool()).await,
+        after_good,
+        "replays wrote nothing"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "webhook: {tried} hostile calls tried, each a 4xx, none wrote anything"
     );
     db.close().await;
 }

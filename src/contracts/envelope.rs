@@ -189,9 +189,16 @@ fn decode_structured(text: &str) -> Result<RawEnvelope, DecodeError> {
     // only an error needs it. The retry names the field.
     let parsed: In = match serde_json::from_str(text) {
         Ok(parsed) => parsed,
-        Err(_) => {
+        Err(error) => {
             let de = &mut serde_json::Deserializer::from_str(text);
-            serde_path_to_error::deserialize(de).map_err(DecodeError::from_json)?
+            return Err(match serde_path_to_error::deserialize::<_, In>(de) {
+                Err(e) => DecodeError::from_json(e),
+                // The retry stops at the end of the value: it passes where plain serde failed
+                // only on bytes after it, which make the record no JSON all the same.
+                Ok(_) => DecodeError::NotJson {
+                    detail: error.to_string(),
+                },
+            });
         }
     };
     check_spec_version(&parsed.specversion)?;
@@ -421,5 +428,25 @@ mod tests {
         assert!(
             decode_structured_as::<CustomerCreated>(None, &Headers::new(), &limits()).is_none()
         );
+    }
+
+    #[test]
+    fn bytes_after_the_json_value_are_refused_on_both_paths() {
+        let good = r#"{"specversion":"1.0","id":"0190a0a0-0000-7000-8000-000000000000","type":"customer.created","source":"/t","data":{"customer_id":"c","details":{}}}"#;
+        for trailing in ["\0", " ,", "x", "{}"] {
+            let value = format!("{good}{trailing}");
+            let decoded = EventFactory::<CustomerCreated>::new()
+                .decode(Some(value.as_bytes()), &Headers::new());
+            assert!(
+                matches!(&decoded, Err(DecodeError::NotJson { detail }) if detail.contains("trailing")),
+                "{trailing:?}: {decoded:?}"
+            );
+            assert!(decode_structured_as::<CustomerCreated>(
+                Some(value.as_bytes()),
+                &Headers::new(),
+                &limits()
+            )
+            .is_none());
+        }
     }
 }

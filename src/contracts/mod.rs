@@ -7,6 +7,8 @@ mod envelope;
 mod event;
 mod factory;
 mod headers;
+#[cfg(test)]
+mod properties;
 
 pub use decode::{DecodeError, DecodeLimits};
 pub(crate) use envelope::{decode_envelope, decode_structured_as, RawEnvelope};

@@ -80,7 +80,9 @@ pub struct ServeOptions {
 impl ServeOptions {
     /// Brokers, group and record file; 2 s drain and revoke timeouts (they fit inside
     /// [`FAST_GROUP_TOML`]'s session timeout); the admin server on an ephemeral port of
-    /// 127.0.0.1 (see [`WeirProcess::admin_addr`]).
+    /// 127.0.0.1 (see [`WeirProcess::admin_addr`]); the reference service's test hooks on
+    /// (`details.simulate`; off by default in the service, so a test of the default drops
+    /// them with [`without`](Self::without)).
     pub fn new(brokers: &str, group: &str, record_file: &Path) -> ServeOptions {
         ServeOptions {
             brokers: brokers.to_owned(),
@@ -91,6 +93,7 @@ impl ServeOptions {
                 ("WEIR_CONSUMER__REVOKE_TIMEOUT".into(), "2s".into()),
                 // An ephemeral port: tests run several services at once.
                 ("WEIR_ADMIN_ADDR".into(), "127.0.0.1:0".into()),
+                ("WEIR_SERVICE__TEST_HOOKS".into(), "true".into()),
             ],
             config_toml: None,
         }
@@ -100,6 +103,13 @@ impl ServeOptions {
     pub fn env(mut self, key: &str, value: impl Into<String>) -> ServeOptions {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Removes an environment variable (one of [`new`](Self::new)'s defaults, to run with the
+    /// service's own default instead).
+    pub fn without(mut self, key: &str) -> ServeOptions {
+        self.env.retain(|(k, _)| k != key);
         self
     }
 

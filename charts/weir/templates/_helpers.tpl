@@ -122,6 +122,15 @@ Fail the render on settings that contradict each other.
 {{- fail "set temporal.address, temporal.namespace, temporal.taskQueue and worker.enabled, not config.temporal" }}
 {{- end }}
 {{- end }}
+{{- /* The reference service's test hooks let anyone who can publish panic, hang or dead-letter a replica. */}}
+{{- if hasKey (.Values.config.service | default dict) "test_hooks" }}
+{{- fail "config.service.test_hooks: the reference service's test hooks are for tests and the demo; the chart never sets them" }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if eq (upper .name) "WEIR_SERVICE__TEST_HOOKS" }}
+{{- fail "extraEnv WEIR_SERVICE__TEST_HOOKS: the reference service's test hooks are for tests and the demo; the chart never sets them" }}
+{{- end }}
+{{- end }}
 {{- if and (or .Values.outboxRelay.enabled .Values.migration.enabled) (not .Values.database.existingSecret) }}
 {{- fail "outboxRelay and migration need database.existingSecret (a Secret holding the PostgreSQL URL)" }}
 {{- end }}

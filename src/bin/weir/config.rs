@@ -3,6 +3,7 @@
 //! `WEIR_<SECTION>__<KEY>` (e.g. `WEIR_CONSUMER__MAX_IN_FLIGHT=64`).
 
 use crate::reference::settings::ReferenceSettings;
+use crate::reference::TestHooks;
 use anyhow::Context as _;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
@@ -187,6 +188,26 @@ pub(crate) struct ServiceSettings {
     /// Run the parked-record worker inside `serve` when durable retries are on (`[retry.durable]`
     /// and a database). Turn it off when `weir retry-worker` runs on its own.
     pub(crate) retry_worker: bool,
+    /// Obey the customer events' test hook (`details.simulate`: fail, panic, hang...). Off by
+    /// default and never in production: with it on, whoever can publish to `customer-events`
+    /// can make a replica panic, hang or dead-letter at will. The demo and the process tests
+    /// turn it on.
+    pub(crate) test_hooks: bool,
+}
+
+impl ServiceSettings {
+    /// The hooks the customer handlers obey; warns when they are on, so a production replica
+    /// that has them on says so at start-up.
+    pub(crate) fn test_hooks(&self) -> TestHooks {
+        if self.test_hooks {
+            tracing::warn!(
+                "The reference service's test hooks are on (service.test_hooks): customer events with details.simulate can fail, panic or hang their handler. Never turn them on in production."
+            );
+            TestHooks::On
+        } else {
+            TestHooks::Off
+        }
+    }
 }
 
 impl Default for ServiceSettings {
@@ -195,6 +216,7 @@ impl Default for ServiceSettings {
             record_file: None,
             relay: true,
             retry_worker: true,
+            test_hooks: false,
         }
     }
 }
@@ -359,6 +381,27 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn test_hooks_are_off_unless_a_setting_turns_them_on() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert!(!settings.service.test_hooks);
+            assert_eq!(settings.service.test_hooks(), TestHooks::Off);
+
+            jail.create_file("weir.toml", "[service]\ntest_hooks = true\n")?;
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.service.test_hooks(), TestHooks::On);
+
+            jail.set_env("WEIR_SERVICE__TEST_HOOKS", "false");
+            let settings =
+                Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.service.test_hooks(), TestHooks::Off);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn reads_sections_and_ignores_foreign_weir_variables() {
         assert!(is_setting("BROKERS"));
         assert!(is_setting("CONSUMER__MAX_IN_FLIGHT"));
@@ -512,8 +555,8 @@ chunk_records = 500
 
             // The reference service has that route; an empty router has not.
             let recorder = crate::reference::Recorder::default();
-            let mut router =
-                crate::reference::router(&recorder, None).map_err(|e| e.to_string())?;
+            let mut router = crate::reference::router(&recorder, TestHooks::Off, None)
+                .map_err(|e| e.to_string())?;
             settings
                 .apply_routes(&mut router)
                 .map_err(|e| e.to_string())?;

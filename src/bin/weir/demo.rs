@@ -5,7 +5,7 @@
 use crate::reference::events::{
     CustomerCreated, CustomerUpdated, ResourceCreated, TaskCreated, TaskFields, TriggeredBy,
 };
-use crate::reference::{self, Recorder};
+use crate::reference::{self, Recorder, TestHooks};
 use anyhow::Context as _;
 use rdkafka::mocking::MockCluster;
 use std::time::Duration;
@@ -33,7 +33,9 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         initial_interval: Duration::from_millis(50),
         ..RetryPolicy::default()
     };
-    let router = reference::router(&Recorder::default(), None)?.retry(retry);
+    // The sample stream's failures are the test hooks' doing: the demo is the one place, with
+    // the tests, where they are on.
+    let router = reference::router(&Recorder::default(), TestHooks::On, None)?.retry(retry);
     let subscription = bus.subscribe(router, ConsumerConfig::new("weir-demo"))?;
 
     let task = |entity: &str| {

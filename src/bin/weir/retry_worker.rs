@@ -3,15 +3,17 @@
 //! `service.retry_worker = false`; run as many as you like (a key is retried by one at a time).
 
 use crate::config::Settings;
-use crate::reference::{self, Recorder, Services};
+use crate::reference::{self, Recorder, Services, TestHooks};
 use anyhow::Context as _;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use weir::{KafkaBus, Metrics, ParkedMetrics, ParkedStore, ParkedWorker};
 
-/// The worker for the reference service's handlers (the router `serve` consumes with).
+/// The worker for the reference service's handlers (the router `serve` consumes with, the
+/// same test hooks included).
 pub(crate) fn worker(
     settings: &Settings,
+    hooks: TestHooks,
     services: &Services,
     store: ParkedStore,
     bus: &KafkaBus,
@@ -19,7 +21,7 @@ pub(crate) fn worker(
 ) -> anyhow::Result<ParkedWorker> {
     let recorder = Recorder::open(settings.service.record_file.as_deref())
         .context("cannot open service.record_file")?;
-    let router = reference::router(&recorder, Some(services))?
+    let router = reference::router(&recorder, hooks, Some(services))?
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
     Ok(ParkedWorker::new(
@@ -45,7 +47,14 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
     let store = ParkedStore::new(pool.clone(), &settings.consumer.group_id);
-    let worker = worker(&settings, &services, store, &bus, &metrics)?;
+    let worker = worker(
+        &settings,
+        settings.service.test_hooks(),
+        &services,
+        store,
+        &bus,
+        &metrics,
+    )?;
 
     let stop = CancellationToken::new();
     let (admin_addr, admin) =

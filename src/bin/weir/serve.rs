@@ -59,7 +59,8 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let metrics = Metrics::new();
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
-    let mut router = reference::router(&recorder, services.as_ref())?
+    let hooks = settings.service.test_hooks();
+    let mut router = reference::router(&recorder, hooks, services.as_ref())?
         .retry(settings.retry.clone())
         .unhandled(settings.unhandled);
     settings.apply_routes(&mut router)?;
@@ -118,7 +119,8 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         }));
         jobs.extend(reference::spawn_background(services, stop.clone()));
         if let (Some(store), true) = (parked, settings.service.retry_worker) {
-            let worker = crate::retry_worker::worker(&settings, services, store, &bus, &metrics)?;
+            let worker =
+                crate::retry_worker::worker(&settings, hooks, services, store, &bus, &metrics)?;
             let stop = stop.clone();
             jobs.push(tokio::spawn(async move { worker.run(stop).await }));
         }

@@ -76,6 +76,17 @@ impl From<weir::OutboxError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.kind, "message": self.message });
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status.is_client_error() {
+            // A refusal may come before the request's body was read (an upload over the
+            // limit, of a refused type or name): the rest of the body is still on the
+            // connection, which the server then closes. Saying so keeps the client from
+            // sending its next request on it (and getting no answer).
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }

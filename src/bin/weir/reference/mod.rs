@@ -10,8 +10,9 @@
 //! The recording handlers always run; the database-backed ones only when a database is
 //! configured.
 //!
-//! Each handler records the event it handled (see `ServiceSettings::record_file`). Customer
-//! events carry a test hook: `details.simulate = "transient"` fails the first attempt
+//! Each handler records the event it handled (see `ServiceSettings::record_file`). With
+//! `service.test_hooks` on (off by default: [`TestHooks`]), customer events carry a test hook:
+//! `details.simulate = "transient"` fails the first attempt
 //! retryably; `"permanent"` fails acknowledged; `"panic"` panics; `"hang"` never completes (a
 //! handler stuck on a dead dependency, for the flow-control tests); `"slow"` completes after
 //! `details.ms` (default 2,000), a slow dependency (the rebalancing tests); `"outage"` fails
@@ -87,8 +88,34 @@ impl Recorder {
     }
 }
 
-fn simulate(details: &serde_json::Value, ctx: &Ctx) -> Result<(), HandlerError> {
-    match details.get("simulate").and_then(|v| v.as_str()) {
+/// Whether the customer handlers obey `details.simulate`. A test hook in the payload is a
+/// backdoor in production (anyone who can publish can panic or stall a replica), so it is a
+/// setting, off by default (`service.test_hooks`); off, an event asking for a hook is recorded
+/// like any other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TestHooks {
+    /// `details.simulate` is plain data.
+    Off,
+    /// `details.simulate` fails, panics, slows or hangs the handler (tests and the demo).
+    On,
+}
+
+impl TestHooks {
+    /// The hook an event asks for, if the hooks are on.
+    fn requested(self, details: &serde_json::Value) -> Option<&str> {
+        match self {
+            TestHooks::On => details.get("simulate").and_then(|v| v.as_str()),
+            TestHooks::Off => None,
+        }
+    }
+}
+
+fn simulate(
+    hook: Option<&str>,
+    details: &serde_json::Value,
+    ctx: &Ctx,
+) -> Result<(), HandlerError> {
+    match hook {
         Some("transient") if ctx.attempt() == 1 => {
             Err(HandlerError::retryable("simulated transient failure"))
         }
@@ -123,16 +150,18 @@ type MaybeWaits = futures_util::future::Either<
     futures_util::future::BoxFuture<'static, Result<(), HandlerError>>,
 >;
 
-/// A customer handler: obeys the `simulate` hook, then records.
+/// A customer handler: obeys the `simulate` hook if the hooks are on, then records.
 fn customer<T: 'static>(
     r: &Recorder,
+    hooks: TestHooks,
     details: fn(&T) -> &serde_json::Value,
 ) -> impl Fn(T, Ctx) -> MaybeWaits + Clone + Send + Sync + 'static {
     use futures_util::FutureExt as _;
     let r = r.clone();
     move |e, ctx| {
         let details = details(&e);
-        match details.get("simulate").and_then(|v| v.as_str()) {
+        let hook = hooks.requested(details);
+        match hook {
             Some("hang") => {
                 return futures_util::future::Either::Right(std::future::pending().boxed());
             }
@@ -148,15 +177,20 @@ fn customer<T: 'static>(
             _ => {}
         }
         futures_util::future::Either::Left(std::future::ready(
-            simulate(details, &ctx).and_then(|()| r.record(&ctx)),
+            simulate(hook, details, &ctx).and_then(|()| r.record(&ctx)),
         ))
     }
 }
 
-/// The router of the reference service: the recording handlers, and with a database the
-/// resource and task handlers. Fails on a `[temporal]` section this build cannot honour.
-pub(crate) fn router(r: &Recorder, services: Option<&Services>) -> anyhow::Result<Router> {
-    let router = recording_router(r);
+/// The router of the reference service: the recording handlers (obeying `hooks`), and with a
+/// database the resource and task handlers. Fails on a `[temporal]` section this build cannot
+/// honour.
+pub(crate) fn router(
+    r: &Recorder,
+    hooks: TestHooks,
+    services: Option<&Services>,
+) -> anyhow::Result<Router> {
+    let router = recording_router(r, hooks);
     match services {
         Some(services) => tasks::handlers(resources::handlers(router, services), services),
         None => Ok(router),
@@ -193,7 +227,7 @@ pub(crate) fn describe(api: AsyncApi) -> AsyncApi {
     .publishes::<ResourceDeleted>()
 }
 
-fn recording_router(r: &Recorder) -> Router {
+fn recording_router(r: &Recorder, hooks: TestHooks) -> Router {
     let named = |name: &str| HandlerOptions::new().name(name);
     Router::new()
         .on_with(recording::<TaskCreated>(r), named("record_task_created"))
@@ -202,15 +236,15 @@ fn recording_router(r: &Recorder) -> Router {
             named("record_task_processing_requested"),
         )
         .on_with(
-            customer(r, |e: &CustomerCreated| &e.details),
+            customer(r, hooks, |e: &CustomerCreated| &e.details),
             named("record_customer_created"),
         )
         .on_with(
-            customer(r, |e: &CustomerUpdated| &e.details),
+            customer(r, hooks, |e: &CustomerUpdated| &e.details),
             named("record_customer_updated"),
         )
         .on_with(
-            customer(r, |e: &CustomerDeleted| &e.details),
+            customer(r, hooks, |e: &CustomerDeleted| &e.details),
             named("record_customer_deleted"),
         )
         .on_with(

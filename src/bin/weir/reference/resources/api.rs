@@ -89,6 +89,14 @@ fn valid_name(name: &str) -> Result<String, ApiError> {
             "a name cannot contain control characters",
         ));
     }
+    // Storage never uses the name as a path, but clients and consumers of the events may
+    // (saving a download under it): a name is one file name, never a path.
+    if trimmed.contains(['/', '\\']) || trimmed == "." || trimmed == ".." {
+        return Err(ApiError::bad_request(
+            "bad_name",
+            "a name is a file name, without / or \\, and not . or ..",
+        ));
+    }
     Ok(trimmed.to_owned())
 }
 
@@ -403,5 +411,24 @@ mod tests {
             valid_name(&"é".repeat(MAX_NAME)).is_ok(),
             "characters, not bytes"
         );
+    }
+
+    #[test]
+    fn names_are_file_names_not_paths() {
+        for name in [
+            "../x.txt",
+            "a/b.txt",
+            "/abs",
+            "a\\b.txt",
+            "C:\\x.txt",
+            "..",
+            ".",
+            " .. ",
+        ] {
+            assert!(valid_name(name).is_err(), "{name:?}");
+        }
+        for name in ["my..notes.txt", "...", ".hidden", "résumé (1).pdf"] {
+            assert_eq!(valid_name(name).unwrap(), name);
+        }
     }
 }

@@ -103,7 +103,9 @@ fn verify(
             "stale_timestamp",
             format!(
                 "the request was signed {}s from now, outside the {}s window",
-                now - timestamp,
+                // Saturating: a signed timestamp may be any i64, and the answer is a 401, not
+                // a panic (an overflow in a debug build).
+                now.saturating_sub(timestamp),
                 window.as_secs()
             ),
         ));
@@ -263,5 +265,17 @@ mod tests {
             WINDOW,
         ));
         assert!(text.contains("stale_timestamp"), "{text}");
+    }
+
+    #[test]
+    fn a_signed_timestamp_at_the_ends_of_i64_is_stale_not_a_panic() {
+        let body = br#"{"task_id":"0190d6a2-0000-7000-8000-000000000000"}"#;
+        for timestamp in [i64::MIN, i64::MAX] {
+            let signature = format!("sha256={}", sign(b"secret", timestamp, body));
+            let headers = headers(&timestamp.to_string(), &signature);
+            let (status, text) = kind(verify(b"secret", &headers, body, 1_000, WINDOW));
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+            assert!(text.contains("stale_timestamp"), "{text}");
+        }
     }
 }
