@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
-use support::kafka::{committed_offsets, read_topic};
+use support::kafka::read_topic;
 use support::orders::one_record_per_batch;
 use support::process::{
     http_get, metric_sum, wait_until, RecordFile, ServeOptions, TestDir, WeirProcess,
@@ -135,11 +135,7 @@ fn ends(sent: &[Sent]) -> BTreeMap<i32, i64> {
 
 /// The group's committed offsets on the customer topic, by partition.
 async fn committed(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
-    committed_offsets(brokers, group, &[CUSTOMER_TOPIC])
-        .await
-        .into_iter()
-        .map(|((_, partition), offset)| (partition, offset))
-        .collect()
+    support::kafka::committed_on(brokers, group, CUSTOMER_TOPIC).await
 }
 
 /// Records published and not committed yet: `None` once the committed offsets reach `ends`.

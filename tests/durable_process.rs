@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
-use support::kafka::{committed_offsets, read_topic};
+use support::kafka::read_topic;
 use support::orders::one_record_per_batch;
 use support::process::{
     eventually, http_get, metric_sum, wait_until, Handled, RecordFile, ServeOptions, TestDir,
@@ -121,11 +121,7 @@ async fn parked(db: &TestDb, group: &str) -> i64 {
 
 /// The group's committed offsets on the customer topic, by partition.
 async fn committed(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
-    committed_offsets(brokers, group, &[CUSTOMER_TOPIC])
-        .await
-        .into_iter()
-        .map(|((_, partition), offset)| (partition, offset))
-        .collect()
+    support::kafka::committed_on(brokers, group, CUSTOMER_TOPIC).await
 }
 
 async fn nothing_left_parked(db: &TestDb, group: &str) {

@@ -196,14 +196,9 @@ impl Stream {
 }
 
 /// Fails at once (with its log) if `serve` exited, instead of waiting out a deadline.
+/// Fails at once (with its log) if `serve` exited, instead of waiting out a deadline.
 fn assert_running(serve: &mut WeirProcess) {
-    if let Some(status) = serve.try_status() {
-        panic!(
-            "{} exited unexpectedly ({status})\n{}",
-            serve.name(),
-            serve.stderr_tail(8 * 1024)
-        );
-    }
+    serve.assert_running();
 }
 
 /// Waits until every id in `sent` is in the record file(s), failing early if a process died.

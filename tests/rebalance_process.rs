@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
-use support::kafka::committed_offsets;
 use support::process::{
     wait_until, RecordFile, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML,
 };
@@ -107,14 +106,9 @@ impl Stream {
     }
 }
 
+/// Fails at once (with its log) if `serve` exited, instead of waiting out a deadline.
 fn assert_running(serve: &mut WeirProcess) {
-    if let Some(status) = serve.try_status() {
-        panic!(
-            "{} exited unexpectedly ({status})\n{}",
-            serve.name(),
-            serve.stderr_tail(8 * 1024)
-        );
-    }
+    serve.assert_running();
 }
 
 /// The customer partitions named in a log line's partition list.
@@ -275,13 +269,8 @@ async fn rebalance(strategy: &str) -> Rebalance {
     let began = Instant::now();
     let moved = customer_partitions(&revoke);
     let kept: BTreeSet<i32> = (0..PARTITIONS).filter(|p| !moved.contains(p)).collect();
-    let committed = || async {
-        committed_offsets(&broker.brokers(), &group, &[CUSTOMER_TOPIC])
-            .await
-            .into_iter()
-            .map(|((_, p), o)| (p, o))
-            .collect::<HashMap<i32, i64>>()
-    };
+    let brokers = broker.brokers();
+    let committed = || support::kafka::committed_on(&brokers, &group, CUSTOMER_TOPIC);
     let at_revoke = committed().await;
     // Sample the committed offsets until A logs that the moved partitions have drained; a
     // sample counts as taken during the drain only if the log did not have that line yet

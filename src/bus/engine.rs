@@ -1275,17 +1275,7 @@ impl<S: Source> Engine<S> {
                 .partitions
                 .get(tp)
                 .map_or(0, |s| s.tokens.blocking.running());
-            if left > 0 {
-                BlockingCallsOrphaned {
-                    topic: &tp.0,
-                    partition: tp.1,
-                    calls: left,
-                    waited: grace,
-                    during: "revoke",
-                }
-                .emit(self.dispatcher.metrics());
-                self.orphaned += left;
-            }
+            self.orphans(tp, left, grace, "revoke");
         }
         self.give_up(revoke);
     }
@@ -1360,18 +1350,28 @@ impl<S: Source> Engine<S> {
                     _ = tokio::time::sleep_until(until) => break,
                 }
             }
-            let left = calls.running();
-            if left > 0 {
-                BlockingCallsOrphaned {
-                    topic: &tp.0,
-                    partition: tp.1,
-                    calls: left,
-                    waited: grace,
-                    during,
-                }
-                .emit(self.dispatcher.metrics());
-                self.orphaned += left;
+            self.orphans(&tp, calls.running(), grace, during);
+        }
+    }
+
+    /// Reports `left` blocking calls of `tp` still running after `grace`, if any, as orphans.
+    fn orphans(
+        &mut self,
+        tp: &PartKey,
+        left: usize,
+        grace: std::time::Duration,
+        during: &'static str,
+    ) {
+        if left > 0 {
+            BlockingCallsOrphaned {
+                topic: &tp.0,
+                partition: tp.1,
+                calls: left,
+                waited: grace,
+                during,
             }
+            .emit(self.dispatcher.metrics());
+            self.orphaned += left;
         }
     }
 

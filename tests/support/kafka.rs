@@ -4,7 +4,7 @@
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers as _, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use weir::{Headers, StoredRecord};
 
@@ -112,4 +112,13 @@ pub async fn committed_offsets(
     })
     .await
     .expect("reading committed offsets")
+}
+
+/// The group's committed offsets on one topic, by partition.
+pub async fn committed_on(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    committed_offsets(brokers, group, &[topic])
+        .await
+        .into_iter()
+        .map(|((_, partition), offset)| (partition, offset))
+        .collect()
 }

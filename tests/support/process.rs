@@ -289,6 +289,17 @@ impl WeirProcess {
             .unwrap_or_else(|| panic!("{} did not exit within 10 s of SIGKILL", self.name))
     }
 
+    /// Fails at once (with its log) if the process exited, instead of waiting out a deadline.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.try_status() {
+            panic!(
+                "{} exited unexpectedly ({status})\n{}",
+                self.name(),
+                self.stderr_tail(8 * 1024)
+            );
+        }
+    }
+
     /// Everything the process wrote to stderr so far (its JSON log lines, for `serve`).
     pub fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr).unwrap_or_default()

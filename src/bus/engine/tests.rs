@@ -268,6 +268,19 @@ impl Harness {
         answered.await.expect("the engine answers a revoke");
     }
 
+    /// The latest position the engine handed the source for `partition`, with its partition
+    /// (positions are stored per partition in no set order).
+    fn last_stored(&self, partition: i32) -> Option<(Tp, i64)> {
+        self.seen
+            .lock()
+            .unwrap()
+            .stored
+            .iter()
+            .rev()
+            .find(|(t, _)| *t == tp(partition))
+            .cloned()
+    }
+
     async fn stop(self) -> (StopReport, Arc<Mutex<Seen>>) {
         self.stop.cancel();
         (self.run.await.expect("the engine ends"), self.seen)
@@ -544,16 +557,19 @@ async fn with_a_slow_partition_the_fast_ones_records_finish_without_waiting_for_
     h.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_rebalance_mid_flight_hands_the_revoked_partitions_waiting_records_to_the_next_owner() {
+/// A router whose handler waits for the gate on the records `held` picks (by partition and
+/// offset), then reports each record it handled.
+fn gated(
+    held: impl Fn(i32, i64) -> bool + Clone + Send + Sync + 'static,
+) -> (Router, Arc<Notify>, mpsc::UnboundedReceiver<(i32, i64)>) {
     let gate = Arc::new(Notify::new());
-    let (tx, mut handled) = mpsc::unbounded_channel::<(i32, i64)>();
+    let (tx, handled) = mpsc::unbounded_channel::<(i32, i64)>();
     let router = {
         let gate = gate.clone();
         Router::new().on(move |_: Job, ctx: Ctx| {
-            let (gate, tx) = (gate.clone(), tx.clone());
+            let (gate, tx, held) = (gate.clone(), tx.clone(), held.clone());
             async move {
-                if (ctx.partition(), ctx.offset()) == (0, 0) {
+                if held(ctx.partition(), ctx.offset()) {
                     gate.notified().await;
                 }
                 let _ = tx.send((ctx.partition(), ctx.offset()));
@@ -561,6 +577,12 @@ async fn a_rebalance_mid_flight_hands_the_revoked_partitions_waiting_records_to_
             }
         })
     };
+    (router, gate, handled)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rebalance_mid_flight_hands_the_revoked_partitions_waiting_records_to_the_next_owner() {
+    let (router, gate, mut handled) = gated(|partition, offset| (partition, offset) == (0, 0));
     let config = ConsumerConfig {
         order: ProcessingOrder::Partition,
         ..config()
@@ -593,16 +615,7 @@ async fn a_rebalance_mid_flight_hands_the_revoked_partitions_waiting_records_to_
         handled.try_recv().is_err(),
         "records of partition 0 that had not started ran after its revoke"
     );
-    // Positions are stored per partition in no set order: look at partition 0's latest.
-    let stored_for_0 = h
-        .seen
-        .lock()
-        .unwrap()
-        .stored
-        .iter()
-        .rev()
-        .find(|(t, _)| *t == tp(0))
-        .cloned();
+    let stored_for_0 = h.last_stored(0);
     assert_eq!(
         stored_for_0,
         Some((tp(0), 1)),
@@ -982,22 +995,8 @@ async fn a_handler_that_blocks_its_thread_does_not_stall_the_other_partitions() 
 
 #[tokio::test(start_paused = true)]
 async fn while_a_revoked_partition_drains_the_partitions_that_stay_keep_handling_and_committing() {
-    let gate = Arc::new(Notify::new());
-    let (tx, mut handled) = mpsc::unbounded_channel::<(i32, i64)>();
-    let router = {
-        let gate = gate.clone();
-        Router::new().on(move |_: Job, ctx: Ctx| {
-            let (gate, tx) = (gate.clone(), tx.clone());
-            async move {
-                if ctx.partition() == 0 {
-                    // The moved partition's record is slow: it holds the revoke.
-                    gate.notified().await;
-                }
-                let _ = tx.send((ctx.partition(), ctx.offset()));
-                Ok(())
-            }
-        })
-    };
+    // The moved partition's records are slow: they hold the revoke.
+    let (router, gate, mut handled) = gated(|partition, _| partition == 0);
     let config = ConsumerConfig {
         revoke_timeout: Duration::from_secs(20),
         ..config()
@@ -1038,15 +1037,7 @@ async fn while_a_revoked_partition_drains_the_partitions_that_stay_keep_handling
         Some((0, 0)),
         "the moved record finished"
     );
-    let stored_for_0 = h
-        .seen
-        .lock()
-        .unwrap()
-        .stored
-        .iter()
-        .rev()
-        .find(|(t, _)| *t == tp(0))
-        .cloned();
+    let stored_for_0 = h.last_stored(0);
     assert_eq!(
         stored_for_0,
         Some((tp(0), 1)),
