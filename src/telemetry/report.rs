@@ -59,7 +59,7 @@ pub struct ProcessInfo {
     /// `<host>-<pid>-<8 hex digits>`: the report's key, stable for the process's life and
     /// unique across restarts (the hex digits are drawn at start).
     pub id: String,
-    /// `HOSTNAME` (a pod's name on Kubernetes), else `unknown`.
+    /// `HOSTNAME` (a pod's name on Kubernetes), else the kernel's host name, else `unknown`.
     pub host: String,
     /// The operating system's process id.
     pub pid: u32,
@@ -77,8 +77,12 @@ pub struct ProcessInfo {
 fn identity() -> &'static (String, String, DateTime<Utc>) {
     static IDENTITY: OnceLock<(String, String, DateTime<Utc>)> = OnceLock::new();
     IDENTITY.get_or_init(|| {
+        // HOSTNAME is the pod's name on Kubernetes; shells often do not export it, so Linux's
+        // own record of the name comes next.
         let host = std::env::var("HOSTNAME")
             .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_owned())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unknown".to_owned());
         let short = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
