@@ -82,7 +82,7 @@ async fn serve_reports_its_partitions_and_commits_then_leaves_a_tombstone_at_a_c
     .await;
 
     let (key, report) = eventually(
-        "a report whose committed offsets reach the published ends",
+        "a report whose committed offsets and log ends reach the published ends",
         PATIENCE,
         || {
             let brokers = brokers.clone();
@@ -96,21 +96,32 @@ async fn serve_reports_its_partitions_and_commits_then_leaves_a_tombstone_at_a_c
                 let value = value.ok_or_else(|| "a tombstone while running".to_owned())?;
                 let report: StatusReport =
                     serde_json::from_slice(&value).map_err(|e| format!("not a report: {e}"))?;
-                let committed: BTreeMap<i32, i64> = report
+                // Committed (from the engine) and log end and lag (from librdkafka's
+                // statistics, every 2 s) of each partition.
+                let seen: BTreeMap<i32, (Option<i64>, Option<i64>, Option<i64>)> = report
                     .partitions
                     .iter()
                     .filter(|p| p.topic == CUSTOMER_TOPIC)
-                    .filter_map(|p| Some((p.partition, p.committed?)))
+                    .map(|p| (p.partition, (p.committed, p.log_end, p.lag)))
                     .collect();
-                if ends.iter().all(|(p, end)| committed.get(p) == Some(end)) {
+                let caught_up = ends
+                    .iter()
+                    .all(|(p, end)| seen.get(p) == Some(&(Some(*end), Some(*end), Some(0))));
+                if caught_up {
                     Ok((key, report))
                 } else {
-                    Err(format!("committed {committed:?}, published ends {ends:?}"))
+                    Err(format!(
+                        "(committed, log end, lag) {seen:?}, published ends {ends:?}"
+                    ))
                 }
             }
         },
     )
     .await;
+    println!(
+        "status report: {}",
+        serde_json::to_string_pretty(&report).expect("serializes")
+    );
     assert_eq!(report.schema_version, REPORT_SCHEMA_VERSION);
     assert_eq!(
         report.process.id, key,
