@@ -17,6 +17,9 @@ use support::process::{
 };
 use weir::{Envelope, PublishExt, StatusReport, StoredRecord, REPORT_SCHEMA_VERSION};
 
+/// A reported partition's committed offset, log end and lag.
+type Offsets = (Option<i64>, Option<i64>, Option<i64>);
+
 const STATUS_TOPIC: &str = "weir.status";
 const PARTITIONS: i32 = 4;
 const EVENTS: usize = 24;
@@ -98,7 +101,7 @@ async fn serve_reports_its_partitions_and_commits_then_leaves_a_tombstone_at_a_c
                     serde_json::from_slice(&value).map_err(|e| format!("not a report: {e}"))?;
                 // Committed (from the engine) and log end and lag (from librdkafka's
                 // statistics, every 2 s) of each partition.
-                let seen: BTreeMap<i32, (Option<i64>, Option<i64>, Option<i64>)> = report
+                let seen: BTreeMap<i32, Offsets> = report
                     .partitions
                     .iter()
                     .filter(|p| p.topic == CUSTOMER_TOPIC)
