@@ -19,6 +19,9 @@ use serde::Deserialize;
 use std::future::Future;
 use std::time::Duration;
 
+/// How long a stopping process waits for its tombstone to be acknowledged.
+const TOMBSTONE_WAIT: Duration = Duration::from_secs(5);
+
 /// Where and how often a process reports (`[control]` in the binary's settings).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -89,16 +92,32 @@ impl StatusReporter {
         loop {
             tokio::select! {
                 () = &mut stop => break,
-                _ = tick.tick() => self.report().await,
+                _ = tick.tick() => {
+                    // A report waiting for an unreachable broker must not hold up the stop.
+                    tokio::select! {
+                        () = &mut stop => break,
+                        () = self.report() => {}
+                    }
+                }
             }
         }
-        self.publish(None).await;
+        // Bounded too: a process whose broker is gone still stops promptly, and readers then
+        // find it stale instead.
+        if tokio::time::timeout(TOMBSTONE_WAIT, self.publish(None))
+            .await
+            .is_err()
+        {
+            tracing::warn!(topic = %self.config.status_topic, "The status tombstone was not acknowledged in time; readers will mark this process stale.");
+        }
     }
 
     async fn report(&mut self) {
         let mut partitions = Vec::new();
         for probe in &self.probes {
-            partitions.extend(probe.status().await.unwrap_or_default());
+            // An engine that does not answer within an interval (draining at stop, or stuck)
+            // is reported without its partitions rather than holding the reports up.
+            let asked = tokio::time::timeout(self.config.report_interval, probe.status());
+            partitions.extend(asked.await.ok().flatten().unwrap_or_default());
         }
         let report = self.builder.build(partitions);
         match serde_json::to_vec(&report) {
