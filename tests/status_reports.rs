@@ -1,6 +1,7 @@
 //! Status reports through Kafka: a `weir serve` publishes its report to `weir.status` every
 //! `[control] report_interval`, keyed by its process id, listing the partitions it owns with
-//! the offsets the broker confirmed; a clean stop leaves a tombstone for its key.
+//! the offsets the broker confirmed; a clean stop leaves a tombstone for its key. The outbox
+//! relay, which consumes nothing, reports too.
 
 mod reference;
 mod support;
@@ -10,6 +11,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use support::broker::{unique, Tansu};
+use support::db::TestDb;
 use support::kafka::read_topic;
 use support::process::{
     eventually, http_get, metric_sum, RecordFile, ServeOptions, TestDir, WeirProcess,
@@ -188,4 +190,60 @@ async fn serve_reports_its_partitions_and_commits_then_leaves_a_tombstone_at_a_c
     })
     .await;
     assert_eq!(latest.len(), 1, "one process reported: {:?}", latest.keys());
+}
+
+/// A process without a consumer reports too: its role, no partitions, and a tombstone at stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_relay_reports_its_role_and_leaves_a_tombstone_at_a_clean_stop() {
+    let db = TestDb::migrated().await;
+    let broker = Tansu::start_memory();
+    let brokers = broker.brokers();
+    let dir = TestDir::new("weir-status-relay");
+    let env = vec![
+        ("WEIR_DATABASE__URL".to_owned(), db.url()),
+        ("WEIR_BROKERS".to_owned(), brokers.clone()),
+        ("WEIR_ADMIN_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("WEIR_CONTROL__REPORT_INTERVAL".to_owned(), "1s".to_owned()),
+    ];
+    let mut relay = WeirProcess::spawn(dir.path(), "relay", &["outbox-relay"], &env);
+    let (key, report) = eventually("a report of the relay", PATIENCE, || {
+        let brokers = brokers.clone();
+        async move {
+            let (key, value) = latest_by_key(status_records(&brokers).await)
+                .into_iter()
+                .next()
+                .ok_or_else(|| "no report yet".to_owned())?;
+            let value = value.ok_or_else(|| "a tombstone while running".to_owned())?;
+            let report: StatusReport =
+                serde_json::from_slice(&value).map_err(|e| format!("not a report: {e}"))?;
+            Ok((key, report))
+        }
+    })
+    .await;
+    assert_eq!(report.process.id, key);
+    assert_eq!(report.process.role, "outbox-relay");
+    assert!(report.partitions.is_empty(), "{:?}", report.partitions);
+
+    relay.sigterm();
+    let status = relay
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        relay.stderr_tail(8 * 1024)
+    );
+    eventually("the tombstone of the stopped relay", PATIENCE, || {
+        let brokers = brokers.clone();
+        let key = key.clone();
+        async move {
+            match latest_by_key(status_records(&brokers).await).get(&key) {
+                Some(None) => Ok(()),
+                other => Err(format!("latest of {key}: {:?}", other.map(|v| v.is_some()))),
+            }
+        }
+    })
+    .await;
+    db.close().await;
 }
