@@ -48,15 +48,19 @@
 //! - `contracts`: the [`Event`] trait, the CloudEvents [`Envelope`], [`EventFactory`] and its
 //!   [`DecodeError`]. Depends on nothing else of Weir.
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
-//!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`).
+//!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`); the
+//!   [`StatusReport`] a process publishes (its versioned schema, and the [`ReportBuilder`] that
+//!   reads route counts and handler times off the metrics, plus the last handler errors).
 //! - `handlers`: [`HandlerFn`], [`Ctx`], [`State`], [`HandlerError`], the [`RetryPolicy`], the
 //!   [`Router`] (where types are erased, and layers applied), the dispatch pipeline that takes
 //!   one record to a final outcome, and each route's circuit breaker ([`BreakerConfig`]: it
 //!   decides; the engine pauses the route). A handler never sees a transport.
 //! - `bus`: the [`Bus`] and [`Publisher`] traits, the engine shared by every bus (key lanes,
 //!   in-flight limits, offset tracking, dead-lettering, drain), pausing
-//!   ([`Subscription::pause`], [`PauseTarget`], [`PauseSource`]), the [`MemoryBus`] and, with
-//!   the `kafka` feature, the `KafkaBus` (the only rdkafka user).
+//!   ([`Subscription::pause`], [`PauseTarget`], [`PauseSource`]), the engine's snapshot of its
+//!   partitions ([`Subscription::status`]), the [`MemoryBus`] and, with the `kafka` feature, the
+//!   `KafkaBus` (the only rdkafka user) and the `StatusReporter` that publishes status reports
+//!   to the compacted `weir.status` topic.
 //! - `outbox` (feature `postgres`): the transactional `OutboxWriter` and `OutboxRelay`, the
 //!   idempotent `inbox`, the embedded PostgreSQL `migrate` runner, and durable retries: the
 //!   `ParkedStore` records are parked in and the `ParkedWorker` that retries them (it calls
@@ -98,10 +102,10 @@ pub use admin::{admin_router, serve_admin};
 pub use bus::{
     Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
     OutboundRecord, Pause, PauseError, PauseSource, PauseTarget, ProcessingOrder, PublishError,
-    PublishExt, Publisher, StopReport, StoredRecord, Subscription,
+    PublishExt, Publisher, StatusProbe, StopReport, StoredRecord, Subscription,
 };
 #[cfg(feature = "kafka")]
-pub use bus::{KafkaBus, KafkaConfig};
+pub use bus::{KafkaBus, KafkaConfig, ReporterConfig, StatusReporter};
 pub use contracts::{
     DecodeError, DecodeLimits, Envelope, Event, EventFactory, EventMeta, EventType, Headers,
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
@@ -122,7 +126,10 @@ pub use outbox::{
 pub use telemetry::outbox::OutboxMetrics;
 #[cfg(feature = "postgres")]
 pub use telemetry::parked::ParkedMetrics;
-pub use telemetry::{Health, HealthStatus, Metrics};
+pub use telemetry::{
+    ErrorEntry, Health, HealthStatus, Metrics, PartitionStatus, PauseReason, ProcessInfo,
+    ReportBuilder, RouteStatus, StatusReport, MAX_REPORTED_PARTITIONS, REPORT_SCHEMA_VERSION,
+};
 
 /// OTLP trace export from the standard `OTEL_*` variables.
 #[cfg(feature = "otlp")]

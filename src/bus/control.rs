@@ -19,7 +19,7 @@
 //! Records fetched and not yet admitted stay where they are, in order, and come first on resume.
 
 use crate::telemetry::events::PartitionPaused;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, PartitionStatus};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -112,8 +112,17 @@ pub enum PauseError {
     Stopped,
 }
 
+/// What a [`Control`] handle asks of the engine loop.
+pub(crate) enum Command {
+    /// A change of pauses.
+    Pause(PauseCommand),
+    /// The owned partitions' status, built on demand (for status reports): nothing is kept per
+    /// record for it.
+    Status(oneshot::Sender<Vec<PartitionStatus>>),
+}
+
 /// A change of pauses, sent to the engine loop; `done` is answered once it applies.
-pub(crate) struct Command {
+pub(crate) struct PauseCommand {
     pub(crate) source: PauseSource,
     pub(crate) target: PauseTarget,
     /// `Some(reason)` pauses; `None` resumes.
@@ -168,14 +177,21 @@ impl Control {
         self.scope.check(&target)?;
         let (done, answer) = oneshot::channel();
         self.commands
-            .send(Command {
+            .send(Command::Pause(PauseCommand {
                 source,
                 target,
                 reason,
                 done,
-            })
+            }))
             .map_err(|_| PauseError::Stopped)?;
         answer.await.map_err(|_| PauseError::Stopped)
+    }
+
+    /// The status of each partition the engine owns now; `None` once it has stopped.
+    pub(crate) async fn status(&self) -> Option<Vec<PartitionStatus>> {
+        let (done, answer) = oneshot::channel();
+        self.commands.send(Command::Status(done)).ok()?;
+        answer.await.ok()
     }
 }
 
@@ -431,6 +447,81 @@ mod tests {
             .await
             .expect("handled once nothing holds it");
         assert_eq!(offset, Some(0));
+        subscription.stop().await.expect("stops");
+    }
+
+    /// The engine's snapshot: the next offset it admitted, records in flight (running, and
+    /// waiting behind their key), the pause and its reason, and the commit once the broker
+    /// confirmed it.
+    #[tokio::test(start_paused = true)]
+    async fn status_shows_positions_in_flight_records_pauses_and_confirmed_commits() {
+        use crate::bus::{Bus, ConsumerConfig, MemoryBus, Publisher as _};
+        use crate::contracts::{Envelope, Event, EventType};
+        use crate::handlers::Router;
+        use std::time::Duration;
+
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        struct Ping {}
+        impl Event for Ping {
+            const TYPE: EventType = EventType::new("test.ping");
+            const TOPIC: &'static str = "pings";
+            fn key(&self) -> String {
+                "one-key".to_owned()
+            }
+        }
+
+        let bus = MemoryBus::default();
+        bus.create_topic("pings", 1);
+        let release = Arc::new(tokio::sync::Notify::new());
+        let gate = release.clone();
+        let router = Router::new().on(move |_: Ping| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Ok(())
+            }
+        });
+        let subscription = bus
+            .subscribe(router, ConsumerConfig::new("reporters"))
+            .expect("subscribes");
+        for _ in 0..3 {
+            let record = crate::bus::publish::encode(&Envelope::new(Ping {})).expect("encodes");
+            bus.publish_record(record).await.expect("publishes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        subscription
+            .pause(PauseTarget::topic("pings"), "maintenance")
+            .await
+            .expect("pauses");
+
+        let status = subscription.status().await.expect("running");
+        assert_eq!(status.len(), 1);
+        let partition = &status[0];
+        assert_eq!(
+            (partition.topic.as_str(), partition.partition),
+            ("pings", 0)
+        );
+        assert_eq!(partition.position, Some(3), "admitted 0, 1 and 2");
+        assert_eq!(partition.in_flight, 3, "one running, two behind it");
+        assert_eq!(partition.committed, None);
+        assert!(partition.paused);
+        assert_eq!(partition.pause_reasons.len(), 1);
+        assert_eq!(partition.pause_reasons[0].source, "api");
+        assert_eq!(partition.pause_reasons[0].reason, "maintenance");
+
+        for _ in 0..3 {
+            release.notify_one();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        subscription
+            .resume(PauseTarget::topic("pings"))
+            .await
+            .expect("resumes");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = subscription.status_probe().status().await.expect("running");
+        assert_eq!(status[0].in_flight, 0);
+        assert_eq!(status[0].committed, Some(3));
+        assert!(!status[0].paused);
         subscription.stop().await.expect("stops");
     }
 }

@@ -66,7 +66,7 @@
 //! calls as a revoke does, commit synchronously.
 
 use super::config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
-use super::control::{self, Command, Control, Pauses, Scope};
+use super::control::{self, Command, Control, PauseCommand, Pauses, Scope};
 use super::offsets::OffsetTracker;
 use super::{BusError, Publisher};
 use crate::handlers::{BlockingCalls, Dispatcher, FirstCall, Inbound, Resume};
@@ -74,7 +74,7 @@ use crate::telemetry::events::{
     BlockingCallsOrphaned, InFlight, OffsetsCommitted, Rebalanced, RecordTaskPanicked,
     RevokeDrained,
 };
-use crate::telemetry::{trace, Health, LocalSeries};
+use crate::telemetry::{trace, Health, LocalSeries, PartitionStatus, PauseReason};
 use flow::{Flow, PartitionFlow};
 use futures_util::FutureExt as _;
 use std::collections::{HashMap, VecDeque};
@@ -135,6 +135,11 @@ pub(crate) trait Source: Send + 'static {
     /// The positions the broker confirmed, `(topic, partition, next offset)`, of the partitions
     /// the source still has: never a position only stored, or one whose commit was refused.
     fn confirmed(&self) -> Vec<(String, i32, i64)>;
+    /// The high watermark of each partition and its lag, as far as the transport knows them
+    /// (Kafka: from the client's statistics); empty where it does not.
+    fn log_ends(&self) -> HashMap<Tp, (i64, Option<i64>)> {
+        HashMap::new()
+    }
     /// The engine is done with these revoked partitions: their last positions were stored
     /// before it answered the revoke, just now. A source forgets what it keeps of them.
     fn released(&mut self, _partitions: &[Tp]) {}
@@ -553,14 +558,58 @@ impl<S: Source> Engine<S> {
 
     /// A pause command from a [`Control`] handle: applied, then answered with the pauses in force.
     fn command(&mut self, command: Command) {
-        let Command {
+        let PauseCommand {
             source,
             target,
             reason,
             done,
-        } = command;
+        } = match command {
+            Command::Pause(pause) => pause,
+            Command::Status(done) => {
+                let _ = done.send(self.status());
+                return;
+            }
+        };
         self.set_pause(source, target, reason);
         let _ = done.send(self.pauses.list());
+    }
+
+    /// Each owned partition's status, built now from what the engine keeps anyway: its last
+    /// admitted offset, its flow's count, the pauses, and what the source knows of commits and
+    /// log ends. Asked every few seconds by a reporter; costs nothing between asks.
+    fn status(&self) -> Vec<PartitionStatus> {
+        let committed = self.source.confirmed();
+        let confirmed: HashMap<(&str, i32), i64> = committed
+            .iter()
+            .map(|(topic, partition, offset)| ((topic.as_str(), *partition), *offset))
+            .collect();
+        let ends = self.source.log_ends();
+        self.partitions
+            .iter()
+            .filter(|(_, state)| !state.revoking)
+            .map(|(key, state)| {
+                let (topic, partition) = (&*key.tp.0, key.tp.1);
+                let reasons = self.pauses.reasons(topic, partition);
+                let end = ends.get(&(topic.to_owned(), partition));
+                PartitionStatus {
+                    topic: topic.to_owned(),
+                    partition,
+                    position: state.last_admitted.map(|o| o + 1),
+                    committed: confirmed.get(&(topic, partition)).copied(),
+                    log_end: end.map(|e| e.0),
+                    lag: end.and_then(|e| e.1),
+                    in_flight: state.flow.in_flight(),
+                    paused: !reasons.is_empty(),
+                    pause_reasons: reasons
+                        .into_iter()
+                        .map(|(source, reason)| PauseReason {
+                            source: source.as_str().to_owned(),
+                            reason,
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
     }
 
     /// Adds (`Some(reason)`) or lifts (`None`) `source`'s pause of `target`, for the partitions

@@ -22,7 +22,7 @@ pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 pub use control::{Pause, PauseError, PauseSource, PauseTarget};
 pub use error::BusError;
 #[cfg(feature = "kafka")]
-pub use kafka::{KafkaBus, KafkaConfig};
+pub use kafka::{KafkaBus, KafkaConfig, ReporterConfig, StatusReporter};
 pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
 /// The record Weir publishes for an event; the outbox stores exactly this.
 #[cfg(feature = "postgres")]
@@ -30,7 +30,7 @@ pub(crate) use publish::encode;
 pub use publish::{Delivery, OutboundRecord, PublishError, PublishExt, Publisher};
 
 use crate::handlers::Router;
-use crate::telemetry::Health;
+use crate::telemetry::{Health, PartitionStatus};
 use control::Control;
 use engine::StopReport as EngineReport;
 use tokio::task::JoinHandle;
@@ -133,6 +133,18 @@ impl Subscription {
         self.control.set(source, target, reason).await
     }
 
+    /// The status of each partition this subscription owns now: position, confirmed commit,
+    /// log end and lag (on Kafka), records in flight, pauses. Built by the engine when asked,
+    /// so it costs nothing between asks. `None` once the subscription has stopped.
+    pub async fn status(&self) -> Option<Vec<PartitionStatus>> {
+        self.control.status().await
+    }
+
+    /// A handle that asks for [`status`](Self::status) from elsewhere (a reporter's task).
+    pub fn status_probe(&self) -> StatusProbe {
+        StatusProbe(self.control.clone())
+    }
+
     /// Readiness of this subscription, for `/readyz`.
     pub fn health(&self) -> Health {
         self.health.clone()
@@ -164,6 +176,18 @@ impl Drop for Subscription {
         // After `join` this is a no-op: the subscription has ended. If `join` was abandoned
         // half-way (its future dropped), the subscription is dropped with it, and stops.
         self.shutdown.cancel();
+    }
+}
+
+/// Asks a subscription's engine for its partitions' status; cheap to clone, and it does not
+/// keep the subscription running.
+#[derive(Debug, Clone)]
+pub struct StatusProbe(Control);
+
+impl StatusProbe {
+    /// The same as [`Subscription::status`].
+    pub async fn status(&self) -> Option<Vec<PartitionStatus>> {
+        self.0.status().await
     }
 }
 

@@ -177,6 +177,8 @@ impl HandlerRetrying<'_> {
         m.handled
             .with_label_values(&[topic, self.event_type, "retried"])
             .inc();
+        m.recent_errors
+            .push(&self.event_id, topic, self.handler, "retried", self.error);
         warn!(topic, partition, offset, group = self.group, event_id = %self.event_id, event_type = self.event_type,
               trace_id = self.at.trace_id(), handler = self.handler, attempt = self.attempt, delay_ms = self.delay.as_millis() as u64, error = %self.error, "Handler failed; retrying.");
     }
@@ -210,6 +212,8 @@ impl HandlerGaveUp<'_> {
         m.handled
             .with_label_values(&[topic, self.event_type, outcome])
             .inc();
+        m.recent_errors
+            .push(&self.event_id, topic, self.handler, outcome, &self.error);
         warn!(topic, partition, offset, group = self.group, event_id = %self.event_id, event_type = self.event_type,
               trace_id = self.at.trace_id(), handler = self.handler, attempts = self.attempts, kind = self.kind, dropped = self.dropped, error = self.error, "Handler failed for good.");
     }
@@ -755,6 +759,10 @@ impl RecordParked<'_> {
         m.handled
             .with_label_values(&[topic, self.event_type, "parked"])
             .inc();
+        if !self.behind {
+            m.recent_errors
+                .push(&self.event_id, topic, self.handler, "parked", &self.error);
+        }
         if self.behind {
             info!(topic, partition, offset, event_id = %self.event_id, trace_id = self.at.trace_id(),
                   handler = self.handler, "Key has parked records; parked this one behind them.");
@@ -789,5 +797,31 @@ impl ParkFailed<'_> {
             "Could not {}; retrying.",
             self.what
         );
+    }
+}
+
+/// A status report (or the final tombstone) was published to the status topic, or not.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))] // The reporter is Kafka's.
+pub(crate) struct ReportPublished<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) tombstone: bool,
+    pub(crate) error: Option<&'a dyn std::fmt::Display>,
+}
+
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+impl ReportPublished<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        let result = if self.error.is_some() { "error" } else { "ok" };
+        m.reports_published.with_label_values(&[result]).inc();
+        match self.error {
+            Some(error) => {
+                warn!(topic = self.topic, tombstone = self.tombstone, %error, "Could not publish the status report.")
+            }
+            None => debug!(
+                topic = self.topic,
+                tombstone = self.tombstone,
+                "Published the status report."
+            ),
+        }
     }
 }

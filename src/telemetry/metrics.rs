@@ -1,3 +1,4 @@
+use super::recent_errors::RecentErrors;
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -31,6 +32,10 @@ pub struct Metrics {
     pub(crate) publish_duration: HistogramVec,
     pub(crate) orphaned_calls: IntCounterVec,
     pub(crate) blocking_polls: IntCounterVec,
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Counted by the Kafka reporter.
+    pub(crate) reports_published: IntCounterVec,
+    /// The last handler errors, for status reports.
+    pub(crate) recent_errors: std::sync::Arc<RecentErrors>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -181,6 +186,12 @@ impl Metrics {
                 "Handler polls that held the engine's thread long enough to be blocking it (synchronous I/O in an async fn, say).",
                 &["topic", "event_type", "handler"],
             ),
+            reports_published: counter(
+                "weir_reports_published_total",
+                "Status reports (and the final tombstone) published to the status topic, by result (ok, error).",
+                &["result"],
+            ),
+            recent_errors: std::sync::Arc::default(),
             registry,
         }
     }

@@ -11,8 +11,15 @@ pub(crate) mod otlp;
 pub(crate) mod outbox;
 #[cfg(feature = "postgres")]
 pub(crate) mod parked;
+mod recent_errors;
+mod report;
 pub(crate) mod trace;
 
 pub use health::{Health, HealthStatus};
 pub use metrics::Metrics;
 pub(crate) use metrics::{LocalRouteSeries, LocalSeries, RouteSeries};
+pub use recent_errors::ErrorEntry;
+pub use report::{
+    PartitionStatus, PauseReason, ProcessInfo, ReportBuilder, RouteStatus, StatusReport,
+    MAX_REPORTED_PARTITIONS, REPORT_SCHEMA_VERSION,
+};

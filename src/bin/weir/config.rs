@@ -15,7 +15,7 @@ use weir::{BreakerConfig, ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPol
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
 /// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
 /// the service; a typo in the TOML file, by contrast, is an error.
-const SECTIONS: [&str; 15] = [
+const SECTIONS: [&str; 16] = [
     "brokers",
     "group_id",
     "kafka",
@@ -31,6 +31,7 @@ const SECTIONS: [&str; 15] = [
     "tasks",
     "temporal",
     "routes",
+    "control",
 ];
 
 /// librdkafka property maps, read from the environment verbatim: their names contain dots (which
@@ -78,6 +79,42 @@ pub(crate) struct Settings {
     /// Per-route settings, by handler name (`[routes.record_customer_created.breaker]`,
     /// `WEIR_ROUTES__RECORD_CUSTOMER_CREATED__BREAKER__MINIMUM_CALLS=...`).
     pub(crate) routes: BTreeMap<String, RouteSettings>,
+    /// The fleet's control topics: where status reports go and how often (`[control]`,
+    /// `WEIR_CONTROL__REPORT_INTERVAL=1s`).
+    pub(crate) control: ControlSettings,
+}
+
+/// `[control]`: the topics through which a fleet of processes is watched (and, later,
+/// commanded).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ControlSettings {
+    /// The compacted topic status reports go to, keyed by process id.
+    pub(crate) status_topic: String,
+    /// How often each process publishes its report.
+    #[serde(with = "humantime_serde")]
+    pub(crate) report_interval: std::time::Duration,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        let reporter = weir::ReporterConfig::default();
+        Self {
+            status_topic: reporter.status_topic,
+            report_interval: reporter.report_interval,
+        }
+    }
+}
+
+impl ControlSettings {
+    /// A status reporter of this process in `role`, publishing through `bus`; run it with a
+    /// future that completes once the process's consumers have drained.
+    pub(crate) fn reporter(&self, bus: &weir::KafkaBus, role: &str) -> weir::StatusReporter {
+        let mut config = weir::ReporterConfig::default();
+        config.status_topic = self.status_topic.clone();
+        config.report_interval = self.report_interval;
+        weir::StatusReporter::new(bus, config, role)
+    }
 }
 
 /// One route's (handler's) settings.
@@ -237,6 +274,7 @@ impl Default for Settings {
             tasks: Default::default(),
             temporal: Default::default(),
             routes: BTreeMap::new(),
+            control: ControlSettings::default(),
         }
     }
 }

@@ -28,6 +28,7 @@ pub(crate) async fn run(
     let metrics = Metrics::new();
     let outbox_metrics = OutboxMetrics::new(metrics.registry())?;
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
+    let reporter = settings.control.reporter(&bus, "outbox-relay");
     let relay = OutboxRelay::new(pool.clone(), bus, settings.outbox.clone(), outbox_metrics);
 
     // Metrics and liveness only: a relay that cannot publish shows in
@@ -37,6 +38,7 @@ pub(crate) async fn run(
         crate::liveness::serve(settings.admin_addr, metrics.clone(), stop.clone()).await?;
 
     tracing::info!(brokers = %settings.kafka.brokers, %admin_addr, config = ?settings.outbox, "Relaying the outbox.");
+    let reporter = tokio::spawn(reporter.run(stop.clone().cancelled_owned()));
     let signal = stop.clone();
     tokio::spawn(async move {
         stop_requested.cancelled().await;
@@ -45,6 +47,7 @@ pub(crate) async fn run(
     });
     relay.run(stop.clone()).await;
     stop.cancel();
+    let _ = reporter.await;
     let _ = admin.await;
     pool.close().await;
     Ok(())

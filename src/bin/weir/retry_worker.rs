@@ -60,6 +60,12 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let (admin_addr, admin) =
         crate::liveness::serve(settings.admin_addr, metrics.clone(), stop.clone()).await?;
     tracing::info!(group = %settings.consumer.group_id, %admin_addr, "Retrying parked records.");
+    let reporter = tokio::spawn(
+        settings
+            .control
+            .reporter(&bus, "retry-worker")
+            .run(stop.clone().cancelled_owned()),
+    );
     let signal = stop.clone();
     tokio::spawn(async move {
         stop_requested.cancelled().await;
@@ -68,6 +74,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     });
     worker.run(stop.clone()).await;
     stop.cancel();
+    let _ = reporter.await;
     let _ = admin.await;
     pool.close().await;
     Ok(())

@@ -84,6 +84,13 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     // Everything besides the consumer stops on `stop`, after the consumer has drained.
     let stop = CancellationToken::new();
     let mut jobs: Vec<JoinHandle<()>> = Vec::new();
+    // Status reports until the consumer has drained; then the tombstone of this process.
+    let reporter = settings
+        .control
+        .reporter(&bus, "serve")
+        .watch(subscription.status_probe());
+    let process_id = reporter.process_id().to_owned();
+    jobs.push(tokio::spawn(reporter.run(stop.clone().cancelled_owned())));
     let listener = tokio::net::TcpListener::bind(settings.admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
@@ -141,6 +148,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         ?topics,
         %admin_addr,
         http_addr = http_addr.map(|a| a.to_string()),
+        %process_id,
         "Serving."
     );
     Ok(Running {

@@ -32,6 +32,11 @@ pub(super) struct PartitionFlow {
 }
 
 impl PartitionFlow {
+    /// Its records admitted and not final.
+    pub(super) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// Nothing in flight, and open: sources start with every partition open.
     pub(super) fn new() -> Self {
         Self {

@@ -119,6 +119,9 @@ pub(crate) struct WeirContext {
     errors: Throttle,
     /// The revoke the engine is draining, if any ([`PendingRevoke`]).
     pending_revoke: Mutex<Option<PendingRevoke>>,
+    /// Each partition's high watermark and lag from the latest statistics, for status reports:
+    /// replaced at each statistics callback (every couple of seconds), read when a report asks.
+    log_ends: Mutex<HashMap<Tp, (i64, Option<i64>)>>,
     /// Makes the poll thread panic at its next turn, to test that the panic is reported.
     #[cfg(test)]
     panic_next_turn: AtomicBool,
@@ -169,11 +172,15 @@ impl ClientContext for WeirContext {
             .any(|b| b.nodeid >= 0 && b.state == "UP");
         self.broker_up(up);
         let mut prefetched = self.held_bytes.load(Ordering::Relaxed);
+        let mut ends = HashMap::new();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // -1 is librdkafka's internal unassigned partition.
                 if *partition >= 0 {
                     prefetched += usize::try_from(p.fetchq_size).unwrap_or(0);
+                    if p.hi_offset >= 0 {
+                        ends.insert((topic.clone(), *partition), (p.hi_offset, lag(p)));
+                    }
                     if let Some(lag) = lag(p) {
                         ConsumerLag {
                             topic,
@@ -186,6 +193,7 @@ impl ClientContext for WeirContext {
             }
         }
         PrefetchBytes(prefetched).emit(&self.metrics);
+        *self.log_ends.lock().unwrap_or_else(|e| e.into_inner()) = ends;
     }
 }
 
@@ -471,6 +479,7 @@ pub(crate) fn start(
         held_bytes: AtomicUsize::new(0),
         pauses: Pauses::default(),
         pending_revoke: Mutex::new(None),
+        log_ends: Mutex::default(),
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
@@ -1358,6 +1367,15 @@ impl Source for KafkaSource {
         self.poller.unpark();
     }
 
+    fn log_ends(&self) -> HashMap<Tp, (i64, Option<i64>)> {
+        self.consumer
+            .context()
+            .log_ends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn confirmed(&self) -> Vec<(String, i32, i64)> {
         self.positions()
             .confirmed
@@ -1380,6 +1398,7 @@ mod tests {
             held_bytes: AtomicUsize::new(0),
             pauses: Pauses::default(),
             pending_revoke: Mutex::new(None),
+            log_ends: Mutex::default(),
             metrics: metrics.clone(),
             health: Health::default(),
             errors: Throttle::new(Duration::from_secs(30)),

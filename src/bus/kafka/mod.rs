@@ -4,8 +4,10 @@ mod config;
 mod consumer;
 mod pauses;
 mod producer;
+mod status;
 
 pub use config::KafkaConfig;
+pub use status::{ReporterConfig, StatusReporter};
 
 use super::engine::Engine;
 use super::publish::PublishFuture;
