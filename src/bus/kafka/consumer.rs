@@ -592,9 +592,10 @@ fn poll_loop(
         let mut held = 0;
         for feed in &mut feeds {
             let held_back = feed.held_back(&consumer.context().pauses);
-            // Where librdkafka's bound fits, a held-back partition's records stay in its queue.
-            let fill_up_to = if held_back && queue_fits { 0 } else { share };
-            match feed.turn(&mut converter, &handoff, epoch, fill_up_to) {
+            // Only a held-back partition whose queue librdkafka would let grow past its share is
+            // taken out of its queue beyond what its hand-off has room for.
+            let hoard = held_back && !queue_fits;
+            match feed.turn(&mut converter, &handoff, epoch, share, hoard) {
                 Ok(m) => moved |= m,
                 // The engine has gone.
                 Err(Gone) => return close(feeds, consumer),
@@ -701,21 +702,34 @@ impl Feed {
     }
 
     /// Hands batches over while the hand-off has room, and polls the partition's queue into
-    /// batches while it holds less than its `share` (up to [`BATCHES_PER_TURN`] batches).
-    /// Returns whether anything moved.
+    /// batches while it holds less than its `share` (up to [`BATCHES_PER_TURN`] batches): only
+    /// as many as the hand-off has room for, unless `hoard`. Returns whether anything moved.
+    ///
+    /// Without `hoard`, what the hand-off has no room for stays in librdkafka's queue: it is
+    /// taken at a later turn, and while the partition is held back librdkafka's own bound
+    /// keeps it within the share (`queue_fits`). Polling past the hand-off's room whenever it
+    /// had some cost the no-op arm of `weir bench` (8 partitions) 15-20%: the poll thread took
+    /// up to [`BATCHES_PER_TURN`] batches of one partition in a turn, most of them into
+    /// `waiting` (up to 66 at once, most of a partition's prefetch), while the other
+    /// partitions' hand-offs ran dry.
     fn turn(
         &mut self,
         converter: &mut Converter,
         handoff: &mpsc::UnboundedSender<Handoff>,
         epoch: u64,
         share: usize,
+        hoard: bool,
     ) -> Result<bool, Gone> {
         let mut moved = self.hand_over(handoff, epoch)?;
         if self.paused {
             self.drop_prefetched(converter);
         }
         for _ in 0..BATCHES_PER_TURN {
-            if self.paused || self.buffered() >= share || !self.fill(converter, share) {
+            if self.paused
+                || self.buffered() >= share
+                || (!hoard && self.pending.batches.load(Ordering::Acquire) >= HANDOFF_BATCHES)
+                || !self.fill(converter, share)
+            {
                 break;
             }
             moved = true;
