@@ -85,11 +85,15 @@ impl StatusReporter {
     /// commits. Failures are logged and counted, never returned: reporting must not stop a
     /// service.
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
-        self.create_topic().await;
+        tokio::pin!(stop);
+        // Creating the topic waits for a broker: an unreachable one must not hold up the stop.
+        let stopped = tokio::select! {
+            () = &mut stop => true,
+            () = self.create_topic() => false,
+        };
         let mut tick = tokio::time::interval(self.config.report_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(stop);
-        loop {
+        while !stopped {
             tokio::select! {
                 () = &mut stop => break,
                 _ = tick.tick() => {
@@ -158,7 +162,9 @@ impl StatusReporter {
                 self.bus.config().producer_config().create()?;
             let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
                 .set("cleanup.policy", "compact");
-            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            let options = AdminOptions::new()
+                .operation_timeout(Some(Duration::from_secs(10)))
+                .request_timeout(Some(Duration::from_secs(10)));
             let results = admin.create_topics([&new], &options).await?;
             Ok::<_, rdkafka::error::KafkaError>(results)
         };
