@@ -68,6 +68,35 @@ fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
     queries
 }
 
+/// The dashboard's `label_values(metric, label)` variables (the job picker) as PromQL with the
+/// same answer: `count by (label) (metric)`. (variable name, query)
+fn variable_queries(dashboard: &Value) -> Vec<(String, String)> {
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables");
+    variables
+        .iter()
+        .filter(|v| v["type"] == "query")
+        .map(|v| {
+            let name = v["name"].as_str().unwrap_or_default().to_owned();
+            let query = v["query"]["query"].as_str().or(v["query"].as_str());
+            let inner = query
+                .and_then(|q| q.strip_prefix("label_values("))
+                .and_then(|q| q.strip_suffix(')'))
+                .unwrap_or_else(|| {
+                    panic!("variable {name}: not label_values(metric, label): {query:?}")
+                });
+            let (metric, label) = inner.rsplit_once(',').unwrap_or_else(|| {
+                panic!("variable {name}: label_values without a metric: {inner}")
+            });
+            (
+                name,
+                format!("count by ({}) ({})", label.trim(), metric.trim()),
+            )
+        })
+        .collect()
+}
+
 /// A query as Grafana would send it with "All" jobs picked: its variables replaced, none left.
 fn as_grafana_sends_it(expr: &str) -> String {
     let query = expr
@@ -116,8 +145,7 @@ struct Prometheus {
 }
 
 impl Prometheus {
-    fn start(dir: &TestDir, targets: &[SocketAddr]) -> Prometheus {
-        let binary = required_tool("WEIR_TEST_PROMETHEUS");
+    fn start(binary: &Path, dir: &TestDir, targets: &[SocketAddr]) -> Prometheus {
         let targets: Vec<String> = targets.iter().map(|a| format!("\"{a}\"")).collect();
         let config = dir.join("prometheus.yml");
         std::fs::write(
@@ -139,7 +167,7 @@ scrape_configs:
         .expect("write prometheus.yml");
         let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let log = dir.join("prometheus.log");
-        let child = Command::new(&binary)
+        let child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -318,7 +346,10 @@ async fn stream(bus: &KafkaBus, until: chrono::DateTime<chrono::Utc>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_shows_data_from_a_live_service_on_a_real_prometheus() {
     let started = Instant::now();
-    let queries = panel_queries(&dashboard());
+    // First, so a machine without Prometheus fails at once, saying so.
+    let prometheus_bin = required_tool("WEIR_TEST_PROMETHEUS");
+    let dashboard = dashboard();
+    let queries = panel_queries(&dashboard);
     let broker = broker();
     let db = TestDb::migrated().await;
     let dir = TestDir::new("weir-dashboard");
@@ -357,7 +388,7 @@ async fn every_dashboard_panel_shows_data_from_a_live_service_on_a_real_promethe
     )
     .await;
 
-    let prometheus = Prometheus::start(&dir, &[first_admin, second_admin]);
+    let prometheus = Prometheus::start(&prometheus_bin, &dir, &[first_admin, second_admin]);
     prometheus.ready().await;
     prometheus
         .at_least(
@@ -407,6 +438,20 @@ async fn every_dashboard_panel_shows_data_from_a_live_service_on_a_real_promethe
     ];
     for (what, promql, at_least) in checks {
         prometheus.at_least(what, promql, at_least).await;
+    }
+
+    // The job picker lists the scraped job.
+    for (name, query) in variable_queries(&dashboard) {
+        let series = prometheus
+            .query(&query)
+            .await
+            .unwrap_or_else(|e| panic!("variable {name}: {query} fails on Prometheus: {e}"));
+        assert!(
+            series
+                .iter()
+                .any(|s| s["metric"].as_object().is_some_and(|m| !m.is_empty())),
+            "variable {name} ({query}) offers nothing: {series:?}"
+        );
     }
 
     // Every panel's every query parses and returns at least one series.
