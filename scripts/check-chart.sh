@@ -18,7 +18,7 @@
 #      (strict), helm template, every object against the Kubernetes 1.30 schemas in strict mode
 #      (custom resources against their CRDs' schemas, strict), the "restricted" Pod Security
 #      Standard for every pod, the chart's own contracts; values.yaml fully documented;
-#      contradictory values refused;
+#      contradictory values refused; the Grafana dashboard ConfigMap on and off;
 #   2. the alert rules: promtool check rules (the file and the rendered PrometheusRule) and
 #      promtool test rules (charts/weir/tests/alerts_test.yaml);
 #   3. the Dockerfile: hadolint, and the facts the chart relies on (user 10001, entrypoint).

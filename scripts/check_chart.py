@@ -16,7 +16,9 @@ For the chart's default values and each charts/weir/ci/*-values.yaml it:
     drain timeout env, probes, the TOML config, Secret-sourced credentials, the reference
     service's test hooks never set (`service.test_hooks`), selectors, names,
     the PrometheusRule equal to files/alerts.yaml, the worker Deployment's `weir --config ...
-    worker` command and the `[temporal]` table it reads).
+    worker` command and the `[temporal]` table it reads, the Grafana dashboard's ConfigMap:
+    absent unless `dashboard.enabled`, else labelled for the sidecar and holding
+    files/dashboard.json).
 It also checks that every key in values.yaml is documented, and that contradictory values fail
 the render. It writes each rendering to .tmp/chart-check/ and the PrometheusRule's groups to
 .tmp/chart-check/prometheusrule-groups.yaml (for promtool). Exit status 1 on any failure.
@@ -316,6 +318,57 @@ def find(objects: list[dict], kind: str, component: str | None = None) -> list[d
     ]
 
 
+def config_maps(objects: list[dict]) -> list[dict]:
+    """The ConfigMaps holding weir.toml: every ConfigMap but the Grafana dashboard's."""
+    return [o for o in find(objects, "ConfigMap") if o["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "dashboard"]
+
+
+def dashboard_contracts(v: dict, objects: list[dict]) -> list[str]:
+    """The Grafana dashboard's ConfigMap, on one rendering with merged values `v`: none unless
+    `dashboard.enabled`; else one, with the sidecar's label, holding files/dashboard.json
+    verbatim, whose data source is a `${datasource}` variable of type prometheus."""
+    p: list[str] = []
+    dashboards = find(objects, "ConfigMap", "dashboard")
+    if not v["dashboard"]["enabled"]:
+        return [f"{len(dashboards)} dashboard ConfigMaps with dashboard.enabled=false"] if dashboards else []
+    if len(dashboards) != 1:
+        return [f"{len(dashboards)} dashboard ConfigMaps with dashboard.enabled=true, expected 1"]
+    cm = dashboards[0]
+    name = cm["metadata"]["name"]
+    labels = cm["metadata"].get("labels", {})
+    key, value = v["dashboard"]["sidecarLabel"], v["dashboard"]["sidecarLabelValue"]
+    if labels.get(key) != value:
+        p.append(f"{name}: label {key}={labels.get(key)!r}, expected {value!r}")
+    for k, val in (v["dashboard"]["labels"] or {}).items():
+        if labels.get(k) != val:
+            p.append(f"{name}: extra label {k}={labels.get(k)!r}, expected {val!r}")
+    if (cm["metadata"].get("annotations") or {}) != (v["dashboard"]["annotations"] or {}):
+        p.append(f"{name}: annotations {cm['metadata'].get('annotations')} != dashboard.annotations")
+    data = cm.get("data") or {}
+    if list(data) != ["weir-dashboard.json"]:
+        return p + [f"{name}: data keys {list(data)}, expected [weir-dashboard.json]"]
+    try:
+        rendered = json.loads(data["weir-dashboard.json"])
+    except json.JSONDecodeError as error:
+        return p + [f"{name}: weir-dashboard.json is not JSON: {error}"]
+    if rendered != json.loads((CHART / "files" / "dashboard.json").read_text()):
+        p.append(f"{name}: weir-dashboard.json differs from files/dashboard.json")
+    variables = {t.get("name"): t for t in rendered.get("templating", {}).get("list", [])}
+    source = variables.get("datasource", {})
+    if (source.get("type"), source.get("query")) != ("datasource", "prometheus"):
+        p.append(f"the datasource variable is {source}, expected type datasource, query prometheus")
+    panels = rendered.get("panels") or []
+    if not panels:
+        p.append("the dashboard has no panels")
+    for panel in panels:
+        for where in [panel] + (panel.get("targets") or []):
+            if where.get("datasource") != {"type": "prometheus", "uid": "${datasource}"}:
+                p.append(f"panel {panel.get('title')!r}: datasource {where.get('datasource')}, not ${{datasource}}")
+        if not panel.get("targets") or not all(t.get("expr") for t in panel["targets"]):
+            p.append(f"panel {panel.get('title')!r} has a target without a query")
+    return p
+
+
 def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env") or []}
 
@@ -332,7 +385,7 @@ def worker_contracts(v: dict, objects: list[dict], consumer: dict) -> list[str]:
     enabled = bool(v["worker"]["enabled"])
     if len(workers) != (1 if enabled else 0):
         p.append(f"{len(workers)} worker Deployments with worker.enabled={enabled}")
-    configmaps = find(objects, "ConfigMap")
+    configmaps = config_maps(objects)
     config = tomllib.loads(configmaps[0]["data"]["weir.toml"]) if len(configmaps) == 1 else {}
     temporal = config.get("temporal", {})
 
@@ -459,7 +512,7 @@ def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
                 p.append(f"{o['kind']}/{o['metadata']['name']}/{c['name']} sets WEIR_SERVICE__TEST_HOOKS")
 
     # The TOML configuration.
-    configmaps = find(objects, "ConfigMap")
+    configmaps = config_maps(objects)
     if len(configmaps) != 1 or "weir.toml" not in configmaps[0].get("data", {}):
         p.append("expected one ConfigMap with weir.toml")
     else:
@@ -498,6 +551,7 @@ def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
                 p.append("the ConfigMap is not mounted at /etc/weir/config and passed with --config")
 
     p.extend(worker_contracts(v, objects, consumer))
+    p.extend(dashboard_contracts(v, objects))
 
     # Selectors: each Service and PDB selects exactly its own component's pods.
     pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in deployments}
@@ -608,7 +662,7 @@ def main() -> int:
                     f"{o['kind']}/{o['metadata']['name']} meets the restricted Pod Security Standard, read-only root",
                     restricted_violations(template["spec"], template.get("metadata", {}).get("annotations", {})),
                 )
-        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, test hooks off, selectors, names, alerts, worker)",
+        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, test hooks off, selectors, names, alerts, worker, dashboard)",
                      chart_contracts(case, values, objects))
         if case == "default":
             kinds_present = {o["kind"] for o in objects}
@@ -633,6 +687,18 @@ def main() -> int:
                      worker_contracts(merged_values(inline), objects, find(objects, "Deployment", "consumer")[0]))
     except Exception as error:
         report.fail("render with temporal.address and no worker", str(error))
+
+    print("the Grafana dashboard: on with another sidecar label, off")
+    for what, values in (
+        ("dashboard.enabled with a custom sidecar label renders its ConfigMap",
+         {"dashboard": {"enabled": True, "sidecarLabel": "grafana_dashboard_weir", "sidecarLabelValue": "yes"}}),
+        ("dashboard.enabled=false renders no dashboard ConfigMap", {"dashboard": {"enabled": False}}),
+    ):
+        try:
+            _, objects = render(values)
+            report.check(what, dashboard_contracts(merged_values(values), objects))
+        except Exception as error:
+            report.fail(what, str(error))
 
     print("contradictory values fail the render")
     bad_cases = [

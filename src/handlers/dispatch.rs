@@ -140,9 +140,11 @@ impl Dispatcher {
                 (t, counter)
             })
             .collect();
+        let reasons = DeadLetterKind::ALL.map(DeadLetterKind::as_str);
         let requests = Requests::default();
         let mut circuits = HashMap::new();
-        for (_, _, route) in router.iter() {
+        for (topic, event_type, route) in router.iter() {
+            metrics.export_route(topic, event_type, &reasons);
             for handler in &route.handlers {
                 if let Some(config) = &handler.breaker {
                     circuits.entry(handler.name.clone()).or_insert_with(|| {

@@ -42,6 +42,14 @@ pub(crate) enum DeadLetterKind {
 }
 
 impl DeadLetterKind {
+    /// Every kind, for the `reason` label values exported at 0 from the start.
+    pub(crate) const ALL: [DeadLetterKind; 4] = [
+        Self::Decode,
+        Self::Acknowledged,
+        Self::RetriesExhausted,
+        Self::Panic,
+    ];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Decode => "decode",

@@ -76,7 +76,7 @@ impl Metrics {
                 HistogramVec::new(opts, labels).expect("valid metric"),
             )
         };
-        Self {
+        let metrics = Self {
             received: counter(
                 "weir_messages_received_total",
                 "Records received from the broker.",
@@ -193,6 +193,40 @@ impl Metrics {
             ),
             recent_errors: std::sync::Arc::default(),
             registry,
+        };
+        metrics.export_known_labels();
+        metrics
+    }
+
+    /// Creates the series whose label values are known from the start, at 0: a counter that has
+    /// not counted yet is then exported as 0 rather than missing, as Prometheus advises, so a
+    /// failure panel or an alert on `rate(...)` has a series to show on a good day, and the
+    /// first failure is a step from 0 that `rate` and `increase` see (a series born at 1 is not).
+    fn export_known_labels(&self) {
+        for result in ["success", "failure"] {
+            self.commits.with_label_values(&[result]);
+        }
+        for kind in ["assign", "revoke"] {
+            self.rebalances.with_label_values(&[kind]);
+        }
+        for aborted in ["false", "true"] {
+            self.revoke_drain.with_label_values(&[aborted]);
+        }
+    }
+
+    /// Creates a subscribed route's failure series at 0 (see [`export_known_labels`]):
+    /// `weir_messages_handled_total` for the outcomes every route can have, and
+    /// `weir_dead_letters_total` for each of `reasons` (every reason a record can be
+    /// dead-lettered for).
+    ///
+    /// [`export_known_labels`]: Self::export_known_labels
+    pub(crate) fn export_route(&self, topic: &str, event_type: &str, reasons: &[&str]) {
+        for outcome in ["success", "retried", "dead_lettered"] {
+            self.handled
+                .with_label_values(&[topic, event_type, outcome]);
+        }
+        for reason in reasons {
+            self.dead_letters.with_label_values(&[topic, reason]);
         }
     }
 

@@ -53,6 +53,11 @@ impl ParkedMetrics {
         registry.register(Box::new(metrics.keys.clone()))?;
         registry.register(Box::new(metrics.oldest_age.clone()))?;
         registry.register(Box::new(metrics.attempts.clone()))?;
+        // Every result at 0 from the start (see `Metrics`): a failure panel has a series to show
+        // before the first failure, and the first failure is a step `rate` sees.
+        for result in ["success", "retry", "dead_lettered"] {
+            metrics.attempts.with_label_values(&[result]);
+        }
         Ok(metrics)
     }
 

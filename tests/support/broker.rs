@@ -329,7 +329,7 @@ impl Drop for Tansu {
 }
 
 /// A port on 127.0.0.1 that nothing listens on right now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     for _ in 0..100 {
         let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
         let port = PORT_RANGE.start + (uuid::Uuid::new_v4().as_u128() % u128::from(span)) as u16;

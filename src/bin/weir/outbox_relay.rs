@@ -3,7 +3,7 @@
 
 use crate::config::Settings;
 use tokio_util::sync::CancellationToken;
-use weir::{KafkaBus, Metrics, OutboxMetrics, OutboxRelay};
+use weir::{KafkaBus, OutboxMetrics, OutboxRelay};
 
 /// Relays until `stop_requested` is cancelled; a stop during start-up (connecting, migrating)
 /// exits cleanly.
@@ -25,7 +25,7 @@ pub(crate) async fn run(
             return Ok(());
         }
     };
-    let metrics = Metrics::new();
+    let metrics = crate::telemetry::process_metrics()?;
     let outbox_metrics = OutboxMetrics::new(metrics.registry())?;
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
     let reporter = settings.control.reporter(&bus, "outbox-relay");

@@ -44,7 +44,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         pool: pool.clone(),
         settings: Arc::new(settings.reference()),
     };
-    let metrics = Metrics::new();
+    let metrics = crate::telemetry::process_metrics()?;
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
     let store = ParkedStore::new(pool.clone(), &settings.consumer.group_id);
     let worker = worker(

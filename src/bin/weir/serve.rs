@@ -12,7 +12,7 @@ use std::future::IntoFuture as _;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use weir::{Bus, KafkaBus, Metrics, OutboxMetrics, OutboxRelay, ParkedStore};
+use weir::{Bus, KafkaBus, OutboxMetrics, OutboxRelay, ParkedStore};
 
 /// Serves until `stop_requested` is cancelled (by a signal). A stop requested while the service
 /// is still starting (connecting, migrating, joining the group) ends it cleanly too.
@@ -57,7 +57,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let metrics = Metrics::new();
+    let metrics = crate::telemetry::process_metrics()?;
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
     let hooks = settings.service.test_hooks();
     let mut router = reference::router(&recorder, hooks, services.as_ref())?

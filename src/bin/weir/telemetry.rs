@@ -103,3 +103,20 @@ pub(crate) fn init(json: bool) -> anyhow::Result<Telemetry> {
         }),
     })
 }
+
+/// Weir's metrics for a long-running command (`serve`, `outbox-relay`, `retry-worker`), with
+/// the standard `process_*` series beside them (resident memory, CPU seconds, open file
+/// descriptors; prometheus' process collector, which reads `/proc`): what a dashboard's memory
+/// panel and a container's OOM investigation need, in the same scrape as the rest. The library
+/// leaves this to the service: a process has one such collector, a test process many buses.
+pub(crate) fn process_metrics() -> anyhow::Result<weir::Metrics> {
+    let metrics = weir::Metrics::new();
+    #[cfg(target_os = "linux")]
+    metrics
+        .registry()
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("cannot register the process collector")?;
+    Ok(metrics)
+}
