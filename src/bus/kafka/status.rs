@@ -91,16 +91,18 @@ impl StatusReporter {
             () = &mut stop => true,
             () = self.create_topic() => false,
         };
-        let mut tick = tokio::time::interval(self.config.report_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !stopped {
-            tokio::select! {
-                () = &mut stop => break,
-                _ = tick.tick() => {
-                    // A report waiting for an unreachable broker must not hold up the stop.
-                    tokio::select! {
-                        () = &mut stop => break,
-                        () = self.report() => {}
+        if !stopped {
+            let mut tick = tokio::time::interval(self.config.report_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    _ = tick.tick() => {
+                        // A report waiting for an unreachable broker must not hold up the stop.
+                        tokio::select! {
+                            () = &mut stop => break,
+                            () = self.report() => {}
+                        }
                     }
                 }
             }
