@@ -79,7 +79,15 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         _ => None,
     };
     let topics = router.topics();
+    // The fleet commands in force are read before the consumer joins its group and set right
+    // after it starts, so a partition this replica is given comes to it paused when a command
+    // paused it.
+    let process_id = weir::ProcessInfo::current("serve").id;
+    let mut commands = settings.control.commands(&bus, &process_id);
+    commands.catch_up().await;
     let subscription = bus.subscribe(router, settings.consumer.clone())?;
+    let mut commands = commands.watch(&subscription);
+    commands.apply_in_force().await;
 
     // Everything besides the consumer stops on `stop`, after the consumer has drained.
     let stop = CancellationToken::new();
@@ -89,8 +97,8 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         .control
         .reporter(&bus, "serve")
         .watch(subscription.status_probe());
-    let process_id = reporter.process_id().to_owned();
     jobs.push(tokio::spawn(reporter.run(stop.clone().cancelled_owned())));
+    jobs.push(tokio::spawn(commands.run(stop.clone().cancelled_owned())));
     let listener = tokio::net::TcpListener::bind(settings.admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;
