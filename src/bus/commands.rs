@@ -15,10 +15,10 @@
 // What applies commands (the reader) is the Kafka bus's; without it only the schema is used.
 #![cfg_attr(not(feature = "kafka"), allow(dead_code))]
 
-use super::control::{PauseSource, PauseTarget};
+use super::control::{Control, PauseError, PauseSource, PauseTarget};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The command schema's version. A process rejects (logs and counts) commands of another
 /// version rather than guess what they mean.
@@ -280,10 +280,101 @@ impl InForce {
 }
 
 /// The command-source pauses one process should have: target → reason.
-pub(crate) type Desired = std::collections::HashMap<PauseTarget, &'static str>;
+pub(crate) type Desired = HashMap<PauseTarget, &'static str>;
 
 /// The source every command pauses as.
-pub(crate) const SOURCE: PauseSource = PauseSource::Command;
+const SOURCE: PauseSource = PauseSource::Command;
+
+/// Applies the commands in force to a process's subscriptions: for each, sets and lifts
+/// [`PauseSource::Command`] pauses until it has exactly the ones the commands call for (so a
+/// resume of a topic under a quiet leaves it quiet, and an unquiet leaves a topic pause).
+pub(crate) struct Applier {
+    process_id: String,
+    watched: Vec<Watched>,
+}
+
+/// One subscription: its engine's control handle and the command pauses set on it.
+struct Watched {
+    control: Control,
+    applied: HashMap<PauseTarget, &'static str>,
+}
+
+impl Applier {
+    pub(crate) fn new(process_id: impl Into<String>) -> Self {
+        Self {
+            process_id: process_id.into(),
+            watched: Vec::new(),
+        }
+    }
+
+    /// The id commands are addressed to.
+    pub(crate) fn process_id(&self) -> &str {
+        &self.process_id
+    }
+
+    /// Applies commands to this subscription's engine too.
+    pub(crate) fn watch(&mut self, control: Control) {
+        self.watched.push(Watched {
+            control,
+            applied: HashMap::new(),
+        });
+    }
+
+    /// Whether `action` concerns anything a watched subscription consumes.
+    pub(crate) fn reaches(&self, action: &CommandAction) -> bool {
+        match action {
+            CommandAction::Pause { target } | CommandAction::Resume { target } => {
+                let target = target.pause_target();
+                self.watched.iter().any(|w| w.control.accepts(&target))
+            }
+            CommandAction::Quiet | CommandAction::Unquiet => !self.watched.is_empty(),
+        }
+    }
+
+    /// Sets and lifts command pauses until each subscription has the ones `in_force` calls
+    /// for. Returns the failures (an engine that has stopped).
+    pub(crate) async fn reconcile(&mut self, in_force: &InForce) -> Vec<PauseError> {
+        let mut failed = Vec::new();
+        for watched in &mut self.watched {
+            let topics: Vec<String> = watched.control.topics().cloned().collect();
+            let desired: Desired = in_force
+                .pauses(&self.process_id, &topics)
+                .into_iter()
+                .filter(|(target, _)| watched.control.accepts(target))
+                .collect();
+            let lifted: Vec<PauseTarget> = watched
+                .applied
+                .keys()
+                .filter(|t| !desired.contains_key(*t))
+                .cloned()
+                .collect();
+            for target in lifted {
+                match watched.control.set(SOURCE, target.clone(), None).await {
+                    Ok(_) => {
+                        watched.applied.remove(&target);
+                    }
+                    Err(e) => failed.push(e),
+                }
+            }
+            for (target, reason) in desired {
+                if watched.applied.get(&target) == Some(&reason) {
+                    continue;
+                }
+                let set = watched
+                    .control
+                    .set(SOURCE, target.clone(), Some(reason.to_owned()))
+                    .await;
+                match set {
+                    Ok(_) => {
+                        watched.applied.insert(target, reason);
+                    }
+                    Err(e) => failed.push(e),
+                }
+            }
+        }
+        failed
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -395,6 +486,133 @@ mod tests {
         // A tombstone of the key removes it, as compaction would.
         in_force.fold(Some("all|topic|a"), None);
         assert!(in_force.pauses("p", &topics).is_empty());
+    }
+
+    /// On the memory bus: a command pause and an API pause of one topic; the command's resume
+    /// leaves the API's pause, a quiet pauses the other topic too, and the unquiet leaves a
+    /// topic pause of its own in force.
+    #[tokio::test(start_paused = true)]
+    async fn commands_set_and_lift_only_their_own_pauses() {
+        use crate::bus::{Bus, ConsumerConfig, MemoryBus, Pause};
+        use crate::contracts::{Event, EventType};
+        use crate::handlers::Router;
+
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        struct A {}
+        impl Event for A {
+            const TYPE: EventType = EventType::new("test.a");
+            const TOPIC: &'static str = "a";
+            fn key(&self) -> String {
+                String::new()
+            }
+        }
+        #[derive(Clone, serde::Serialize, serde::Deserialize)]
+        struct B {}
+        impl Event for B {
+            const TYPE: EventType = EventType::new("test.b");
+            const TOPIC: &'static str = "b";
+            fn key(&self) -> String {
+                String::new()
+            }
+        }
+
+        let bus = MemoryBus::default();
+        bus.create_topic("a", 1);
+        bus.create_topic("b", 1);
+        let router = Router::new()
+            .on(|_: A| async { Ok(()) })
+            .on(|_: B| async { Ok(()) });
+        let subscription = bus
+            .subscribe(router, ConsumerConfig::new("commanded"))
+            .expect("subscribes");
+        let mut applier = Applier::new("p1");
+        applier.watch(subscription.control.clone());
+        let mut in_force = InForce::default();
+        let mut run = |action: CommandAction, to: Addressee| {
+            in_force.fold(None, Some(command(to, action)));
+            in_force.clone()
+        };
+        let pauses = |list: Vec<Pause>| {
+            let mut list: Vec<(String, PauseSource, String)> = list
+                .into_iter()
+                .map(|p| (p.target.to_string(), p.source, p.reason))
+                .collect();
+            list.sort();
+            list
+        };
+        let api = (
+            "topic a".to_owned(),
+            PauseSource::Api,
+            "maintenance".to_owned(),
+        );
+
+        subscription
+            .pause(PauseTarget::topic("a"), "maintenance")
+            .await
+            .expect("the API pauses");
+        let now = run(CommandAction::Pause { target: topic("a") }, Addressee::All);
+        assert!(applier.reconcile(&now).await.is_empty());
+        let now = run(CommandAction::Resume { target: topic("a") }, Addressee::All);
+        assert!(applier.reconcile(&now).await.is_empty());
+        // The API's resume of a target it never paused changes nothing and lists every pause.
+        let left = subscription
+            .resume(PauseTarget::topic("b"))
+            .await
+            .expect("lists");
+        assert_eq!(
+            pauses(left),
+            vec![api.clone()],
+            "the command's resume left the API's pause"
+        );
+
+        let now = run(CommandAction::Pause { target: topic("b") }, Addressee::All);
+        applier.reconcile(&now).await;
+        let now = run(CommandAction::Quiet, Addressee::Process("p1".into()));
+        applier.reconcile(&now).await;
+        let left = subscription
+            .resume(PauseTarget::topic("b"))
+            .await
+            .expect("lists");
+        assert_eq!(
+            pauses(left),
+            vec![
+                api.clone(),
+                (
+                    "topic a".to_owned(),
+                    PauseSource::Command,
+                    QUIET_REASON.to_owned()
+                ),
+                (
+                    "topic b".to_owned(),
+                    PauseSource::Command,
+                    PAUSE_REASON.to_owned()
+                ),
+            ],
+            "quiet: every topic paused by the command source"
+        );
+        let now = run(CommandAction::Unquiet, Addressee::Process("p1".into()));
+        applier.reconcile(&now).await;
+        let left = subscription
+            .resume(PauseTarget::topic("b"))
+            .await
+            .expect("lists");
+        assert_eq!(
+            pauses(left),
+            vec![
+                api,
+                (
+                    "topic b".to_owned(),
+                    PauseSource::Command,
+                    PAUSE_REASON.to_owned()
+                ),
+            ],
+            "the unquiet left the fleet pause of b and the API's pause of a"
+        );
+        assert!(applier.reaches(&CommandAction::Pause { target: topic("b") }));
+        assert!(!applier.reaches(&CommandAction::Pause {
+            target: topic("elsewhere")
+        }));
+        subscription.stop().await.expect("stops");
     }
 
     #[test]

@@ -19,18 +19,16 @@
 
 use super::status::create_compacted_topic;
 use super::{KafkaBus, LogContext};
-use crate::bus::commands::{Desired, InForce, SOURCE};
-use crate::bus::control::{Control, PauseError, PauseTarget};
-use crate::bus::{
-    CommandAction, Delivery, FleetCommand, OutboundRecord, PublishError, Publisher, Subscription,
-};
+use crate::bus::commands::{Applier, InForce};
+use crate::bus::control::PauseError;
+use crate::bus::{Delivery, FleetCommand, OutboundRecord, PublishError, Publisher, Subscription};
 use crate::contracts::Headers;
 use crate::telemetry::events::CommandApplied;
 use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,19 +46,12 @@ const RETRY: Duration = Duration::from_secs(2);
 /// How long one metadata request may take.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One watched subscription: its engine's control handle and the command pauses set on it.
-struct Watched {
-    control: Control,
-    applied: HashMap<PauseTarget, &'static str>,
-}
-
 /// Reads the commands topic and applies the commands for this process; see the module doc.
 pub struct CommandListener {
     bus: KafkaBus,
     topic: String,
-    process_id: String,
     in_force: InForce,
-    watched: Vec<Watched>,
+    applier: Applier,
     reader: Option<Arc<StreamConsumer<LogContext>>>,
     caught_up: bool,
     started: bool,
@@ -70,7 +61,7 @@ impl std::fmt::Debug for CommandListener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CommandListener")
             .field("topic", &self.topic)
-            .field("process_id", &self.process_id)
+            .field("process_id", &self.applier.process_id())
             .field("in_force", &self.in_force)
             .finish_non_exhaustive()
     }
@@ -84,9 +75,8 @@ impl CommandListener {
         Self {
             bus: bus.clone(),
             topic: topic.into(),
-            process_id: process_id.into(),
             in_force: InForce::default(),
-            watched: Vec::new(),
+            applier: Applier::new(process_id),
             reader: None,
             caught_up: false,
             started: false,
@@ -96,10 +86,7 @@ impl CommandListener {
     /// Applies commands to this subscription too. A process that consumes nothing (an outbox
     /// relay) watches none: it acknowledges commands as `ignored`.
     pub fn watch(mut self, subscription: &Subscription) -> Self {
-        self.watched.push(Watched {
-            control: subscription.control.clone(),
-            applied: HashMap::new(),
-        });
+        self.applier.watch(subscription.control.clone());
         self
     }
 
@@ -137,7 +124,7 @@ impl CommandListener {
         let commands: Vec<FleetCommand> = self
             .in_force
             .commands()
-            .filter(|c| c.is_for(&self.process_id))
+            .filter(|c| c.is_for(self.applier.process_id()))
             .cloned()
             .collect();
         for command in commands {
@@ -229,7 +216,7 @@ impl CommandListener {
         let mut config = self
             .bus
             .config()
-            .consumer_config(&format!("weir-commands-{}", self.process_id));
+            .consumer_config(&format!("weir-commands-{}", self.applier.process_id()));
         config
             .set("enable.partition.eof", "true")
             .set("statistics.interval.ms", "0")
@@ -293,7 +280,7 @@ impl CommandListener {
                 return;
             }
         };
-        let mine = command.is_for(&self.process_id);
+        let mine = command.is_for(self.applier.process_id());
         self.in_force.fold(key.as_deref(), Some(command.clone()));
         if live && mine {
             let failed = self.reconcile().await;
@@ -301,61 +288,13 @@ impl CommandListener {
         }
     }
 
-    /// Sets and lifts command pauses until each watched subscription has the ones the
-    /// commands in force call for. Returns the failures (an engine that has stopped).
     async fn reconcile(&mut self) -> Vec<PauseError> {
-        let mut failed = Vec::new();
-        for watched in &mut self.watched {
-            let topics: Vec<String> = watched.control.topics().cloned().collect();
-            let desired: Desired = self
-                .in_force
-                .pauses(&self.process_id, &topics)
-                .into_iter()
-                .filter(|(target, _)| watched.control.accepts(target))
-                .collect();
-            let lifted: Vec<PauseTarget> = watched
-                .applied
-                .keys()
-                .filter(|t| !desired.contains_key(*t))
-                .cloned()
-                .collect();
-            for target in lifted {
-                match watched.control.set(SOURCE, target.clone(), None).await {
-                    Ok(_) => {
-                        watched.applied.remove(&target);
-                    }
-                    Err(e) => failed.push(e),
-                }
-            }
-            for (target, reason) in desired {
-                if watched.applied.get(&target) == Some(&reason) {
-                    continue;
-                }
-                match watched
-                    .control
-                    .set(SOURCE, target.clone(), Some(reason.to_owned()))
-                    .await
-                {
-                    Ok(_) => {
-                        watched.applied.insert(target, reason);
-                    }
-                    Err(e) => failed.push(e),
-                }
-            }
-        }
-        failed
+        self.applier.reconcile(&self.in_force).await
     }
 
     /// The audit line, the count and the acknowledgement of one command for this process.
     fn acknowledge(&self, command: &FleetCommand, failed: &[PauseError], at_start: bool) {
-        let reaches = match &command.action {
-            CommandAction::Pause { target } | CommandAction::Resume { target } => {
-                let target = target.pause_target();
-                self.watched.iter().any(|w| w.control.accepts(&target))
-            }
-            CommandAction::Quiet | CommandAction::Unquiet => !self.watched.is_empty(),
-        };
-        let result = match (reaches, failed.first()) {
+        let result = match (self.applier.reaches(&command.action), failed.first()) {
             (false, _) => "ignored",
             (true, Some(_)) => "failed",
             (true, None) => "applied",
