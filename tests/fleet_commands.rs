@@ -449,3 +449,170 @@ async fn a_fleet_pause_holds_every_replica_and_late_joiners_until_a_resume_drain
     }
     println!("lag while paused {lag_paused}; pause {pause_id}, resume {resume_id}");
 }
+
+/// Waits until `check` holds for the latest reports (by pid), built after `since` plus one
+/// interval; returns them.
+async fn reports_where(
+    brokers: &str,
+    what: &str,
+    since: chrono::DateTime<chrono::Utc>,
+    check: impl Fn(&HashMap<u32, StatusReport>) -> Result<(), String>,
+) -> HashMap<u32, StatusReport> {
+    let settled = since + chrono::Duration::seconds(1);
+    let check = &check;
+    eventually(what, PATIENCE, || async move {
+        let latest = reports(brokers).await;
+        if let Some(old) = latest.values().find(|r| r.at < settled) {
+            return Err(format!(
+                "{}'s latest report is from {}",
+                old.process.pid, old.at
+            ));
+        }
+        check(&latest).map(|()| latest)
+    })
+    .await
+}
+
+/// The pause reasons of each partition a report lists, by topic and partition.
+fn paused(report: &StatusReport) -> BTreeMap<(String, i32), Vec<String>> {
+    report
+        .partitions
+        .iter()
+        .map(|p| {
+            let reasons = p
+                .pause_reasons
+                .iter()
+                .map(|r| format!("{}: {}", r.source, r.reason))
+                .collect();
+            ((p.topic.clone(), p.partition), reasons)
+        })
+        .collect()
+}
+
+/// A quiet holds only the process it names, a fleet pause composes with it (the unquiet leaves
+/// the pause in force), and a process that consumes nothing acknowledges commands as ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_holds_only_its_process_and_an_unquiet_leaves_a_fleet_pause_in_force() {
+    let db = support::db::TestDb::migrated().await;
+    let broker = Tansu::start_memory();
+    broker.create_topic(CUSTOMER_TOPIC, 4);
+    broker.create_topic(TASK_TOPIC, 1);
+    broker.create_topic(RESOURCE_TOPIC, 1);
+    let brokers = broker.brokers();
+    let dir = TestDir::new("weir-fleet-quiet");
+    let group = unique("quiet");
+    let ledger = RecordFile::new(&dir.join("handled.jsonl"));
+    let options = ServeOptions::new(&brokers, &group, ledger.path())
+        .env("WEIR_CONTROL__REPORT_INTERVAL", "1s")
+        .config(FAST_GROUP_TOML);
+    let mut a = WeirProcess::serve(dir.path(), "serve-a", &options);
+    let mut b = WeirProcess::serve(dir.path(), "serve-b", &options);
+    let relay_env = vec![
+        ("WEIR_DATABASE__URL".to_owned(), db.url()),
+        ("WEIR_BROKERS".to_owned(), brokers.clone()),
+        ("WEIR_ADMIN_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("WEIR_CONTROL__REPORT_INTERVAL".to_owned(), "1s".to_owned()),
+    ];
+    let relay = WeirProcess::spawn(dir.path(), "relay", &["outbox-relay"], &relay_env);
+    ready(&mut a).await;
+    ready(&mut b).await;
+    let (a_pid, b_pid, relay_pid) = (a.pid(), b.pid(), relay.pid());
+    // Both replicas own partitions (the group has settled), and the relay reports.
+    let latest = reports_where(
+        &brokers,
+        "both replicas to own partitions",
+        chrono::Utc::now(),
+        |r| {
+            let owns = |pid| r.get(&pid).is_some_and(|r| !r.partitions.is_empty());
+            (owns(a_pid) && owns(b_pid) && r.contains_key(&relay_pid))
+                .then_some(())
+                .ok_or(format!(
+                    "{:?}",
+                    r.values()
+                        .map(|r| (r.process.pid, r.partitions.len()))
+                        .collect::<Vec<_>>()
+                ))
+        },
+    )
+    .await;
+    let b_id = latest[&b_pid].process.id.clone();
+
+    let quiet = fleet(
+        &dir,
+        "fleet-quiet",
+        &brokers,
+        &["quiet", "--process", &b_id],
+    )
+    .await;
+    let quiet_id = quiet["id"].as_str().expect("an id").to_owned();
+    let acked = |r: &StatusReport, id: &str| {
+        r.commands
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.result.clone())
+    };
+    reports_where(&brokers, "b quiet, a running", chrono::Utc::now(), |r| {
+        let (ra, rb) = (&r[&a_pid], &r[&b_pid]);
+        let b_paused = paused(rb);
+        let quiet_everywhere = b_paused
+            .values()
+            .all(|reasons| reasons == &["command: fleet quiet".to_owned()]);
+        if acked(rb, &quiet_id).as_deref() != Some("applied")
+            || b_paused.is_empty()
+            || !quiet_everywhere
+        {
+            return Err(format!("b: {b_paused:?}, {:?}", rb.commands));
+        }
+        if acked(ra, &quiet_id).is_some() || paused(ra).values().any(|r| !r.is_empty()) {
+            return Err(format!("a: {:?}, {:?}", paused(ra), ra.commands));
+        }
+        Ok(())
+    })
+    .await;
+
+    let pause = fleet(
+        &dir,
+        "fleet-pause",
+        &brokers,
+        &["pause", "--topic", CUSTOMER_TOPIC],
+    )
+    .await;
+    let pause_id = pause["id"].as_str().expect("an id").to_owned();
+    let unquiet = fleet(
+        &dir,
+        "fleet-unquiet",
+        &brokers,
+        &["unquiet", "--process", &b_id],
+    )
+    .await;
+    let unquiet_id = unquiet["id"].as_str().expect("an id").to_owned();
+    reports_where(
+        &brokers,
+        "b unquiet with the customers pause in force; the relay ignoring the pause",
+        chrono::Utc::now(),
+        |r| {
+            let rb = &r[&b_pid];
+            if acked(rb, &unquiet_id).as_deref() != Some("applied") {
+                return Err(format!("b: {:?}", rb.commands));
+            }
+            for ((topic, partition), reasons) in paused(rb) {
+                let expected: &[&str] = if topic == CUSTOMER_TOPIC {
+                    &["command: fleet pause"]
+                } else {
+                    &[]
+                };
+                if reasons != expected {
+                    return Err(format!("b's {topic}/{partition}: {reasons:?}"));
+                }
+            }
+            match acked(&r[&relay_pid], &pause_id).as_deref() {
+                Some("ignored") => Ok(()),
+                other => Err(format!("the relay acknowledges the pause as {other:?}")),
+            }
+        },
+    )
+    .await;
+    fail_if_exited(&mut [&mut a, &mut b]);
+    drop(relay);
+    db.close().await;
+}
