@@ -48,3 +48,26 @@ impl RecentCommands {
         ring.iter().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_latest_acknowledgements_oldest_first() {
+        let ring = RecentCommands::default();
+        for n in 0..KEPT + 3 {
+            ring.push(CommandAck {
+                at: chrono::Utc::now(),
+                id: n.to_string(),
+                issuer: "tester".into(),
+                command: "pause".into(),
+                target: "topic|t".into(),
+                result: "applied".into(),
+            });
+        }
+        let ids: Vec<String> = ring.snapshot().into_iter().map(|a| a.id).collect();
+        let expected: Vec<String> = (3..KEPT + 3).map(|n| n.to_string()).collect();
+        assert_eq!(ids, expected);
+    }
+}

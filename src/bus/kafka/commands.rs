@@ -220,7 +220,9 @@ impl CommandListener {
         config
             .set("enable.partition.eof", "true")
             .set("statistics.interval.ms", "0")
-            .set("fetch.wait.max.ms", "100")
+            // librdkafka's default: an idle reader asks twice a second, and a command takes
+            // effect within half a second of its publish.
+            .set("fetch.wait.max.ms", "500")
             .set("auto.offset.reset", "earliest");
         let reader: StreamConsumer<LogContext> = config
             .create_with_context(LogContext)
