@@ -32,6 +32,8 @@ pub const COMMANDS_TOPIC: &str = "weir.commands";
 pub(crate) const PAUSE_REASON: &str = "fleet pause";
 /// The pause reason of a quiet process's partitions.
 pub(crate) const QUIET_REASON: &str = "fleet quiet";
+/// The pause reason of every topic while a starting process reads the commands in force.
+const HOLD_REASON: &str = "fleet commands loading";
 
 /// One command, as published to the commands topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +322,31 @@ impl Applier {
         });
     }
 
+    /// Pauses every topic of the subscriptions until the next [`reconcile`](Self::reconcile),
+    /// which lifts what the commands in force do not call for: a process holds its topics
+    /// while it reads the commands in force, so that a partition paused fleet-wide is never
+    /// handled by a replica that has not read that yet.
+    pub(crate) async fn hold(&mut self) -> Vec<PauseError> {
+        let mut failed = Vec::new();
+        for watched in &mut self.watched {
+            let topics: Vec<String> = watched.control.topics().cloned().collect();
+            for topic in topics {
+                let target = PauseTarget::topic(topic);
+                let set = watched
+                    .control
+                    .set(SOURCE, target.clone(), Some(HOLD_REASON.to_owned()))
+                    .await;
+                match set {
+                    Ok(_) => {
+                        watched.applied.insert(target, HOLD_REASON);
+                    }
+                    Err(e) => failed.push(e),
+                }
+            }
+        }
+        failed
+    }
+
     /// Whether `action` concerns anything a watched subscription consumes.
     pub(crate) fn reaches(&self, action: &CommandAction) -> bool {
         match action {
@@ -527,6 +554,19 @@ mod tests {
             .expect("subscribes");
         let mut applier = Applier::new("p1");
         applier.watch(subscription.control.clone());
+        // Held while the commands in force are read; the first reconcile lifts the hold.
+        assert!(applier.hold().await.is_empty());
+        let held = subscription
+            .resume(PauseTarget::topic("a"))
+            .await
+            .expect("lists");
+        assert_eq!(held.len(), 2, "{held:?}");
+        assert!(applier.reconcile(&InForce::default()).await.is_empty());
+        let held = subscription
+            .resume(PauseTarget::topic("a"))
+            .await
+            .expect("lists");
+        assert!(held.is_empty(), "{held:?}");
         let mut in_force = InForce::default();
         let mut run = |action: CommandAction, to: Addressee| {
             in_force.fold(None, Some(command(to, action)));

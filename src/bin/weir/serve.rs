@@ -79,15 +79,15 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         _ => None,
     };
     let topics = router.topics();
-    // The fleet commands in force are read before the consumer joins its group and set right
-    // after it starts, so a partition this replica is given comes to it paused when a command
-    // paused it.
-    let process_id = weir::ProcessInfo::current("serve").id;
-    let mut commands = settings.control.commands(&bus, &process_id);
-    commands.catch_up().await;
     let subscription = bus.subscribe(router, settings.consumer.clone())?;
-    let mut commands = commands.watch(&subscription);
-    commands.apply_in_force().await;
+    // Every topic is held until the fleet commands in force are read (before the group can
+    // assign a partition), so a partition a command paused comes to this replica paused.
+    let process_id = weir::ProcessInfo::current("serve").id;
+    let mut commands = settings
+        .control
+        .commands(&bus, &process_id)
+        .watch(&subscription);
+    commands.hold().await;
 
     // Everything besides the consumer stops on `stop`, after the consumer has drained.
     let stop = CancellationToken::new();

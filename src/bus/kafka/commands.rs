@@ -90,15 +90,29 @@ impl CommandListener {
         self
     }
 
+    /// Pauses every topic of the watched subscriptions (a [`PauseSource::Command`] pause,
+    /// reason `fleet commands loading`) until the commands in force are applied, which lifts
+    /// what they do not call for. Await it right after subscribing, then [`run`](Self::run):
+    /// the process starts at once, and no partition a command paused is handled in between.
+    /// If the commands cannot be read within 15 s (an unreachable broker), the hold is lifted
+    /// anyway and commands are applied as they arrive.
+    ///
+    /// [`PauseSource::Command`]: crate::PauseSource::Command
+    pub async fn hold(&mut self) {
+        for error in self.applier.hold().await {
+            tracing::warn!(%error, "Could not hold the topics while reading the fleet commands.");
+        }
+    }
+
     /// The commands in force, as read so far.
     pub fn in_force(&self) -> &InForce {
         &self.in_force
     }
 
     /// Reads the topic to its end, folding the commands in force, without applying them;
-    /// bounded (15 s), since an unreachable broker must not hold a start up. Call it before
-    /// subscribing, then [`watch`](Self::watch) and [`apply_in_force`](Self::apply_in_force),
-    /// so that a pause in force is set before the group assigns a partition.
+    /// bounded (15 s). [`run`](Self::run) does it first; call it yourself (before subscribing,
+    /// then [`apply_in_force`](Self::apply_in_force)) to start with the commands in force
+    /// instead of [`hold`](Self::hold)ing.
     pub async fn catch_up(&mut self) {
         if self.caught_up {
             return;
