@@ -332,6 +332,13 @@ async fn a_fleet_pause_holds_every_replica_and_late_joiners_until_a_resume_drain
                 if let Some(running) = owned.iter().find(|p| !p.paused) {
                     panic!("a partition moved to the late replica runs: {running:?}");
                 }
+                // Held at first, while it reads the commands; then paused by the command.
+                let by_command = |p: &&weir::PartitionStatus| {
+                    p.pause_reasons.iter().any(|r| r.reason == "fleet pause")
+                };
+                if !owned.iter().all(by_command) {
+                    return Err(format!("c's customers partitions: {owned:?}"));
+                }
                 Ok(report)
             }
         },

@@ -135,6 +135,11 @@ impl CommandListener {
         }
         self.started = true;
         let failed = self.reconcile().await;
+        tracing::info!(
+            topic = %self.topic,
+            in_force = self.in_force.commands().count(),
+            "Applied the fleet commands in force; following new ones."
+        );
         let commands: Vec<FleetCommand> = self
             .in_force
             .commands()
