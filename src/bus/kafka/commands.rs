@@ -154,29 +154,28 @@ impl CommandListener {
     /// Catches up and applies (unless done already), then applies new commands until `stop`
     /// completes. Failures are logged, never returned: commands must not stop a service.
     pub async fn run(mut self, stop: impl Future<Output = ()>) {
-        tokio::pin!(stop);
         tokio::select! {
-            () = &mut stop => return,
-            () = async { self.catch_up().await; self.apply_in_force().await; } => {}
+            () = stop => {}
+            () = self.follow() => {}
         }
+        // Closing the client waits on librdkafka: off the runtime's threads.
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(reader)).await;
+        }
+    }
+
+    async fn follow(&mut self) {
+        self.catch_up().await;
+        self.apply_in_force().await;
         loop {
-            let reader = tokio::select! {
-                () = &mut stop => return,
-                reader = self.reader() => reader,
-            };
-            let next = tokio::select! {
-                () = &mut stop => return,
-                next = reader.recv() => next.map(|m| owned(&m)),
-            };
+            let reader = self.reader().await;
+            let next = reader.recv().await.map(|m| owned(&m));
             match next {
                 Ok((key, value)) => self.take(key.as_deref(), value.as_deref(), true).await,
                 Err(KafkaError::PartitionEOF(_)) => {}
                 Err(error) => {
                     tracing::warn!(topic = %self.topic, %error, "Reading the fleet commands failed; retrying.");
-                    tokio::select! {
-                        () = &mut stop => return,
-                        () = tokio::time::sleep(RETRY) => {}
-                    }
+                    tokio::time::sleep(RETRY).await;
                 }
             }
         }
