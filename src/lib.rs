@@ -50,7 +50,8 @@
 //! - `telemetry`: [`Metrics`], [`Health`], trace-context propagation, and the typed internal events
 //!   every metric and log line goes through; [`otlp`] sets up trace export (feature `otlp`); the
 //!   [`StatusReport`] a process publishes (its versioned schema, and the [`ReportBuilder`] that
-//!   reads route counts and handler times off the metrics, plus the last handler errors).
+//!   reads route counts and handler times off the metrics, plus the last handler errors and
+//!   the fleet commands applied, [`CommandAck`]).
 //! - `handlers`: [`HandlerFn`], [`Ctx`], [`State`], [`HandlerError`], the [`RetryPolicy`], the
 //!   [`Router`] (where types are erased, and layers applied), the dispatch pipeline that takes
 //!   one record to a final outcome, and each route's circuit breaker ([`BreakerConfig`]: it
@@ -60,7 +61,10 @@
 //!   ([`Subscription::pause`], [`PauseTarget`], [`PauseSource`]), the engine's snapshot of its
 //!   partitions ([`Subscription::status`]), the [`MemoryBus`] and, with the `kafka` feature, the
 //!   `KafkaBus` (the only rdkafka user) and the `StatusReporter` that publishes status reports
-//!   to the compacted `weir.status` topic.
+//!   to the compacted `weir.status` topic; fleet commands ([`FleetCommand`], their versioned
+//!   schema, and [`InForce`], the fold of a compacted commands topic) and, with `kafka`, the
+//!   `CommandListener` every process runs on `weir.commands` and the `CommandPublisher` that
+//!   issues them.
 //! - `outbox` (feature `postgres`): the transactional `OutboxWriter` and `OutboxRelay`, the
 //!   idempotent `inbox`, the embedded PostgreSQL `migrate` runner, and durable retries: the
 //!   `ParkedStore` records are parked in and the `ParkedWorker` that retries them (it calls
@@ -100,12 +104,16 @@ pub mod testing;
 #[cfg(feature = "admin")]
 pub use admin::{admin_router, serve_admin};
 pub use bus::{
-    Bus, BusError, ConsumerConfig, DeadLetterTopics, Delivery, MemoryBus, MemoryConfig,
-    OutboundRecord, Pause, PauseError, PauseSource, PauseTarget, ProcessingOrder, PublishError,
-    PublishExt, Publisher, StatusProbe, StopReport, StoredRecord, Subscription,
+    Addressee, Bus, BusError, CommandAction, CommandError, CommandTarget, ConsumerConfig,
+    DeadLetterTopics, Delivery, FleetCommand, InForce, MemoryBus, MemoryConfig, OutboundRecord,
+    Pause, PauseError, PauseSource, PauseTarget, ProcessingOrder, PublishError, PublishExt,
+    Publisher, StatusProbe, StopReport, StoredRecord, Subscription, COMMANDS_TOPIC,
+    COMMAND_SCHEMA_VERSION,
 };
 #[cfg(feature = "kafka")]
-pub use bus::{KafkaBus, KafkaConfig, ReporterConfig, StatusReporter};
+pub use bus::{
+    CommandListener, CommandPublisher, KafkaBus, KafkaConfig, ReporterConfig, StatusReporter,
+};
 pub use contracts::{
     DecodeError, DecodeLimits, Envelope, Event, EventFactory, EventMeta, EventType, Headers,
     CLOUDEVENTS_CONTENT_TYPE, SPEC_VERSION,
@@ -127,8 +135,9 @@ pub use telemetry::outbox::OutboxMetrics;
 #[cfg(feature = "postgres")]
 pub use telemetry::parked::ParkedMetrics;
 pub use telemetry::{
-    ErrorEntry, Health, HealthStatus, Metrics, PartitionStatus, PauseReason, ProcessInfo,
-    ReportBuilder, RouteStatus, StatusReport, MAX_REPORTED_PARTITIONS, REPORT_SCHEMA_VERSION,
+    CommandAck, ErrorEntry, Health, HealthStatus, Metrics, PartitionStatus, PauseReason,
+    ProcessInfo, ReportBuilder, RouteStatus, StatusReport, MAX_REPORTED_PARTITIONS,
+    REPORT_SCHEMA_VERSION,
 };
 
 /// OTLP trace export from the standard `OTEL_*` variables.

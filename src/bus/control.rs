@@ -187,6 +187,18 @@ impl Control {
         answer.await.map_err(|_| PauseError::Stopped)
     }
 
+    /// Whether the engine's subscription has `target` (its topic, or its route) at all.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // For the commands reader.
+    pub(crate) fn accepts(&self, target: &PauseTarget) -> bool {
+        self.scope.check(target).is_ok()
+    }
+
+    /// The topics the engine's subscription consumes.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // For the commands reader.
+    pub(crate) fn topics(&self) -> impl Iterator<Item = &String> {
+        self.scope.topics.iter()
+    }
+
     /// The status of each partition the engine owns now; `None` once it has stopped.
     pub(crate) async fn status(&self) -> Option<Vec<PartitionStatus>> {
         let (done, answer) = oneshot::channel();

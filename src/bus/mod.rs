@@ -2,6 +2,7 @@
 //! dead-lettering are shared; the in-memory and Kafka buses only differ in where records come
 //! from and go to. Only `kafka` imports rdkafka.
 
+mod commands;
 mod config;
 mod control;
 pub(crate) mod dead_letter;
@@ -18,11 +19,17 @@ pub(crate) mod dead_letter_header_names {
     pub use super::dead_letter::header::*;
 }
 
+pub use commands::{
+    Addressee, CommandAction, CommandError, CommandTarget, FleetCommand, InForce, COMMANDS_TOPIC,
+    COMMAND_SCHEMA_VERSION,
+};
 pub use config::{ConsumerConfig, DeadLetterTopics, ProcessingOrder};
 pub use control::{Pause, PauseError, PauseSource, PauseTarget};
 pub use error::BusError;
 #[cfg(feature = "kafka")]
-pub use kafka::{KafkaBus, KafkaConfig, ReporterConfig, StatusReporter};
+pub use kafka::{
+    CommandListener, CommandPublisher, KafkaBus, KafkaConfig, ReporterConfig, StatusReporter,
+};
 pub use memory::{MemoryBus, MemoryConfig, StoredRecord};
 /// The record Weir publishes for an event; the outbox stores exactly this.
 #[cfg(feature = "postgres")]
@@ -123,7 +130,9 @@ impl Subscription {
     }
 
     /// Pauses or resumes on behalf of another source (the breaker, an operator's command).
-    #[allow(dead_code)] // For the commands reader, next; the breaker asks the engine directly.
+    /// Tests use it; the breaker and the fleet commands reader (`CommandListener::watch`) hold
+    /// the engine's control handle and set pauses through it with their own source.
+    #[allow(dead_code)]
     pub(crate) async fn pause_as(
         &self,
         source: PauseSource,

@@ -825,3 +825,66 @@ impl ReportPublished<'_> {
         }
     }
 }
+
+/// A fleet command read from the commands topic, and what this process made of it: the audit
+/// line of each command (id, issuer, action, target, result), the
+/// `weir_commands_applied_total{command,result}` counter, and its acknowledgement in the next
+/// status reports.
+pub(crate) struct CommandApplied<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) issuer: &'a str,
+    /// `pause`, `resume`, `quiet`, `unquiet`, or `unknown` for a rejected record.
+    pub(crate) command: &'static str,
+    pub(crate) target: &'a str,
+    /// `all`, or `process:<id>`.
+    pub(crate) to: &'a str,
+    /// `applied`, `ignored`, `rejected` or `failed`.
+    pub(crate) result: &'static str,
+    /// Whether it was read at start, among the commands still in force.
+    pub(crate) in_force_at_start: bool,
+    pub(crate) error: Option<&'a dyn std::fmt::Display>,
+}
+
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+impl CommandApplied<'_> {
+    pub(crate) fn emit(&self, m: &Metrics) {
+        m.commands_applied
+            .with_label_values(&[self.command, self.result])
+            .inc();
+        m.recent_commands.push(super::CommandAck {
+            at: chrono::Utc::now(),
+            id: self.id.to_owned(),
+            issuer: self.issuer.to_owned(),
+            command: self.command.to_owned(),
+            target: self.target.to_owned(),
+            result: self.result.to_owned(),
+        });
+        let error = shown(self.error);
+        if self.result == "rejected" || self.result == "failed" {
+            warn!(
+                audit = "fleet_command",
+                command_id = self.id,
+                issuer = self.issuer,
+                command = self.command,
+                target = self.target,
+                to = self.to,
+                result = self.result,
+                in_force_at_start = self.in_force_at_start,
+                error,
+                "Fleet command not applied."
+            );
+        } else {
+            info!(
+                audit = "fleet_command",
+                command_id = self.id,
+                issuer = self.issuer,
+                command = self.command,
+                target = self.target,
+                to = self.to,
+                result = self.result,
+                in_force_at_start = self.in_force_at_start,
+                "Fleet command."
+            );
+        }
+    }
+}

@@ -34,8 +34,13 @@ pub struct Metrics {
     pub(crate) blocking_polls: IntCounterVec,
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Counted by the Kafka reporter.
     pub(crate) reports_published: IntCounterVec,
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Counted by the commands reader.
+    pub(crate) commands_applied: IntCounterVec,
     /// The last handler errors, for status reports.
     pub(crate) recent_errors: std::sync::Arc<RecentErrors>,
+    /// The last fleet commands applied, acknowledged in status reports.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))] // Written by the commands reader.
+    pub(crate) recent_commands: std::sync::Arc<super::recent_commands::RecentCommands>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -191,7 +196,13 @@ impl Metrics {
                 "Status reports (and the final tombstone) published to the status topic, by result (ok, error).",
                 &["result"],
             ),
+            commands_applied: counter(
+                "weir_commands_applied_total",
+                "Fleet commands read from the commands topic, by command (pause, resume, quiet, unquiet, unknown) and result (applied, ignored, rejected, failed).",
+                &["command", "result"],
+            ),
             recent_errors: std::sync::Arc::default(),
+            recent_commands: std::sync::Arc::default(),
             registry,
         };
         metrics.export_known_labels();
@@ -212,6 +223,8 @@ impl Metrics {
         for aborted in ["false", "true"] {
             self.revoke_drain.with_label_values(&[aborted]);
         }
+        self.commands_applied
+            .with_label_values(&["unknown", "rejected"]);
     }
 
     /// Creates a subscribed route's failure series at 0 (see [`export_known_labels`]):

@@ -11,6 +11,7 @@ pub(crate) mod otlp;
 pub(crate) mod outbox;
 #[cfg(feature = "postgres")]
 pub(crate) mod parked;
+mod recent_commands;
 mod recent_errors;
 mod report;
 pub(crate) mod trace;
@@ -18,6 +19,7 @@ pub(crate) mod trace;
 pub use health::{Health, HealthStatus};
 pub use metrics::Metrics;
 pub(crate) use metrics::{LocalRouteSeries, LocalSeries, RouteSeries};
+pub use recent_commands::CommandAck;
 pub use recent_errors::ErrorEntry;
 pub use report::{
     PartitionStatus, PauseReason, ProcessInfo, ReportBuilder, RouteStatus, StatusReport,

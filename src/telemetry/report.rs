@@ -9,6 +9,7 @@
 //! partitions come from the engine, asked through its control channel.
 
 use super::metrics::Metrics;
+use super::recent_commands::CommandAck;
 use super::recent_errors::{self, ErrorEntry};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,11 @@ pub struct StatusReport {
     pub errors_total: u64,
     /// Whether older errors were left out of `errors`.
     pub errors_truncated: bool,
+    /// The fleet commands this process read lately, oldest first (at most twenty), each with
+    /// its result: how an operator sees that a command reached this process. Absent in
+    /// reports of processes older than fleet commands.
+    #[serde(default)]
+    pub commands: Vec<CommandAck>,
 }
 
 /// Who reports.
@@ -242,6 +248,7 @@ impl ReportBuilder {
                 && errors.len() == recent_errors::KEPT,
             errors,
             errors_total,
+            commands: self.metrics.recent_commands.snapshot(),
         }
     }
 

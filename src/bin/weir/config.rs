@@ -84,8 +84,7 @@ pub(crate) struct Settings {
     pub(crate) control: ControlSettings,
 }
 
-/// `[control]`: the topics through which a fleet of processes is watched (and, later,
-/// commanded).
+/// `[control]`: the topics through which a fleet of processes is watched and commanded.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct ControlSettings {
@@ -94,6 +93,9 @@ pub(crate) struct ControlSettings {
     /// How often each process publishes its report.
     #[serde(with = "humantime_serde")]
     pub(crate) report_interval: std::time::Duration,
+    /// The compacted topic fleet commands are read from (`weir fleet` writes it), keyed by
+    /// what they target (`WEIR_CONTROL__COMMANDS_TOPIC`).
+    pub(crate) commands_topic: String,
 }
 
 impl Default for ControlSettings {
@@ -102,6 +104,7 @@ impl Default for ControlSettings {
         Self {
             status_topic: reporter.status_topic,
             report_interval: reporter.report_interval,
+            commands_topic: weir::COMMANDS_TOPIC.to_owned(),
         }
     }
 }
@@ -114,6 +117,11 @@ impl ControlSettings {
         config.status_topic = self.status_topic.clone();
         config.report_interval = self.report_interval;
         weir::StatusReporter::new(bus, config, role)
+    }
+
+    /// The fleet commands reader of the process `process_id` (its reports' key).
+    pub(crate) fn commands(&self, bus: &weir::KafkaBus, process_id: &str) -> weir::CommandListener {
+        weir::CommandListener::new(bus, self.commands_topic.clone(), process_id)
     }
 }
 

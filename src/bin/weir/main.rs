@@ -14,6 +14,7 @@ mod config;
 mod db;
 mod demo;
 mod dlq;
+mod fleet;
 mod inspect;
 mod kafka_read;
 mod liveness;
@@ -76,6 +77,8 @@ enum Command {
     /// Run the Temporal worker of task processing alone until SIGTERM/SIGINT (needs
     /// [temporal] address and [database] url).
     Worker,
+    /// Steer every process (or one) through the commands topic: pause, resume, quiet, unquiet.
+    Fleet(fleet::FleetArgs),
     /// The service's contracts as documents (AsyncAPI 3.0, JSON Schema) and the check CI runs.
     Schema(schema::SchemaArgs),
 }
@@ -141,6 +144,11 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(false)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             dlq::run(settings.kafka, args).await
+        }
+        Command::Fleet(args) => {
+            let _telemetry = telemetry::init(false)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            fleet::run(settings, args).await
         }
         Command::Inspect(args) => {
             let _telemetry = telemetry::init(false)?;

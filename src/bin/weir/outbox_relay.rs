@@ -29,6 +29,7 @@ pub(crate) async fn run(
     let outbox_metrics = OutboxMetrics::new(metrics.registry())?;
     let bus = KafkaBus::with_metrics(settings.kafka.clone(), metrics.clone())?;
     let reporter = settings.control.reporter(&bus, "outbox-relay");
+    let commands = settings.control.commands(&bus, reporter.process_id());
     let relay = OutboxRelay::new(pool.clone(), bus, settings.outbox.clone(), outbox_metrics);
 
     // Metrics and liveness only: a relay that cannot publish shows in
@@ -38,6 +39,8 @@ pub(crate) async fn run(
         crate::liveness::serve(settings.admin_addr, metrics.clone(), stop.clone()).await?;
 
     tracing::info!(brokers = %settings.kafka.brokers, %admin_addr, config = ?settings.outbox, "Relaying the outbox.");
+    // It consumes no topic: it reads the fleet commands to acknowledge them (as `ignored`).
+    let commands = tokio::spawn(commands.run(stop.clone().cancelled_owned()));
     let reporter = tokio::spawn(reporter.run(stop.clone().cancelled_owned()));
     let signal = stop.clone();
     tokio::spawn(async move {
@@ -48,6 +51,7 @@ pub(crate) async fn run(
     relay.run(stop.clone()).await;
     stop.cancel();
     let _ = reporter.await;
+    let _ = commands.await;
     let _ = admin.await;
     pool.close().await;
     Ok(())

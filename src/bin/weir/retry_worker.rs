@@ -60,12 +60,15 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let (admin_addr, admin) =
         crate::liveness::serve(settings.admin_addr, metrics.clone(), stop.clone()).await?;
     tracing::info!(group = %settings.consumer.group_id, %admin_addr, "Retrying parked records.");
-    let reporter = tokio::spawn(
+    let reporter = settings.control.reporter(&bus, "retry-worker");
+    // It consumes no topic: it reads the fleet commands to acknowledge them (as `ignored`).
+    let commands = tokio::spawn(
         settings
             .control
-            .reporter(&bus, "retry-worker")
+            .commands(&bus, reporter.process_id())
             .run(stop.clone().cancelled_owned()),
     );
+    let reporter = tokio::spawn(reporter.run(stop.clone().cancelled_owned()));
     let signal = stop.clone();
     tokio::spawn(async move {
         stop_requested.cancelled().await;
@@ -75,6 +78,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     worker.run(stop.clone()).await;
     stop.cancel();
     let _ = reporter.await;
+    let _ = commands.await;
     let _ = admin.await;
     pool.close().await;
     Ok(())

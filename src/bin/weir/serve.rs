@@ -80,6 +80,14 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let topics = router.topics();
     let subscription = bus.subscribe(router, settings.consumer.clone())?;
+    // Every topic is held until the fleet commands in force are read (before the group can
+    // assign a partition), so a partition a command paused comes to this replica paused.
+    let process_id = weir::ProcessInfo::current("serve").id;
+    let mut commands = settings
+        .control
+        .commands(&bus, &process_id)
+        .watch(&subscription);
+    commands.hold().await;
 
     // Everything besides the consumer stops on `stop`, after the consumer has drained.
     let stop = CancellationToken::new();
@@ -89,8 +97,8 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         .control
         .reporter(&bus, "serve")
         .watch(subscription.status_probe());
-    let process_id = reporter.process_id().to_owned();
     jobs.push(tokio::spawn(reporter.run(stop.clone().cancelled_owned())));
+    jobs.push(tokio::spawn(commands.run(stop.clone().cancelled_owned())));
     let listener = tokio::net::TcpListener::bind(settings.admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin_addr {}", settings.admin_addr))?;

@@ -1,11 +1,13 @@
 //! The Kafka bus, on rdkafka (librdkafka). The only module that imports rdkafka.
 
+mod commands;
 mod config;
 mod consumer;
 mod pauses;
 mod producer;
 mod status;
 
+pub use commands::{CommandListener, CommandPublisher};
 pub use config::KafkaConfig;
 pub use status::{ReporterConfig, StatusReporter};
 

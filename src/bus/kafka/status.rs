@@ -159,26 +159,31 @@ impl StatusReporter {
     /// reporting goes on: the broker may create the topic itself, or an operator may have.
     async fn create_topic(&self) {
         let topic = &self.config.status_topic;
-        let created = async {
-            let admin: AdminClient<DefaultClientContext> =
-                self.bus.config().producer_config().create()?;
-            let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1))
-                .set("cleanup.policy", "compact");
-            let options = AdminOptions::new()
-                .operation_timeout(Some(Duration::from_secs(10)))
-                .request_timeout(Some(Duration::from_secs(10)));
-            let results = admin.create_topics([&new], &options).await?;
-            Ok::<_, rdkafka::error::KafkaError>(results)
-        };
-        let failure = match created.await {
-            Ok(results) => results.into_iter().find_map(|r| match r {
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) | Ok(_) => None,
-                Err((_, code)) => Some(code.to_string()),
-            }),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(error) = failure {
+        if let Err(error) = create_compacted_topic(&self.bus, topic).await {
             tracing::warn!(topic = %topic, %error, "Could not create the compacted status topic; reporting anyway.");
         }
     }
+}
+
+/// Creates `topic` with one partition, compacted, unless it exists (the status and commands
+/// topics: the latest record of each key is what counts).
+pub(super) async fn create_compacted_topic(bus: &KafkaBus, topic: &str) -> Result<(), String> {
+    let created = async {
+        let admin: AdminClient<DefaultClientContext> = bus.config().producer_config().create()?;
+        let new =
+            NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(10)));
+        let results = admin.create_topics([&new], &options).await?;
+        Ok::<_, rdkafka::error::KafkaError>(results)
+    };
+    let failure = match created.await {
+        Ok(results) => results.into_iter().find_map(|r| match r {
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) | Ok(_) => None,
+            Err((_, code)) => Some(code.to_string()),
+        }),
+        Err(e) => Some(e.to_string()),
+    };
+    failure.map_or(Ok(()), Err)
 }
