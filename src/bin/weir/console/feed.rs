@@ -12,8 +12,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weir::KafkaConfig;
 
-/// How often the topic's partitions are looked up again.
+/// How often the topic's partitions are looked up again once it is followed, and while it
+/// does not exist yet (a fleet that is starting creates it any moment).
 const RESCAN: Duration = Duration::from_secs(5);
+const RESCAN_MISSING: Duration = Duration::from_secs(1);
 
 /// Reads `topic` into `fleet` until `stop`.
 pub(crate) async fn follow(
@@ -31,11 +33,11 @@ pub(crate) async fn follow(
         .set("isolation.level", "read_uncommitted");
     let consumer: StreamConsumer = config.create()?;
     let mut assigned: Vec<i32> = Vec::new();
-    let mut rescan = tokio::time::interval(RESCAN);
+    let mut next_scan = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
-            _ = rescan.tick() => {
+            () = tokio::time::sleep_until(next_scan) => {
                 let partitions = partitions(&consumer, &topic);
                 if partitions.len() > assigned.len() {
                     // `incremental_assign` keeps the positions of partitions already read.
@@ -47,6 +49,8 @@ pub(crate) async fn follow(
                     tracing::info!(topic, partitions = partitions.len(), "Following the status topic.");
                     assigned = partitions;
                 }
+                let wait = if assigned.is_empty() { RESCAN_MISSING } else { RESCAN };
+                next_scan = tokio::time::Instant::now() + wait;
             }
             message = consumer.recv(), if !assigned.is_empty() => match message {
                 Ok(m) => {
