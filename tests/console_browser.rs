@@ -36,7 +36,6 @@ const PARTITIONS: i32 = 4;
 const VIEWER: &str = "viewer-token-browser";
 const OPERATOR: &str = "operator-token-browser";
 const BAD_KEY: &str = "c-bad";
-const DLQ: &str = "customers.dlq";
 const PATIENCE: Duration = Duration::from_secs(90);
 
 fn screenshots() -> PathBuf {
@@ -148,11 +147,13 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
         return;
     };
     let shots = screenshots();
+    let dlq = format!("{CUSTOMER_TOPIC}.dlq");
+    let dlq = dlq.as_str();
     let broker = Tansu::start_memory();
     for topic in [TASK_TOPIC, CUSTOMER_TOPIC, RESOURCE_TOPIC] {
         broker.create_topic(topic, PARTITIONS);
     }
-    broker.create_topic(DLQ, 2);
+    broker.create_topic(dlq, 2);
     let brokers = broker.brokers();
     let dir = TestDir::new("weir-console-browser");
     let group = unique("console");
@@ -234,7 +235,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
         .unwrap()
         .contains("action=\"/login\""));
     let viewer_post = http
-        .post(format!("{base}/dlq/{DLQ}/replay"))
+        .post(format!("{base}/dlq/{dlq}/replay"))
         .header("authorization", format!("Bearer {VIEWER}"))
         .header("content-type", "application/x-www-form-urlencoded")
         .body("kind=")
@@ -369,6 +370,20 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
     assert!(route_lines.as_u64().unwrap_or(0) >= 3, "{route_lines}");
     browser.screenshot(&shots.join("lag.png")).await;
 
+    // Routes: the route table, each event type linked to its contract.
+    browser.goto(&format!("{base}/routes")).await;
+    let contract = browser
+        .execute(
+            "return document.querySelector('#routes tr[data-handler=record_customer_created] a').getAttribute('href');",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        contract,
+        json!("/asyncapi.json#/components/messages/customer.created")
+    );
+    browser.screenshot(&shots.join("routes.png")).await;
+
     // Kill one replica: it goes stale, and the survivor owns every partition.
     b.sigkill();
     let killed = Instant::now();
@@ -411,7 +426,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
     let dead_letters = loop {
         let n = read_topic(
             &brokers,
-            DLQ,
+            dlq,
             bad,
             Duration::from_millis(500),
             Duration::from_secs(10),
@@ -431,10 +446,10 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
 
     // Dead letters: the topic list, the explorer, one record.
     browser.goto(&format!("{base}/dlq")).await;
-    assert!(browser.text().await.contains(DLQ));
+    assert!(browser.text().await.contains(dlq));
     browser.screenshot(&shots.join("dead-letters.png")).await;
     browser
-        .click(&format!("#dead-letter-topics a[href=\"/dlq/{DLQ}\"]"))
+        .click(&format!("#dead-letter-topics a[href=\"/dlq/{dlq}\"]"))
         .await;
     let listed = browser
         .execute(
@@ -458,7 +473,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
         .await;
 
     // A POST without its CSRF token is refused (the form, with the token taken out).
-    browser.goto(&format!("{base}/dlq/{DLQ}")).await;
+    browser.goto(&format!("{base}/dlq/{dlq}")).await;
     browser
         .execute(
             "document.querySelector('#replay input[name=csrf]').remove();",
@@ -471,7 +486,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
 
     // Replay: the dry run counts them and names the target; confirming republishes them once.
     browser
-        .goto(&format!("{base}/dlq/{DLQ}?key={BAD_KEY}"))
+        .goto(&format!("{base}/dlq/{dlq}?key={BAD_KEY}"))
         .await;
     browser.click("#replay button").await;
     let dry = browser

@@ -40,9 +40,10 @@ pub(crate) fn url(s: &str) -> String {
 }
 
 /// The navigation: path, label.
-const NAV: [(&str, &str); 4] = [
+const NAV: [(&str, &str); 5] = [
     ("/", "Fleet"),
     ("/lag", "Lag and throughput"),
+    ("/routes", "Routes"),
     ("/errors", "Errors"),
     ("/dlq", "Dead letters"),
     // Controls (fleet commands: pause, resume, quiet) join here once they exist.

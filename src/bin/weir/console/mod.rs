@@ -15,6 +15,7 @@ mod feed;
 mod fleet;
 mod html;
 mod pages;
+mod routes;
 
 use crate::config::Settings;
 use anyhow::Context as _;
@@ -49,6 +50,8 @@ pub(crate) struct Console {
     auth: Auth,
     /// Replay ids being confirmed right now.
     running: Mutex<HashSet<String>>,
+    /// The service's routes and contracts.
+    routes: routes::RouteTable,
 }
 
 /// Runs the console until `stop`.
@@ -81,6 +84,7 @@ pub(crate) async fn run(
         fleet: Arc::default(),
         auth: Auth::new(c.viewer_token.clone(), c.operator_token.clone(), insecure),
         running: Mutex::default(),
+        routes: routes::RouteTable::of(&settings)?,
     });
     let listen = args.listen.unwrap_or(c.listen);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -113,6 +117,8 @@ fn router(console: Arc<Console>) -> Router {
         .route("/processes/{id}", get(pages::process))
         .route("/lag", get(pages::lag))
         .route("/errors", get(pages::errors))
+        .route("/routes", get(routes::routes))
+        .route("/asyncapi.json", get(routes::asyncapi))
         .route("/dlq", get(dead_letters::topics))
         .route("/dlq/{topic}", get(dead_letters::explore))
         .route(
