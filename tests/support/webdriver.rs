@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The W3C name of an element reference in JSON.
-const ELEMENT: &str = "element-6066-11e4-a52f-4a5cbd1f4a5e";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A running `chromedriver`.
 pub struct ChromeDriver {
@@ -186,7 +186,7 @@ impl Browser {
             .await;
         found[ELEMENT]
             .as_str()
-            .unwrap_or_else(|| panic!("no element {css}"))
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
             .to_owned()
     }
 
@@ -199,6 +199,29 @@ impl Browser {
             Some(json!({})),
         )
         .await;
+    }
+
+    /// Waits until an element matches `css` (a click's navigation may still be loading when
+    /// the click returns); panics naming it after `timeout`.
+    pub async fn wait_for(&self, css: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .execute(
+                    "return document.querySelector(arguments[0]) !== null;",
+                    json!([css]),
+                )
+                .await;
+            if found == json!(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {css} within {timeout:?} at {}",
+                self.url().await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Types `text` into the first element matching `css`.

@@ -179,7 +179,8 @@ const PALETTE: [&str; 8] = [
     "#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563",
 ];
 
-/// A line chart of `series` over `[from, to]`, as inline SVG with a legend. Every line is a
+/// A line chart of `series` over `[from, to]` (from its first point, if later), as inline SVG
+/// with a legend. Every line is a
 /// `<polyline>` whose `data-points` attribute says how many points it has.
 pub(crate) fn chart(
     label: &str,
@@ -187,6 +188,15 @@ pub(crate) fn chart(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> String {
+    // A console that started minutes ago, or a fleet that did, has minutes to show, not an
+    // hour: the axis starts at the first point (a minute at least before `to`).
+    let first = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|(t, _)| *t))
+        .min();
+    let from = first
+        .map_or(from, |first| first.max(from))
+        .min(to - chrono::Duration::minutes(1));
     const W: f64 = 640.0;
     const H: f64 = 160.0;
     const PAD: f64 = 36.0;
@@ -211,10 +221,10 @@ pub(crate) fn chart(
         trim_number(max),
         H - 20.0,
         H - 4.0,
-        from.format("%H:%M"),
+        from.format("%H:%M:%S"),
         W - 8.0,
         H - 4.0,
-        to.format("%H:%M"),
+        to.format("%H:%M:%S"),
     );
     for (i, s) in series.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
@@ -231,6 +241,20 @@ pub(crate) fn chart(
             s.points.len(),
             points.join(" ")
         );
+        // Dots where points are few (a line of one point draws nothing), and at the latest.
+        let dotted = if s.points.len() <= 60 {
+            &s.points[..]
+        } else {
+            &s.points[s.points.len() - 1..]
+        };
+        for (t, v) in dotted {
+            let _ = write!(
+                out,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{colour}\"/>",
+                x(*t),
+                y(*v)
+            );
+        }
     }
     out.push_str("</svg><figcaption>");
     for (i, s) in series.iter().enumerate() {
