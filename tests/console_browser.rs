@@ -579,6 +579,46 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
         "nothing republished by the second confirm"
     );
 
+    // Bad input against the real topics: a clear 4xx, and nothing published.
+    let operator = format!("Bearer {OPERATOR}");
+    let post = |path: String, body: &'static str| {
+        http.post(format!("{base}{path}"))
+            .header("authorization", operator.clone())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+    };
+    let past_the_end = post(format!("/dlq/{dlq}/replay"), "from=1000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past_the_end.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert!(past_the_end
+        .text()
+        .await
+        .unwrap()
+        .contains("select no dead letter"));
+    let unknown_topic = post("/dlq/no-such.dlq/replay".to_owned(), "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_topic.status(), reqwest::StatusCode::NOT_FOUND);
+    for path in [
+        format!("/dlq/{dlq}/7/0"),
+        format!("/dlq/{dlq}/0/999999"),
+        "/dlq/no-such.dlq".to_owned(),
+        "/processes/no-such-process".to_owned(),
+    ] {
+        let response = http
+            .get(format!("{base}{path}"))
+            .header("authorization", operator.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND, "{path}");
+    }
+    let (count, _) = replayed_by(&brokers, &replay_id).await;
+    assert_eq!(count, dead_letters);
+
     browser.quit().await;
     drop(driver);
     a.sigterm();

@@ -344,7 +344,9 @@ pub(crate) async fn record(
             "{topic}/{partition} has no record at offset {offset} (it holds {low}..{high})."
         ))
     };
-    if offset < low || offset < 0 {
+    // Past the end there is nothing to wait for (a read there would wait for a record that
+    // may never come).
+    if offset < low || offset >= high {
         return Err(missing());
     }
     let starts = BTreeMap::from([(partition, Offset::Offset(offset))]);
