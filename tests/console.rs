@@ -277,3 +277,64 @@ async fn tokens_sessions_and_csrf_decide_who_may_look_and_who_may_act() {
     assert_eq!(css.status(), StatusCode::OK);
     assert!(css.text().await.unwrap().contains(".grid"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_parked_page_lists_parked_records_and_the_outbox_oldest_first() {
+    let db = support::db::TestDb::migrated().await;
+    for (offset, key, minutes) in [(7_i64, "k-new", 1), (3, "k-old", 30)] {
+        sqlx::query(
+            "INSERT INTO weir_parked (group_id, handler, topic, partition, \"offset\", key, \
+             attempts, durable_attempts, last_error, parked_at) \
+             VALUES ('shop', 'reserve_stock', 'orders', 0, $1, $2, 3, 2, 'payment service down', \
+                     now() - make_interval(mins => $3))",
+        )
+        .bind(offset)
+        .bind(key.as_bytes())
+        .bind(minutes)
+        .execute(db.pool())
+        .await
+        .expect("a parked row");
+    }
+    sqlx::query(
+        "INSERT INTO weir_outbox (id, topic, key, event_type, payload, attempts) \
+         VALUES (gen_random_uuid(), 'orders', 'o-1', 'order.placed', '\\x7b7d', 4)",
+    )
+    .execute(db.pool())
+    .await
+    .expect("an outbox row");
+
+    let dir = TestDir::new("weir-console-parked");
+    let url = db.url();
+    let process = console(
+        &dir,
+        "console",
+        &[
+            ("WEIR_CONSOLE__VIEWER_TOKEN", VIEWER),
+            ("WEIR_DATABASE__URL", url.as_str()),
+        ],
+        &[],
+    );
+    let addr = address(&process).await;
+    let page = client()
+        .get(format!("http://{addr}/parked"))
+        .header(AUTHORIZATION, format!("Bearer {VIEWER}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let text = page.text().await.unwrap();
+    assert!(text.contains("data-count=\"2\""), "{text}");
+    let (old, new) = (
+        text.find("k-old").expect("k-old"),
+        text.find("k-new").expect("k-new"),
+    );
+    assert!(old < new, "the oldest first");
+    assert!(
+        text.contains("3 + 2") && text.contains("30 min") && text.contains("payment service down")
+    );
+    assert!(
+        text.contains("order.placed") && text.contains("<td class=\"num\">4</td>"),
+        "{text}"
+    );
+    db.close().await;
+}

@@ -119,6 +119,7 @@ pub(crate) struct ReplayArgs {
     until: Option<BTreeMap<i32, i64>>,
 }
 
+#[cfg(feature = "console")]
 impl ReplayArgs {
     /// A replay of `topic` as the console asks for it: the range and filter the operator gave
     /// (`filter` in `--filter`'s syntax), under replay `id` when confirming; the defaults of
@@ -476,7 +477,8 @@ pub(crate) struct Tally {
 /// What one run of a replay did.
 pub(crate) struct Outcome {
     pub(crate) tally: Tally,
-    /// Each partition's end the run stopped at (the range it covered).
+    /// Each partition's end the run stopped at (the range it covered; the console pins it).
+    #[cfg_attr(not(feature = "console"), allow(dead_code))]
     pub(crate) ends: BTreeMap<i32, i64>,
     /// Why the run stopped early, if it did; running it again under the same id resumes.
     pub(crate) failure: Option<anyhow::Error>,

@@ -40,12 +40,13 @@ pub(crate) fn url(s: &str) -> String {
 }
 
 /// The navigation: path, label.
-const NAV: [(&str, &str); 5] = [
+const NAV: [(&str, &str); 6] = [
     ("/", "Fleet"),
     ("/lag", "Lag and throughput"),
     ("/routes", "Routes"),
     ("/errors", "Errors"),
     ("/dlq", "Dead letters"),
+    ("/parked", "Parked and outbox"),
     // Controls (fleet commands: pause, resume, quiet) join here once they exist.
 ];
 

@@ -7,6 +7,8 @@
 //! - `fleet`: the fleet in memory, folded from the status reports; `feed` follows the topic.
 //! - `pages`: Fleet, one process, Lag and throughput, Errors, the login page.
 //! - `dead_letters`: the explorer, a record's view, and the replay (dry run, then confirm).
+//! - `routes`: the route table and the AsyncAPI document; `parked`: parked records and the
+//!   outbox, with a database.
 //! - `auth`: tokens, sessions, CSRF; `html`: escaping, the page frame, SVG charts.
 
 mod auth;
@@ -15,6 +17,7 @@ mod feed;
 mod fleet;
 mod html;
 mod pages;
+mod parked;
 mod routes;
 
 use crate::config::Settings;
@@ -52,6 +55,9 @@ pub(crate) struct Console {
     running: Mutex<HashSet<String>>,
     /// The service's routes and contracts.
     routes: routes::RouteTable,
+    /// The database of parked records and the outbox, when one is configured (connected on
+    /// first use: the console starts without it).
+    database: Option<sqlx::PgPool>,
 }
 
 /// Runs the console until `stop`.
@@ -85,6 +91,15 @@ pub(crate) async fn run(
         auth: Auth::new(c.viewer_token.clone(), c.operator_token.clone(), insecure),
         running: Mutex::default(),
         routes: routes::RouteTable::of(&settings)?,
+        database: match settings.database.url.as_deref() {
+            Some(url) => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_lazy(url)
+                    .context("[database] url")?,
+            ),
+            None => None,
+        },
     });
     let listen = args.listen.unwrap_or(c.listen);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -117,6 +132,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/processes/{id}", get(pages::process))
         .route("/lag", get(pages::lag))
         .route("/errors", get(pages::errors))
+        .route("/parked", get(parked::parked))
         .route("/routes", get(routes::routes))
         .route("/asyncapi.json", get(routes::asyncapi))
         .route("/dlq", get(dead_letters::topics))
