@@ -13,12 +13,9 @@
 //!   forms still carry a CSRF token, one per console process, so another site's page cannot
 //!   post to a console on localhost.
 
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The session cookie's name.
@@ -223,25 +220,6 @@ pub(crate) fn session_cookie(id: &str) -> String {
 /// The `Set-Cookie` value that ends a session in the browser.
 pub(crate) fn expired_cookie() -> String {
     format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0")
-}
-
-/// Middleware: finds the caller, or answers 401 with the login page.
-pub(crate) async fn require_caller(
-    State(console): State<Arc<super::Console>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
-    match console.auth.caller(request.headers()) {
-        Some(caller) => {
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        None => (
-            StatusCode::UNAUTHORIZED,
-            super::pages::login_page("Sign in with a viewer or operator token."),
-        )
-            .into_response(),
-    }
 }
 
 #[cfg(test)]

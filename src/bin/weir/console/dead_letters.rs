@@ -10,7 +10,7 @@
 
 use super::auth::{Caller, Refusal};
 use super::html::{csrf_field, esc, page, url, Problem};
-use super::Console;
+use super::state::Console;
 use crate::dlq::{self, ReplayArgs};
 use crate::kafka_read::{format_time, Position, ReadRecord};
 use axum::extract::{Path, Query, State};

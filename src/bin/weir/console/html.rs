@@ -102,6 +102,22 @@ pub(crate) fn page(
     Html(out)
 }
 
+/// The login form, with a message.
+pub(crate) fn login_page(message: &str) -> Html<String> {
+    page(
+        "Sign in",
+        None,
+        None,
+        &format!(
+            "<form method=\"post\" action=\"/login\" class=\"login\"><p>{}</p>\
+             <label for=\"token\">Token</label>\
+             <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"current-password\" autofocus>\
+             <button type=\"submit\">Sign in</button></form>",
+            esc(message)
+        ),
+    )
+}
+
 /// The hidden CSRF field of a form (empty for a bearer caller, who needs none).
 pub(crate) fn csrf_field(caller: &Caller) -> String {
     caller.csrf.as_deref().map_or_else(String::new, |t| {

@@ -7,9 +7,12 @@
 //! - `fleet`: the fleet in memory, folded from the status reports; `feed` follows the topic.
 //! - `pages`: Fleet, one process, Lag and throughput, Errors, the login page.
 //! - `dead_letters`: the explorer, a record's view, and the replay (dry run, then confirm).
-//! - `routes`: the route table and the AsyncAPI document; `parked`: parked records and the
-//!   outbox, with a database.
-//! - `auth`: tokens, sessions, CSRF; `html`: escaping, the page frame, SVG charts.
+//! - `routes`: the route table (`route_table`, read at start) and the AsyncAPI document;
+//!   `parked`: parked records and the outbox, with a database.
+//! - `auth`: tokens, sessions, CSRF; `html`: escaping, the page frame, the login form, SVG
+//!   charts; `state`: what the handlers share. This file wires them: the router, the caller
+//!   check in front of every page, login and logout. (No file imports this one, nor one that
+//!   imports it back: `scripts/import-graph.py` checks.)
 
 mod auth;
 mod dead_letters;
@@ -18,20 +21,22 @@ mod fleet;
 mod html;
 mod pages;
 mod parked;
+mod route_table;
 mod routes;
+mod state;
 
 use crate::config::Settings;
 use anyhow::Context as _;
 use auth::{Auth, Caller};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, RwLock};
+use state::Console;
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
-use weir::{DeadLetterTopics, KafkaConfig};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ConsoleArgs {
@@ -42,22 +47,6 @@ pub(crate) struct ConsoleArgs {
     /// never for a cluster.
     #[arg(long)]
     insecure_no_auth: bool,
-}
-
-/// What every handler shares.
-pub(crate) struct Console {
-    kafka: KafkaConfig,
-    status_topic: String,
-    dead_letter: DeadLetterTopics,
-    fleet: Arc<RwLock<fleet::Fleet>>,
-    auth: Auth,
-    /// Replay ids being confirmed right now.
-    running: Mutex<HashSet<String>>,
-    /// The service's routes and contracts.
-    routes: routes::RouteTable,
-    /// The database of parked records and the outbox, when one is configured (connected on
-    /// first use: the console starts without it).
-    database: Option<sqlx::PgPool>,
 }
 
 /// Runs the console until `stop`.
@@ -90,7 +79,7 @@ pub(crate) async fn run(
         fleet: Arc::default(),
         auth: Auth::new(c.viewer_token.clone(), c.operator_token.clone(), insecure),
         running: Mutex::default(),
-        routes: routes::RouteTable::of(&settings)?,
+        routes: route_table::RouteTable::of(&settings)?,
         database: match settings.database.url.as_deref() {
             Some(url) => Some(
                 sqlx::postgres::PgPoolOptions::new()
@@ -148,7 +137,7 @@ fn router(console: Arc<Console>) -> Router {
         .route("/logout", post(logout))
         .route_layer(axum::middleware::from_fn_with_state(
             console.clone(),
-            auth::require_caller,
+            require_caller,
         ));
     Router::new()
         .route("/login", get(login_form).post(login))
@@ -193,11 +182,30 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
+/// Middleware: finds the caller, or answers 401 with the login page.
+async fn require_caller(
+    State(console): State<Arc<Console>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match console.auth.caller(request.headers()) {
+        Some(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        None => (
+            StatusCode::UNAUTHORIZED,
+            html::login_page("Sign in with a viewer or operator token."),
+        )
+            .into_response(),
+    }
+}
+
 async fn login_form(State(console): State<Arc<Console>>) -> Response {
     if console.auth.insecure() {
         return Redirect::to("/").into_response();
     }
-    pages::login_page("Sign in with a viewer or operator token.").into_response()
+    html::login_page("Sign in with a viewer or operator token.").into_response()
 }
 
 #[derive(serde::Deserialize)]
@@ -221,7 +229,7 @@ async fn login(State(console): State<Arc<Console>>, Form(form): Form<LoginForm>)
         }
         None => (
             StatusCode::UNAUTHORIZED,
-            pages::login_page("That token is not valid."),
+            html::login_page("That token is not valid."),
         )
             .into_response(),
     }

@@ -5,7 +5,7 @@
 use super::auth::Caller;
 use super::fleet::{Fleet, BUCKET_SECONDS, HISTORY};
 use super::html::{bytes, chart, esc, page, time, trim_number, url, Problem, Series};
-use super::Console;
+use super::state::Console;
 use axum::extract::{Path, State};
 use axum::response::Html;
 use axum::Extension;
@@ -15,22 +15,6 @@ use std::sync::Arc;
 
 /// How often the fleet pages reload themselves.
 const REFRESH_SECONDS: u32 = 5;
-
-/// The login form, with a message.
-pub(crate) fn login_page(message: &str) -> Html<String> {
-    page(
-        "Sign in",
-        None,
-        None,
-        &format!(
-            "<form method=\"post\" action=\"/login\" class=\"login\"><p>{}</p>\
-             <label for=\"token\">Token</label>\
-             <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"current-password\" autofocus>\
-             <button type=\"submit\">Sign in</button></form>",
-            esc(message)
-        ),
-    )
-}
 
 /// The lag colour class of a partition cell.
 fn lag_class(lag: Option<i64>) -> &'static str {

@@ -4,7 +4,7 @@
 
 use super::auth::Caller;
 use super::html::{esc, page, trim_number, Problem};
-use super::Console;
+use super::state::Console;
 use axum::extract::State;
 use axum::response::Html;
 use axum::Extension;

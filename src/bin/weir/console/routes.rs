@@ -5,82 +5,13 @@
 
 use super::auth::Caller;
 use super::html::{esc, page, url};
-use super::Console;
-use crate::config::Settings;
+use super::state::Console;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::Extension;
 use std::fmt::Write as _;
 use std::sync::Arc;
-
-/// One route: a handler of some event types of one topic.
-struct Route {
-    topic: String,
-    event_types: Vec<String>,
-    handler: String,
-}
-
-/// What the Routes page shows.
-pub(crate) struct RouteTable {
-    routes: Vec<Route>,
-    group: String,
-    order: String,
-    retry: String,
-    document: String,
-}
-
-impl RouteTable {
-    /// The reference service's routes, from its AsyncAPI document.
-    pub(crate) fn of(settings: &Settings) -> anyhow::Result<Self> {
-        let document = crate::schema::document(settings)?;
-        let doc = document.as_value();
-        let address = |channel_ref: &str| {
-            let id = channel_ref.rsplit('/').next().unwrap_or_default();
-            doc["channels"][id]["address"]
-                .as_str()
-                .unwrap_or(id)
-                .to_owned()
-        };
-        let mut routes: Vec<Route> = doc["operations"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, op)| op["action"] == "receive")
-            .map(|(_, op)| Route {
-                topic: address(op["channel"]["$ref"].as_str().unwrap_or_default()),
-                event_types: op["messages"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|m| m["$ref"].as_str())
-                    .map(|r| r.rsplit('/').next().unwrap_or_default().to_owned())
-                    .collect(),
-                handler: op["title"].as_str().unwrap_or_default().to_owned(),
-            })
-            .collect();
-        routes.sort_by(|a, b| (&a.topic, &a.handler).cmp(&(&b.topic, &b.handler)));
-        let r = &settings.retry;
-        Ok(Self {
-            routes,
-            group: settings.consumer.group_id.clone(),
-            order: format!("{:?}", settings.consumer.order).to_lowercase(),
-            retry: format!(
-                "{} attempts, {} first, ×{} up to {}{}",
-                r.maximum_attempts,
-                humantime::format_duration(r.initial_interval),
-                r.backoff_coefficient,
-                humantime::format_duration(r.maximum_interval),
-                if r.durable.is_some() {
-                    ", then parked (durable)"
-                } else {
-                    ", then dead-lettered"
-                }
-            ),
-            document: document.to_json()?,
-        })
-    }
-}
 
 /// The route table.
 pub(crate) async fn routes(
