@@ -25,6 +25,8 @@ use weir::dead_letter_headers as header;
 
 /// Records the explorer lists at most (the newest that match; the counts cover them all).
 const LISTED: usize = 200;
+/// Records the explorer searches per partition at most: the newest.
+const SEARCHED: i64 = 10_000;
 /// Bytes of a raw value shown.
 const RAW_SHOWN: usize = 4096;
 
@@ -179,15 +181,24 @@ impl Console {
     }
 }
 
-/// Every record of `topic`, in partition order.
-async fn read_all(
+/// The newest [`SEARCHED`] records of each partition of `topic` (a page must not read a
+/// topic of millions), and whether older ones were left out.
+async fn read_newest(
     console: &Console,
     topic: &str,
     partitions: &[i32],
-) -> Result<Vec<ReadRecord>, Problem> {
+) -> Result<(Vec<ReadRecord>, bool), Problem> {
     let client = dlq::reader_client(&console.kafka).map_err(|e| Problem::internal(&e))?;
-    let starts: BTreeMap<i32, Offset> =
-        partitions.iter().map(|p| (*p, Offset::Beginning)).collect();
+    let mut starts: BTreeMap<i32, Offset> = BTreeMap::new();
+    let mut capped = false;
+    for p in partitions {
+        let (low, high) = client
+            .watermarks(topic, *p)
+            .map_err(|e| Problem::internal(&e))?;
+        let start = low.max(high - SEARCHED);
+        capped |= start > low;
+        starts.insert(*p, Offset::Offset(start));
+    }
     let mut reader = client
         .reader(topic, &starts)
         .map_err(|e| Problem::internal(&e))?;
@@ -195,7 +206,7 @@ async fn read_all(
     while let Some(r) = reader.next().await.map_err(|e| Problem::internal(&e))? {
         records.push(r);
     }
-    Ok(records)
+    Ok((records, capped))
 }
 
 /// The dead-letter topics with their record counts (from the partitions' offsets).
@@ -242,7 +253,7 @@ pub(crate) async fn explore(
 ) -> Result<Html<String>, Problem> {
     let parsed = filters.parse()?;
     let partitions = console.known_dead_letter_topic(&topic)?;
-    let records = read_all(&console, &topic, &partitions).await?;
+    let (records, capped) = read_newest(&console, &topic, &partitions).await?;
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mut matching: Vec<&ReadRecord> = Vec::new();
     for r in &records {
@@ -280,6 +291,13 @@ pub(crate) async fn explore(
     );
     for (kind, n) in &by_kind {
         let _ = write!(body, " <span class=\"muted\">{}: {n}</span>", esc(kind));
+    }
+    if capped {
+        let _ = write!(
+            body,
+            " <span class=\"muted\">(the newest {SEARCHED} of each partition are searched; a \
+             replay covers the whole range)</span>"
+        );
     }
     body.push_str("</p>");
     if caller.role == super::auth::Role::Operator {
