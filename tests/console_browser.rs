@@ -168,20 +168,16 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
         WeirProcess::serve(dir.path(), name, &options)
     };
     let mut a = replica("serve-a");
-    let console = WeirProcess::spawn(
-        dir.path(),
-        "console",
-        &["console"],
-        &[
-            ("WEIR_BROKERS".to_owned(), brokers.clone()),
-            ("WEIR_CONSOLE__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-            ("WEIR_CONSOLE__VIEWER_TOKEN".to_owned(), VIEWER.to_owned()),
-            (
-                "WEIR_CONSOLE__OPERATOR_TOKEN".to_owned(),
-                OPERATOR.to_owned(),
-            ),
-        ],
-    );
+    let console_env = [
+        ("WEIR_BROKERS".to_owned(), brokers.clone()),
+        ("WEIR_CONSOLE__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("WEIR_CONSOLE__VIEWER_TOKEN".to_owned(), VIEWER.to_owned()),
+        (
+            "WEIR_CONSOLE__OPERATOR_TOKEN".to_owned(),
+            OPERATOR.to_owned(),
+        ),
+    ];
+    let mut console = WeirProcess::spawn(dir.path(), "console", &["console"], &console_env);
 
     // The foreign producer: a stream of customers, every fifth event for the failing key.
     let stop = Arc::new(AtomicBool::new(false));
@@ -621,6 +617,57 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
 
     browser.quit().await;
     drop(driver);
+
+    // A restarted console rebuilds its history from the status topic: the lag chart it
+    // serves at once has the points of before the restart.
+    console.sigterm();
+    let status = console
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("stops");
+    assert!(status.success(), "{}", console.stderr_tail(4096));
+    let restarted = WeirProcess::spawn(dir.path(), "console-2", &["console"], &console_env);
+    let addr = eventually("the restarted console's address", PATIENCE, || {
+        let found = restarted.logged_addr("Console listening.", "console_addr");
+        async move { found.ok_or_else(|| "not logged yet".to_owned()) }
+    })
+    .await;
+    let before_restart = chrono::Utc::now();
+    eventually(
+        "the lag history rebuilt after the restart",
+        PATIENCE,
+        || {
+            let http = http.clone();
+            async move {
+                let page = http
+                    .get(format!("http://{addr}/lag"))
+                    .header("authorization", format!("Bearer {VIEWER}"))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let points: usize = page
+                    .split("data-points=\"")
+                    .skip(1)
+                    .filter_map(|rest| rest.split('"').next()?.parse::<usize>().ok())
+                    .sum();
+                if points >= 10 {
+                    Ok(())
+                } else {
+                    Err(format!("{points} points"))
+                }
+            }
+        },
+    )
+    .await;
+    println!(
+        "history rebuilt {:?} after the restart",
+        (chrono::Utc::now() - before_restart)
+            .to_std()
+            .unwrap_or_default()
+    );
     a.sigterm();
     assert!(a
         .wait_exit(Duration::from_secs(30))
