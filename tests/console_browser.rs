@@ -170,6 +170,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
     let mut a = replica("serve-a");
     let console_env = [
         ("WEIR_BROKERS".to_owned(), brokers.clone()),
+        ("WEIR_GROUP_ID".to_owned(), group.clone()),
         ("WEIR_CONSOLE__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ("WEIR_CONSOLE__VIEWER_TOKEN".to_owned(), VIEWER.to_owned()),
         (
@@ -391,6 +392,34 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
         )
         .await;
     assert!(route_lines.as_u64().unwrap_or(0) >= 3, "{route_lines}");
+    // The group's committed offsets, read from the broker: every partition, and the
+    // customers' committed.
+    let offsets = until_page(
+        &browser,
+        &format!("{base}/lag"),
+        "the group's committed offsets",
+        PATIENCE,
+        "return [...document.querySelectorAll('#group-offsets tbody tr')].map(r => r.innerText);",
+        |v| {
+            let rows: Vec<String> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect();
+            let committed = rows
+                .iter()
+                .filter(|r| r.starts_with(CUSTOMER_TOPIC) && !r.contains("\t-\t"))
+                .count();
+            if rows.len() == all_cells && committed > 0 {
+                Ok(rows)
+            } else {
+                Err(format!("{rows:?}"))
+            }
+        },
+    )
+    .await;
+    println!("group offsets: {offsets:?}");
     browser.screenshot(&shots.join("lag.png")).await;
 
     // Routes: the route table, each event type linked to its contract.

@@ -189,6 +189,7 @@ pub(crate) async fn lag(
     State(console): State<Arc<Console>>,
     Extension(caller): Extension<Caller>,
 ) -> Html<String> {
+    let offsets = group_offsets(&console);
     let fleet = console.fleet.read().unwrap_or_else(|e| e.into_inner());
     let to = Utc::now();
     let from = to - HISTORY;
@@ -218,12 +219,66 @@ pub(crate) async fn lag(
     }
     body.push_str("<h2>Records per second, per route</h2>");
     throughput(&fleet, &mut body, from, to);
+    let _ = write!(
+        body,
+        "<h2>Committed offsets of group <code>{}</code></h2><p class=\"muted\">From the \
+         broker, now (the console reads them without joining the group).</p>",
+        esc(console.routes.group())
+    );
+    match offsets {
+        Ok(rows) => {
+            body.push_str(
+                "<table id=\"group-offsets\"><thead><tr><th>Topic</th><th>Partition</th>\
+                 <th>Committed</th><th>Log end</th><th>Lag</th></tr></thead><tbody>",
+            );
+            for (topic, partition, committed, (low, high)) in rows {
+                let lag = high - committed.unwrap_or(low);
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td class=\"num\">{partition}</td><td class=\"num\">{}</td>\
+                     <td class=\"num\">{high}</td><td class=\"num\">{lag}</td></tr>",
+                    esc(&topic),
+                    committed.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                );
+            }
+            body.push_str("</tbody></table>");
+        }
+        Err(error) => {
+            let _ = write!(body, "<p class=\"problem\">{}</p>", esc(&error));
+        }
+    }
     page(
         "Lag and throughput",
         Some(&caller),
         Some(REFRESH_SECONDS * 2),
         &body,
     )
+}
+
+/// Committed offset (if any) and (log start, log end) of every partition of the routes'
+/// topics, for the configured group.
+type GroupOffsets = Vec<(String, i32, Option<i64>, (i64, i64))>;
+
+fn group_offsets(console: &Console) -> Result<GroupOffsets, String> {
+    let read = || -> anyhow::Result<GroupOffsets> {
+        let client = crate::kafka_read::GroupClient::new(&console.kafka, console.routes.group())?;
+        let mut coordinates = Vec::new();
+        for topic in console.routes.topics() {
+            for p in client.partitions(&topic)? {
+                coordinates.push((topic.clone(), p));
+            }
+        }
+        let committed = client.committed(&coordinates)?;
+        coordinates
+            .into_iter()
+            .map(|(t, p)| {
+                let marks = client.watermarks(&t, p)?;
+                let c = committed.get(&(t.clone(), p)).copied();
+                Ok((t, p, c, marks))
+            })
+            .collect()
+    };
+    read().map_err(|e| format!("{e:#}"))
 }
 
 fn throughput(

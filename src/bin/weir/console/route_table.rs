@@ -11,6 +11,20 @@ pub(super) struct Route {
     pub(super) handler: String,
 }
 
+impl RouteTable {
+    /// The consumer group of the configuration.
+    pub(crate) fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// The topics the routes consume, each once.
+    pub(crate) fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self.routes.iter().map(|r| r.topic.clone()).collect();
+        topics.dedup();
+        topics
+    }
+}
+
 /// What the Routes page shows.
 pub(crate) struct RouteTable {
     pub(super) routes: Vec<Route>,
