@@ -5,7 +5,7 @@
 //! folds every report in: a restarted console rebuilds what the topic still holds. A tombstone
 //! removes its process; a process whose last report is older than three of its own report
 //! intervals is stale (it died, or cannot reach Kafka), and its partitions go to whoever else
-//! reports them.
+//! reports them. An hour after its last report, a stale process is forgotten.
 
 use chrono::{DateTime, Duration as Span, Utc};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -114,8 +114,10 @@ impl Fleet {
         self.forget_before(at - HISTORY);
     }
 
-    /// Drops history older than `cutoff`.
+    /// Drops history older than `cutoff`, and the processes whose last report is: one that
+    /// died without its tombstone would otherwise stay on the page (stale) for ever.
     fn forget_before(&mut self, cutoff: DateTime<Utc>) {
+        self.processes.retain(|_, p| p.report.at >= cutoff);
         for points in self.lag.values_mut() {
             while points.front().is_some_and(|(t, _)| *t < cutoff) {
                 points.pop_front();
@@ -291,9 +293,10 @@ mod tests {
                 dead_lettered: 4
             })
         );
-        // An hour later the old points are gone.
+        // An hour later the old points are gone, and so is b, silent since.
         apply(&mut fleet, &report("a", t0 + Span::minutes(61), &[(0, 9)]));
         assert_eq!(fleet.lag_of("customers")[&0].len(), 1);
+        assert_eq!(fleet.processes().keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(
             fleet.throughput()[&("customers".into(), "customer.created".into())].len(),
             1
