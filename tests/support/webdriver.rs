@@ -3,8 +3,9 @@
 //! elements, type, run a script, save a screenshot. Plain HTTP and JSON, as Selenium speaks it:
 //! no browser is downloaded, and no driver library is needed.
 //!
-//! The driver runs on a free port of loopback and is killed (with the browser it started) when
-//! [`ChromeDriver`] drops; a watchdog kills it if the test process dies first.
+//! The driver runs on a free port of loopback. When [`ChromeDriver`] drops (a failed test too),
+//! it ends its sessions first, so the browsers close, then the driver is killed; a watchdog
+//! kills the driver if the test process dies first.
 
 use super::broker::free_port;
 use super::{kill_wait, watchdog};
@@ -21,7 +22,10 @@ pub struct ChromeDriver {
     child: Option<Child>,
     watchdog: Option<Child>,
     base: String,
+    port: u16,
     http: reqwest::Client,
+    /// Sessions opened, ended at drop (a killed driver would leave its browser running).
+    sessions: std::sync::Mutex<Vec<String>>,
 }
 
 impl ChromeDriver {
@@ -40,7 +44,9 @@ impl ChromeDriver {
             child: Some(child),
             watchdog,
             base: format!("http://127.0.0.1:{port}"),
+            port,
             http: reqwest::Client::new(),
+            sessions: std::sync::Mutex::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -90,6 +96,7 @@ impl ChromeDriver {
             .as_str()
             .unwrap_or_else(|| panic!("no session: {response}"))
             .to_owned();
+        self.sessions.lock().unwrap().push(id.clone());
         Browser {
             base: format!("{}/session/{id}", self.base),
             http: self.http.clone(),
@@ -99,6 +106,21 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
+        // A plain blocking request: drop may run on a runtime thread, or while panicking.
+        for id in self.sessions.lock().map(|s| s.clone()).unwrap_or_default() {
+            use std::io::{Read as _, Write as _};
+            let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+            if let Ok(mut stream) =
+                std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+            {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = write!(
+                    stream,
+                    "DELETE /session/{id} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                );
+                let _ = stream.read_to_end(&mut Vec::new());
+            }
+        }
         kill_wait(self.child.take());
         kill_wait(self.watchdog.take());
     }
