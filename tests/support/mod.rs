@@ -11,6 +11,7 @@ pub mod orders;
 pub mod process;
 pub mod tasks;
 pub mod temporal;
+pub mod webdriver;
 
 use std::process::{Child, Command, Stdio};
 

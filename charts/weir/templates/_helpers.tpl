@@ -134,6 +134,9 @@ Fail the render on settings that contradict each other.
 {{- if and (or .Values.outboxRelay.enabled .Values.migration.enabled) (not .Values.database.existingSecret) }}
 {{- fail "outboxRelay and migration need database.existingSecret (a Secret holding the PostgreSQL URL)" }}
 {{- end }}
+{{- if and .Values.console.enabled (not .Values.console.existingSecret) }}
+{{- fail "console.enabled needs console.existingSecret (a Secret holding the viewer and operator tokens): the console refuses to start without tokens" }}
+{{- end }}
 {{- if and .Values.keda.authentication (not (or .Values.kafka.existingSecret .Values.kafka.tls.existingSecret)) }}
 {{- fail "keda.authentication needs kafka.existingSecret or kafka.tls.existingSecret" }}
 {{- end }}

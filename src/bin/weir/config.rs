@@ -15,7 +15,7 @@ use weir::{BreakerConfig, ConsumerConfig, KafkaConfig, RetryPolicy, UnhandledPol
 /// Top-level settings reachable from `WEIR_*` variables. Other `WEIR_*` variables (a test rig's,
 /// `WEIR_CONFIG` itself) are not settings and are ignored, so a shared environment cannot stop
 /// the service; a typo in the TOML file, by contrast, is an error.
-const SECTIONS: [&str; 16] = [
+const SECTIONS: [&str; 17] = [
     "brokers",
     "group_id",
     "kafka",
@@ -32,6 +32,7 @@ const SECTIONS: [&str; 16] = [
     "temporal",
     "routes",
     "control",
+    "console",
 ];
 
 /// librdkafka property maps, read from the environment verbatim: their names contain dots (which
@@ -82,6 +83,9 @@ pub(crate) struct Settings {
     /// The fleet's control topics: where status reports go and how often (`[control]`,
     /// `WEIR_CONTROL__REPORT_INTERVAL=1s`).
     pub(crate) control: ControlSettings,
+    /// `weir console`: where it listens and the tokens it asks for (`[console]`,
+    /// `WEIR_CONSOLE__VIEWER_TOKEN=...`).
+    pub(crate) console: ConsoleSettings,
 }
 
 /// `[control]`: the topics through which a fleet of processes is watched and commanded.
@@ -123,6 +127,65 @@ impl ControlSettings {
     pub(crate) fn commands(&self, bus: &weir::KafkaBus, process_id: &str) -> weir::CommandListener {
         weir::CommandListener::new(bus, self.commands_topic.clone(), process_id)
     }
+}
+
+/// `[console]`: the fleet console (`weir console`). A viewer token lets a person or a probe
+/// look; the operator token also lets them act (replay dead letters). The console refuses to
+/// start with neither, unless it is given `--insecure-no-auth`.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct ConsoleSettings {
+    /// Where it listens: loopback by default, so that exposing it is a decision.
+    pub(crate) listen: std::net::SocketAddr,
+    /// The token that lets a person or a script look (`WEIR_CONSOLE__VIEWER_TOKEN`).
+    #[serde(deserialize_with = "scalar_as_string")]
+    pub(crate) viewer_token: Option<String>,
+    /// The token that also lets them act (`WEIR_CONSOLE__OPERATOR_TOKEN`).
+    #[serde(deserialize_with = "scalar_as_string")]
+    pub(crate) operator_token: Option<String>,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8900).into(),
+            viewer_token: None,
+            operator_token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ConsoleSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens are secrets: say whether each is set, never what it is.
+        let set = |t: &Option<String>| if t.is_some() { "(set)" } else { "(none)" };
+        f.debug_struct("ConsoleSettings")
+            .field("listen", &self.listen)
+            .field("viewer_token", &set(&self.viewer_token))
+            .field("operator_token", &set(&self.operator_token))
+            .finish()
+    }
+}
+
+/// A token as text, whatever the environment parser made of it (`WEIR_..._TOKEN=1234` is read
+/// as a number); an empty one counts as none.
+fn scalar_as_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(Option::<Scalar>::deserialize(d)?
+        .map(|s| match s {
+            Scalar::Text(t) => t,
+            Scalar::Int(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        })
+        .filter(|t| !t.trim().is_empty()))
 }
 
 /// One route's (handler's) settings.
@@ -283,6 +346,7 @@ impl Default for Settings {
             temporal: Default::default(),
             routes: BTreeMap::new(),
             control: ControlSettings::default(),
+            console: Default::default(),
         }
     }
 }
@@ -364,6 +428,26 @@ mod tests {
             let settings =
                 Settings::load(Some(Path::new("weir.toml")), None).map_err(|e| e.to_string())?;
             assert_eq!(settings.database.url.as_deref(), Some("postgres://weir/db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure type, not ours
+    fn console_listens_on_loopback_and_reads_tokens_of_any_shape_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.console.listen, ([127, 0, 0, 1], 8900).into());
+            assert!(settings.console.viewer_token.is_none());
+            jail.set_env("WEIR_CONSOLE__VIEWER_TOKEN", "123456");
+            jail.set_env("WEIR_CONSOLE__OPERATOR_TOKEN", "s3cret");
+            let settings = Settings::load(None, None).map_err(|e| e.to_string())?;
+            assert_eq!(settings.console.viewer_token.as_deref(), Some("123456"));
+            assert_eq!(settings.console.operator_token.as_deref(), Some("s3cret"));
+            assert!(
+                !format!("{:?}", settings.console).contains("s3cret"),
+                "tokens stay out of debug output"
+            );
             Ok(())
         });
     }

@@ -76,7 +76,7 @@ struct ShowArgs {
 }
 
 #[derive(Debug, clap::Args)]
-struct ReplayArgs {
+pub(crate) struct ReplayArgs {
     /// The dead-letter topic to replay, e.g. customers.dlq.
     #[arg(long)]
     topic: String,
@@ -86,8 +86,8 @@ struct ReplayArgs {
     /// Last record to replay (included): an offset or an RFC 3339 time.
     #[arg(long)]
     to: Option<Position>,
-    /// Only records matching all of these: kind=…,reason=…,handler=…,key=…,topic=… (topic is the
-    /// original topic).
+    /// Only records matching all of these: kind=…,reason=…,handler=…,key=…,topic=…,type=… (topic
+    /// is the original topic, type the event type).
     #[arg(long, value_parser = parse_filter)]
     filter: Option<Filter>,
     /// Publish here instead of each record's original topic.
@@ -113,6 +113,40 @@ struct ReplayArgs {
     /// progress is committed.
     #[arg(long, hide = true)]
     crash_after: Option<u64>,
+    /// Each partition's end, pinned by an earlier dry run (the console's confirm): the replay
+    /// covers what the operator was shown, not the dead letters written since.
+    #[arg(skip)]
+    until: Option<BTreeMap<i32, i64>>,
+}
+
+#[cfg(feature = "console")]
+impl ReplayArgs {
+    /// A replay of `topic` as the console asks for it: the range and filter the operator gave
+    /// (`filter` in `--filter`'s syntax), under replay `id` when confirming; the defaults of
+    /// `weir dlq replay` otherwise. An error names the input that is wrong.
+    pub(crate) fn for_console(
+        topic: &str,
+        from: Option<Position>,
+        to: Option<Position>,
+        filter: Option<&str>,
+        dry_run: bool,
+        until: Option<BTreeMap<i32, i64>>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            topic: topic.to_owned(),
+            from,
+            to,
+            filter: filter.map(parse_filter).transpose()?,
+            to_topic: None,
+            rate: None,
+            max_replays: 3,
+            id: None,
+            dry_run,
+            yes: true,
+            crash_after: None,
+            until,
+        })
+    }
 }
 
 pub(crate) async fn run(kafka: KafkaConfig, args: DlqArgs) -> anyhow::Result<()> {
@@ -124,7 +158,7 @@ pub(crate) async fn run(kafka: KafkaConfig, args: DlqArgs) -> anyhow::Result<()>
 }
 
 /// A client in a group of its own, for reading only (it never commits).
-fn reader_client(kafka: &KafkaConfig) -> anyhow::Result<GroupClient> {
+pub(crate) fn reader_client(kafka: &KafkaConfig) -> anyhow::Result<GroupClient> {
     GroupClient::new(
         kafka,
         &format!("weir-dlq-reader-{}", uuid::Uuid::new_v4().simple()),
@@ -347,7 +381,7 @@ async fn show(kafka: &KafkaConfig, args: ShowArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--filter kind=…,reason=…,handler=…,key=…,topic=…`: every listed field must match exactly.
+/// `--filter kind=…,reason=…,handler=…,key=…,topic=…,type=…`: every listed field must match exactly.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Filter {
     fields: Vec<(FilterField, String)>,
@@ -360,6 +394,7 @@ enum FilterField {
     Handler,
     Key,
     Topic,
+    Type,
 }
 
 fn parse_filter(s: &str) -> Result<Filter, String> {
@@ -374,9 +409,10 @@ fn parse_filter(s: &str) -> Result<Filter, String> {
             "handler" => FilterField::Handler,
             "key" => FilterField::Key,
             "topic" => FilterField::Topic,
+            "type" => FilterField::Type,
             other => {
                 return Err(format!(
-                    "unknown filter `{other}` (kind, reason, handler, key, topic)"
+                    "unknown filter `{other}` (kind, reason, handler, key, topic, type)"
                 ))
             }
         };
@@ -393,6 +429,7 @@ impl Filter {
                 FilterField::Reason => r.header(header::ERROR_REASON).map(str::to_owned),
                 FilterField::Handler => r.header(header::HANDLER).map(str::to_owned),
                 FilterField::Topic => r.header(header::ORIGINAL_TOPIC).map(str::to_owned),
+                FilterField::Type => event_type(r),
                 FilterField::Key => r
                     .key
                     .as_ref()
@@ -401,6 +438,16 @@ impl Filter {
             got.as_deref() == Some(want.as_str())
         })
     }
+}
+
+/// A record's CloudEvents type: the `ce_type` header (binary mode), else the `type` of a JSON
+/// value (structured mode).
+pub(crate) fn event_type(r: &ReadRecord) -> Option<String> {
+    if let Some(t) = r.header("ce_type") {
+        return Some(t.to_owned());
+    }
+    let value: serde_json::Value = serde_json::from_slice(r.value.as_deref()?).ok()?;
+    value.get("type")?.as_str().map(str::to_owned)
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -412,17 +459,29 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 /// What a replay did, printed at the end.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Tally {
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Tally {
     /// Records in range that matched the filter.
-    selected: u64,
+    pub(crate) selected: u64,
     /// Republished to their topic.
-    replayed: u64,
+    pub(crate) replayed: u64,
     /// Sent to `<topic>.parking` (over `--max-replays`).
-    parked: u64,
+    pub(crate) parked: u64,
     /// Selected but not published: already published by an interrupted run of this replay, or
     /// with no topic to go to.
-    skipped: u64,
+    pub(crate) skipped: u64,
+    /// Records replayed or parked (counted, in a dry run) by the topic they go to.
+    pub(crate) targets: BTreeMap<String, u64>,
+}
+
+/// What one run of a replay did.
+pub(crate) struct Outcome {
+    pub(crate) tally: Tally,
+    /// Each partition's end the run stopped at (the range it covered; the console pins it).
+    #[cfg_attr(not(feature = "console"), allow(dead_code))]
+    pub(crate) ends: BTreeMap<i32, i64>,
+    /// Why the run stopped early, if it did; running it again under the same id resumes.
+    pub(crate) failure: Option<anyhow::Error>,
 }
 
 /// Where a selected dead letter goes, and as what.
@@ -482,36 +541,61 @@ fn plan(r: &ReadRecord, id: &str, to_topic: Option<&str>, max_replays: u32) -> A
 }
 
 async fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> anyhow::Result<()> {
-    if args.to_topic.as_deref() == Some(args.topic.as_str()) {
-        bail!("--to-topic is the dead-letter topic itself");
-    }
     let id = args
         .id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
-    let client = GroupClient::new(kafka, &format!("weir-replay-{id}"))?;
-    let range = Range::read(&client, &args)?;
-    let already = if args.dry_run {
-        HashSet::new()
-    } else {
-        published_by(kafka, &client, &id, &args.topic).await?
-    };
-    announce(&args, &id, range.resumed);
-    if !args.dry_run && !args.yes && !confirm(&args, &id)? {
-        bail!("not confirmed; nothing was published");
-    }
-    let mut run = Replay::new(kafka, &args, &id, &client, already, range.ends)?;
-    let failure = run.read_and_publish(&range.starts).await?;
-    if !args.dry_run {
-        client.commit(&run.positions)?;
-    }
-    run.tally.print(args.dry_run, &id);
-    match failure {
+    let outcome = execute(kafka, &args, &id, |resumed| {
+        announce(&args, &id, resumed);
+        if args.dry_run || args.yes {
+            Ok(true)
+        } else {
+            confirm(&args, &id)
+        }
+    })
+    .await?;
+    outcome.tally.print(args.dry_run, &id);
+    match outcome.failure {
         Some(e) => Err(e.context(format!(
             "the replay stopped; run it again with --id {id} to resume"
         ))),
         None => Ok(()),
     }
+}
+
+/// Runs replay `id` (the engine of `weir dlq replay` and of the console's replay): reads its
+/// range, asks `approve` (told whether the run resumes an earlier one) before publishing
+/// anything, then publishes and commits its progress. A dry run publishes and commits nothing.
+pub(crate) async fn execute(
+    kafka: &KafkaConfig,
+    args: &ReplayArgs,
+    id: &str,
+    approve: impl FnOnce(bool) -> anyhow::Result<bool>,
+) -> anyhow::Result<Outcome> {
+    if args.to_topic.as_deref() == Some(args.topic.as_str()) {
+        bail!("--to-topic is the dead-letter topic itself");
+    }
+    let client = GroupClient::new(kafka, &format!("weir-replay-{id}"))?;
+    let range = Range::read(&client, args)?;
+    let already = if args.dry_run {
+        HashSet::new()
+    } else {
+        published_by(kafka, &client, id, &args.topic).await?
+    };
+    if !approve(range.resumed)? {
+        bail!("not confirmed; nothing was published");
+    }
+    let ends = range.ends.clone();
+    let mut run = Replay::new(kafka, args, id, &client, already, range.ends)?;
+    let failure = run.read_and_publish(&range.starts).await?;
+    if !args.dry_run {
+        client.commit(&run.positions)?;
+    }
+    Ok(Outcome {
+        tally: run.tally,
+        ends,
+        failure,
+    })
 }
 
 /// The dead letters a replay reads, per partition: from its start to the end it stops at.
@@ -558,6 +642,12 @@ impl Range {
         let mut ends = BTreeMap::new();
         for p in &partitions {
             let (low, high) = client.watermarks(&args.topic, *p)?;
+            // A pinned end holds the range to what a dry run showed; a partition it did not
+            // know has nothing in range.
+            let high = match &args.until {
+                Some(until) => until.get(p).copied().unwrap_or(low).min(high),
+                None => high,
+            };
             let start = match starts[p] {
                 Offset::Offset(o) => o,
                 _ => low,
@@ -593,7 +683,8 @@ fn announce(args: &ReplayArgs, id: &str, resumed: bool) {
 }
 
 impl Tally {
-    fn count(&mut self, parked: bool) {
+    fn count(&mut self, parked: bool, target: &str) {
+        *self.targets.entry(target.to_owned()).or_default() += 1;
         if parked {
             self.parked += 1;
         } else {
@@ -749,7 +840,7 @@ impl<'a> Replay<'a> {
                 }
             };
         if args.dry_run {
-            self.tally.count(parked);
+            self.tally.count(parked, &planned.topic);
             return Ok(false);
         }
         self.send(&planned).await.map_err(|e| {
@@ -766,7 +857,7 @@ impl<'a> Replay<'a> {
             );
             std::process::abort();
         }
-        self.tally.count(parked);
+        self.tally.count(parked, &planned.topic);
         self.positions.insert(next.0, next.1);
         self.since_commit += 1;
         Ok(true)

@@ -11,6 +11,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[cfg(feature = "bench")]
 mod bench;
 mod config;
+#[cfg(feature = "console")]
+mod console;
 mod db;
 mod demo;
 mod dlq;
@@ -81,6 +83,10 @@ enum Command {
     Fleet(fleet::FleetArgs),
     /// The service's contracts as documents (AsyncAPI 3.0, JSON Schema) and the check CI runs.
     Schema(schema::SchemaArgs),
+    /// Serve the fleet's web console until SIGTERM/SIGINT: processes, partitions, lag, errors,
+    /// dead letters and their replay, from Kafka alone.
+    #[cfg(feature = "console")]
+    Console(console::ConsoleArgs),
 }
 
 #[tokio::main]
@@ -149,6 +155,13 @@ async fn main() -> anyhow::Result<()> {
             let _telemetry = telemetry::init(false)?;
             let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
             fleet::run(settings, args).await
+        }
+        #[cfg(feature = "console")]
+        Command::Console(args) => {
+            let stop = stop_on_signal()?;
+            let _telemetry = telemetry::init(true)?;
+            let settings = config::Settings::load(cli.config.as_deref(), cli.brokers)?;
+            console::run(settings, args, stop).await
         }
         Command::Inspect(args) => {
             let _telemetry = telemetry::init(false)?;

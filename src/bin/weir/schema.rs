@@ -47,7 +47,7 @@ enum Format {
 /// The reference service's document: its whole router (built, never run: the database pool the
 /// handlers hold is lazy and never connects), the consumer group and dead-letter topics of the
 /// configuration, and what the service says it publishes.
-fn document(settings: &Settings) -> anyhow::Result<Document> {
+pub(crate) fn document(settings: &Settings) -> anyhow::Result<Document> {
     let url = settings
         .database
         .url

@@ -1,0 +1,25 @@
+//! What every page handler shares: the configuration it reads Kafka with, the fleet, the
+//! tokens and sessions, the route table and the database.
+
+use super::auth::Auth;
+use super::fleet::Fleet;
+use super::route_table::RouteTable;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+use weir::{DeadLetterTopics, KafkaConfig};
+
+/// What every handler shares.
+pub(crate) struct Console {
+    pub(super) kafka: KafkaConfig,
+    pub(super) status_topic: String,
+    pub(super) dead_letter: DeadLetterTopics,
+    pub(super) fleet: Arc<RwLock<Fleet>>,
+    pub(super) auth: Auth,
+    /// Replay ids being confirmed right now.
+    pub(super) running: Mutex<HashSet<String>>,
+    /// The service's routes and contracts.
+    pub(super) routes: RouteTable,
+    /// The database of parked records and the outbox, when one is configured (connected on
+    /// first use: the console starts without it).
+    pub(super) database: Option<sqlx::PgPool>,
+}
