@@ -8,7 +8,8 @@
 //! - A0: a raw `BaseConsumer` loop that only counts records: the client's ceiling.
 //! - A1: what a careful engineer writes without a framework: serde decoding of the CloudEvent
 //!   into the typed event, and an offset store per record (at-least-once).
-//! - W: Weir with a no-op typed handler, retries and dead-lettering configured.
+//! - W: Weir with a no-op typed handler, retries and dead-lettering configured; W reporting: the
+//!   same with a status reporter publishing every 100 ms (reporting must not slow consumption).
 //! - W-io-*: a 10 ms async handler on 4 partitions and 1,000 keys, `partition` vs `key` order.
 //! - W-cpu-*: a ~50 µs CPU-bound handler (`cpu_bound`), `partition` vs `key` order.
 //! - In-process: A1 and W over records already in memory (Weir's memory bus vs a loop over a
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerError, HandlerOptions, KafkaBus, KafkaConfig,
-    MemoryBus, MemoryConfig, ProcessingOrder, RetryPolicy, Router,
+    MemoryBus, MemoryConfig, ProcessingOrder, ReporterConfig, RetryPolicy, Router, StatusReporter,
 };
 
 #[derive(Debug, clap::Args)]
@@ -217,6 +218,9 @@ const KEYS: usize = 1_000;
 const IO_PARTITIONS: usize = 4;
 const IO_LATENCY: Duration = Duration::from_millis(10);
 const CPU_WORK: Duration = Duration::from_micros(50);
+/// The reporting arm's interval: 50 times as often as `weir serve`'s default (5 s), so that a
+/// run of a second publishes several reports, each asking the engine for its partitions.
+const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
 struct Run {
     rate: f64,
@@ -244,6 +248,14 @@ impl Arm {
 
     fn median_rate(&self) -> f64 {
         median(self.runs.iter().map(|r| r.rate).collect())
+    }
+
+    /// Slowest run over fastest: how far apart the same arm's rounds fell.
+    fn spread(&self) -> Option<f64> {
+        let rates = self.runs.iter().map(|r| r.rate);
+        let fastest = rates.clone().fold(f64::NAN, f64::max);
+        let slowest = rates.fold(f64::NAN, f64::min);
+        (self.runs.len() > 1).then(|| slowest / fastest)
     }
 }
 
@@ -624,14 +636,37 @@ async fn weir_arm<B: Bus>(
     consumer: ConsumerConfig,
     warmup: Option<Duration>,
 ) -> anyhow::Result<Run> {
+    weir_arm_reporting(bus, topic, n, work, consumer, warmup, None).await
+}
+
+/// [`weir_arm`], with a status reporter watching the subscription when `reporter` is given,
+/// as `weir serve` runs one.
+async fn weir_arm_reporting<B: Bus>(
+    bus: &B,
+    topic: &str,
+    n: usize,
+    work: Work,
+    consumer: ConsumerConfig,
+    warmup: Option<Duration>,
+    reporter: Option<StatusReporter>,
+) -> anyhow::Result<Run> {
     let tally = Tally::new(n, warmup);
     let rss = reset_peak_rss();
     let subscription = bus.subscribe(router(work, topic, tally.clone()), consumer)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let reporting = reporter.map(|reporter| {
+        let reporter = reporter.watch(subscription.status_probe());
+        tokio::spawn(reporter.run(stop.clone().cancelled_owned()))
+    });
     tokio::time::timeout(Duration::from_secs(900), tally.done.notified())
         .await
         .with_context(|| format!("Weir stalled at {}/{n}", tally.count.load(Ordering::SeqCst)))?;
     let run = tally.run(rss);
     subscription.stop().await?;
+    stop.cancel();
+    if let Some(reporting) = reporting {
+        reporting.await?;
+    }
     Ok(run)
 }
 
@@ -743,6 +778,8 @@ struct Report {
     a1: Arm,
     w: Arm,
     w_error: Arm,
+    /// W with a status reporter publishing every [`REPORT_INTERVAL`].
+    w_report: Arm,
     io_p: Arm,
     io_k: Arm,
     cpu_p: Arm,
@@ -764,6 +801,10 @@ impl Report {
             a1: Arm::new("A1 typed at-least-once"),
             w: Arm::new(format!("W weir no-op [{level}]")),
             w_error: Arm::new("W weir no-op [error]"),
+            w_report: Arm::new(format!(
+                "W reporting every {} ms [{level}]",
+                REPORT_INTERVAL.as_millis()
+            )),
             io_p: Arm::new(format!("W-io-partition [{level}]")),
             io_k: Arm::new(format!("W-io-key [{level}]")),
             cpu_p: Arm::new(format!("W-cpu-partition [{level}]")),
@@ -784,6 +825,7 @@ impl Report {
             &self.a1,
             &self.w,
             &self.w_error,
+            &self.w_report,
             &self.io_p,
             &self.io_k,
             &self.cpu_p,
@@ -803,6 +845,18 @@ impl Report {
         info(
             "W [error] / A1 (broker, framework only)",
             ratio(&self.w_error, &self.a1),
+        );
+        // Reporting must never slow consumption: W with a reporter publishing 50 times as
+        // often as `weir serve`'s default, against W in the same rounds. W's own spread over
+        // its rounds is the noise to compare the difference with.
+        goal(
+            &format!("W reporting every {} ms / W", REPORT_INTERVAL.as_millis()),
+            ratio(&self.w_report, &self.w),
+            0.95,
+        );
+        info(
+            "W's spread over rounds (slowest / fastest)",
+            self.w.spread(),
         );
         goal(
             &format!("W-mem [{level}] / A1-mem (in process)"),
@@ -934,7 +988,11 @@ async fn kafka_arms(
         if !wants("base") {
             break;
         }
-        eprintln!("round {}/{}: A0, A1, W, W [error]", round + 1, args.rounds);
+        eprintln!(
+            "round {}/{}: A0, A1, W, W [error], W reporting",
+            round + 1,
+            args.rounds
+        );
         let (kafka, topic, n) = (target.kafka.clone(), main_topic.clone(), args.records);
         report.a0.runs.push(
             tokio::task::spawn_blocking(move || hand_loop(&kafka, &topic, n, false, warmup))
@@ -960,6 +1018,21 @@ async fn kafka_arms(
             .w_error
             .runs
             .push(at_error_level(telemetry, noop()).await?);
+        let mut reporting = ReporterConfig::default();
+        reporting.status_topic = format!("bench-status-{run_id}");
+        reporting.report_interval = REPORT_INTERVAL;
+        report.w_report.runs.push(
+            weir_arm_reporting(
+                &bus,
+                &main_topic,
+                args.records,
+                Work::Noop,
+                consumer(ProcessingOrder::Key),
+                warmup,
+                Some(StatusReporter::new(&bus, reporting, "bench")),
+            )
+            .await?,
+        );
     }
 
     // 2. I/O-bound handlers: one record per partition at a time vs per key.
