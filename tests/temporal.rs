@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::db::TestDb;
+use support::kafka::read_topic;
 use support::process::{eventually, ServeOptions, TestDir, WeirProcess};
 use support::tasks::{
     broker, create_task, customers_csv, file_server, log_lines, publish_process_task,
@@ -859,5 +860,73 @@ async fn with_temporal_down_serve_consumes_other_topics_and_the_task_waits_for_i
         "{}",
         service.process.stderr_tail(3000)
     );
+    db.close().await;
+}
+
+/// `weir worker` is seen by the fleet like every other process: it publishes status reports
+/// with its role and no partitions to the status topic, and leaves a tombstone at a clean stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reports_its_role_and_leaves_a_tombstone_at_a_clean_stop() {
+    let server = shared_temporal().await;
+    let db = TestDb::new().await;
+    let broker = broker(PARTITIONS).await;
+    let brokers = broker.brokers();
+    let dir = TestDir::new("weir-temporal-report");
+    let options = options(&broker, &db, &dir, &server.address(), &unique("report"))
+        .env("WEIR_CONTROL__REPORT_INTERVAL", "1s");
+    let mut worker = worker(&dir, "worker", &options);
+    // The latest record of each key of the status topic (`None`: a tombstone).
+    let latest = |brokers: String| async move {
+        let records = read_topic(
+            &brokers,
+            "weir.status",
+            1,
+            Duration::from_millis(300),
+            Duration::from_secs(5),
+        )
+        .await;
+        records
+            .into_iter()
+            .map(|r| {
+                (
+                    String::from_utf8(r.key.expect("keyed")).expect("utf-8"),
+                    r.value,
+                )
+            })
+            .collect::<HashMap<_, _>>()
+    };
+    let (key, report) = eventually("a report of the worker", PATIENCE, || {
+        let (brokers, tail) = (brokers.clone(), worker.stderr_tail(1500));
+        async move {
+            latest(brokers)
+                .await
+                .into_iter()
+                .find_map(|(key, value)| {
+                    let report: weir::StatusReport = serde_json::from_slice(&value?).ok()?;
+                    (report.process.role == "worker").then_some((key, report))
+                })
+                .ok_or_else(|| format!("no report of the worker yet\n{tail}"))
+        }
+    })
+    .await;
+    assert_eq!(report.process.id, key);
+    assert!(report.partitions.is_empty(), "{:?}", report.partitions);
+
+    worker.sigterm();
+    let status = worker
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status}\n{}", worker.stderr_tail(4000));
+    eventually("the tombstone of the stopped worker", PATIENCE, || {
+        let (brokers, key) = (brokers.clone(), key.clone());
+        async move {
+            match latest(brokers).await.get(&key) {
+                Some(None) => Ok(()),
+                other => Err(format!("latest of {key}: {:?}", other.map(Option::is_some))),
+            }
+        }
+    })
+    .await;
     db.close().await;
 }

@@ -51,6 +51,15 @@ pub(crate) async fn run(settings: Settings, stop: CancellationToken) -> anyhow::
         pool,
         settings: Arc::new(settings.reference()),
     };
+    // Seen by the fleet like every other process: status reports (no partitions, no routes),
+    // and the fleet commands read to acknowledge them (as `ignored`: it consumes no topic).
+    let metrics = crate::telemetry::process_metrics()?;
+    let bus = weir::KafkaBus::with_metrics(settings.kafka.clone(), metrics)?;
+    let reporter = settings.control.reporter(&bus, "worker");
+    let commands = settings.control.commands(&bus, reporter.process_id());
+    let reported = CancellationToken::new();
+    let reporter = tokio::spawn(reporter.run(reported.clone().cancelled_owned()));
+    let commands = tokio::spawn(commands.run(reported.clone().cancelled_owned()));
     let worker = spawn(&services, stop.clone())?;
     let announce = stop.clone();
     tokio::spawn(async move {
@@ -58,6 +67,9 @@ pub(crate) async fn run(settings: Settings, stop: CancellationToken) -> anyhow::
         tracing::info!("Shutdown requested; stopping the worker.");
     });
     join(worker).await;
+    reported.cancel();
+    let _ = reporter.await;
+    let _ = commands.await;
     services.pool.close().await;
     Ok(())
 }
