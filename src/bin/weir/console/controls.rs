@@ -5,7 +5,7 @@
 //! those acknowledgements as they arrive (it reloads itself while one is awaited).
 //!
 //! The console follows the commands topic too, and folds it as every process does
-//! ([`InForce`]): the Controls page lists the commands in force, each with the button that
+//! ([`Commands`](super::commands::Commands)): the Controls page lists the commands in force, each with the button that
 //! lifts it, and the latest commands with how many processes acknowledged them.
 //!
 //! Input is checked against what the fleet shows before anything is published: a topic that no
@@ -14,6 +14,7 @@
 //! in force is always accepted, even if what it paused is not reported any more.
 
 use super::auth::Caller;
+use super::commands::REMEMBERED;
 use super::dead_letters::authorize;
 use super::html::{csrf_field, esc, page as frame, time, url, Problem};
 use super::state::Console;
@@ -22,61 +23,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Form};
 use chrono::Utc;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
-use weir::{Addressee, CommandAction, CommandTarget, FleetCommand, InForce};
+use weir::{Addressee, CommandAction, CommandTarget, FleetCommand};
 
-/// Commands remembered for their pages and the recent list (the topic itself keeps only the
-/// latest of each key once compacted).
-const REMEMBERED: usize = 200;
 /// Commands the Controls page lists.
 const LISTED: usize = 20;
 /// How long a publish may take before the page says it failed.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The commands topic as the console knows it.
-#[derive(Debug, Default)]
-pub(crate) struct Controls {
-    in_force: InForce,
-    /// The latest commands, oldest first: read from the topic, or published by this console
-    /// (remembered at once, so that its page shows it before the topic gives it back).
-    recent: VecDeque<FleetCommand>,
-    /// Records read so far.
-    records_read: u64,
-}
-
-impl Controls {
-    /// Folds in one record of the commands topic: a command, or a tombstone (`None`) for
-    /// `key`. A value that is not a command this console reads is skipped, with an error for
-    /// the log.
-    pub(crate) fn apply(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String> {
-        self.records_read += 1;
-        let Some(value) = value else {
-            self.in_force.fold(Some(key), None);
-            return Ok(());
-        };
-        let command = FleetCommand::decode(value).map_err(|e| format!("command {key}: {e}"))?;
-        self.in_force.fold(Some(key), Some(command.clone()));
-        self.remember(command);
-        Ok(())
-    }
-
-    fn remember(&mut self, command: FleetCommand) {
-        if self.recent.iter().any(|c| c.id == command.id) {
-            return;
-        }
-        if self.recent.len() == REMEMBERED {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(command);
-    }
-
-    fn find(&self, id: &str) -> Option<&FleetCommand> {
-        self.recent.iter().find(|c| c.id == id)
-    }
-}
 
 /// The Controls page's form: every field a string, so that any POST parses and reaches the
 /// caller check first.
@@ -134,8 +90,8 @@ impl Known {
                     .insert(p.partition);
             }
         }
-        let controls = console.controls.read().unwrap_or_else(|e| e.into_inner());
-        known.in_force = controls
+        let commands = console.commands.read().unwrap_or_else(|e| e.into_inner());
+        known.in_force = commands
             .in_force
             .commands()
             .map(FleetCommand::key)
@@ -294,7 +250,7 @@ pub(crate) async fn act(
     );
     let location = format!("/controls/commands/{}", url(&command.id));
     console
-        .controls
+        .commands
         .write()
         .unwrap_or_else(|e| e.into_inner())
         .remember(command);
@@ -411,11 +367,11 @@ pub(crate) async fn page(
 ) -> Html<String> {
     let known = Known::of(&console);
     let (in_force, recent, records_read): (Vec<FleetCommand>, Vec<FleetCommand>, u64) = {
-        let controls = console.controls.read().unwrap_or_else(|e| e.into_inner());
+        let commands = console.commands.read().unwrap_or_else(|e| e.into_inner());
         (
-            controls.in_force.commands().cloned().collect(),
-            controls.recent.iter().rev().take(LISTED).cloned().collect(),
-            controls.records_read,
+            commands.in_force.commands().cloned().collect(),
+            commands.recent.iter().rev().take(LISTED).cloned().collect(),
+            commands.records_read,
         )
     };
     let mut body = format!(
@@ -588,7 +544,7 @@ pub(crate) async fn command(
     Path(id): Path<String>,
 ) -> Result<Html<String>, Problem> {
     let command = console
-        .controls
+        .commands
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .find(&id)
@@ -770,25 +726,5 @@ mod tests {
                 "{action} {fields:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_topic_folds_into_the_commands_in_force_and_remembers_each_command_once() {
-        let mut controls = Controls::default();
-        let pause = FleetCommand::new(
-            "t",
-            Addressee::All,
-            CommandAction::Pause {
-                target: CommandTarget::Topic { topic: "a".into() },
-            },
-        );
-        controls.apply(&pause.key(), Some(&pause.encode())).unwrap();
-        controls.remember(pause.clone());
-        assert_eq!(controls.in_force.commands().count(), 1);
-        assert_eq!(controls.recent.len(), 1);
-        assert!(controls.apply("x", Some(b"garbage")).is_err());
-        controls.apply(&pause.key(), None).unwrap();
-        assert_eq!(controls.in_force.commands().count(), 0);
-        assert!(controls.find(&pause.id).is_some());
     }
 }

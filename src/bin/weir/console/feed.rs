@@ -1,5 +1,5 @@
 //! Follows a compacted topic of the fleet (the status topic into the [`Fleet`], the commands
-//! topic into the [`Controls`](super::controls::Controls)): every partition assigned from the beginning,
+//! topic into the [`Commands`](super::commands::Commands)): every partition assigned from the beginning,
 //! outside any consumer group (nothing is committed, no replica's rebalance is disturbed), for
 //! as long as the console runs. A topic that does not exist yet (no process has reported) is
 //! looked for again every few seconds; partitions added later are picked up the same way.

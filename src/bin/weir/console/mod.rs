@@ -8,7 +8,8 @@
 //! - `pages`: Fleet, one process, Lag and throughput, Errors, the login page.
 //! - `dead_letters`: the explorer, a record's view, and the replay (dry run, then confirm).
 //! - `controls`: the Controls page: pause, resume, quiet and unquiet through the commands
-//!   topic, the commands in force, and each command's acknowledgements from the reports.
+//!   topic, the commands in force, and each command's acknowledgements from the reports;
+//!   `commands` folds the commands topic (`feed` follows it too).
 //! - `routes`: the route table (`route_table`, read at start) and the AsyncAPI document;
 //!   `parked`: parked records and the outbox, with a database.
 //! - `auth`: tokens, sessions, CSRF; `html`: escaping, the page frame, the login form, SVG
@@ -17,6 +18,7 @@
 //!   imports it back: `scripts/import-graph.py` checks.)
 
 mod auth;
+mod commands;
 mod controls;
 mod dead_letters;
 mod feed;
@@ -82,7 +84,7 @@ pub(crate) async fn run(
         dead_letter: settings.consumer.dead_letter.clone(),
         fleet: Arc::default(),
         commands_topic: settings.control.commands_topic.clone(),
-        controls: Arc::default(),
+        commands: Arc::default(),
         publisher: weir::CommandPublisher::new(&bus, settings.control.commands_topic.clone()),
         auth: Auth::new(c.viewer_token.clone(), c.operator_token.clone(), insecure),
         running: Mutex::default(),
@@ -119,12 +121,12 @@ pub(crate) async fn run(
         },
         stop.clone(),
     ));
-    let controls = console.controls.clone();
+    let commands = console.commands.clone();
     let commands = tokio::spawn(feed::follow(
         console.kafka.clone(),
         console.commands_topic.clone(),
         move |key, value| {
-            controls
+            commands
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .apply(key, value)

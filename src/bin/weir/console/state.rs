@@ -3,7 +3,7 @@
 //! table and the database.
 
 use super::auth::Auth;
-use super::controls::Controls;
+use super::commands::Commands;
 use super::fleet::Fleet;
 use super::route_table::RouteTable;
 use std::collections::HashSet;
@@ -19,7 +19,7 @@ pub(crate) struct Console {
     /// The commands topic (`[control] commands_topic`).
     pub(super) commands_topic: String,
     /// The commands in force and the latest ones, folded from the commands topic.
-    pub(super) controls: Arc<RwLock<Controls>>,
+    pub(super) commands: Arc<RwLock<Commands>>,
     /// Publishes the Controls page's commands to the commands topic.
     pub(super) publisher: CommandPublisher,
     pub(super) auth: Auth,
