@@ -13,11 +13,12 @@
 //!
 //! The second test drives the Controls page: pausing the customers topic from the page stops
 //! all handling of it on both replicas (their handler ledgers stop growing while the producer
-//! keeps streaming), the group's lag grows, and the command's page shows both replicas'
-//! acknowledgements; the Resume button of the command in force drains it, nothing is lost and
-//! each key's records are handled in publish order. A viewer's POST to the control endpoint, a
-//! POST without its CSRF token and a POST naming an unknown topic publish nothing. The two tests
-//! take turns (two fleets and two browsers at once would only slow a small machine down).
+//! keeps streaming), the group's lag grows (on the Lag page too), and the command's page shows
+//! both replicas' acknowledgements; the Resume button of the command in force drains it,
+//! nothing is lost and each key's records are handled in publish order. A viewer's POST to the
+//! control endpoint, a POST without its CSRF token and a POST naming an unknown topic,
+//! partition or process publish nothing. The two tests take turns (two fleets and two browsers
+//! at once would only slow a small machine down).
 //!
 //! Needs `WEIR_TEST_CHROMEDRIVER` (the driver; `scripts/test.sh` installs it and sets it) and
 //! is skipped with a message without it, like the suite's other optional tools.
@@ -795,6 +796,34 @@ async fn customers_lag(brokers: &str, group: &str, sent: &[Sent]) -> i64 {
         .sum()
 }
 
+/// The customers topic's lag in the Lag page's table of group offsets (read from the broker),
+/// once `enough` accepts it.
+async fn group_lag_on_page(browser: &Browser, base: &str, enough: impl Fn(i64) -> bool) -> i64 {
+    until_page(
+        browser,
+        &format!("{base}/lag"),
+        "the customers lag in the group offsets table",
+        PATIENCE,
+        "return [...document.querySelectorAll('#group-offsets tbody tr')].map(r => \
+           [...r.cells].map(c => c.innerText));",
+        |v| {
+            let rows = v.as_array().cloned().unwrap_or_default();
+            let customers: Vec<i64> = rows
+                .iter()
+                .filter(|r| r[0] == CUSTOMER_TOPIC)
+                .filter_map(|r| r[4].as_str()?.trim().parse().ok())
+                .collect();
+            let lag = customers.iter().sum();
+            if customers.len() == PARTITIONS as usize && enough(lag) {
+                Ok(lag)
+            } else {
+                Err(format!("{rows:?}"))
+            }
+        },
+    )
+    .await
+}
+
 /// The acknowledgements a command's page shows: process id → result.
 const ACKS_SCRIPT: &str = r#"
 const c = document.querySelector('#command');
@@ -1062,6 +1091,7 @@ async fn pausing_a_topic_from_the_controls_page_holds_both_replicas_until_its_re
     let (_, lines_paused) = handled(&mut ledgers);
     let sent_paused = sent_now();
     let lag_paused = customers_lag(&brokers, &group, &sent_paused).await;
+    let page_lag_paused = group_lag_on_page(&browser, &base, |_| true).await;
     eventually("the producer to publish 40 more records", PATIENCE, || {
         let more = sent_now().len() - sent_paused.len();
         async move { (more >= 40).then_some(()).ok_or(format!("{more} more")) }
@@ -1079,12 +1109,18 @@ async fn pausing_a_topic_from_the_controls_page_holds_both_replicas_until_its_re
         lag_later > lag_paused && lag_later >= (sent_later.len() - sent_paused.len()) as i64,
         "the lag grows while paused: {lag_paused} then {lag_later}"
     );
+    // The Lag page's group offsets (from the broker) show it grow too.
+    let more = (sent_later.len() - sent_paused.len()) as i64;
+    let page_lag_later =
+        group_lag_on_page(&browser, &base, |lag| lag >= page_lag_paused + more).await;
     println!(
-        "paused: {lines_paused} handled, lag {lag_paused} then {lag_later} after {} more records",
-        sent_later.len() - sent_paused.len()
+        "paused: {lines_paused} handled, lag {lag_paused} then {lag_later} after {more} more \
+         records; on the Lag page {page_lag_paused} then {page_lag_later}"
     );
     browser.goto(&base).await;
     browser.screenshot(&shots.join("fleet-paused.png")).await;
+    browser.goto(&format!("{base}/processes/{}", id_a)).await;
+    browser.screenshot(&shots.join("process-paused.png")).await;
 
     // The command in force, listed with its Resume button; the resume drains everything.
     let key = format!("all|topic|{CUSTOMER_TOPIC}");

@@ -282,8 +282,14 @@ fn addressee(to: &Addressee) -> String {
     }
 }
 
-/// The hidden fields and button of a form that publishes `action` to `to`.
-fn command_form(caller: &Caller, action: &CommandAction, to: &Addressee, label: &str) -> String {
+/// The hidden fields and button of a form that publishes `action` to `to` (disabled for a
+/// viewer); the Fleet and process pages show them too.
+pub(crate) fn command_form(
+    caller: &Caller,
+    action: &CommandAction,
+    to: &Addressee,
+    label: &str,
+) -> String {
     let mut fields = vec![("action", action.name().to_owned())];
     if let CommandAction::Pause { target } | CommandAction::Resume { target } = action {
         match target {
