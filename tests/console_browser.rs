@@ -1207,12 +1207,39 @@ async fn pausing_a_topic_from_the_controls_page_holds_both_replicas_until_its_re
         }
     }
 
-    // The commands topic holds exactly the page's two commands, issued by the operator: the
+    // Quiet one process (a script's POST): only it is addressed, and it acknowledges; the
+    // Unquiet button of the quiet in force lifts it.
+    let quiet = post(OPERATOR, format!("action=quiet&process={id_b}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(quiet.status(), reqwest::StatusCode::SEE_OTHER);
+    let location = quiet.headers()["location"].to_str().unwrap().to_owned();
+    let shown = until_applied(&browser, &format!("{base}{location}"), &[&id_b]).await;
+    assert_eq!(shown["action"], "quiet", "{shown}");
+    assert_eq!(shown["acks"].as_array().map(Vec::len), Some(1), "{shown}");
+    let quiet_id = shown["id"].as_str().expect("an id").to_owned();
+    browser
+        .screenshot(&shots.join("controls-quiet-acknowledged.png"))
+        .await;
+    browser.goto(&format!("{base}/controls")).await;
+    browser
+        .click(&format!(
+            "#in-force tr[data-key=\"process:{id_b}|quiet\"] button"
+        ))
+        .await;
+    browser.wait_for("#command", STEP).await;
+    let command_url = browser.url().await;
+    let shown = until_applied(&browser, &command_url, &[&id_b]).await;
+    assert_eq!(shown["action"], "unquiet", "{shown}");
+    let unquiet_id = shown["id"].as_str().expect("an id").to_owned();
+
+    // The commands topic holds exactly the page's commands, issued by the operator: the
     // refused requests published nothing.
     let commands: Vec<Value> = read_topic(
         &brokers,
         "weir.commands",
-        2,
+        4,
         Duration::from_millis(500),
         Duration::from_secs(10),
     )
@@ -1234,7 +1261,9 @@ async fn pausing_a_topic_from_the_controls_page_holds_both_replicas_until_its_re
         published,
         [
             (pause_id.as_str(), "pause", "console:operator"),
-            (resume_id.as_str(), "resume", "console:operator")
+            (resume_id.as_str(), "resume", "console:operator"),
+            (quiet_id.as_str(), "quiet", "console:operator"),
+            (unquiet_id.as_str(), "unquiet", "console:operator"),
         ]
     );
     println!(
