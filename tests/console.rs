@@ -157,6 +157,24 @@ async fn tokens_sessions_and_csrf_decide_who_may_look_and_who_may_act() {
         .unwrap();
     assert_eq!(acted.status(), StatusCode::FORBIDDEN);
     assert!(acted.text().await.unwrap().contains("A viewer cannot act"));
+    // The Controls page reads without a broker too; a viewer cannot pause.
+    let controls = format!("{base}/controls");
+    let page = http
+        .get(&controls)
+        .header(AUTHORIZATION, &viewer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("Commands in force"));
+    let paused = form(
+        http.post(&controls).header(AUTHORIZATION, &viewer),
+        "action=pause&topic=customer-events",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(paused.status(), StatusCode::FORBIDDEN);
 
     // An operator's session: an HttpOnly, SameSite=Strict cookie; its POSTs need its CSRF
     // token, and with it they reach input validation.
@@ -190,6 +208,43 @@ async fn tokens_sessions_and_csrf_decide_who_may_look_and_who_may_act() {
             .unwrap();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{body}");
         assert!(refused.text().await.unwrap().contains("CSRF"));
+    }
+    // A control POST needs the CSRF token too; with it, what no report shows is refused
+    // before anything is published (there is no broker to publish to).
+    let pause = form(
+        http.post(&controls).header(COOKIE, &cookie),
+        "action=pause&topic=customer-events",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(pause.status(), StatusCode::FORBIDDEN);
+    for (body, status, says) in [
+        (
+            "action=pause&topic=no-such-topic",
+            StatusCode::NOT_FOUND,
+            "no-such-topic",
+        ),
+        (
+            "action=quiet&process=nobody-1-deadbeef",
+            StatusCode::NOT_FOUND,
+            "No process nobody-1-deadbeef",
+        ),
+        ("action=reboot", StatusCode::BAD_REQUEST, "`action` must be"),
+    ] {
+        let refused = form(
+            http.post(&controls).header(COOKIE, &cookie),
+            &format!("csrf={csrf}&{body}"),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(refused.status(), status, "{body}");
+        let text = refused.text().await.unwrap();
+        assert!(
+            text.contains(says) && text.contains("Nothing was changed"),
+            "{text}"
+        );
     }
     let malformed = form(
         http.post(&replay).header(COOKIE, &cookie),

@@ -1,13 +1,12 @@
-//! Follows the status topic into the [`Fleet`]: every partition assigned from the beginning,
+//! Follows a compacted topic of the fleet (the status topic into the [`Fleet`], the commands
+//! topic into the [`Commands`](super::commands::Commands)): every partition assigned from the beginning,
 //! outside any consumer group (nothing is committed, no replica's rebalance is disturbed), for
 //! as long as the console runs. A topic that does not exist yet (no process has reported) is
 //! looked for again every few seconds; partitions added later are picked up the same way.
 
-use super::fleet::Fleet;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weir::KafkaConfig;
@@ -17,11 +16,12 @@ use weir::KafkaConfig;
 const RESCAN: Duration = Duration::from_secs(5);
 const RESCAN_MISSING: Duration = Duration::from_secs(1);
 
-/// Reads `topic` into `fleet` until `stop`.
+/// Reads `topic` into `apply` (each record's key, and its value or `None` for a tombstone)
+/// until `stop`.
 pub(crate) async fn follow(
     kafka: KafkaConfig,
     topic: String,
-    fleet: Arc<RwLock<Fleet>>,
+    mut apply: impl FnMut(&str, Option<&[u8]>) -> Result<(), String> + Send,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut config =
@@ -46,7 +46,7 @@ pub(crate) async fn follow(
                         tpl.add_partition_offset(&topic, *p, Offset::Beginning)?;
                     }
                     consumer.incremental_assign(&tpl)?;
-                    tracing::info!(topic, partitions = partitions.len(), "Following the status topic.");
+                    tracing::info!(topic, partitions = partitions.len(), "Following a fleet topic.");
                     assigned = partitions;
                 }
                 let wait = if assigned.is_empty() { RESCAN_MISSING } else { RESCAN };
@@ -55,16 +55,12 @@ pub(crate) async fn follow(
             message = consumer.recv(), if !assigned.is_empty() => match message {
                 Ok(m) => {
                     let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
-                    let result = fleet
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .apply(&key, m.payload());
-                    if let Err(error) = result {
-                        tracing::warn!(topic, offset = m.offset(), %error, "Status record skipped.");
+                    if let Err(error) = apply(&key, m.payload()) {
+                        tracing::warn!(topic, offset = m.offset(), %error, "Record skipped.");
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(topic, %error, "Reading the status topic failed; retrying.");
+                    tracing::warn!(topic, %error, "Reading a fleet topic failed; retrying.");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
             },

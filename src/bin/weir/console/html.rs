@@ -40,14 +40,14 @@ pub(crate) fn url(s: &str) -> String {
 }
 
 /// The navigation: path, label.
-const NAV: [(&str, &str); 6] = [
+const NAV: [(&str, &str); 7] = [
     ("/", "Fleet"),
     ("/lag", "Lag and throughput"),
     ("/routes", "Routes"),
     ("/errors", "Errors"),
     ("/dlq", "Dead letters"),
     ("/parked", "Parked and outbox"),
-    // Controls (fleet commands: pause, resume, quiet) join here once they exist.
+    ("/controls", "Controls"),
 ];
 
 /// A whole page: the frame, the navigation, who is signed in, and `body`. `refresh` reloads

@@ -1,12 +1,15 @@
 //! `weir console`: the fleet's web console.
 //!
-//! An application like any other: it reads Kafka (the status topic, the dead-letter topics)
-//! and writes only replays, never talking to a replica directly, so it works the same with one
-//! replica or fifty. Pages are rendered on the server; the one stylesheet is inside the binary.
+//! An application like any other: it reads Kafka (the status topic, the commands topic, the
+//! dead-letter topics) and writes only replays and fleet commands, never talking to a replica
+//! directly, so it works the same with one replica or fifty. Pages are rendered on the server; the one stylesheet is inside the binary.
 //!
 //! - `fleet`: the fleet in memory, folded from the status reports; `feed` follows the topic.
 //! - `pages`: Fleet, one process, Lag and throughput, Errors, the login page.
 //! - `dead_letters`: the explorer, a record's view, and the replay (dry run, then confirm).
+//! - `controls`: the Controls page: pause, resume, quiet and unquiet through the commands
+//!   topic, the commands in force, and each command's acknowledgements from the reports;
+//!   `commands` folds the commands topic (`feed` follows it too).
 //! - `routes`: the route table (`route_table`, read at start) and the AsyncAPI document;
 //!   `parked`: parked records and the outbox, with a database.
 //! - `auth`: tokens, sessions, CSRF; `html`: escaping, the page frame, the login form, SVG
@@ -15,6 +18,8 @@
 //!   imports it back: `scripts/import-graph.py` checks.)
 
 mod auth;
+mod commands;
+mod controls;
 mod dead_letters;
 mod feed;
 mod fleet;
@@ -72,11 +77,15 @@ pub(crate) async fn run(
         tracing::warn!("--insecure-no-auth is ignored: tokens are configured.");
     }
     let insecure = args.insecure_no_auth && c.viewer_token.is_none() && c.operator_token.is_none();
+    let bus = weir::KafkaBus::new(settings.kafka.clone()).context("the commands publisher")?;
     let console = Arc::new(Console {
         kafka: settings.kafka.clone(),
         status_topic: settings.control.status_topic.clone(),
         dead_letter: settings.consumer.dead_letter.clone(),
         fleet: Arc::default(),
+        commands_topic: settings.control.commands_topic.clone(),
+        commands: Arc::default(),
+        publisher: weir::CommandPublisher::new(&bus, settings.control.commands_topic.clone()),
         auth: Auth::new(c.viewer_token.clone(), c.operator_token.clone(), insecure),
         running: Mutex::default(),
         routes: route_table::RouteTable::of(&settings)?,
@@ -100,10 +109,28 @@ pub(crate) async fn run(
         status_topic = console.status_topic,
         "Console listening."
     );
+    let fleet = console.fleet.clone();
     let feed = tokio::spawn(feed::follow(
         console.kafka.clone(),
         console.status_topic.clone(),
-        console.fleet.clone(),
+        move |key, value| {
+            fleet
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(key, value)
+        },
+        stop.clone(),
+    ));
+    let commands = console.commands.clone();
+    let commands = tokio::spawn(feed::follow(
+        console.kafka.clone(),
+        console.commands_topic.clone(),
+        move |key, value| {
+            commands
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply(key, value)
+        },
         stop.clone(),
     ));
     let shutdown = stop.clone();
@@ -111,6 +138,7 @@ pub(crate) async fn run(
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     stop.cancel();
+    commands.await.context("the commands feed panicked")??;
     feed.await.context("the status feed panicked")?
 }
 
@@ -132,8 +160,8 @@ fn router(console: Arc<Console>) -> Router {
         )
         .route("/dlq/{topic}/replay", post(dead_letters::dry_run))
         .route("/dlq/{topic}/replay/confirm", post(dead_letters::confirm))
-        // Controls (fleet commands through weir.commands) mount here, as POSTs that call
-        // `dead_letters::authorize` first like every action.
+        .route("/controls", get(controls::page).post(controls::act))
+        .route("/controls/commands/{id}", get(controls::command))
         .route("/logout", post(logout))
         .route_layer(axum::middleware::from_fn_with_state(
             console.clone(),

@@ -3,6 +3,7 @@
 //! topic, so a person can match the page to the topic.
 
 use super::auth::Caller;
+use super::controls::command_form;
 use super::fleet::{Fleet, BUCKET_SECONDS, HISTORY};
 use super::html::{bytes, chart, esc, page, time, trim_number, url, Problem, Series};
 use super::state::Console;
@@ -12,6 +13,7 @@ use axum::Extension;
 use chrono::Utc;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use weir::{Addressee, CommandAction, CommandTarget};
 
 /// How often the fleet pages reload themselves.
 const REFRESH_SECONDS: u32 = 5;
@@ -79,10 +81,27 @@ pub(crate) async fn fleet(
          a dashed outline marks an owner that went stale.</p>",
     );
     for (topic, partitions) in fleet.owners(now) {
+        let target = CommandTarget::Topic {
+            topic: topic.clone(),
+        };
         let _ = write!(
             body,
-            "<h3>{}</h3><div class=\"grid\" data-topic=\"{}\">",
+            "<h3>{} <span class=\"controls\">{} {}</span></h3><div class=\"grid\" data-topic=\"{}\">",
             esc(&topic),
+            command_form(
+                &caller,
+                &CommandAction::Pause {
+                    target: target.clone()
+                },
+                &Addressee::All,
+                "Pause everywhere"
+            ),
+            command_form(
+                &caller,
+                &CommandAction::Resume { target },
+                &Addressee::All,
+                "Resume"
+            ),
             esc(&topic)
         );
         for (partition, owner) in partitions {
@@ -120,20 +139,33 @@ pub(crate) async fn process(
         ))
     })?;
     let r = &p.report;
+    let me = Addressee::Process(r.process.id.clone());
     let mut body = format!(
         "<p><code>{}</code> · {} · {} on {} (pid {}) · started {} · last report {}</p>\
+         <p>{} {}</p>\
          <h2>Partitions</h2><table><thead><tr><th>Topic</th><th>Partition</th><th>Position</th>\
-         <th>Committed</th><th>Log end</th><th>Lag</th><th>In flight</th><th>Paused</th></tr></thead><tbody>",
+         <th>Committed</th><th>Log end</th><th>Lag</th><th>In flight</th><th>Paused</th>\
+         <th>This process only</th></tr></thead><tbody>",
         esc(&r.process.id),
-        if p.is_stale(Utc::now()) { "<span class=\"stale\">stale</span>" } else { "<span class=\"live\">live</span>" },
+        if p.is_stale(Utc::now()) {
+            "<span class=\"stale\">stale</span>"
+        } else {
+            "<span class=\"live\">live</span>"
+        },
         esc(&r.process.role),
         esc(&r.process.host),
         r.process.pid,
         time(r.process.started_at),
         time(r.at),
+        command_form(&caller, &CommandAction::Quiet, &me, "Quiet this process"),
+        command_form(&caller, &CommandAction::Unquiet, &me, "Unquiet"),
     );
     let opt = |v: Option<i64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
     for part in &r.partitions {
+        let target = CommandTarget::Partition {
+            topic: part.topic.clone(),
+            partition: part.partition,
+        };
         let reasons: Vec<String> = part
             .pause_reasons
             .iter()
@@ -142,7 +174,8 @@ pub(crate) async fn process(
         let _ = write!(
             body,
             "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td>\
+             <td>{} {}</td></tr>",
             esc(&part.topic),
             part.partition,
             opt(part.position),
@@ -151,6 +184,8 @@ pub(crate) async fn process(
             opt(part.lag),
             part.in_flight,
             if part.paused { reasons.join("; ") } else { "no".into() },
+            command_form(&caller, &CommandAction::Pause { target: target.clone() }, &me, "Pause"),
+            command_form(&caller, &CommandAction::Resume { target }, &me, "Resume"),
         );
     }
     body.push_str(

@@ -1,12 +1,14 @@
 //! What every page handler shares: the configuration it reads Kafka with, the fleet, the
-//! tokens and sessions, the route table and the database.
+//! commands (in force and recent) and their publisher, the tokens and sessions, the route
+//! table and the database.
 
 use super::auth::Auth;
+use super::commands::Commands;
 use super::fleet::Fleet;
 use super::route_table::RouteTable;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
-use weir::{DeadLetterTopics, KafkaConfig};
+use weir::{CommandPublisher, DeadLetterTopics, KafkaConfig};
 
 /// What every handler shares.
 pub(crate) struct Console {
@@ -14,6 +16,12 @@ pub(crate) struct Console {
     pub(super) status_topic: String,
     pub(super) dead_letter: DeadLetterTopics,
     pub(super) fleet: Arc<RwLock<Fleet>>,
+    /// The commands topic (`[control] commands_topic`).
+    pub(super) commands_topic: String,
+    /// The commands in force and the latest ones, folded from the commands topic.
+    pub(super) commands: Arc<RwLock<Commands>>,
+    /// Publishes the Controls page's commands to the commands topic.
+    pub(super) publisher: CommandPublisher,
     pub(super) auth: Auth,
     /// Replay ids being confirmed right now.
     pub(super) running: Mutex<HashSet<String>>,
