@@ -14,7 +14,7 @@ use support::process::wait_until;
 use tokio::sync::Notify;
 use weir::{
     Bus, ConsumerConfig, Ctx, Envelope, HandlerOptions, KafkaBus, KafkaConfig, Metrics,
-    OutboundRecord, Publisher, Router,
+    OutboundRecord, PauseTarget, Publisher, Router,
 };
 
 fn lag(metrics: &Metrics, topic: &str) -> Option<i64> {
@@ -114,4 +114,66 @@ async fn consumer_lag_on_tansu_reaches_the_backlog_and_drains() {
     // Records published one per batch, so Tansu's high watermark is right here; with batched
     // publishing it is not (see the issue note).
     assert_eq!(seen, 40);
+}
+
+/// A paused partition is not fetched, and librdkafka learns a partition's high watermark only
+/// from fetch responses: without a refresh its lag would stay where the pause found it while
+/// the backlog grows (an operator pausing a topic, or a breaker holding a route open, would
+/// see a flat line exactly when the backlog matters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_of_a_paused_partition_keeps_growing_with_its_backlog() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("held", 1, 1).expect("topic");
+    let bus = KafkaBus::new(KafkaConfig::new(cluster.bootstrap_servers())).expect("bus");
+    let publish = |i: i64| {
+        let e = Envelope::new(CustomerCreated::new(
+            format!("c-{i}"),
+            serde_json::json!({}),
+        ));
+        OutboundRecord {
+            topic: "held".to_owned(),
+            key: Some(e.key().into_bytes()),
+            value: Some(e.to_structured().unwrap()),
+            headers: weir::Headers::new(),
+        }
+    };
+    let router = Router::new().on_with(
+        |_: CustomerCreated, _ctx: Ctx| async { Ok(()) },
+        HandlerOptions::new().topic("held"),
+    );
+    let config = ConsumerConfig {
+        commit_interval: Duration::from_millis(100),
+        ..ConsumerConfig::new("held-group")
+    };
+    let subscription = bus.subscribe(router, config).expect("subscribe");
+    let metrics = bus.metrics().clone();
+    // Consumed and committed first: the partition is fetched, and its lag is 0.
+    bus.publish_record(publish(0)).await.expect("publish");
+    wait_until(
+        "the first record committed",
+        Duration::from_secs(30),
+        || match lag(&metrics, "held") {
+            Some(0) => Ok(()),
+            other => Err(format!("lag {other:?}")),
+        },
+    )
+    .await;
+    subscription
+        .pause(PauseTarget::topic("held"), "held for the test")
+        .await
+        .expect("pause");
+    for i in 1..=30 {
+        bus.publish_record(publish(i)).await.expect("publish");
+    }
+    let seen = wait_until(
+        "the lag to show the backlog published while paused",
+        Duration::from_secs(30),
+        || match lag(&metrics, "held") {
+            Some(l) if l >= 30 => Ok(l),
+            other => Err(format!("lag {other:?}")),
+        },
+    )
+    .await;
+    assert_eq!(seen, 30);
+    subscription.stop().await.expect("stop");
 }

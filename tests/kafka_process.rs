@@ -1301,9 +1301,9 @@ async fn a_stuck_handler_keeps_memory_bounded_whatever_the_backlog() {
         }))
         .await;
     }
-    // The lag gauge comes from the high watermarks of fetch responses: once it passes a few
-    // queues' worth, the consumer has been fetching while the backlog grew. (It need not reach
-    // the whole backlog: a consumer whose queue is full stops fetching, so stops learning.)
+    // The lag gauge comes from the high watermarks of fetch responses (and, for a partition
+    // held back for memory, which is not fetched, from the broker every 2 s): once it passes a
+    // few queues' worth, the backlog the consumer must not hoard is there.
     wait_until("the lag gauge to show fetching", PATIENCE, || {
         assert_running(&mut serve);
         match metric("weir_consumer_lag") {

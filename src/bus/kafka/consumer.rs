@@ -60,7 +60,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Records cross from the poll thread to the engine in batches of up to this many: one hand-off
@@ -122,6 +122,10 @@ pub(crate) struct WeirContext {
     /// Each partition's high watermark and lag from the latest statistics, for status reports:
     /// replaced at each statistics callback (every couple of seconds), read when a report asks.
     log_ends: Mutex<HashMap<Tp, (i64, Option<i64>)>>,
+    /// The log ends of the paused partitions, asked of the broker by [`refresh_held_ends`]:
+    /// librdkafka learns a high watermark only from fetch responses, and a paused partition
+    /// is not fetched, so its lag would stay where the pause found it while its backlog grows.
+    held_ends: Mutex<HashMap<(Arc<str>, i32), i64>>,
     /// Makes the poll thread panic at its next turn, to test that the panic is reported.
     #[cfg(test)]
     panic_next_turn: AtomicBool,
@@ -173,15 +177,25 @@ impl ClientContext for WeirContext {
         self.broker_up(up);
         let mut prefetched = self.held_bytes.load(Ordering::Relaxed);
         let mut ends = HashMap::new();
+        let held_ends = self
+            .held_ends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // -1 is librdkafka's internal unassigned partition.
                 if *partition >= 0 {
                     prefetched += usize::try_from(p.fetchq_size).unwrap_or(0);
-                    if p.hi_offset >= 0 {
-                        ends.insert((topic.clone(), *partition), (p.hi_offset, lag(p)));
+                    let held = held_ends
+                        .iter()
+                        .find(|((t, n), _)| n == partition && &**t == topic.as_str())
+                        .map(|(_, end)| *end);
+                    let end = p.hi_offset.max(held.unwrap_or(-1));
+                    if end >= 0 {
+                        ends.insert((topic.clone(), *partition), (end, lag(p, end)));
                     }
-                    if let Some(lag) = lag(p) {
+                    if let Some(lag) = lag(p, end) {
                         ConsumerLag {
                             topic,
                             partition: *partition,
@@ -423,8 +437,10 @@ fn commit_stored(consumer: &WeirConsumer, positions: &Mutex<Positions>) -> Optio
 /// the group's first commit the position is the log start (Weir's groups start at `earliest`);
 /// librdkafka's own `consumer_lag` is -1 until then, which would hide a backlog that has not
 /// been touched at all.
-fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
-    if p.hi_offset < 0 {
+/// `end` is the partition's high watermark: from the statistics, or from the broker for a
+/// paused partition ([`refresh_held_ends`]).
+fn lag(p: &rdkafka::statistics::Partition, end: i64) -> Option<i64> {
+    if end < 0 {
         return None;
     }
     let position = if p.committed_offset >= 0 {
@@ -432,7 +448,45 @@ fn lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
     } else {
         p.lo_offset
     };
-    (position >= 0).then(|| (p.hi_offset - position).max(0))
+    (position >= 0).then(|| (end - position).max(0))
+}
+
+/// How often the paused partitions' log ends are asked of the broker: librdkafka's statistics
+/// interval, at which the lag is published.
+const HELD_ENDS_EVERY: Duration = Duration::from_secs(2);
+/// A bound on one round of asking, so that a stop is never held up for long by a broker that
+/// does not answer.
+const HELD_ENDS_ROUND: Duration = Duration::from_secs(2);
+
+/// Asks the broker for the log end of each paused partition every [`HELD_ENDS_EVERY`], until
+/// `stop`; runs on a thread of its own, so that a slow broker never holds up polling. Nothing is
+/// asked while nothing is paused.
+fn refresh_held_ends(consumer: &WeirConsumer, stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::park_timeout(HELD_ENDS_EVERY);
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let held = consumer.context().pauses.held();
+        let mut ends = HashMap::new();
+        let round = Instant::now();
+        for tp in held {
+            let Some(left) = HELD_ENDS_ROUND.checked_sub(round.elapsed()) else {
+                break;
+            };
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok((_, high)) = consumer.fetch_watermarks(&tp.0, tp.1, left) {
+                ends.insert(tp, high);
+            }
+        }
+        *consumer
+            .context()
+            .held_ends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = ends;
+    }
 }
 
 pub(crate) type WeirConsumer = BaseConsumer<WeirContext>;
@@ -480,6 +534,7 @@ pub(crate) fn start(
         pauses: Pauses::default(),
         pending_revoke: Mutex::new(None),
         log_ends: Mutex::default(),
+        held_ends: Mutex::default(),
         metrics,
         health,
         errors: Throttle::new(Duration::from_secs(30)),
@@ -560,13 +615,42 @@ struct Feed {
     /// Split again after a record of it came through the main queue.
     resplit: bool,
     /// Since when the hand-off has been full, and whether that was logged.
-    full_since: Option<std::time::Instant>,
+    full_since: Option<Instant>,
     warned: bool,
 }
 
 /// Polls the main queue and each partition with room in its hand-off; sleeps when nothing
 /// moves, until librdkafka or the engine wakes it.
 fn poll_loop(
+    consumer: Arc<WeirConsumer>,
+    handoff: mpsc::UnboundedSender<Handoff>,
+    closing: Arc<AtomicBool>,
+    max_prefetch_bytes: usize,
+    queue_bound: QueueBound,
+) {
+    // The refresher ends before this thread does, so the consumer is closed (its last handle
+    // dropped) where `KafkaSource::close` expects, after this thread is joined.
+    let stop_refresher = Arc::new(AtomicBool::new(false));
+    let refresher = {
+        let (consumer, stop) = (consumer.clone(), stop_refresher.clone());
+        std::thread::Builder::new()
+            .name("weir-kafka-ends".to_owned())
+            .spawn(move || refresh_held_ends(&consumer, &stop))
+    };
+    poll_until_closed(consumer, handoff, closing, max_prefetch_bytes, queue_bound);
+    stop_refresher.store(true, Ordering::SeqCst);
+    match refresher {
+        Ok(refresher) => {
+            refresher.thread().unpark();
+            let _ = refresher.join();
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Could not start the thread that refreshes paused partitions' log ends; their lag is not refreshed.");
+        }
+    }
+}
+
+fn poll_until_closed(
     consumer: Arc<WeirConsumer>,
     handoff: mpsc::UnboundedSender<Handoff>,
     closing: Arc<AtomicBool>,
@@ -1413,6 +1497,7 @@ mod tests {
             pauses: Pauses::default(),
             pending_revoke: Mutex::new(None),
             log_ends: Mutex::default(),
+            held_ends: Mutex::default(),
             metrics: metrics.clone(),
             health: Health::default(),
             errors: Throttle::new(Duration::from_secs(30)),

@@ -64,6 +64,18 @@ impl Pauses {
 }
 
 impl Pauses {
+    /// The partitions paused for the engine or for memory: not fetched, though they stay
+    /// assigned, so nothing tells librdkafka how their logs grow. (A revoking partition is on
+    /// its way out; its lag is no longer this consumer's to report.)
+    pub(crate) fn held(&self) -> Vec<PartitionKey> {
+        let reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        reasons
+            .iter()
+            .filter(|(_, set)| !set.contains(&PauseReason::Revoking))
+            .map(|(tp, _)| tp.clone())
+            .collect()
+    }
+
     /// Whether `tp` is paused in librdkafka for `reason`.
     pub(crate) fn has(&self, tp: &PartitionKey, reason: PauseReason) -> bool {
         let reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
