@@ -63,8 +63,10 @@ fn options(
         .env("WEIR_TEMPORAL__CONNECT_TIMEOUT", "2s")
 }
 
-/// `weir worker` with the same settings as `options`' service.
+/// `weir worker` with the same settings as `options`' service, its broker included (the
+/// worker reports its status and reads the fleet commands there).
 fn worker(dir: &TestDir, name: &str, options: &ServeOptions) -> WeirProcess {
+    let options = options.clone().env("WEIR_BROKERS", options.brokers.clone());
     WeirProcess::spawn(dir.path(), name, &["worker"], &options.env)
 }
 
