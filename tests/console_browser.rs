@@ -1,7 +1,8 @@
 //! The fleet console in a real browser (Debian's `chromium`, headless, through
-//! `chromium-driver`): two `weir serve` replicas on Tansu, this test streaming customer events
-//! into them as a foreign producer, one key failing for good (the reference service's
-//! `details.simulate = "permanent"` hook) so its records are dead-lettered.
+//! `chromium-driver`): two `weir serve` replicas on Tansu, a foreign producer (confluent-kafka in
+//! Python, `WEIR_TEST_PYTHON`) streaming customer events into them, one key failing for good
+//! (the reference service's `details.simulate = "permanent"` hook) so its records are
+//! dead-lettered.
 //!
 //! It checks what a person sees: the fleet page shows both processes and every partition's
 //! owner within 15 s; killing a replica marks it stale and its partitions show the survivor;
@@ -21,7 +22,8 @@
 //! at once would only slow a small machine down).
 //!
 //! Needs `WEIR_TEST_CHROMEDRIVER` (the driver; `scripts/test.sh` installs it and sets it) and
-//! is skipped with a message without it, like the suite's other optional tools.
+//! is skipped with a message without it, like the suite's other optional tools; needs
+//! `WEIR_TEST_PYTHON` as the suite's other foreign-client tests do.
 
 mod reference;
 mod support;
@@ -34,12 +36,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
+use support::foreign::ForeignProducer;
 use support::kafka::{committed_on, read_topic};
 use support::process::{
     eventually, http_get, RecordFile, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML,
 };
 use support::webdriver::{Browser, ChromeDriver};
-use weir::{dead_letter_headers as header, Envelope, PublishExt, StatusReport};
+use weir::{dead_letter_headers as header, Envelope, StatusReport};
 
 /// The tests of this file take turns.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -205,7 +208,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
             bad_ids.clone(),
         );
         tokio::spawn(async move {
-            let bus = support::orders::one_record_per_batch(&brokers);
+            let mut producer = ForeignProducer::start(&brokers);
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let event = if n % 5 == 4 {
@@ -215,7 +218,7 @@ async fn console_shows_the_fleet_its_lag_and_errors_and_replays_dead_letters_onc
                 };
                 let envelope = Envelope::new(event);
                 let id = envelope.meta.id.to_string();
-                bus.publish(&envelope).await.expect("publishes");
+                producer.publish(&envelope).await;
                 if n % 5 == 4 {
                     bad_ids.lock().unwrap().insert(id);
                     bad_published.fetch_add(1, Ordering::SeqCst);
@@ -911,12 +914,12 @@ async fn pausing_a_topic_from_the_controls_page_holds_both_replicas_until_its_re
     let producer = {
         let (brokers, stop, sent) = (brokers.clone(), stop.clone(), sent.clone());
         tokio::spawn(async move {
-            let bus = support::orders::one_record_per_batch(&brokers);
+            let mut producer = ForeignProducer::start(&brokers);
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let key = format!("c-{}", n % 20);
                 let envelope = Envelope::new(CustomerCreated::new(key.clone(), json!({"n": n})));
-                let delivery = bus.publish(&envelope).await.expect("publishes");
+                let delivery = producer.publish(&envelope).await;
                 sent.lock().unwrap().push(Sent {
                     id: envelope.meta.id.to_string(),
                     key,

@@ -94,12 +94,7 @@ async fn foreign_offsets(
     topic: &str,
     partitions: i32,
 ) -> BTreeMap<i32, Offsets> {
-    let python = std::env::var("WEIR_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "WEIR_TEST_PYTHON is not set: it must name a Python with confluent-kafka 2.12.1 \
-             (scripts/test.sh creates .tmp/venv and sets it)"
-        )
-    });
+    let python = support::foreign::python();
     let output = tokio::process::Command::new(&python)
         .args(["-c", PYTHON_OFFSETS, brokers, group, topic])
         .arg(partitions.to_string())

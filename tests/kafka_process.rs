@@ -1126,14 +1126,7 @@ if left or errors:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_cloudevent_is_handled() {
-    let python = std::env::var("WEIR_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "WEIR_TEST_PYTHON is not set: it must name a Python with confluent-kafka 2.12.1 \
-             (scripts/test.sh creates .tmp/venv and sets it; or: python3 -m venv .tmp/venv && \
-             .tmp/venv/bin/pip install confluent-kafka==2.12.1 && \
-             export WEIR_TEST_PYTHON=$PWD/.tmp/venv/bin/python)"
-        )
-    });
+    let python = support::foreign::python();
     let broker = broker_with_topics(Tansu::start_memory(), &[]);
     let dir = TestDir::new("weir-interop");
     let mut records = RecordFile::new(&dir.join("handled.jsonl"));

@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod db;
+pub mod foreign;
 pub mod kafka;
 pub mod orders;
 pub mod process;
