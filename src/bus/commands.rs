@@ -301,6 +301,33 @@ struct Watched {
     applied: HashMap<PauseTarget, &'static str>,
 }
 
+impl Watched {
+    /// Sets (`Some` reason) or lifts (`None`) the command pause on `target`, and records it
+    /// as applied only once the engine took it; a failure goes to `failed`.
+    async fn set(
+        &mut self,
+        target: PauseTarget,
+        reason: Option<&'static str>,
+        failed: &mut Vec<PauseError>,
+    ) {
+        match self
+            .control
+            .set(SOURCE, target.clone(), reason.map(str::to_owned))
+            .await
+        {
+            Ok(_) => match reason {
+                Some(reason) => {
+                    self.applied.insert(target, reason);
+                }
+                None => {
+                    self.applied.remove(&target);
+                }
+            },
+            Err(e) => failed.push(e),
+        }
+    }
+}
+
 impl Applier {
     pub(crate) fn new(process_id: impl Into<String>) -> Self {
         Self {
@@ -331,17 +358,9 @@ impl Applier {
         for watched in &mut self.watched {
             let topics: Vec<String> = watched.control.topics().cloned().collect();
             for topic in topics {
-                let target = PauseTarget::topic(topic);
-                let set = watched
-                    .control
-                    .set(SOURCE, target.clone(), Some(HOLD_REASON.to_owned()))
+                watched
+                    .set(PauseTarget::topic(topic), Some(HOLD_REASON), &mut failed)
                     .await;
-                match set {
-                    Ok(_) => {
-                        watched.applied.insert(target, HOLD_REASON);
-                    }
-                    Err(e) => failed.push(e),
-                }
             }
         }
         failed
@@ -376,26 +395,11 @@ impl Applier {
                 .cloned()
                 .collect();
             for target in lifted {
-                match watched.control.set(SOURCE, target.clone(), None).await {
-                    Ok(_) => {
-                        watched.applied.remove(&target);
-                    }
-                    Err(e) => failed.push(e),
-                }
+                watched.set(target, None, &mut failed).await;
             }
             for (target, reason) in desired {
-                if watched.applied.get(&target) == Some(&reason) {
-                    continue;
-                }
-                let set = watched
-                    .control
-                    .set(SOURCE, target.clone(), Some(reason.to_owned()))
-                    .await;
-                match set {
-                    Ok(_) => {
-                        watched.applied.insert(target, reason);
-                    }
-                    Err(e) => failed.push(e),
+                if watched.applied.get(&target) != Some(&reason) {
+                    watched.set(target, Some(reason), &mut failed).await;
                 }
             }
         }
