@@ -534,7 +534,10 @@ impl Bus for MemoryBus {
             batch_of: None,
         };
         let metrics = self.inner.metrics.clone();
-        let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
+        let dispatcher = Arc::new(
+            Dispatcher::new(router, metrics, &config.group_id)
+                .cpu_bound_threads(config.cpu_bound_threads),
+        );
         let stop = CancellationToken::new();
         // In memory the "broker" is always there.
         let health = Health::default();
@@ -722,6 +725,13 @@ impl MemorySource {
         }
     }
 
+    /// Whether `tp` is being given up in the revoke the engine is draining.
+    fn is_lost(&self, tp: &(usize, usize)) -> bool {
+        self.releasing
+            .as_ref()
+            .is_some_and(|(_, lost)| lost.contains(tp))
+    }
+
     /// The next record of the first owned partition with one that the engine takes records of,
     /// round-robin across partitions, a batch at a time. None while a rebalance step is
     /// pending, so it is handled first; while the engine drains a revoke, the partitions that
@@ -731,12 +741,8 @@ impl MemorySource {
             self.unbatch();
             return None;
         }
-        let lost: Vec<(usize, usize)> = match &self.releasing {
-            Some((_, lost)) => lost.clone(),
-            None => Vec::new(),
-        };
         if let Some((tp, _)) = &self.batch_of {
-            if lost.contains(tp) {
+            if self.is_lost(tp) {
                 self.batch_of = None;
                 self.batch.clear();
             }
@@ -765,7 +771,7 @@ impl MemorySource {
                 ti += 1;
             }
             let (topic, p) = (&self.topics[ti], at);
-            if !self.owned.contains(&(ti, p)) || lost.contains(&(ti, p)) {
+            if !self.owned.contains(&(ti, p)) || self.is_lost(&(ti, p)) {
                 continue;
             }
             let key = (topic.clone(), p as i32);
