@@ -239,3 +239,49 @@ async fn cpu_bound_handlers_use_at_most_one_core_each_and_never_starve_async_one
         "async handlers waited for the CPU-bound backlog to finish"
     );
 }
+
+/// The most `cpu_bound` calls seen running at once while 40 records of 20 ms each go through
+/// a subscription with `config`.
+async fn most_cpu_bound_calls_at_once(config: ConsumerConfig) -> usize {
+    let bus = MemoryBus::new(MemoryConfig {
+        default_partitions: 8,
+        ..MemoryConfig::default()
+    });
+    let records = 40;
+    publish_customers(&bus, records, records).await;
+    let cpu = Arc::new(Concurrency::default());
+    let (done_tx, mut done) = mpsc::unbounded_channel::<std::time::Instant>();
+    let router = {
+        let cpu = cpu.clone();
+        Router::new().on_with(
+            move |_: CustomerCreated, ctx: Ctx| {
+                let (cpu, tx) = (cpu.clone(), done_tx.clone());
+                async move {
+                    cpu.enter(ctx.partition());
+                    burn(Duration::from_millis(20));
+                    cpu.exit(ctx.partition());
+                    tx.send(std::time::Instant::now())
+                        .map_err(HandlerError::acknowledged)
+                }
+            },
+            HandlerOptions::new().cpu_bound(),
+        )
+    };
+    let subscription = bus.subscribe(router, config).expect("subscribe");
+    recv_n(&mut done, records).await;
+    let report: StopReport = subscription.stop().await.expect("stop");
+    assert_eq!(report.abandoned, 0);
+    cpu.max.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_bound_threads_caps_the_cpu_bound_calls_running_at_once() {
+    // Two permits: the calls do overlap (so the count below can see an overlap at all).
+    let two =
+        most_cpu_bound_calls_at_once(ConsumerConfig::new("cpu-two").cpu_bound_threads(2)).await;
+    assert_eq!(two, 2, "two permits, 40 records of 20 ms on 8 partitions");
+    // One permit, as a process that answers requests beside its consumer sets on 2 cores.
+    let one =
+        most_cpu_bound_calls_at_once(ConsumerConfig::new("cpu-one").cpu_bound_threads(1)).await;
+    assert_eq!(one, 1, "{one} cpu_bound calls at once with one permit");
+}

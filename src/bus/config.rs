@@ -77,6 +77,11 @@ pub struct ConsumerConfig {
     /// `max.poll.interval.ms`), or the group moves on without us: checked at subscribe.
     #[serde(with = "humantime_serde")]
     pub revoke_timeout: Duration,
+    /// How many `cpu_bound` calls run at once, across all the subscription's handlers; unset,
+    /// one per core. A process that also answers requests (an HTTP API beside its consumer)
+    /// sets fewer, so that a burst of CPU-bound records cannot take every core from the
+    /// requests: their latency is what its users feel.
+    pub cpu_bound_threads: Option<usize>,
 }
 
 impl Default for ConsumerConfig {
@@ -90,6 +95,7 @@ impl Default for ConsumerConfig {
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(25),
             revoke_timeout: Duration::from_secs(20),
+            cpu_bound_threads: None,
         }
     }
 }
@@ -116,6 +122,12 @@ impl ConsumerConfig {
         self
     }
 
+    /// Sets how many `cpu_bound` calls run at once (see [`cpu_bound_threads`](Self::cpu_bound_threads)).
+    pub fn cpu_bound_threads(mut self, threads: usize) -> Self {
+        self.cpu_bound_threads = Some(threads);
+        self
+    }
+
     /// Sets the drain timeout.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
@@ -137,6 +149,12 @@ impl ConsumerConfig {
         }
         if self.max_in_flight_per_partition == 0 {
             return bad("max_in_flight_per_partition", "must be at least 1");
+        }
+        if self.cpu_bound_threads == Some(0) {
+            return bad(
+                "cpu_bound_threads",
+                "must be at least 1 (or unset: one per core)",
+            );
         }
         if self.commit_interval.is_zero() {
             return bad("commit_interval", "must be positive");

@@ -117,7 +117,8 @@ pub(crate) struct Dispatcher {
     router: Router,
     metrics: Metrics,
     group: String,
-    /// One permit per core, shared by every `cpu_bound` handler.
+    /// One permit per `cpu_bound` call that may run at once (one per core unless the
+    /// consumer's configuration says fewer), shared by every `cpu_bound` handler.
     cpu: Arc<Semaphore>,
     /// `weir_messages_received_total` of each subscribed topic, resolved once. Looked up per
     /// record, so with foldhash: SipHash over a topic name cost more than the increment.
@@ -167,6 +168,14 @@ impl Dispatcher {
             group: group.into(),
             cpu: Arc::new(Semaphore::new(cores)),
         }
+    }
+
+    /// Runs at most `threads` `cpu_bound` calls at once instead of one per core.
+    pub(crate) fn cpu_bound_threads(mut self, threads: Option<usize>) -> Self {
+        if let Some(threads) = threads {
+            self.cpu = Arc::new(Semaphore::new(threads.max(1)));
+        }
+        self
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {

@@ -197,6 +197,20 @@ pub(crate) struct RouteSettings {
 }
 
 impl Settings {
+    /// The consumer's configuration as `weir serve` runs it. When the resource API answers
+    /// beside the consumer, `cpu_bound` handlers (image decoding) get one core fewer than the
+    /// machine has, at least one, unless `[consumer] cpu_bound_threads` says otherwise: on one
+    /// core per call, a burst of uploads to process took every core from the uploads still
+    /// arriving, and their p99 was no better than with the work done inside the request.
+    pub(crate) fn serve_consumer(&self, answers_requests: bool) -> ConsumerConfig {
+        let mut consumer = self.consumer.clone();
+        if answers_requests && consumer.cpu_bound_threads.is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            consumer.cpu_bound_threads = Some(cores.saturating_sub(1).max(1));
+        }
+        consumer
+    }
+
     /// Applies `[routes.<name>]` to the router; an unknown route name is an error.
     pub(crate) fn apply_routes(&self, router: &mut weir::Router) -> anyhow::Result<()> {
         for (name, route) in &self.routes {

@@ -79,7 +79,7 @@ async fn start(settings: Settings) -> anyhow::Result<Running> {
         _ => None,
     };
     let topics = router.topics();
-    let subscription = bus.subscribe(router, settings.consumer.clone())?;
+    let subscription = bus.subscribe(router, settings.serve_consumer(services.is_some()))?;
     // Every topic is held until the fleet commands in force are read (before the group can
     // assign a partition), so a partition a command paused comes to this replica paused.
     let process_id = weir::ProcessInfo::current("serve").id;

@@ -131,7 +131,10 @@ impl Bus for KafkaBus {
             |e| kafka.creation_error(e),
         )?;
         let metrics = self.inner.metrics.clone();
-        let dispatcher = Arc::new(Dispatcher::new(router, metrics, &config.group_id));
+        let dispatcher = Arc::new(
+            Dispatcher::new(router, metrics, &config.group_id)
+                .cpu_bound_threads(config.cpu_bound_threads),
+        );
         Ok(run(
             source,
             dispatcher,
