@@ -1,0 +1,97 @@
+//! The two client configurations every arm runs under.
+//!
+//! - `shared`: every arm gets the same librdkafka consumer settings, Weir's
+//!   (`KafkaConfig::consumer_config`), less the properties each at-least-once design owns
+//!   (`enable.auto.offset.store`, `enable.auto.commit`: RustStream's `Commit::Tracked` refuses
+//!   them) and Weir's `statistics.interval.ms` (it feeds Weir's lag metric; only Weir reads it).
+//! - `defaults`: each framework as a user gets it. The hand loops take librdkafka's defaults;
+//!   RustStream its `KafkaBroker` and `KafkaTopic` with only the group, `Commit::Tracked` and
+//!   `StartOffset::Earliest`; Weir its `KafkaConfig::new` and `ConsumerConfig::new`.
+//!
+//! Every arm starts a new group at the earliest offset (`auto.offset.reset=earliest`), or it
+//! would read nothing of the pre-filled topic.
+
+use rdkafka::ClientConfig;
+
+/// Properties the shared configuration leaves to each arm.
+const OWNED_BY_ARM: [&str; 5] = [
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "statistics.interval.ms",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Settings {
+    /// The same librdkafka consumer settings for every arm (Weir's).
+    Shared,
+    /// Each framework with its own defaults.
+    Defaults,
+}
+
+impl Settings {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Settings::Shared => "shared settings",
+            Settings::Defaults => "each framework's defaults",
+        }
+    }
+
+    /// The consumer properties every arm gets in this configuration, on top of its own.
+    pub(crate) fn common(self, brokers: &str) -> Vec<(String, String)> {
+        match self {
+            Settings::Shared => {
+                let weir = weir::KafkaConfig::new(brokers).consumer_config("unused");
+                weir.config_map()
+                    .into_iter()
+                    .filter(|(k, _)| !OWNED_BY_ARM.contains(k))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            }
+            Settings::Defaults => vec![("auto.offset.reset".to_owned(), "earliest".to_owned())],
+        }
+    }
+
+    /// A hand loop's consumer: the common properties, and for A1 the at-least-once pair
+    /// (offsets stored by the loop; committed by librdkafka's timer, or at the end).
+    pub(crate) fn hand_loop(self, brokers: &str, group: &str, typed: bool) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group);
+        for (k, v) in self.common(brokers) {
+            config.set(k, v);
+        }
+        if typed {
+            config.set("enable.auto.offset.store", "false");
+        }
+        config
+    }
+
+    /// Weir's client settings.
+    pub(crate) fn weir(self, brokers: &str) -> weir::KafkaConfig {
+        // Weir's consumer_config already is the shared set; the defaults are Weir's too.
+        weir::KafkaConfig::new(brokers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_settings_are_weirs_fetch_and_queue_settings() {
+        let common = Settings::Shared.common("localhost:9092");
+        let get = |key: &str| {
+            common
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("fetch.queue.backoff.ms"), Some("10"));
+        assert_eq!(get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(get("enable.auto.commit"), None);
+        assert_eq!(get("group.id"), None);
+    }
+}
