@@ -92,6 +92,17 @@ impl Latencies {
         }
     }
 
+    /// The distribution sampled for a chart: (x, ms) on [`crate::plot::grid`].
+    pub(crate) fn curve(&self) -> Vec<(f64, f64)> {
+        let h = self.histogram.lock().unwrap();
+        if h.is_empty() {
+            return Vec::new();
+        }
+        crate::plot::grid()
+            .map(|(x, q)| (x, h.value_at_quantile(q) as f64 / 1000.0))
+            .collect()
+    }
+
     /// The percentile distribution in HdrHistogram's text format (`.hgrm`, values in ms), which
     /// HdrHistogram's plotter reads.
     pub(crate) fn hgrm(&self) -> String {

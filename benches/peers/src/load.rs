@@ -21,7 +21,7 @@ pub(crate) struct LoadPlan {
     pub(crate) seconds: u64,
     /// Search each arm's sustainable rate, doubling from this rate.
     pub(crate) search_from: Option<u64>,
-    /// Where to write the `.hgrm` files.
+    /// Where to write the `.hgrm` files and the charts.
     pub(crate) out: Option<PathBuf>,
 }
 
@@ -74,6 +74,28 @@ pub(crate) async fn run(plan: &LoadPlan) -> anyhow::Result<()> {
             }
             rows.push((rate, arm, point));
         }
+    }
+    if let Some(out) = &plan.out {
+        for &rate in &plan.rates {
+            let series: Vec<(String, Vec<(f64, f64)>)> = rows
+                .iter()
+                .filter(|(r, _, _)| *r == rate)
+                .map(|(_, arm, point)| (arm.label().to_owned(), point.latencies.curve()))
+                .collect();
+            let title = format!(
+                "produce → handler-entry latency at {rate} msgs/s, {} s, {}",
+                plan.seconds,
+                plan.settings.name()
+            );
+            std::fs::write(
+                out.join(format!("latency-{rate}.svg")),
+                crate::plot::svg(&title, &series),
+            )?;
+        }
+        println!(
+            "  distributions written to {} (<arm>-<rate>.hgrm, latency-<rate>.svg)",
+            out.display()
+        );
     }
     if !rows.is_empty() {
         println!(

@@ -26,6 +26,7 @@ mod hand;
 mod latency;
 mod load;
 mod mock;
+mod plot;
 mod report;
 mod ruststream_arm;
 mod settings;
@@ -76,7 +77,12 @@ impl Mode {
 #[derive(Debug, Parser)]
 struct Args {
     /// Bootstrap servers of the broker to run against (scripts/bench-peers.sh starts Tansu).
-    #[arg(long, required_unless_present = "mock", default_value = "")]
+    #[arg(
+        long,
+        required_unless_present = "mock",
+        default_value = "",
+        hide_default_value = true
+    )]
     brokers: String,
     /// Run against librdkafka's embedded mock cluster instead: a check that every arm works,
     /// not a measurement (it keeps about 5 MB per partition; use a few thousand records).
@@ -118,7 +124,7 @@ struct Args {
     #[arg(long)]
     search_from: Option<u64>,
     /// Latency: write each arm's and rate's distribution here (`<arm>-<rate>.hgrm`,
-    /// HdrHistogram's percentile format, in ms) for plotting.
+    /// HdrHistogram's percentile format, in ms) and a chart per rate (`latency-<rate>.svg`).
     #[arg(long)]
     latency_out: Option<std::path::PathBuf>,
 }
