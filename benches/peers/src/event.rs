@@ -24,7 +24,8 @@ impl Event for CustomerCreated {
 }
 
 /// The whole CloudEvent, typed: what A1 and RustStream decode each record into. Weir decodes
-/// the same attributes into its `Envelope` and hands the handler `data`.
+/// the same attributes into its `Envelope` (the id as a UUID, the time with chrono) and hands
+/// the handler `data`; this struct parses them the same way, so no arm skips work another does.
 #[derive(Debug, Deserialize)]
 #[allow(dead_code)] // Decoded to be paid for, never read.
 pub(crate) struct CloudEventIn {
@@ -33,9 +34,10 @@ pub(crate) struct CloudEventIn {
     #[serde(rename = "type")]
     pub(crate) event_type: String,
     pub(crate) source: String,
-    pub(crate) time: Option<String>,
+    pub(crate) time: Option<chrono::DateTime<chrono::Utc>>,
     pub(crate) subject: Option<String>,
     pub(crate) datacontenttype: Option<String>,
+    pub(crate) dataschema: Option<String>,
     pub(crate) data: CustomerCreated,
 }
 
