@@ -52,7 +52,7 @@ pub(crate) fn record_with(i: usize, extra: &[(&str, String)]) -> (String, Vec<u8
         "name": format!("Customer {i}"),
         "email": format!("customer-{i}@example.com"),
         "plan": "enterprise",
-        "notes": "x".repeat(245),
+        "notes": "x".repeat(207),
     });
     for (k, v) in extra {
         details[*k] = serde_json::Value::String(v.clone());

@@ -172,7 +172,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
     println!(
         "weir-peers: {} records of {} B (structured CloudEvents, {} keys) on {PARTITIONS} partitions, {} rounds, broker {}",
         args.records,
-        event::record(0).1.len(),
+        event::record(args.records / 2).1.len(),
         event::KEYS,
         args.rounds,
         args.brokers
