@@ -7,7 +7,7 @@
 
 use crate::event::CloudEventIn;
 use crate::latency::Latencies;
-use crate::settings::Settings;
+use crate::settings::Client;
 use crate::tally::rate;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::Message;
@@ -17,27 +17,24 @@ use std::time::{Duration, Instant};
 
 /// Reads `n` records of `topic` in a fresh group; returns records per second.
 pub(crate) fn run(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     n: usize,
     typed: bool,
     warmup: Option<Duration>,
 ) -> anyhow::Result<f64> {
-    run_until(settings, brokers, topic, n, typed, warmup, None)
+    run_until(client, topic, n, typed, warmup, None)
 }
 
 /// The latency bench's A1: reads until `stop` is set, each record's latency into `latencies`.
 pub(crate) fn timed(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     latencies: Arc<Latencies>,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     run_until(
-        settings,
-        brokers,
+        client,
         topic,
         usize::MAX,
         true,
@@ -48,8 +45,7 @@ pub(crate) fn timed(
 }
 
 fn run_until(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     n: usize,
     typed: bool,
@@ -57,7 +53,7 @@ fn run_until(
     timing: Option<(Arc<Latencies>, Arc<AtomicBool>)>,
 ) -> anyhow::Result<f64> {
     let group = crate::fresh_group();
-    let consumer: BaseConsumer = settings.hand_loop(brokers, &group, typed).create()?;
+    let consumer: BaseConsumer = client.hand_loop(&group, typed).create()?;
     consumer.subscribe(&[topic])?;
     let mut count = 0usize;
     let mut started = None;

@@ -4,7 +4,7 @@
 
 use crate::latency::{self, Latencies, Summary, SUSTAINED_P99};
 use crate::report::ArmKind;
-use crate::settings::Settings;
+use crate::settings::Client;
 use crate::tally::Tally;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +14,7 @@ use weir::ProcessingOrder;
 
 /// What the latency part runs.
 pub(crate) struct LoadPlan {
-    pub(crate) brokers: String,
-    pub(crate) settings: Settings,
+    pub(crate) client: Client,
     pub(crate) arms: Vec<ArmKind>,
     pub(crate) rates: Vec<u64>,
     pub(crate) seconds: u64,
@@ -54,7 +53,7 @@ pub(crate) async fn run(plan: &LoadPlan) -> anyhow::Result<()> {
     println!(
         "latency under a steady load: {} s per arm and rate, 8 partitions, a fresh topic and group each, {}",
         plan.seconds,
-        plan.settings.name()
+        plan.client.name()
     );
     if let Some(out) = &plan.out {
         std::fs::create_dir_all(out)?;
@@ -85,7 +84,7 @@ pub(crate) async fn run(plan: &LoadPlan) -> anyhow::Result<()> {
             let title = format!(
                 "produce → handler-entry latency at {rate} msgs/s, {} s, {}",
                 plan.seconds,
-                plan.settings.name()
+                plan.client.name()
             );
             std::fs::write(
                 out.join(format!("latency-{rate}.svg")),
@@ -243,32 +242,20 @@ impl Reader {
 }
 
 async fn measure(plan: &LoadPlan, arm: ArmKind, rate: u64) -> anyhow::Result<Point> {
-    let brokers = plan.brokers.as_str();
+    let brokers = plan.client.brokers.as_str();
     let topic = format!("peers-latency-{}", uuid::Uuid::new_v4().simple());
     crate::create_topic(brokers, &topic).await?;
     let latencies = Arc::new(Latencies::new());
-    let settings = plan.settings;
+    let client = plan.client.clone();
     let reader = match arm {
         ArmKind::A0 | ArmKind::A1 => {
             let stop = Arc::new(AtomicBool::new(false));
-            let (b, t, l, s) = (
-                brokers.to_owned(),
-                topic.clone(),
-                latencies.clone(),
-                stop.clone(),
-            );
-            let handle =
-                tokio::task::spawn_blocking(move || crate::hand::timed(settings, &b, &t, l, s));
+            let (t, l, s) = (topic.clone(), latencies.clone(), stop.clone());
+            let handle = tokio::task::spawn_blocking(move || crate::hand::timed(&client, &t, l, s));
             Reader::Hand(handle, stop)
         }
         ArmKind::Rs => Reader::RustStream(
-            crate::ruststream_arm::start(
-                settings,
-                brokers,
-                &topic,
-                Tally::timing(latencies.clone()),
-            )
-            .await?,
+            crate::ruststream_arm::start(&client, &topic, Tally::timing(latencies.clone())).await?,
         ),
         ArmKind::WKey | ArmKind::WPartition => {
             let order = if arm == ArmKind::WKey {
@@ -277,8 +264,7 @@ async fn measure(plan: &LoadPlan, arm: ArmKind, rate: u64) -> anyhow::Result<Poi
                 ProcessingOrder::Partition
             };
             Reader::Weir(crate::weir_arm::subscribe(
-                settings,
-                brokers,
+                &client,
                 &topic,
                 order,
                 Tally::timing(latencies.clone()),

@@ -39,7 +39,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use report::{ArmKind, Table};
-use settings::Settings;
+use settings::{Client, Settings};
 use std::time::{Duration, Instant};
 use weir::ProcessingOrder;
 
@@ -94,8 +94,9 @@ struct Args {
     /// Rounds of each comparison.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Prefetched mode: seconds each arm waits after its first record before its clock starts.
-    #[arg(long, default_value_t = 5)]
+    /// Prefetched mode: seconds each arm waits after its first record before its clock starts
+    /// (time enough for its client to fetch the whole topic).
+    #[arg(long, default_value_t = 8)]
     prefetch: u64,
     /// Modes to run (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Mode::Prefetched, Mode::BrokerFed])]
@@ -129,6 +130,12 @@ struct Args {
     latency_out: Option<std::path::PathBuf>,
 }
 
+/// Prefetched mode, shared settings: a per-partition queue that holds the whole topic (with
+/// room to spare), so every arm's clock starts with every record in its client.
+fn prefetch_queue(records: usize) -> usize {
+    (records / PARTITIONS as usize + 1_000).max(10_000)
+}
+
 /// A new consumer group name: every arm-run starts from the beginning of the topic.
 pub(crate) fn fresh_group() -> String {
     format!("peers-{}", uuid::Uuid::new_v4().simple())
@@ -145,8 +152,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.parts.contains(&Part::Latency) {
         let plan = load::LoadPlan {
-            brokers: args.brokers.clone(),
-            settings: args.settings.first().copied().unwrap_or(Settings::Shared),
+            client: Client::new(
+                args.settings.first().copied().unwrap_or(Settings::Shared),
+                &args.brokers,
+            ),
             arms: args.arms.clone(),
             rates: args.latency_rates.clone(),
             seconds: args.latency_seconds,
@@ -188,6 +197,15 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
             let title = format!("{} / {}", settings.name(), mode.name());
             let mut table = Table::new(title.clone(), &args.arms);
             let warmup = (mode == Mode::Prefetched).then(|| Duration::from_secs(args.prefetch));
+            let mut client = Client::new(settings, &args.brokers);
+            if mode == Mode::Prefetched && settings == Settings::Shared {
+                // Weir's 10,000 records per partition would leave the rest of the topic to be
+                // fetched after the clock starts; librdkafka's default (100,000) holds it all.
+                client = client.with(
+                    "queued.min.messages",
+                    prefetch_queue(args.records).to_string(),
+                );
+            }
             for round in 0..args.rounds {
                 for &arm in &args.arms {
                     eprintln!(
@@ -196,7 +214,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
                         args.rounds,
                         arm.label()
                     );
-                    let rate = run_arm(arm, settings, &args.brokers, &topic, args.records, warmup)
+                    let rate = run_arm(arm, &client, &topic, args.records, warmup)
                         .await
                         .with_context(|| format!("{title}: {}", arm.label()))?;
                     eprintln!("  {rate:.0} msgs/s");
@@ -217,35 +235,22 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
 
 async fn run_arm(
     arm: ArmKind,
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     n: usize,
     warmup: Option<Duration>,
 ) -> anyhow::Result<f64> {
     match arm {
         ArmKind::A0 | ArmKind::A1 => {
-            let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+            let (client, topic) = (client.clone(), topic.to_owned());
             let typed = arm == ArmKind::A1;
-            tokio::task::spawn_blocking(move || {
-                hand::run(settings, &brokers, &topic, n, typed, warmup)
-            })
-            .await?
+            tokio::task::spawn_blocking(move || hand::run(&client, &topic, n, typed, warmup))
+                .await?
         }
-        ArmKind::Rs => ruststream_arm::run(settings, brokers, topic, n, warmup).await,
-        ArmKind::WKey => {
-            weir_arm::run(settings, brokers, topic, n, ProcessingOrder::Key, warmup).await
-        }
+        ArmKind::Rs => ruststream_arm::run(client, topic, n, warmup).await,
+        ArmKind::WKey => weir_arm::run(client, topic, n, ProcessingOrder::Key, warmup).await,
         ArmKind::WPartition => {
-            weir_arm::run(
-                settings,
-                brokers,
-                topic,
-                n,
-                ProcessingOrder::Partition,
-                warmup,
-            )
-            .await
+            weir_arm::run(client, topic, n, ProcessingOrder::Partition, warmup).await
         }
     }
 }

@@ -3,7 +3,7 @@
 //! timer commits it), in RustStream's default dispatch (one delivery at a time).
 
 use crate::event::CloudEventIn;
-use crate::settings::Settings;
+use crate::settings::Client;
 use crate::tally::Tally;
 use ruststream_rdkafka::prelude::*;
 use std::convert::Infallible;
@@ -28,14 +28,13 @@ async fn count(event: &CloudEventIn, State(tally): State<Arc<Tally>>) -> Handler
 
 /// Reads `n` records of `topic` in a fresh group; returns records per second.
 pub(crate) async fn run(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     n: usize,
     warmup: Option<Duration>,
 ) -> anyhow::Result<f64> {
     let tally = Tally::new(n, warmup);
-    let running = start(settings, brokers, topic, tally.clone()).await?;
+    let running = start(client, topic, tally.clone()).await?;
     let waited = tally.wait(crate::ARM_TIMEOUT).await;
     running.shutdown().await?;
     waited?;
@@ -45,17 +44,11 @@ pub(crate) async fn run(
 /// Starts the RustStream app with the handler on `topic`, in a fresh group; resolves once the
 /// group has assigned its partitions.
 pub(crate) async fn start(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     tally: Arc<Tally>,
 ) -> anyhow::Result<RunningApp> {
-    let mut broker = KafkaBroker::new([brokers]);
-    if settings == Settings::Shared {
-        for (k, v) in settings.common(brokers) {
-            broker = broker.config(k, v);
-        }
-    }
+    let broker = client.ruststream();
     let (topic, group) = (topic.to_owned(), crate::fresh_group());
     let state = BenchState { tally };
     let app = RustStream::new(AppInfo::new("weir-peers", "0.0.0"))

@@ -52,15 +52,49 @@ impl Settings {
             Settings::Defaults => vec![("auto.offset.reset".to_owned(), "earliest".to_owned())],
         }
     }
+}
+
+/// One arm's client settings: a configuration, the broker, and any properties the run adds on
+/// top for every arm (the prefetched mode's queue size, in the shared configuration).
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    pub(crate) settings: Settings,
+    pub(crate) brokers: String,
+    pub(crate) extra: Vec<(String, String)>,
+}
+
+impl Client {
+    pub(crate) fn new(settings: Settings, brokers: &str) -> Self {
+        Self {
+            settings,
+            brokers: brokers.to_owned(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Adds a consumer property for every arm.
+    pub(crate) fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.extra.push((key.to_owned(), value.into()));
+        self
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        self.settings.name()
+    }
 
     /// A hand loop's consumer: the common properties, and for A1 the at-least-once pair
     /// (offsets stored by the loop; committed by librdkafka's timer, or at the end).
-    pub(crate) fn hand_loop(self, brokers: &str, group: &str, typed: bool) -> ClientConfig {
+    pub(crate) fn hand_loop(&self, group: &str, typed: bool) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
-            .set("bootstrap.servers", brokers)
+            .set("bootstrap.servers", &self.brokers)
             .set("group.id", group);
-        for (k, v) in self.common(brokers) {
+        for (k, v) in self
+            .settings
+            .common(&self.brokers)
+            .iter()
+            .chain(&self.extra)
+        {
             config.set(k, v);
         }
         if typed {
@@ -69,10 +103,25 @@ impl Settings {
         config
     }
 
-    /// Weir's client settings.
-    pub(crate) fn weir(self, brokers: &str) -> weir::KafkaConfig {
-        // Weir's consumer_config already is the shared set; the defaults are Weir's too.
-        weir::KafkaConfig::new(brokers)
+    /// Weir's client settings: its defaults, which are the shared set.
+    pub(crate) fn weir(&self) -> weir::KafkaConfig {
+        let mut config = weir::KafkaConfig::new(&self.brokers);
+        config.consumer.extend(self.extra.iter().cloned());
+        config
+    }
+
+    /// RustStream's broker: the shared set through its `config` passthrough, or nothing but
+    /// the bootstrap servers in the defaults configuration.
+    pub(crate) fn ruststream(&self) -> ruststream_rdkafka::KafkaBroker {
+        let mut broker = ruststream_rdkafka::KafkaBroker::new([self.brokers.as_str()]);
+        let common = match self.settings {
+            Settings::Shared => self.settings.common(&self.brokers),
+            Settings::Defaults => Vec::new(),
+        };
+        for (k, v) in common.into_iter().chain(self.extra.iter().cloned()) {
+            broker = broker.config(k, v);
+        }
+        broker
     }
 }
 

@@ -1,7 +1,7 @@
 //! W: Weir with a no-op typed handler, retries configured, in key or partition order.
 
 use crate::event::CustomerCreated;
-use crate::settings::Settings;
+use crate::settings::Client;
 use crate::tally::Tally;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +12,14 @@ use weir::{
 
 /// Reads `n` records of `topic` in a fresh group; returns records per second.
 pub(crate) async fn run(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     n: usize,
     order: ProcessingOrder,
     warmup: Option<Duration>,
 ) -> anyhow::Result<f64> {
     let tally = Tally::new(n, warmup);
-    let subscription = subscribe(settings, brokers, topic, order, tally.clone())?;
+    let subscription = subscribe(client, topic, order, tally.clone())?;
     let waited = tally.wait(crate::ARM_TIMEOUT).await;
     subscription.stop().await?;
     waited?;
@@ -29,13 +28,12 @@ pub(crate) async fn run(
 
 /// Subscribes Weir's no-op handler to `topic` in a fresh group.
 pub(crate) fn subscribe(
-    settings: Settings,
-    brokers: &str,
+    client: &Client,
     topic: &str,
     order: ProcessingOrder,
     tally: Arc<Tally>,
 ) -> anyhow::Result<weir::Subscription> {
-    let bus = KafkaBus::new(settings.weir(brokers))?;
+    let bus = KafkaBus::new(client.weir())?;
     let consumer = ConsumerConfig::new(crate::fresh_group()).order(order);
     Ok(bus.subscribe(router(topic, tally), consumer)?)
 }
