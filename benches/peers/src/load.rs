@@ -55,6 +55,9 @@ pub(crate) async fn run(plan: &LoadPlan) -> anyhow::Result<()> {
         plan.seconds,
         plan.client.name()
     );
+    for (k, v) in &plan.client.extra {
+        println!("consumer property for every arm: {k}={v}");
+    }
     if let Some(out) = &plan.out {
         std::fs::create_dir_all(out)?;
     }

@@ -110,6 +110,10 @@ struct Args {
     /// Read this existing, filled topic instead of creating and filling a new one.
     #[arg(long)]
     topic: Option<String>,
+    /// A librdkafka consumer property for every arm, in every configuration and part
+    /// (repeatable: `--kafka fetch.wait.max.ms=10`), on top of the arm's own.
+    #[arg(long = "kafka", value_name = "KEY=VALUE", value_parser = parse_property)]
+    kafka: Vec<(String, String)>,
     /// What to run (comma-separated): the throughput comparison, the latency bench, or both.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Part::Throughput])]
     parts: Vec<Part>,
@@ -138,6 +142,12 @@ fn prefetch_queue(records: usize) -> (usize, usize) {
     (per_partition, (bytes / 1024).clamp(65_536, 2_097_151))
 }
 
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
+}
+
 /// A new consumer group name: every arm-run starts from the beginning of the topic.
 pub(crate) fn fresh_group() -> String {
     format!("peers-{}", uuid::Uuid::new_v4().simple())
@@ -157,7 +167,8 @@ async fn main() -> anyhow::Result<()> {
             client: Client::new(
                 args.settings.first().copied().unwrap_or(Settings::Shared),
                 &args.brokers,
-            ),
+            )
+            .with_all(&args.kafka),
             arms: args.arms.clone(),
             rates: args.latency_rates.clone(),
             seconds: args.latency_seconds,
@@ -194,13 +205,16 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         args.prefetch
     );
+    for (k, v) in &args.kafka {
+        println!("consumer property for every arm: {k}={v}");
+    }
     let mut tables = Vec::new();
     for &settings in &args.settings {
         for &mode in &args.modes {
             let title = format!("{} / {}", settings.name(), mode.name());
             let mut table = Table::new(title.clone(), &args.arms);
             let warmup = (mode == Mode::Prefetched).then(|| Duration::from_secs(args.prefetch));
-            let mut client = Client::new(settings, &args.brokers);
+            let mut client = Client::new(settings, &args.brokers).with_all(&args.kafka);
             if mode == Mode::Prefetched {
                 // The mode's own queue sizes, in both configurations: a high-level consumer's
                 // `queued.max.messages.kbytes` bounds its one queue (16 MiB with Weir's

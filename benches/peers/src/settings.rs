@@ -78,6 +78,12 @@ impl Client {
         self
     }
 
+    /// Adds these consumer properties for every arm (`--kafka`).
+    pub(crate) fn with_all(mut self, properties: &[(String, String)]) -> Self {
+        self.extra.extend(properties.iter().cloned());
+        self
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         self.settings.name()
     }
