@@ -134,14 +134,6 @@ struct Args {
     latency_out: Option<std::path::PathBuf>,
 }
 
-/// Prefetched mode: queue bounds that hold the whole topic with room to spare, per partition
-/// (`queued.min.messages`) and in all (`queued.max.messages.kbytes`, twice the topic's size).
-fn prefetch_queue(records: usize) -> (usize, usize) {
-    let per_partition = (records / PARTITIONS as usize + 1_000).max(10_000);
-    let bytes = records * event::record(records / 2).1.len() * 2;
-    (per_partition, (bytes / 1024).clamp(65_536, 2_097_151))
-}
-
 fn parse_property(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
@@ -199,9 +191,8 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
         args.rounds,
         args.brokers
     );
-    let (messages, kbytes) = prefetch_queue(args.records);
     println!(
-        "machine: {} cores; prefetched mode waits {} s after each arm's first record, every arm with queued.min.messages={messages}, queued.max.messages.kbytes={kbytes}",
+        "machine: {} cores; prefetched mode waits {} s after each arm's first record",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         args.prefetch
     );
@@ -214,18 +205,7 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
             let title = format!("{} / {}", settings.name(), mode.name());
             let mut table = Table::new(title.clone(), &args.arms);
             let warmup = (mode == Mode::Prefetched).then(|| Duration::from_secs(args.prefetch));
-            let mut client = Client::new(settings, &args.brokers).with_all(&args.kafka);
-            if mode == Mode::Prefetched {
-                // The mode's own queue sizes, in both configurations: a high-level consumer's
-                // `queued.max.messages.kbytes` bounds its one queue (16 MiB with Weir's
-                // settings, 64 MiB by default: 30,000 and 110,000 records), so the hand loops
-                // and RS would fetch most of the topic after their clocks start, while Weir,
-                // which splits a queue off per partition, holds it all.
-                let (messages, kbytes) = prefetch_queue(args.records);
-                client = client
-                    .with("queued.min.messages", messages.to_string())
-                    .with("queued.max.messages.kbytes", kbytes.to_string());
-            }
+            let client = Client::new(settings, &args.brokers).with_all(&args.kafka);
             for round in 0..args.rounds {
                 for &arm in &args.arms {
                     eprintln!(

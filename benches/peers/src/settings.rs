@@ -55,7 +55,7 @@ impl Settings {
 }
 
 /// One arm's client settings: a configuration, the broker, and any properties the run adds on
-/// top for every arm (the prefetched mode's queue size, in the shared configuration).
+/// top for every arm (`--kafka`).
 #[derive(Debug, Clone)]
 pub(crate) struct Client {
     pub(crate) settings: Settings,
@@ -70,12 +70,6 @@ impl Client {
             brokers: brokers.to_owned(),
             extra: Vec::new(),
         }
-    }
-
-    /// Adds a consumer property for every arm.
-    pub(crate) fn with(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.extra.push((key.to_owned(), value.into()));
-        self
     }
 
     /// Adds these consumer properties for every arm (`--kafka`).
