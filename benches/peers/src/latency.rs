@@ -184,9 +184,16 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// The producer a measurement offers its load with: one per measurement, warmed by the probes,
+/// so its start (metadata, the idempotent producer's id) is not in the first records' latency.
+pub(crate) type LoadProducer = ThreadedProducer<DefaultProducerContext>;
+
 /// One probe per partition, so the arm shows it reads them all.
-pub(crate) fn send_probes(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let producer = producer(brokers)?;
+pub(crate) fn send_probes(
+    producer: &LoadProducer,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
     let templates = Templates::new();
     for p in 0..partitions {
         let (key, value) = templates.probe(p as usize);
@@ -199,8 +206,12 @@ pub(crate) fn send_probes(brokers: &str, topic: &str, partitions: i32) -> anyhow
 }
 
 /// Offers `rate` records per second for `seconds`; returns how many were sent.
-pub(crate) fn offer(brokers: &str, topic: &str, rate: u64, seconds: u64) -> anyhow::Result<usize> {
-    let producer = producer(brokers)?;
+pub(crate) fn offer(
+    producer: &LoadProducer,
+    topic: &str,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<usize> {
     let templates = Templates::new();
     let total = usize::try_from(rate * seconds)?;
     let started = Instant::now();
@@ -227,7 +238,7 @@ pub(crate) fn offer(brokers: &str, topic: &str, rate: u64, seconds: u64) -> anyh
 }
 
 /// Weir's producer settings (idempotent, `acks=all`, `linger.ms=5`) for every arm.
-fn producer(brokers: &str) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+pub(crate) fn producer(brokers: &str) -> anyhow::Result<LoadProducer> {
     Ok(weir::KafkaConfig::new(brokers).producer_config().create()?)
 }
 

@@ -275,11 +275,12 @@ async fn measure(plan: &LoadPlan, arm: ArmKind, rate: u64) -> anyhow::Result<Poi
         }
     };
     let partitions = usize::try_from(crate::PARTITIONS)?;
-    let (b, t) = (brokers.to_owned(), topic.clone());
-    tokio::task::spawn_blocking(move || latency::send_probes(&b, &t, crate::PARTITIONS)).await??;
+    let producer = Arc::new(latency::producer(brokers)?);
+    let (p, t) = (producer.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || latency::send_probes(&p, &t, crate::PARTITIONS)).await??;
     latency::wait_for_probes(&latencies, partitions).await?;
-    let (b, t, seconds) = (brokers.to_owned(), topic.clone(), plan.seconds);
-    let sent = tokio::task::spawn_blocking(move || latency::offer(&b, &t, rate, seconds)).await??;
+    let (p, t, seconds) = (producer, topic.clone(), plan.seconds);
+    let sent = tokio::task::spawn_blocking(move || latency::offer(&p, &t, rate, seconds)).await??;
     latency::wait_for_rest(&latencies, sent).await;
     reader.stop().await?;
     Ok(Point {
