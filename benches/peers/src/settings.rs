@@ -61,6 +61,10 @@ pub(crate) struct Client {
     pub(crate) settings: Settings,
     pub(crate) brokers: String,
     pub(crate) extra: Vec<(String, String)>,
+    /// The prefetched mode's queue bounds, for the clients that read through librdkafka's one
+    /// consumer queue (A0, A1, RS); Weir splits a queue off per partition and prefetches into
+    /// its engine, and stalls with these (BENCHMARKS.md), so it keeps its own.
+    pub(crate) queue: Vec<(String, String)>,
 }
 
 impl Client {
@@ -69,12 +73,24 @@ impl Client {
             settings,
             brokers: brokers.to_owned(),
             extra: Vec::new(),
+            queue: Vec::new(),
         }
     }
 
     /// Adds these consumer properties for every arm (`--kafka`).
     pub(crate) fn with_all(mut self, properties: &[(String, String)]) -> Self {
         self.extra.extend(properties.iter().cloned());
+        self
+    }
+
+    /// Sizes the one consumer queue of A0, A1 and RS to hold `records` records of `bytes` each.
+    pub(crate) fn holding(mut self, records: usize, bytes: usize) -> Self {
+        let messages = records + records / 10 + 1_000;
+        let kbytes = (records * bytes * 2 / 1024).clamp(65_536, 2_097_151);
+        self.queue = vec![
+            ("queued.min.messages".to_owned(), messages.to_string()),
+            ("queued.max.messages.kbytes".to_owned(), kbytes.to_string()),
+        ];
         self
     }
 
@@ -118,7 +134,8 @@ impl Client {
             Settings::Shared => self.settings.common(&self.brokers),
             Settings::Defaults => Vec::new(),
         };
-        for (k, v) in common.into_iter().chain(self.extra.iter().cloned()) {
+        let own = self.queue.iter().chain(&self.extra).cloned();
+        for (k, v) in common.into_iter().chain(own) {
             broker = broker.config(k, v);
         }
         broker
