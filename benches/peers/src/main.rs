@@ -207,9 +207,8 @@ async fn throughput(args: &Args) -> anyhow::Result<()> {
             let warmup = (mode == Mode::Prefetched).then(|| Duration::from_secs(args.prefetch));
             let mut client = Client::new(settings, &args.brokers).with_all(&args.kafka);
             if mode == Mode::Prefetched {
-                // A high-level consumer's queue bounds (`queued.min.messages` and
-                // `queued.max.messages.kbytes`) hold for its one queue: with Weir's settings
-                // the hand loops and RS held 10,000 records when their clocks started.
+                // A high-level consumer's queue bounds hold for its one queue: with Weir's
+                // (10,000 records, 16 MiB) the hand loops and RS did not run ahead.
                 client = client.holding(args.records, event::record(args.records / 2).1.len());
             }
             for round in 0..args.rounds {

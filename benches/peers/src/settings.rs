@@ -83,9 +83,12 @@ impl Client {
         self
     }
 
-    /// Sizes the one consumer queue of A0, A1 and RS to hold `records` records of `bytes` each.
+    /// The prefetched mode's queue bounds for A0, A1 and RS, sized to hold `records` records
+    /// of `bytes` each: a high-level consumer's `queued.min.messages` and
+    /// `queued.max.messages.kbytes` bound its one queue, so Weir's (10,000 records, 16 MiB) left
+    /// them fetching most of the topic after their clocks started. Both must be raised.
     pub(crate) fn holding(mut self, records: usize, bytes: usize) -> Self {
-        let messages = records + records / 10 + 1_000;
+        let messages = (records + records / 10 + 1_000).max(100_000);
         let kbytes = (records * bytes * 2 / 1024).clamp(65_536, 2_097_151);
         self.queue = vec![
             ("queued.min.messages".to_owned(), messages.to_string()),
@@ -105,12 +108,8 @@ impl Client {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", group);
-        for (k, v) in self
-            .settings
-            .common(&self.brokers)
-            .iter()
-            .chain(&self.extra)
-        {
+        let common = self.settings.common(&self.brokers);
+        for (k, v) in common.iter().chain(&self.queue).chain(&self.extra) {
             config.set(k, v);
         }
         if typed {
