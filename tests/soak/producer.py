@@ -1,0 +1,88 @@
+# The soak's foreign producer (confluent-kafka): customer events at a fixed rate, with per-key
+# sequence numbers in the payload, a known poison set, and the downstream outages of the fault
+# schedule written into the events themselves (the reference handler's test hook).
+#
+#   python producer.py '<json config>'
+#
+# Config: brokers, topic, rate (records/s), seconds, seed, keys, poison_every, outages
+# ([[start_s, end_s], ...] from the stream's start). One JSON line per delivered record on
+# stdout: n, id, key, seq, type, kind (ok | outage | undecodable | permanent), t (unix ms when
+# produce() was called), p, o (partition and offset the broker acknowledged).
+import datetime, json, random, sys, time
+from confluent_kafka import Producer
+
+config = json.loads(sys.argv[1])
+rng = random.Random(config["seed"])
+producer = Producer({
+    "bootstrap.servers": config["brokers"],
+    # One record per batch (Tansu skips the rest of a batch when a fetch starts inside it), and
+    # one request in flight, so a retried send cannot overtake the next one of its key.
+    "linger.ms": 0,
+    "batch.num.messages": 1,
+    "max.in.flight.requests.per.connection": 1,
+    "message.timeout.ms": 300000,
+})
+errors = []
+TYPES = ["customer.created", "customer.updated", "customer.updated", "customer.deleted"]
+
+
+def report(err, msg, line):
+    if err is not None:
+        errors.append(f"{line['n']}: {err}")
+        return
+    line["p"] = msg.partition()
+    line["o"] = msg.offset()
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+def iso(unix):
+    return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).isoformat()
+
+
+start = time.time()
+total = int(config["rate"] * config["seconds"])
+seqs = {}
+for n in range(total):
+    due = start + n / config["rate"]
+    while True:
+        left = due - time.time()
+        if left <= 0:
+            break
+        producer.poll(min(left, 0.05))
+    key = f"c-{rng.randrange(config['keys'])}"
+    event_type = rng.choice(TYPES)
+    seq = seqs.get(key, 0) + 1
+    seqs[key] = seq
+    event_id = f"soak-{config['seed']}-{n}"
+    details = {"seq": seq, "n": n}
+    kind = "ok"
+    elapsed = time.time() - start
+    for (begin, end) in config["outages"]:
+        if begin <= elapsed < end:
+            kind = "outage"
+            details.update(simulate="outage", until=iso(start + end))
+    poison = config["poison_every"] and n % config["poison_every"] == config["poison_every"] // 2
+    if poison and (n // config["poison_every"]) % 2 == 0:
+        kind = "undecodable"
+        value = b"\xff\xfe not a CloudEvent " + str(n).encode()
+    else:
+        if poison:
+            kind = "permanent"
+            details = {"seq": seq, "n": n, "simulate": "permanent"}
+        value = json.dumps({
+            "specversion": "1.0", "id": event_id, "type": event_type,
+            "source": "/soak-producer", "time": iso(time.time()), "subject": key,
+            "datacontenttype": "application/json",
+            "data": {"customer_id": key, "details": details},
+        }).encode()
+    line = {"n": n, "id": event_id, "key": key, "seq": seq, "type": event_type, "kind": kind,
+            "t": int(time.time() * 1000)}
+    producer.produce(config["topic"], key=key.encode(), value=value,
+                     headers=[("content-type", b"application/cloudevents+json")],
+                     on_delivery=lambda err, msg, line=line: report(err, msg, line))
+    producer.poll(0)
+
+left = producer.flush(300)
+if left or errors:
+    sys.exit(f"not delivered: {left} left, errors {errors[:20]}")
