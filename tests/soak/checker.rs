@@ -91,6 +91,23 @@ pub(crate) struct DeadLetters {
     pub(crate) repeated: u64,
 }
 
+/// Tasks created through the API (the outbox path).
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct Tasks {
+    /// Tasks the API answered 201 for.
+    pub(crate) created: u64,
+    /// Requests without a 201 (a replica going away, the database restarting): no task.
+    pub(crate) refused_requests: u64,
+    /// Created tasks whose `task.created` a handler recorded.
+    pub(crate) handled: u64,
+    /// Created tasks whose `task.created` no handler recorded.
+    pub(crate) lost: Vec<String>,
+    /// Task rows by final status at the end.
+    pub(crate) completed: i64,
+    pub(crate) failed: i64,
+    pub(crate) unfinished: i64,
+}
+
 /// The whole verdict, as JSON (and rendered as Markdown by `report`).
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Report {
@@ -114,6 +131,7 @@ pub(crate) struct Report {
     pub(crate) duplicates: Duplicates,
     pub(crate) dead_lettered: DeadLetters,
     pub(crate) parked_at_end: i64,
+    pub(crate) tasks: Tasks,
     pub(crate) latency: Latency,
     pub(crate) latency_excluding_outage: Latency,
     pub(crate) max_lag: i64,

@@ -170,6 +170,10 @@ mod tests {
         let a = schedule(7, Duration::from_secs(180), &kinds);
         let b = schedule(7, Duration::from_secs(180), &kinds);
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
-        assert_eq!(a.len(), 5);
+        for kind in kinds {
+            assert!(a.iter().any(|p| p.kind == kind), "{kind:?} in {a:?}");
+        }
+        assert!(a.windows(2).all(|w| w[0].at <= w[1].at), "sorted: {a:?}");
+        assert!(a.iter().all(|p| p.at >= WARM_UP), "{a:?}");
     }
 }

@@ -257,6 +257,8 @@ pub(crate) struct Fleet {
     started: BTreeMap<String, u32>,
     pub(crate) live: Live,
     pub(crate) peaks: Peaks,
+    /// The API of each replica serving.
+    pub(crate) apis: crate::tasks::Apis,
 }
 
 /// `weir serve` settings of the soak: fast group timeouts, in-place retries then durable ones
@@ -328,6 +330,7 @@ impl Fleet {
             started: BTreeMap::new(),
             live: Live::default(),
             peaks: Peaks::default(),
+            apis: Default::default(),
         };
         fleet.note_infrastructure();
         for slot in 0..REPLICAS {
@@ -383,6 +386,12 @@ impl Fleet {
     pub(crate) async fn start_replica(&mut self, slot: usize) {
         let process = self.spawn(&format!("serve-{slot}"), "serve");
         Fleet::serving(&process, "Serving.").await;
+        if let Some(addr) = process.http_addr() {
+            self.apis
+                .lock()
+                .unwrap()
+                .insert(process.name().to_owned(), addr);
+        }
         self.replicas[slot] = Some(process);
     }
 
@@ -400,6 +409,7 @@ impl Fleet {
     /// Notes the peak memory of a process about to go, and forgets it.
     fn retire(&self, process: &WeirProcess) {
         note_peak(&self.peaks, process.name(), process.pid());
+        self.apis.lock().unwrap().remove(process.name());
         self.live.lock().unwrap().remove(process.name());
     }
 
@@ -499,6 +509,7 @@ impl Fleet {
             };
             if let Some((status, tail)) = exited {
                 let process = self.replicas[slot].take().unwrap();
+                self.apis.lock().unwrap().remove(process.name());
                 self.live.lock().unwrap().remove(process.name());
                 exits.push(format!("{} exited ({status})\n{tail}", process.name()));
                 self.start_replica(slot).await;
@@ -542,6 +553,21 @@ impl Fleet {
         if let Some(pid) = self.db.pid() {
             note_peak(&self.peaks, "postgres", pid);
         }
+    }
+
+    /// Tasks by status now (`pending`, `processing`, `completed`, `failed`).
+    pub(crate) async fn task_statuses(&self) -> Result<BTreeMap<String, i64>, String> {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.db.url())
+            .await
+            .map_err(|e| e.to_string())?;
+        let rows: Result<Vec<(String, i64)>, String> =
+            sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
+                .fetch_all(&mut conn)
+                .await
+                .map_err(|e| e.to_string());
+        let _ = conn.close().await;
+        Ok(rows?.into_iter().collect())
     }
 
     /// Records parked now (durable retries not finished).

@@ -30,6 +30,7 @@ mod ledger;
 mod monitor;
 mod picture;
 mod report;
+mod tasks;
 
 use checker::{FaultRun, Inputs, Report};
 use faults::FaultKind;
@@ -49,6 +50,8 @@ const PARTITIONS: i32 = 4;
 const KEYS: u32 = 200;
 /// One record in this many is poison (alternately undecodable and failing forever).
 const POISON_EVERY: u32 = 500;
+/// How often the soak asks the API for a task (through the outbox and the relay).
+const TASK_EVERY: Duration = Duration::from_millis(500);
 /// How long the fleet may take, after the stream, to handle everything and finish the retries.
 const DRAIN: Duration = Duration::from_secs(240);
 const PRODUCER: &str = include_str!("producer.py");
@@ -277,7 +280,13 @@ async fn soak_loses_nothing_under_faults() {
     });
     let stdout = std::fs::File::create(&producer_log).expect("producer log");
     let stderr = std::fs::File::create(fleet.dir.join("producer.stderr")).expect("producer err");
-    let monitor = Monitor::new(TOPIC, PARTITIONS, &producer_log, &fleet.ledger());
+    let monitor = Monitor::new(
+        TOPIC,
+        PARTITIONS,
+        &producer_log,
+        &fleet.ledger(),
+        fleet.dir.path(),
+    );
     let start = Instant::now();
     let stream_start_ms = chrono::Utc::now().timestamp_millis();
     let mut producer = tokio::process::Command::new(python())
@@ -290,11 +299,19 @@ async fn soak_loses_nothing_under_faults() {
     let status = Arc::new(Mutex::new(Status::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let monitor = monitor.spawn(
-        fleet.brokers(),
         fleet.live.clone(),
         fleet.peaks.clone(),
         status.clone(),
         stop.clone(),
+    );
+    let csv = fleet.dir.join("customers.csv");
+    std::fs::write(&csv, tasks::customers_csv()).expect("the task file");
+    let tasks_stop = Arc::new(AtomicBool::new(false));
+    let task_driver = tasks::spawn(
+        fleet.apis.clone(),
+        format!("file://{}", csv.display()),
+        TASK_EVERY,
+        tasks_stop.clone(),
     );
     let mut watch = Watch {
         status: status.clone(),
@@ -312,8 +329,16 @@ async fn soak_loses_nothing_under_faults() {
         println!("soak: {:>7.1} s  {} ...", begun, planned.kind.label());
         let note = run_fault(&mut fleet, planned.kind, &mut rng, &mut watch, start).await;
         let mut ended = start.elapsed().as_secs_f64();
+        let mut begun = begun;
+        let mut note = note;
         if planned.kind == FaultKind::Outage {
-            ended = planned.at.as_secs_f64() + faults::OUTAGE.as_secs_f64();
+            // The producer writes the outage into the records sent in its window, whatever
+            // the runner is doing then: it starts and ends as planned.
+            if begun > planned.at.as_secs_f64() + 0.5 {
+                note.push_str(&format!(" (the runner, busy, noted it at {begun:.1} s)"));
+            }
+            begun = planned.at.as_secs_f64();
+            ended = begun + faults::OUTAGE.as_secs_f64();
         }
         println!(
             "soak: {:>7.1} s  {}: {note}",
@@ -347,12 +372,36 @@ async fn soak_loses_nothing_under_faults() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let stream_end = start.elapsed().as_secs_f64();
+    tasks_stop.store(true, Ordering::SeqCst);
+    let task_log = task_driver.await.expect("the task driver");
+    let mut task_ledger = ledger::Lines::<ledger::Handling>::new(&fleet.ledger());
+    let mut tasks_handled = std::collections::HashSet::new();
     let drain_deadline = Instant::now() + DRAIN;
     let mut parked = -1;
+    let mut task_statuses = std::collections::BTreeMap::new();
     loop {
         watch.look(&mut fleet, start).await;
+        for h in task_ledger.refresh() {
+            if h.handler == "record_task_created" {
+                tasks_handled.extend(h.key.clone());
+            }
+        }
+        let tasks_done = task_log
+            .created
+            .iter()
+            .all(|(id, _)| tasks_handled.contains(id))
+            && match fleet.task_statuses().await {
+                Ok(statuses) => {
+                    let done = statuses
+                        .iter()
+                        .all(|(s, _)| s == "completed" || s == "failed");
+                    task_statuses = statuses;
+                    done
+                }
+                Err(_) => false,
+            };
         let lag = status.lock().unwrap().lag;
-        if lag <= 0 {
+        if lag <= 0 && tasks_done {
             match fleet.parked().await {
                 Ok(0) => {
                     parked = 0;
@@ -367,6 +416,26 @@ async fn soak_loses_nothing_under_faults() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let tasks_lost: Vec<String> = task_log
+        .created
+        .iter()
+        .filter(|(id, _)| !tasks_handled.contains(id))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let task_count = |status: &str| task_statuses.get(status).copied().unwrap_or(0);
+    let tasks = checker::Tasks {
+        created: task_log.created.len() as u64,
+        refused_requests: task_log.refused,
+        handled: task_log.created.len() as u64 - tasks_lost.len() as u64,
+        lost: tasks_lost,
+        completed: task_count("completed"),
+        failed: task_count("failed"),
+        unfinished: task_statuses
+            .iter()
+            .filter(|(s, _)| *s != "completed" && *s != "failed")
+            .map(|(_, n)| n)
+            .sum(),
+    };
     let drain_at_end_s = start.elapsed().as_secs_f64() - stream_end;
     let poison = status.lock().unwrap().produced_poison as usize;
     let dead_letters = support::kafka::read_topic(
@@ -428,6 +497,14 @@ async fn soak_loses_nothing_under_faults() {
     if parked != 0 {
         failures.push(format!("{parked} records still parked at the end"));
     }
+    if !tasks.lost.is_empty() || tasks.unfinished > 0 || tasks.failed > 0 {
+        failures.push(format!(
+            "tasks: {} created by the API never handled, {} unfinished, {} failed",
+            tasks.lost.len(),
+            tasks.unfinished,
+            tasks.failed
+        ));
+    }
     if !watch.exits.is_empty() {
         failures.push(format!(
             "{} processes exited by themselves",
@@ -464,6 +541,7 @@ async fn soak_loses_nothing_under_faults() {
         duplicates: found.duplicates,
         dead_lettered: found.dead_lettered,
         parked_at_end: parked,
+        tasks,
         latency: found.latency,
         latency_excluding_outage: found.latency_excluding_outage,
         max_lag: found.max_lag,

@@ -1,6 +1,9 @@
 //! What the soak watches while it runs, once a second: produced and handled so far, total lag,
 //! throughput, peak memory, and who owns each partition of the stream's topic according to the
-//! replicas' status reports on `weir.status`.
+//! replicas themselves: their `Rebalance.` log lines (assign and revoke, the engine events that
+//! also feed the status reports of `weir.status`), read from their log files. The status
+//! reports would travel through the broker under test, and arrive late exactly while it
+//! misbehaves; the log files do not.
 //!
 //! Total lag here is the soak's own figure, from its two histories: records the broker
 //! acknowledged (poison excluded) that no handler has yet handled. It does not depend on the
@@ -13,21 +16,16 @@
 
 use crate::fleet::{note_peak, Live, Peaks};
 use crate::ledger::{Handling, Lines, Produced};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use weir::StatusReport;
 
 /// The group's session timeout (`FAST_GROUP_TOML`).
 pub(crate) const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
-/// A report older than this no longer says who owns what (three report intervals, and a half).
-const FRESH: Duration = Duration::from_millis(3_500);
 /// How often a broker fault asks again for a rebalance while it lasts.
 const REMEDY_EVERY: Duration = Duration::from_secs(20);
 
@@ -46,8 +44,8 @@ pub(crate) struct Sample {
     pub(crate) lag: i64,
     /// Handler invocations per second since the previous sample.
     pub(crate) throughput: f64,
-    /// Replicas whose reports are fresh.
-    pub(crate) reporting_replicas: usize,
+    /// Replicas alive that own a partition of the stream's topic.
+    pub(crate) owning_replicas: usize,
 }
 
 /// A partition without a live owner for longer than two session timeouts while records waited.
@@ -61,9 +59,8 @@ pub(crate) struct BrokerFault {
     pub(crate) ended_s: Option<f64>,
     /// Records of the partition waiting when it was detected.
     pub(crate) backlog: i64,
-    /// The last process that reported owning it, and the committed offset it reported.
+    /// The last process that owned it.
     pub(crate) last_owner: Option<String>,
-    pub(crate) last_committed: Option<i64>,
     /// When the runner restarted a replica to make the group rebalance.
     pub(crate) remedies_s: Vec<f64>,
 }
@@ -80,9 +77,41 @@ pub(crate) struct Status {
     pub(crate) broker_faults: usize,
 }
 
+/// One replica's log and the partitions of the topic it owns by it.
 struct Owner {
-    seen: Instant,
-    report: StatusReport,
+    log: Lines<Value>,
+    owns: HashSet<i32>,
+}
+
+impl Owner {
+    /// Applies the new `Rebalance.` lines of the log.
+    fn refresh(&mut self, topic: &str) {
+        for line in self.log.refresh() {
+            let fields = &line["fields"];
+            if fields["message"] != "Rebalance." {
+                continue;
+            }
+            // `partitions` is the Debug form of [(topic, partition), ...].
+            let listed = fields["partitions"].as_str().unwrap_or_default();
+            let needle = format!("(\"{topic}\", ");
+            let partitions: Vec<i32> = listed
+                .match_indices(&needle)
+                .filter_map(|(at, _)| {
+                    let rest = &listed[at + needle.len()..];
+                    rest[..rest.find(')')?].trim().parse().ok()
+                })
+                .collect();
+            match fields["kind"].as_str() {
+                Some("assign") => self.owns.extend(partitions),
+                Some("revoke") => {
+                    for p in partitions {
+                        self.owns.remove(&p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// The monitor's state; handed back to the runner when it stops.
@@ -98,15 +127,23 @@ pub(crate) struct Monitor {
     handled_clean: u64,
     backlog: HashMap<i32, i64>,
     pub(crate) samples: Vec<Sample>,
-    reports: Arc<Mutex<HashMap<String, Owner>>>,
+    logs: PathBuf,
+    owners: HashMap<String, Owner>,
     unowned_since: HashMap<i32, Instant>,
-    last_owner: HashMap<i32, (String, Option<i64>)>,
+    last_owner: HashMap<i32, String>,
     open: HashMap<i32, (usize, Instant)>,
     pub(crate) broker_faults: Vec<BrokerFault>,
 }
 
 impl Monitor {
-    pub(crate) fn new(topic: &str, partitions: i32, producer_log: &Path, ledger: &Path) -> Monitor {
+    /// A monitor of `topic`'s stream; the replicas' logs are `<logs>/<name>.stderr`.
+    pub(crate) fn new(
+        topic: &str,
+        partitions: i32,
+        producer_log: &Path,
+        ledger: &Path,
+        logs: &Path,
+    ) -> Monitor {
         Monitor {
             topic: topic.to_owned(),
             partitions,
@@ -119,7 +156,8 @@ impl Monitor {
             handled_clean: 0,
             backlog: HashMap::new(),
             samples: Vec::new(),
-            reports: Arc::default(),
+            logs: logs.to_owned(),
+            owners: HashMap::new(),
             unowned_since: HashMap::new(),
             last_owner: HashMap::new(),
             open: HashMap::new(),
@@ -183,32 +221,28 @@ impl Monitor {
         for (name, pid) in &live {
             note_peak(peaks, name, *pid);
         }
-        let replica_pids: HashSet<u32> = live
+        let now = Instant::now();
+        let replicas: HashSet<&String> = live
             .iter()
             .filter(|(n, _)| n.starts_with("serve-"))
-            .map(|(_, p)| *p)
+            .map(|(n, _)| n)
             .collect();
-        let now = Instant::now();
-        let mut owners: HashMap<i32, (String, Option<i64>)> = HashMap::new();
-        let mut reporting = 0;
-        {
-            let reports = self.reports.lock().unwrap();
-            for owner in reports.values() {
-                let fresh = now.duration_since(owner.seen) < FRESH;
-                if !fresh || !replica_pids.contains(&owner.report.process.pid) {
-                    continue;
-                }
-                reporting += 1;
-                for p in owner
-                    .report
-                    .partitions
-                    .iter()
-                    .filter(|p| p.topic == self.topic)
-                {
-                    owners.insert(p.partition, (owner.report.process.id.clone(), p.committed));
-                }
+        self.owners.retain(|name, _| replicas.contains(name));
+        for name in replicas {
+            let log = self.logs.join(format!("{name}.stderr"));
+            let owner = self.owners.entry(name.clone()).or_insert_with(|| Owner {
+                log: Lines::new(&log),
+                owns: HashSet::new(),
+            });
+            owner.refresh(&self.topic);
+        }
+        let mut owners: HashMap<i32, String> = HashMap::new();
+        for (name, owner) in &self.owners {
+            for p in &owner.owns {
+                owners.insert(*p, name.clone());
             }
         }
+        let owning = self.owners.values().filter(|o| !o.owns.is_empty()).count();
         let mut remedy = None;
         for partition in 0..self.partitions {
             let waiting = self.backlog.get(&partition).copied().unwrap_or(0);
@@ -231,10 +265,7 @@ impl Monitor {
                 continue;
             }
             if now.duration_since(since) > 2 * SESSION_TIMEOUT && waiting > 0 {
-                let (last_owner, last_committed) = match self.last_owner.get(&partition) {
-                    Some((o, c)) => (Some(o.clone()), *c),
-                    None => (None, None),
-                };
+                let last_owner = self.last_owner.get(&partition).cloned();
                 self.broker_faults.push(BrokerFault {
                     partition,
                     unowned_from_s: self.secs(since),
@@ -242,7 +273,6 @@ impl Monitor {
                     ended_s: None,
                     backlog: waiting,
                     last_owner,
-                    last_committed,
                     remedies_s: vec![self.secs(now)],
                 });
                 self.open
@@ -264,7 +294,7 @@ impl Monitor {
             handlings,
             lag,
             throughput,
-            reporting_replicas: reporting,
+            owning_replicas: owning,
         });
         let mut status = status.lock().unwrap();
         status.produced = self.produced.all().len() as u64;
@@ -278,17 +308,14 @@ impl Monitor {
         }
     }
 
-    /// Runs until `stop`: the status-report reader on a thread of its own, and a look every
-    /// second. Returns the monitor with everything it saw.
+    /// Runs until `stop`, a look every second. Returns the monitor with everything it saw.
     pub(crate) fn spawn(
         mut self,
-        brokers: String,
         live: Live,
         peaks: Peaks,
         status: Arc<Mutex<Status>>,
         stop: Arc<AtomicBool>,
     ) -> tokio::task::JoinHandle<Monitor> {
-        let reader = read_reports(brokers, self.reports.clone(), stop.clone());
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
             while !stop.load(Ordering::SeqCst) {
@@ -297,61 +324,7 @@ impl Monitor {
             }
             // Everything written before the stop is read.
             self.tick(&live, &peaks, &status);
-            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
             self
         })
     }
-}
-
-/// Reads `weir.status` from its end on a thread until `stop`, keeping each process's latest
-/// report (a tombstone removes it).
-fn read_reports(
-    brokers: String,
-    reports: Arc<Mutex<HashMap<String, Owner>>>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set(
-                "group.id",
-                crate::support::broker::unique("weir-soak-status"),
-            )
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("a status reader");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(crate::STATUS_TOPIC, 0, Offset::End)
-            .expect("partition");
-        consumer.assign(&tpl).expect("assign");
-        while !stop.load(Ordering::SeqCst) {
-            let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
-                continue;
-            };
-            let Some(key) = message
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-            else {
-                continue;
-            };
-            let mut reports = reports.lock().unwrap();
-            match message
-                .payload()
-                .and_then(|v| serde_json::from_slice::<StatusReport>(v).ok())
-            {
-                Some(report) => {
-                    reports.insert(
-                        key,
-                        Owner {
-                            seen: Instant::now(),
-                            report,
-                        },
-                    );
-                }
-                None => {
-                    reports.remove(&key);
-                }
-            }
-        }
-    })
 }

@@ -42,7 +42,7 @@ pub(crate) fn svg(
     faults: &[FaultRun],
     broker_faults: &[BrokerFault],
 ) -> String {
-    let height = TOP + 2.0 * PANEL + GAP + 80.0;
+    let height = TOP + 2.0 * PANEL + GAP + 45.0;
     let span = samples.last().map_or(1.0, |s| s.t_s).max(1.0);
     let plot = WIDTH - LEFT - RIGHT;
     let x = |t: f64| LEFT + t / span * plot;

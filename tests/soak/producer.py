@@ -8,7 +8,7 @@
 # ([[start_s, end_s], ...] from the stream's start). One JSON line per delivered record on
 # stdout: n, id, key, seq, type, kind (ok | outage | undecodable | permanent), t (unix ms when
 # produce() was called), p, o (partition and offset the broker acknowledged).
-import datetime, json, random, sys, time
+import datetime, json, random, sys, time, uuid
 from confluent_kafka import Producer
 
 config = json.loads(sys.argv[1])
@@ -54,7 +54,7 @@ for n in range(total):
     event_type = rng.choice(TYPES)
     seq = seqs.get(key, 0) + 1
     seqs[key] = seq
-    event_id = f"soak-{config['seed']}-{n}"
+    event_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weir-soak/{config['seed']}/{n}"))
     details = {"seq": seq, "n": n}
     kind = "ok"
     elapsed = time.time() - start

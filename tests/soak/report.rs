@@ -63,6 +63,17 @@ pub(crate) fn markdown(r: &Report) -> String {
         ),
         ("parked at the end", r.parked_at_end.to_string()),
         (
+            "tasks created through the API / handled / completed / failed / unfinished",
+            format!(
+                "{} / {} / {} / {} / {}",
+                r.tasks.created,
+                r.tasks.handled,
+                r.tasks.completed,
+                r.tasks.failed,
+                r.tasks.unfinished
+            ),
+        ),
+        (
             "end-to-end latency p50 / p99 / max",
             format!(
                 "{} / {} / {} ms",
@@ -134,14 +145,13 @@ pub(crate) fn markdown(r: &Report) -> String {
     for b in &r.broker_faults {
         let _ = writeln!(
             md,
-            "- partition {} without a live owner from {:.1} s (detected {:.1} s, owned again {}), {} records waiting; last owner {:?} at committed offset {:?}; rebalances asked at {:?}",
+            "- partition {} without a live owner from {:.1} s (detected {:.1} s, owned again {}), {} records waiting; last owner {:?}; rebalances asked at {:?}",
             b.partition,
             b.unowned_from_s,
             b.detected_s,
             b.ended_s.map_or("never".to_owned(), |e| format!("{e:.1} s")),
             b.backlog,
             b.last_owner,
-            b.last_committed,
             b.remedies_s.iter().map(|s| format!("{s:.1} s")).collect::<Vec<_>>()
         );
     }
@@ -165,5 +175,6 @@ pub(crate) fn markdown(r: &Report) -> String {
     md.push_str(&samples("Missing dead letters", &d.missing));
     md.push_str(&samples("Unexpected dead letters", &d.unexpected));
     md.push_str(&samples("Unexpected exits", &r.unexpected_exits));
+    md.push_str(&samples("Tasks never handled", &r.tasks.lost));
     md
 }
