@@ -2,9 +2,10 @@
 //! (SplitMix64), so a failing run is replayed with the same `WEIR_SOAK_SEED`.
 //!
 //! Every round runs each fault kind once, in an order shuffled per round, each in its own slot
-//! of the stream at a jittered moment. The downstream outage carries two faults inside it, at
-//! fixed points of its window, because they only mean something while records are parked: a
-//! SIGKILL of the retry worker and a PostgreSQL restart.
+//! of the stream at a jittered moment. The downstream outage carries three faults inside it, at
+//! fixed points of its window, because they only mean something while records fail or are
+//! parked: a SIGKILL of a replica while its handlers retry in place (work in flight, which a
+//! premature commit would lose), a SIGKILL of the retry worker and a PostgreSQL restart.
 
 use serde::Serialize;
 use std::time::Duration;
@@ -92,8 +93,9 @@ impl FaultKind {
 
 /// How long the downstream outage lasts.
 pub(crate) const OUTAGE: Duration = Duration::from_secs(20);
-/// When, inside an outage, the retry worker is killed and PostgreSQL restarted.
-pub(crate) const INSIDE_OUTAGE: [(FaultKind, Duration); 2] = [
+/// When, inside an outage, a replica and the retry worker are killed and PostgreSQL restarted.
+pub(crate) const INSIDE_OUTAGE: [(FaultKind, Duration); 3] = [
+    (FaultKind::KillReplica, Duration::from_secs(3)),
     (FaultKind::KillRetryWorker, Duration::from_secs(8)),
     (FaultKind::DatabaseRestart, Duration::from_secs(14)),
 ];

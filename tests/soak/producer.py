@@ -61,7 +61,7 @@ for n in range(total):
     for (begin, end) in config["outages"]:
         if begin <= elapsed < end:
             kind = "outage"
-            details.update(simulate="outage", until=iso(start + end))
+            details = {"seq": seq, "n": n, "simulate": "outage", "until": iso(start + end)}
     poison = config["poison_every"] and n % config["poison_every"] == config["poison_every"] // 2
     if poison and (n // config["poison_every"]) % 2 == 0:
         kind = "undecodable"
