@@ -5,7 +5,9 @@
 #   python producer.py '<json config>'
 #
 # Config: brokers, topic, rate (records/s), seconds, seed, keys, poison_every, outages
-# ([[start_s, end_s], ...] from the stream's start). One JSON line per delivered record on
+# ([[start_s, end_s], ...] from the stream's start). The poison set: one record in poison_every,
+# alternately undecodable and failing forever, and once per outage a record failing forever
+# sent behind a key the outage parked (the retry worker must dead-letter that one). One JSON line per delivered record on
 # stdout: n, id, key, seq, type, kind (ok | outage | undecodable | permanent), t (unix ms when
 # produce() was called), p, o (partition and offset the broker acknowledged).
 import datetime, json, random, sys, time, uuid
@@ -43,6 +45,10 @@ def iso(unix):
 start = time.time()
 total = int(config["rate"] * config["seconds"])
 seqs = {}
+# Chains (key, type) sent with an outage, and when: a poison record sent behind one of them is
+# parked behind it, so it is the retry worker that must dead-letter it.
+outage_chains = []
+behind_sent = set()
 for n in range(total):
     due = start + n / config["rate"]
     while True:
@@ -50,26 +56,44 @@ for n in range(total):
         if left <= 0:
             break
         producer.poll(min(left, 0.05))
+    elapsed = time.time() - start
+    outage = None
+    for i, (begin, end) in enumerate(config["outages"]):
+        if begin <= elapsed < end:
+            outage = (i, end)
+    every = config["poison_every"]
+    poison = None
+    if every and n % every == every // 2:
+        poison = "undecodable" if (n // every) % 2 == 0 else "permanent"
     key = f"c-{rng.randrange(config['keys'])}"
     event_type = rng.choice(TYPES)
+    if outage is not None and outage[0] not in behind_sent and poison is None:
+        eligible = [c for c in outage_chains if elapsed - c[0] >= 5.0]
+        if eligible:
+            # Once per outage: a record failing for good, behind a key parked by the outage.
+            poison = "permanent"
+            behind_sent.add(outage[0])
+    if poison == "permanent" and outage is not None:
+        eligible = [c for c in outage_chains if elapsed - c[0] >= 1.0]
+        if eligible:
+            _, key, event_type = rng.choice(eligible)
     seq = seqs.get(key, 0) + 1
     seqs[key] = seq
     event_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"weir-soak/{config['seed']}/{n}"))
     details = {"seq": seq, "n": n}
     kind = "ok"
-    elapsed = time.time() - start
-    for (begin, end) in config["outages"]:
-        if begin <= elapsed < end:
-            kind = "outage"
-            details = {"seq": seq, "n": n, "simulate": "outage", "until": iso(start + end)}
-    poison = config["poison_every"] and n % config["poison_every"] == config["poison_every"] // 2
-    if poison and (n // config["poison_every"]) % 2 == 0:
+    if outage is not None:
+        kind = "outage"
+        details = {"seq": seq, "n": n, "simulate": "outage", "until": iso(start + outage[1])}
+    if poison == "undecodable":
         kind = "undecodable"
         value = b"\xff\xfe not a CloudEvent " + str(n).encode()
     else:
-        if poison:
+        if poison == "permanent":
             kind = "permanent"
             details = {"seq": seq, "n": n, "simulate": "permanent"}
+        elif kind == "outage":
+            outage_chains.append((elapsed, key, event_type))
         value = json.dumps({
             "specversion": "1.0", "id": event_id, "type": event_type,
             "source": "/soak-producer", "time": iso(time.time()), "subject": key,
