@@ -38,7 +38,10 @@ use std::sync::{Arc, Mutex};
 use weir::schema::AsyncApi;
 use weir::{Ctx, HandlerError, HandlerOptions, Router};
 
-/// Where handled events are written, one JSON line each, before the handler returns.
+/// Where handled events are written, one JSON line each, before the handler returns: event id,
+/// type, handler, coordinates, attempt, key, time and process. Each line is written with one
+/// `write` on an `O_APPEND` file and flushed before the handler succeeds, so it is in the file
+/// before the offset can be committed and survives a SIGKILL of the process (the soak's ledger).
 #[derive(Clone, Default)]
 pub(crate) struct Recorder {
     file: Option<Arc<Mutex<File>>>,
@@ -53,6 +56,12 @@ struct Line<'a> {
     partition: i32,
     offset: i64,
     attempt: u32,
+    /// The record key, if any (the soak checks order per key).
+    key: Option<&'a str>,
+    /// When the handler finished, in Unix milliseconds (the soak's end-to-end latency).
+    at_ms: i64,
+    /// The recording process (the soak attributes handlings to replicas).
+    pid: u32,
 }
 
 impl Recorder {
@@ -77,6 +86,9 @@ impl Recorder {
             partition: ctx.partition(),
             offset: ctx.offset(),
             attempt: ctx.attempt(),
+            key: ctx.key_str(),
+            at_ms: chrono::Utc::now().timestamp_millis(),
+            pid: std::process::id(),
         };
         let mut text = serde_json::to_string(&line).map_err(HandlerError::acknowledged)?;
         text.push('\n');
