@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use support::broker::{unique, Tansu};
 use support::kafka::committed_offsets;
 use support::process::{
-    http_get, wait_until, Handled, RecordFile, ServeOptions, TestDir, WeirProcess, FAST_GROUP_TOML,
+    eventually, http_get, wait_until, Handled, RecordFile, ServeOptions, TestDir, WeirProcess,
+    FAST_GROUP_TOML,
 };
 use uuid::Uuid;
 use weir::dead_letter_headers as dlh;
@@ -336,6 +337,32 @@ async fn survives_sigkill_without_losing_events() {
                     Ok(())
                 } else {
                     Err(format!("{lines} lines, {} published", stream.published()))
+                }
+            },
+        )
+        .await;
+        // The process must have committed before it dies: one killed inside its first commit
+        // interval (replaying the previous crash's backlog can reach the next kill point within
+        // a second) commits nothing, by design. A process that never commits fails here.
+        let previous = committed_at_kill
+            .last()
+            .map_or(0, |c: &HashMap<(String, i32), i64>| c.values().sum::<i64>());
+        eventually(
+            &format!("serve-{k} to commit past {previous} before kill {}", k + 1),
+            PATIENCE,
+            || {
+                let brokers = broker.brokers();
+                let group = group.clone();
+                async move {
+                    let now: i64 = committed_offsets(&brokers, &group, &TOPICS)
+                        .await
+                        .values()
+                        .sum();
+                    if now > previous {
+                        Ok(())
+                    } else {
+                        Err(format!("committed {now}"))
+                    }
                 }
             },
         )
